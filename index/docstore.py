@@ -1,0 +1,244 @@
+"""SQLite document store: documents, their vectors and the build cursor, in one transaction each.
+
+Vectors live here as well as in FAISS. The FAISS file is a checkpoint that can be rebuilt or
+caught up from these rows, so a document is durable the moment its transaction commits, and
+the whole corpus can be re-read for compensator calibration or re-training a quantizer.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
+CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
+_FILTER_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs(
+    id TEXT PRIMARY KEY,
+    segment INTEGER NOT NULL,
+    row INTEGER NOT NULL,
+    modality TEXT NOT NULL,
+    text TEXT,
+    image TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    UNIQUE(segment, row)
+);
+CREATE TABLE IF NOT EXISTS rows(
+    segment INTEGER NOT NULL,
+    row INTEGER NOT NULL,
+    modality INTEGER NOT NULL,
+    alive INTEGER NOT NULL DEFAULT 1,
+    vec BLOB NOT NULL,
+    PRIMARY KEY(segment, row)
+);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass
+class DocRecord:
+    """A stored document: what search results return and what `GET /v1/documents/{id}` shows."""
+
+    id: str
+    modality: str
+    text: str | None = None
+    image: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "modality": self.modality, "text": self.text, "image": self.image, "metadata": self.metadata}
+
+
+def validate_filter(flt: dict | None) -> dict:
+    flt = flt or {}
+    for key, value in flt.items():
+        if not _FILTER_KEY.match(key):
+            raise ValueError(f"filter key {key!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        if not isinstance(value, (str, int, float, bool)) or value is None:
+            raise ValueError(f"filter value for {key!r} must be a string, number or boolean (equality only)")
+    return flt
+
+
+class DocStore:
+    def __init__(self, path: str):
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self.lock = threading.RLock()
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
+
+    # -- writes -------------------------------------------------------------------------
+    def add(self, segment: int, first_row: int, docs: list[DocRecord], vectors: np.ndarray,
+            meta: dict[str, str] | None = None) -> list[tuple[int, int]]:
+        """Insert docs as rows first_row.. of `segment`; replaces documents with the same id.
+
+        Returns the (segment, row) of every replaced document, whose row is now dead.
+        One transaction: either every doc (and the meta cursor) lands or none does.
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        replaced: list[tuple[int, int]] = []
+        with self.lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                for i, (doc, vec) in enumerate(zip(docs, vectors)):
+                    old = cur.execute("SELECT segment, row FROM docs WHERE id=?", (doc.id,)).fetchone()
+                    if old is not None:
+                        cur.execute("DELETE FROM docs WHERE id=?", (doc.id,))
+                        cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
+                        replaced.append(tuple(old))
+                    row = first_row + i
+                    cur.execute(
+                        "INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
+                        (doc.id, segment, row, doc.modality, doc.text, doc.image, json.dumps(doc.metadata, sort_keys=True)),
+                    )
+                    cur.execute(
+                        "INSERT INTO rows(segment, row, modality, alive, vec) VALUES(?,?,?,1,?)",
+                        (segment, row, MODALITY_CODES[doc.modality], vec.tobytes()),
+                    )
+                for k, v in (meta or {}).items():
+                    cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (k, v))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return replaced
+
+    def delete(self, ids: Iterable[str]) -> list[tuple[str, int, int]]:
+        gone = []
+        with self.lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                for doc_id in ids:
+                    old = cur.execute("SELECT segment, row FROM docs WHERE id=?", (doc_id,)).fetchone()
+                    if old is None:
+                        continue
+                    cur.execute("DELETE FROM docs WHERE id=?", (doc_id,))
+                    cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
+                    gone.append((doc_id, old[0], old[1]))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return gone
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.lock:
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (key, value))
+
+    # -- reads --------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        with self.lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def get(self, doc_id: str) -> tuple[DocRecord, int, int] | None:
+        with self.lock:
+            r = self._db.execute(
+                "SELECT id, modality, text, image, metadata, segment, row FROM docs WHERE id=?", (doc_id,)
+            ).fetchone()
+        if r is None:
+            return None
+        return DocRecord(r[0], r[1], r[2], r[3], json.loads(r[4])), r[5], r[6]
+
+    def docs_at(self, segment: int, rows: Iterable[int]) -> dict[int, DocRecord]:
+        rows = [int(r) for r in rows]
+        if not rows:
+            return {}
+        marks = ",".join("?" * len(rows))
+        with self.lock:
+            found = self._db.execute(
+                f"SELECT row, id, modality, text, image, metadata FROM docs WHERE segment=? AND row IN ({marks})",
+                (segment, *rows),
+            ).fetchall()
+        return {r[0]: DocRecord(r[1], r[2], r[3], r[4], json.loads(r[5])) for r in found}
+
+    def has_ids(self, ids: list[str]) -> set[str]:
+        out: set[str] = set()
+        with self.lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                out.update(r[0] for r in self._db.execute(f"SELECT id FROM docs WHERE id IN ({marks})", chunk))
+        return out
+
+    def row_count(self, segment: int) -> int:
+        with self.lock:
+            r = self._db.execute("SELECT COALESCE(MAX(row)+1, 0) FROM rows WHERE segment=?", (segment,)).fetchone()
+        return int(r[0])
+
+    def doc_count(self) -> int:
+        with self.lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0])
+
+    def row_state(self, segment: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """(alive mask, modality codes) for rows 0..n_rows-1 of a segment."""
+        alive = np.zeros(n_rows, dtype=bool)
+        codes = np.zeros(n_rows, dtype=np.uint8)
+        with self.lock:
+            for row, code, is_alive in self._db.execute(
+                "SELECT row, modality, alive FROM rows WHERE segment=? AND row<?", (segment, n_rows)
+            ):
+                alive[row] = bool(is_alive)
+                codes[row] = code
+        return alive, codes
+
+    def iter_vectors(self, segment: int, start: int = 0, chunk: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first_row, vectors) in row order from `start`, `chunk` rows at a time."""
+        row = start
+        while True:
+            with self.lock:
+                found = self._db.execute(
+                    "SELECT row, vec FROM rows WHERE segment=? AND row>=? ORDER BY row LIMIT ?", (segment, row, chunk)
+                ).fetchall()
+            if not found:
+                return
+            vecs = np.stack([np.frombuffer(v, dtype=np.float32) for _, v in found])
+            yield found[0][0], vecs
+            row = found[-1][0] + 1
+
+    def vectors_at(self, segment: int, rows: np.ndarray) -> np.ndarray:
+        out = []
+        with self.lock:
+            for i in range(0, len(rows), 500):
+                chunk = [int(r) for r in rows[i : i + 500]]
+                marks = ",".join("?" * len(chunk))
+                got = dict(self._db.execute(
+                    f"SELECT row, vec FROM rows WHERE segment=? AND row IN ({marks})", (segment, *chunk)
+                ).fetchall())
+                out.extend(np.frombuffer(got[r], dtype=np.float32) for r in chunk)
+        return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def rows_matching(self, segment: int, flt: dict) -> np.ndarray:
+        """Rows of `segment` whose metadata equals every (key, value) of the filter."""
+        clauses, args = [], [segment]
+        for key, value in validate_filter(flt).items():
+            clauses.append("json_extract(metadata, ?) = ?")
+            args += [f'$."{key}"', int(value) if isinstance(value, bool) else value]
+        sql = "SELECT row FROM docs WHERE segment=?" + "".join(f" AND {c}" for c in clauses)
+        with self.lock:
+            return np.array([r[0] for r in self._db.execute(sql, args)], dtype=np.int64)
+
+    def iter_docs(self, segment: int | None = None) -> Iterator[DocRecord]:
+        sql = "SELECT id, modality, text, image, metadata FROM docs"
+        args: tuple = ()
+        if segment is not None:
+            sql += " WHERE segment=?"
+            args = (segment,)
+        with self.lock:
+            found = self._db.execute(sql + " ORDER BY segment, row", args).fetchall()
+        for r in found:
+            yield DocRecord(r[0], r[1], r[2], r[3], json.loads(r[4]))

@@ -1,0 +1,57 @@
+"""The index manifest: the JSON file that makes an index directory self-describing."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from index.atomic import atomic_write_json
+from index.errors import IndexError_, NotFound
+
+FORMAT = "umr-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def new_manifest(encoder: dict, index_request: dict) -> dict:
+    """`encoder` is the index-space encoder's record: spec, fingerprint, dim, description."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": now(),
+        "updated": now(),
+        "state": "building",
+        "encoder": encoder,
+        "index_request": index_request,
+        "segments": [{"id": 0, "encoder": encoder, "index": None, "faiss_file": None, "created": now()}],
+        "query_encoders": [],
+        "build": {},
+        "history": [{"time": now(), "event": "created", "encoder": encoder.get("fingerprint")}],
+    }
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise NotFound(f"{directory} is not a umr index (no {MANIFEST}); build one with `umr index build`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise IndexError_(f"{path} is not valid JSON ({e}); the index directory is damaged") from None
+    if manifest.get("format") != FORMAT:
+        raise IndexError_(f"{path} is not a umr index manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise IndexError_(
+            f"{directory} has index format {manifest['format_version']}, newer than this umr reads "
+            f"({FORMAT_VERSION}); upgrade umr"
+        )
+    return manifest
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> None:
+    manifest["updated"] = now()
+    atomic_write_json(Path(directory) / MANIFEST, manifest)

@@ -1,0 +1,339 @@
+"""The index directory: segments of FAISS vectors, the document store and the manifest.
+
+Layout:
+    manifest.json              what built it, index choice per segment, history
+    docs.sqlite                documents, vectors, tombstones, build cursor (WAL, fsync'd)
+    segments/<id>/index.faiss  checkpoint of a segment's FAISS index
+
+Adds are durable when their SQLite transaction commits. FAISS files are checkpoints written
+atomically by `save()`; on open, any rows newer than a checkpoint are replayed into FAISS, so
+a crash between a commit and a save loses nothing and a crash during a save leaves the
+previous checkpoint readable.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from index import vector_index as vi
+from index.atomic import atomic_write
+from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
+from index.errors import IndexError_, IndexMismatch, NotFound
+from index.manifest import new_manifest, now, read_manifest, write_manifest
+
+DOCSTORE = "docs.sqlite"
+# With this few candidates left after filtering, scoring them exactly beats a filtered ANN walk.
+EXACT_FILTER_ROWS = 4096
+
+
+@dataclass
+class SearchHit:
+    id: str
+    score: float
+    doc: DocRecord
+    segment: int
+
+
+class Segment:
+    """One FAISS index over rows embedded by one encoder version."""
+
+    def __init__(self, record: dict, faiss_index=None, alive=None, codes=None):
+        self.record = record
+        self.faiss = faiss_index
+        self.alive = alive if alive is not None else np.zeros(0, dtype=bool)
+        self.codes = codes if codes is not None else np.zeros(0, dtype=np.uint8)
+        self.dirty = False
+
+    @property
+    def id(self) -> int:
+        return self.record["id"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.record["encoder"]["dim"])
+
+    @property
+    def choice(self) -> vi.IndexChoice | None:
+        return vi.IndexChoice.from_dict(self.record["index"]) if self.record.get("index") else None
+
+    def grow(self, n: int) -> None:
+        if n > len(self.alive):
+            extra = n - len(self.alive)
+            self.alive = np.concatenate([self.alive, np.zeros(extra, dtype=bool)])
+            self.codes = np.concatenate([self.codes, np.zeros(extra, dtype=np.uint8)])
+
+
+class IndexStore:
+    """Open with `IndexStore.open(dir)` or `IndexStore.create(dir, encoder_record, ...)`."""
+
+    def __init__(self, path: Path, manifest: dict, docs: DocStore):
+        self.path = path
+        self.manifest = manifest
+        self.docs = docs
+        self.lock = threading.RLock()
+        self.segments: list[Segment] = []
+
+    # -- life cycle -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, encoder: dict, index_kind: str = "auto", memory_budget: int | None = None) -> "IndexStore":
+        path = Path(path)
+        if (path / "manifest.json").exists():
+            raise IndexError_(f"{path} already holds an index; open it, or choose another --out")
+        if index_kind not in ("auto",) + vi.KINDS:
+            raise ValueError(f"unknown index type {index_kind!r}: use auto, flat, hnsw or ivfpq")
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = new_manifest(encoder, {"kind": index_kind, "memory_budget": memory_budget})
+        docs = DocStore(str(path / DOCSTORE))
+        write_manifest(path, manifest)
+        store = cls(path, manifest, docs)
+        store.segments = [Segment(manifest["segments"][0])]
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path) -> "IndexStore":
+        path = Path(path)
+        manifest = read_manifest(path)
+        docs = DocStore(str(path / DOCSTORE))
+        store = cls(path, manifest, docs)
+        for rec in manifest["segments"]:
+            store.segments.append(store._load_segment(rec))
+        return store
+
+    def _load_segment(self, rec: dict) -> Segment:
+        n_rows = self.docs.row_count(rec["id"])
+        alive, codes = self.docs.row_state(rec["id"], n_rows)
+        seg = Segment(rec, None, alive, codes)
+        if rec.get("index") is None:
+            return seg  # still building: vectors are only in the docstore
+        faiss_file = self.path / rec["faiss_file"] if rec.get("faiss_file") else None
+        if faiss_file is not None and faiss_file.exists():
+            seg.faiss = vi.read_index(str(faiss_file))
+        else:
+            self._build_faiss(seg)
+        if seg.faiss.ntotal < n_rows:  # replay rows committed after the last checkpoint
+            for _, vecs in self.docs.iter_vectors(seg.id, start=seg.faiss.ntotal):
+                seg.faiss.add(vecs)
+            seg.dirty = True
+        return seg
+
+    def close(self) -> None:
+        self.docs.close()
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def encoder(self) -> dict:
+        return self.manifest["encoder"]
+
+    @property
+    def ready(self) -> bool:
+        return self.manifest["state"] == "ready"
+
+    @property
+    def active(self) -> Segment:
+        return self.segments[-1]
+
+    def count(self) -> int:
+        return int(sum(s.alive.sum() for s in self.segments))
+
+    # -- writes ---------------------------------------------------------------------------
+    def add(self, docs: list[DocRecord], vectors: np.ndarray, meta: dict[str, str] | None = None) -> int:
+        """Store docs in the active segment; durable on return. Same id replaces the old doc."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(docs) != len(vectors):
+            raise ValueError(f"{len(docs)} documents but {len(vectors)} vectors")
+        seen: set[str] = set()
+        for d in docs:
+            if d.modality not in MODALITY_CODES:
+                raise ValueError(f"document {d.id!r}: unknown modality {d.modality!r}")
+            if d.id in seen:
+                raise ValueError(f"document id {d.id!r} appears twice in one batch")
+            seen.add(d.id)
+        with self.lock:
+            seg = self.active
+            if len(docs) and vectors.shape[1] != seg.dim:
+                raise IndexMismatch(f"vectors have dimension {vectors.shape[1]}, the index expects {seg.dim}")
+            first = len(seg.alive)
+            replaced = self.docs.add(seg.id, first, docs, vectors, meta)
+            seg.grow(first + len(docs))
+            seg.alive[first:] = True
+            seg.codes[first:] = [MODALITY_CODES[d.modality] for d in docs]
+            for s_id, row in replaced:
+                self._segment(s_id).alive[row] = False
+            if seg.faiss is not None and len(docs):
+                seg.faiss.add(vectors)
+                seg.dirty = True
+        return len(docs)
+
+    def delete(self, ids: list[str]) -> list[str]:
+        with self.lock:
+            gone = self.docs.delete(ids)
+            for _, s_id, row in gone:
+                self._segment(s_id).alive[row] = False
+        return [g[0] for g in gone]
+
+    def finalize(self) -> None:
+        """Choose, train and fill the FAISS index of every segment still without one."""
+        with self.lock:
+            req = self.manifest["index_request"]
+            for seg in self.segments:
+                if seg.faiss is not None:
+                    continue
+                n = len(seg.alive)
+                choice = vi.choose_index(req["kind"], n, seg.dim, req.get("memory_budget"))
+                if choice.kind == "ivfpq" and n < vi.min_training_size(choice):
+                    raise IndexError_(
+                        f"IVF-PQ needs at least {vi.min_training_size(choice)} vectors to train, the corpus has {n}; "
+                        "use --index flat or hnsw"
+                    )
+                seg.record["index"] = choice.to_dict()
+                seg.record["faiss_file"] = f"segments/{seg.id}/index.faiss"
+                self._build_faiss(seg)
+            self.manifest["state"] = "ready"
+            self.save()
+
+    def _build_faiss(self, seg: Segment) -> None:
+        choice = seg.choice
+        index = vi.new_index(choice, seg.dim)
+        if vi.needs_training(index):
+            rows = vi.balanced_sample(seg.codes, size=max(50_000, 64 * choice.params.get("nlist", 1)))
+            index.train(self.docs.vectors_at(seg.id, rows))
+        for _, vecs in self.docs.iter_vectors(seg.id):
+            index.add(vecs)
+        seg.faiss = index
+        seg.dirty = True
+
+    def save(self) -> None:
+        """Checkpoint dirty FAISS indexes, then the manifest, each atomically."""
+        with self.lock:
+            for seg in self.segments:
+                if seg.faiss is not None and seg.dirty:
+                    target = self.path / seg.record["faiss_file"]
+                    atomic_write(target, lambda tmp, s=seg: vi.write_index(s.faiss, tmp))
+                    seg.record["rows_checkpointed"] = int(seg.faiss.ntotal)
+                    seg.dirty = False
+                seg.record["count"] = int(seg.alive.sum())
+            write_manifest(self.path, self.manifest)
+
+    def record_event(self, event: str, **details) -> None:
+        with self.lock:
+            self.manifest["history"].append({"time": now(), "event": event, **details})
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, doc_id: str) -> DocRecord:
+        found = self.docs.get(doc_id)
+        if found is None:
+            raise NotFound(f"no document with id {doc_id!r}")
+        return found[0]
+
+    def _segment(self, seg_id: int) -> Segment:
+        for s in self.segments:
+            if s.id == seg_id:
+                return s
+        raise IndexError_(f"no segment {seg_id}")
+
+    def _allowed(self, seg: Segment, modalities: list[str] | None, flt: dict | None) -> np.ndarray:
+        allowed = seg.alive.copy()
+        if modalities:
+            codes = [MODALITY_CODES[m] for m in modalities]
+            allowed &= np.isin(seg.codes, codes)
+        if flt:
+            match = np.zeros_like(allowed)
+            rows = self.docs.rows_matching(seg.id, flt)
+            match[rows[rows < len(match)]] = True
+            allowed &= match
+        return allowed
+
+    def search(self, queries: np.ndarray | Mapping[int, np.ndarray], k: int,
+               modalities: list[str] | None = None, flt: dict | None = None) -> list[list[SearchHit]]:
+        """Top-k per query, merged over segments by score.
+
+        `queries` is one (n, dim) array for every segment, or a mapping segment id -> array
+        when queries were mapped into each segment's space.
+        """
+        if not self.ready:
+            raise IndexError_(f"the index at {self.path} is not finished; re-run its `umr index build` command to complete it")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        for m in modalities or []:
+            if m not in MODALITY_CODES:
+                raise ValueError(f"unknown modality {m!r}: use image, text or image,text")
+        validate_filter(flt)
+        per_query: list[list[tuple[float, int, int]]] | None = None
+        with self.lock:
+            for seg in self.segments:
+                q = queries[seg.id] if isinstance(queries, Mapping) else queries
+                q = np.ascontiguousarray(q, dtype=np.float32)
+                if q.ndim != 2 or q.shape[1] != seg.dim:
+                    raise IndexMismatch(f"query vectors have shape {q.shape}, segment {seg.id} expects (n, {seg.dim})")
+                if per_query is None:
+                    per_query = [[] for _ in range(len(q))]
+                scores, rows = self._search_segment(seg, q, k, modalities, flt)
+                for qi in range(len(q)):
+                    per_query[qi].extend((float(s), seg.id, int(r)) for s, r in zip(scores[qi], rows[qi]) if r >= 0)
+            results = []
+            for hits in per_query or []:
+                hits.sort(key=lambda h: -h[0])
+                hits = hits[:k]
+                docs_by_seg: dict[int, dict[int, DocRecord]] = {}
+                for seg_id in {h[1] for h in hits}:
+                    docs_by_seg[seg_id] = self.docs.docs_at(seg_id, [h[2] for h in hits if h[1] == seg_id])
+                out = []
+                for score, seg_id, row in hits:
+                    doc = docs_by_seg[seg_id].get(row)
+                    if doc is not None:
+                        out.append(SearchHit(doc.id, score, doc, seg_id))
+                results.append(out)
+        return results
+
+    def _search_segment(self, seg: Segment, q: np.ndarray, k: int, modalities, flt):
+        n = len(q)
+        empty = (np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64))
+        if seg.faiss is None or seg.faiss.ntotal == 0:
+            return empty
+        allowed = self._allowed(seg, modalities, flt)
+        n_allowed = int(allowed.sum())
+        if n_allowed == 0:
+            return empty
+        if n_allowed == len(allowed):
+            params = vi.search_params(seg.choice, None, k)
+            return seg.faiss.search(q, min(k, seg.faiss.ntotal), params=params)
+        if n_allowed <= EXACT_FILTER_ROWS:
+            rows = np.flatnonzero(allowed)
+            scores = q @ self.docs.vectors_at(seg.id, rows).T
+            kk = min(k, len(rows))
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+            return np.take_along_axis(scores, top, 1), rows[top]
+        selector, _bits = vi.bitmap_selector(allowed)
+        params = vi.search_params(seg.choice, selector, k)
+        return seg.faiss.search(q, min(k, n_allowed), params=params)
+
+    def info(self) -> dict:
+        with self.lock:
+            segs = []
+            for seg in self.segments:
+                counts = {CODE_MODALITIES[c]: int(((seg.codes == c) & seg.alive).sum()) for c in CODE_MODALITIES}
+                segs.append({
+                    "id": seg.id,
+                    "encoder": seg.record["encoder"],
+                    "index": seg.record.get("index"),
+                    "documents": int(seg.alive.sum()),
+                    "deleted_rows": int((~seg.alive).sum()),
+                    "by_modality": {m: c for m, c in counts.items() if c},
+                    "vectors_in_faiss": int(seg.faiss.ntotal) if seg.faiss is not None else 0,
+                })
+            return {
+                "path": str(self.path),
+                "state": self.manifest["state"],
+                "format_version": self.manifest["format_version"],
+                "encoder": self.manifest["encoder"],
+                "documents": self.count(),
+                "segments": segs,
+                "query_encoders": self.manifest.get("query_encoders", []),
+                "build": self.manifest.get("build", {}),
+                "created": self.manifest["created"],
+                "updated": self.manifest["updated"],
+            }

@@ -1,0 +1,188 @@
+"""FAISS index types and the memory-budget choice between them (autofaiss-style).
+
+All indexes use inner product on L2-normalised vectors, i.e. cosine similarity. Labels are
+row numbers within a segment, assigned in insertion order, so a row never changes its label;
+deletes are tombstones applied at search time through a FAISS ID selector.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import faiss
+import numpy as np
+
+KINDS = ("flat", "hnsw", "ivfpq")
+HNSW_M = 32
+# Below this many vectors an exact scan is fast enough that approximation buys nothing.
+EXACT_UP_TO = 100_000
+PQ_SUBQUANTIZERS = (64, 48, 32, 24, 16, 12, 8, 4)
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """'4G', '512M', '1.5GiB', 1000 -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if s and s[-1] in mult:
+            return int(float(s[:-1]) * mult[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"cannot read memory size {text!r}: use a number of bytes or e.g. 512M, 4G") from None
+
+
+@dataclass
+class IndexChoice:
+    """Which FAISS index a segment uses, with its parameters and why it was chosen."""
+
+    kind: str
+    params: dict = field(default_factory=dict)
+    reason: str = ""
+
+    def factory_string(self) -> str:
+        if self.kind == "flat":
+            return "Flat"
+        if self.kind == "hnsw":
+            return f"HNSW{self.params['M']},Flat"
+        if self.kind == "ivfpq":
+            return f"IVF{self.params['nlist']},PQ{self.params['m']}x8"
+        raise ValueError(f"unknown index kind {self.kind!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["factory"] = self.factory_string()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IndexChoice":
+        return cls(kind=d["kind"], params=dict(d.get("params", {})), reason=d.get("reason", ""))
+
+
+def estimated_bytes(kind: str, n: int, dim: int, params: dict | None = None) -> int:
+    params = params or {}
+    if kind == "flat":
+        return n * dim * 4
+    if kind == "hnsw":
+        m = params.get("M", HNSW_M)
+        return n * (dim * 4 + m * 2 * 4 + 16)
+    if kind == "ivfpq":
+        m = params.get("m", 32)
+        nlist = params.get("nlist", 1024)
+        return n * (m + 8) + nlist * dim * 4 + 256 * dim * 4
+    raise ValueError(f"unknown index kind {kind!r}")
+
+
+def _ivfpq_params(n: int, dim: int, budget: int | None) -> dict:
+    nlist = int(min(max(16, 4 * math.sqrt(max(n, 1))), max(16, n // 39), 65536))
+    candidates = [m for m in PQ_SUBQUANTIZERS if dim % m == 0 and m <= dim]
+    if not candidates:
+        raise ValueError(f"no PQ sub-quantizer count divides dimension {dim}")
+    m = candidates[-1]
+    for c in candidates:  # largest code that fits: best recall within the budget
+        if budget is None or estimated_bytes("ivfpq", n, dim, {"m": c, "nlist": nlist}) <= budget:
+            m = c
+            break
+    return {"nlist": nlist, "m": m, "nprobe": max(8, nlist // 8)}
+
+
+def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) -> IndexChoice:
+    """Pick an index kind for `n` vectors of `dim` under `memory_budget` bytes.
+
+    `auto` prefers exact search while it is both affordable and fast, then HNSW (best recall
+    per query time) while it fits, then IVF-PQ (compressed codes) sized to the budget.
+    """
+    if kind not in ("auto",) + KINDS:
+        raise ValueError(f"unknown index type {kind!r}: use auto, flat, hnsw or ivfpq")
+    hnsw = {"M": HNSW_M, "efConstruction": 80, "efSearch": 128}
+    if kind == "flat":
+        return IndexChoice("flat", {}, "requested")
+    if kind == "hnsw":
+        return IndexChoice("hnsw", hnsw, "requested")
+    if kind == "ivfpq":
+        return IndexChoice("ivfpq", _ivfpq_params(n, dim, memory_budget), "requested")
+    budget_txt = "no memory budget" if memory_budget is None else f"budget {memory_budget} bytes"
+    flat_bytes = estimated_bytes("flat", n, dim)
+    if n <= EXACT_UP_TO and (memory_budget is None or flat_bytes <= memory_budget):
+        return IndexChoice("flat", {}, f"auto: {n} vectors, exact search fits ({flat_bytes} bytes, {budget_txt})")
+    hnsw_bytes = estimated_bytes("hnsw", n, dim, hnsw)
+    if memory_budget is None or hnsw_bytes <= memory_budget:
+        return IndexChoice("hnsw", hnsw, f"auto: {n} vectors, HNSW fits ({hnsw_bytes} bytes, {budget_txt})")
+    params = _ivfpq_params(n, dim, memory_budget)
+    need = estimated_bytes("ivfpq", n, dim, params)
+    if need > memory_budget:
+        raise ValueError(
+            f"no index fits {n} vectors of dimension {dim} in {memory_budget} bytes; "
+            f"the smallest (IVF-PQ, m={params['m']}) needs about {need} bytes: raise --memory-budget"
+        )
+    return IndexChoice("ivfpq", params, f"auto: HNSW needs {hnsw_bytes} bytes, over the {budget_txt}; IVF-PQ needs {need}")
+
+
+def new_index(choice: IndexChoice, dim: int) -> faiss.Index:
+    if choice.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if choice.kind == "hnsw":
+        idx = faiss.IndexHNSWFlat(dim, choice.params["M"], faiss.METRIC_INNER_PRODUCT)
+        idx.hnsw.efConstruction = choice.params.get("efConstruction", 80)
+        idx.hnsw.efSearch = choice.params.get("efSearch", 128)
+        return idx
+    if choice.kind == "ivfpq":
+        p = choice.params
+        quantizer = faiss.IndexFlatIP(dim)
+        idx = faiss.IndexIVFPQ(quantizer, dim, p["nlist"], p["m"], 8, faiss.METRIC_INNER_PRODUCT)
+        idx.nprobe = p.get("nprobe", 16)
+        return idx
+    raise ValueError(f"unknown index kind {choice.kind!r}")
+
+
+def needs_training(index: faiss.Index) -> bool:
+    return not index.is_trained
+
+
+def min_training_size(choice: IndexChoice) -> int:
+    if choice.kind != "ivfpq":
+        return 0
+    return max(choice.params["nlist"], 256)
+
+
+def balanced_sample(modalities: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Row numbers for training a quantizer: an equal share per modality.
+
+    An IVF/PQ trained on image vectors alone places text queries in cells that hold no
+    near neighbours (clip-retrieval #76); every modality present must shape the cells.
+    """
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(modalities == m) for m in np.unique(modalities)]
+    if sum(len(g) for g in groups) <= size:
+        return np.arange(len(modalities))
+    share = size // len(groups)
+    picked, spare = [], 0
+    for g in sorted(groups, key=len):
+        take = min(len(g), share + spare)
+        spare = share + spare - take
+        picked.append(rng.choice(g, take, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def search_params(choice: IndexChoice, selector: faiss.IDSelector | None, k: int):
+    """Per-call parameters, so concurrent searches never mutate the shared index."""
+    if choice.kind == "hnsw":
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(choice.params.get("efSearch", 128), k))
+    if choice.kind == "ivfpq":
+        return faiss.SearchParametersIVF(sel=selector, nprobe=choice.params.get("nprobe", 16))
+    return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+
+def bitmap_selector(allowed: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    """Selector over rows where `allowed` is True; the packed bitmap must outlive the search."""
+    bits = np.packbits(allowed.astype(np.uint8), bitorder="little")
+    return faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits)), bits
+
+
+def write_index(index: faiss.Index, path: str) -> None:
+    faiss.write_index(index, path)
+
+
+def read_index(path: str) -> faiss.Index:
+    return faiss.read_index(path)

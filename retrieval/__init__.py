@@ -1,0 +1,1 @@
+"""Core layer: items, corpus readers, encoders, the indexing pipeline, the engine and evaluation."""

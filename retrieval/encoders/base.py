@@ -1,0 +1,146 @@
+"""The encoder interface shared by every backbone, with fusion and instructions done once here.
+
+Encoding is split in two so the indexing pipeline can overlap them: `prepare` (decode and
+preprocess, CPU-bound, runs in worker threads) and `embed` (the model forward on a batch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
+from retrieval.items import Item
+
+
+class EncoderError(ValueError):
+    """An encoder spec cannot be resolved or loaded; the message says what to give instead."""
+
+
+@dataclass
+class Prepared:
+    """An item ready for the forward pass: tokenisable text and/or a preprocessed image tensor."""
+
+    text: str | None
+    image: torch.Tensor | None
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def sha256_file(path: str | Path, _cache: dict = {}) -> str:
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+def with_instruction(text: str | None, instruction: str | None) -> str | None:
+    """Task instructions are prefixed to the query text only (UniIR / U-MARVEL)."""
+    if not instruction:
+        return text
+    instruction = instruction.strip()
+    return f"{instruction} {text.strip()}" if text and text.strip() else instruction
+
+
+class Encoder(ABC):
+    spec: str
+    dim: int
+    supports_images = True
+    supports_texts = True
+    image_size = 224
+
+    # -- what each backbone implements ---------------------------------------------------
+    @abstractmethod
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> CHW tensor the image tower takes (uint8 or float)."""
+
+    @abstractmethod
+    def embed_images(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) preprocessed -> (B, dim), not yet normalised."""
+
+    @abstractmethod
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> (B, dim), not yet normalised."""
+
+    @abstractmethod
+    def config(self) -> dict:
+        """Everything that defines the embedding function except the weights."""
+
+    @abstractmethod
+    def weights_digest(self) -> str:
+        """A hash of the weights, so two encoders with equal configs still differ if trained."""
+
+    # -- shared ---------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        if not hasattr(self, "_fingerprint"):
+            blob = json.dumps({"config": self.config(), "weights": self.weights_digest(), "dim": self.dim,
+                               "normalized": True}, sort_keys=True)
+            self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._fingerprint
+
+    def record(self) -> dict:
+        """What an index manifest stores about the encoder that filled it."""
+        return {"spec": self.spec, "fingerprint": self.fingerprint, "dim": self.dim, "config": self.config()}
+
+    def prepare(self, item: Item, role: str = "document", instruction: str | None = None,
+                limits: ImageLimits = DEFAULT_LIMITS) -> Prepared:
+        text = item.text if item.text and item.text.strip() else None
+        if role == "query":
+            text = with_instruction(text, instruction)
+        image = None
+        if item.image is not None:
+            if not self.supports_images:
+                raise EncoderError(f"encoder {self.spec} embeds text only; item {item.id!r} has an image")
+            if isinstance(item.image, torch.Tensor):
+                image = item.image
+            else:
+                image = self.preprocess_image(open_image(item.image, limits, min_side=self.image_size))
+        if text is not None and not self.supports_texts:
+            if image is None:
+                raise EncoderError(f"encoder {self.spec} embeds images only; item {item.id!r} is text")
+            text = None
+        if text is None and image is None:
+            raise ValueError(f"item {item.id!r} has neither text nor image")
+        return Prepared(text, image)
+
+    @torch.inference_mode()
+    def embed(self, prepared: list[Prepared]) -> np.ndarray:
+        """Batched forward over prepared items; image+text items are fused as CLIP_SF does:
+        the normalised sum of the normalised image and text embeddings."""
+        out = torch.zeros(len(prepared), self.dim)
+        img_idx = [i for i, p in enumerate(prepared) if p.image is not None]
+        txt_idx = [i for i, p in enumerate(prepared) if p.text is not None]
+        if img_idx:
+            out[img_idx] += l2_normalize(self.embed_images(torch.stack([prepared[i].image for i in img_idx])))
+        if txt_idx:
+            out[txt_idx] += l2_normalize(self.embed_texts([prepared[i].text for i in txt_idx]))
+        return l2_normalize(out).numpy().astype(np.float32)
+
+    def encode(self, items: list[Item], role: str = "document", instruction: str | None = None,
+               batch_size: int = 64) -> np.ndarray:
+        """L2-normalised float32 rows, one per item."""
+        if role not in ("document", "query"):
+            raise ValueError("role must be 'document' or 'query'")
+        rows = []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            rows.append(self.embed([self.prepare(it, role, instruction) for it in chunk]))
+        return np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
+
+    def encode_texts(self, texts: list[str], role: str = "query", instruction: str | None = None) -> np.ndarray:
+        return self.encode([Item(text=t) for t in texts], role, instruction)

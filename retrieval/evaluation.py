@@ -1,0 +1,136 @@
+"""Evaluation on M-BEIR (multimodal, per task, local or global pool) and BEIR (text) data."""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.encoders.base import Encoder
+from retrieval.items import Item
+from retrieval.metrics import summarize
+from retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
+
+KS = (1, 5, 10)
+
+
+def _encode_all(encoder: Encoder, items: list[Item], role: str, instruction=None, batch_size: int = 64) -> np.ndarray:
+    from retrieval.prefetch import prefetch_batches
+
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    out = []
+    for chunk, prepared in prefetch_batches(chunks, lambda it: encoder.prepare(it, role, instruction)):
+        for it, p in zip(chunk, prepared):
+            if isinstance(p, Exception):
+                raise ValueError(f"cannot encode {it.id}: {p}")
+        out.append(encoder.embed(prepared))
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), dtype=np.float32)
+
+
+def _rank(q: np.ndarray, c: np.ndarray, ids: list[str], k: int) -> list[list[str]]:
+    runs = []
+    for i in range(0, len(q), 1024):
+        s = q[i : i + 1024] @ c.T
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        order = np.take_along_axis(s, top, 1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(top, order, 1)
+        runs.extend([[ids[j] for j in row] for row in top])
+    return runs
+
+
+def find_mbeir_files(root: Path, split: str) -> tuple[list[Path], dict[int, Path], dict[int, Path]]:
+    pools = sorted((root / "cand_pool").glob(f"*_{split}_cand_pool.jsonl"))
+    queries, qrels = {}, {}
+    for p in sorted((root / "query").glob(f"*_task*_{split}.jsonl")):
+        task = int(p.stem.split("_task")[1].split("_")[0])
+        queries[task] = p
+    for p in sorted((root / "qrels").glob(f"*_task*_{split}_qrels.txt")):
+        task = int(p.stem.split("_task")[1].split("_")[0])
+        qrels[task] = p
+    if not pools or not queries:
+        raise FileNotFoundError(f"{root} has no M-BEIR {split} files (cand_pool/*_{split}_cand_pool.jsonl, query/*_taskN_{split}.jsonl)")
+    return pools, queries, qrels
+
+
+def read_mbeir_qrels(path: Path) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 4:
+            out[parts[0]][parts[2]] = float(parts[3])
+    return out
+
+
+def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", tasks: list[int] | None = None,
+                   local: bool = True, instruction: str | None = None) -> dict:
+    """Recall@1/5/10 (hit rate), nDCG@10 and MRR@10 per task.
+
+    Local: candidates restricted to the task's target modality (the modality of its positives).
+    Global: the whole mixed pool of every task of the split.
+    """
+    root = Path(root)
+    pools, query_files, qrels_files = find_mbeir_files(root, split)
+    image_root = mbeir_image_root(pools[0])
+    cands = [r for p in pools for r in MbeirPoolCorpus(p, image_root) if not isinstance(r, Rejected)]
+    cvec = _encode_all(encoder, cands, "document")
+    cids = [c.id for c in cands]
+    cmod = np.array([c.modality for c in cands])
+    modality_of = dict(zip(cids, cmod))
+    results = {}
+    for task in sorted(query_files):
+        if tasks and task not in tasks:
+            continue
+        qs = [json.loads(line) for line in query_files[task].read_text().splitlines() if line.strip()]
+        if task in qrels_files:
+            qrels = read_mbeir_qrels(qrels_files[task])
+        else:
+            qrels = {q["qid"]: {d: 1.0 for d in q["pos_cand_list"]} for q in qs}
+        items = [Item(q["qid"], q.get("query_txt"), str(image_root / q["query_img_path"]) if q.get("query_img_path") else None)
+                 for q in qs]
+        qvec = _encode_all(encoder, items, "query", instruction)
+        if local:
+            target = Counter(modality_of[d] for q in qrels.values() for d in q if d in modality_of).most_common(1)[0][0]
+            mask = cmod == target
+            pool_desc = f"local ({target})"
+        else:
+            mask = np.ones(len(cids), dtype=bool)
+            pool_desc = "global"
+        ids = [c for c, m in zip(cids, mask) if m]
+        runs = dict(zip([q["qid"] for q in qs], _rank(qvec, cvec[mask], ids, max(KS))))
+        res = summarize(runs, qrels, KS)
+        res.update({"pool": pool_desc, "candidates": int(mask.sum()), "query_file": query_files[task].name})
+        results[f"task{task}"] = res
+    return {"encoder": encoder.spec, "fingerprint": encoder.fingerprint, "split": split, "tasks": results}
+
+
+def evaluate_beir(encoder: Encoder, root: str | Path, split: str = "test", instruction: str | None = None) -> dict:
+    root = Path(root)
+    corpus = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    queries = {json.loads(line)["_id"]: json.loads(line)["text"] for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()}
+    qrels: dict[str, dict[str, float]] = defaultdict(dict)
+    with open(root / "qrels" / f"{split}.tsv", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        next(reader)
+        for qid, did, score in reader:
+            qrels[qid][did] = float(score)
+    docs = [Item(d["_id"], " ".join(x for x in (d.get("title"), d.get("text")) if x)) for d in corpus]
+    dvec = _encode_all(encoder, docs, "document")
+    qids = [q for q in queries if q in qrels]
+    qvec = _encode_all(encoder, [Item(q, queries[q]) for q in qids], "query", instruction)
+    runs = dict(zip(qids, _rank(qvec, dvec, [d.id for d in docs], 100)))
+    res = summarize(runs, qrels, (1, 5, 10, 100))
+    res.update({"candidates": len(docs)})
+    return {"encoder": encoder.spec, "fingerprint": encoder.fingerprint, "split": split, "tasks": {"beir": res}}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"encoder {result['encoder']} ({result['fingerprint']}), split {result['split']}"]
+    cols = ["recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10"]
+    lines.append(f"{'task':<8}{'queries':>8}  {'pool':<18}" + "".join(f"{c:>11}" for c in cols))
+    for task, r in result["tasks"].items():
+        lines.append(f"{task:<8}{r['queries']:>8}  {r.get('pool', str(r.get('candidates'))):<18}"
+                     + "".join(f"{r.get(c, float('nan')):>11.4f}" for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Decode and preprocess upcoming batches in worker threads while the model runs the current one.
+
+PIL releases the GIL while decoding and resizing, so threads overlap with the torch forward
+without the start-up and pickling cost of processes. Results come back in input order.
+"""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _apply_all(fn: Callable[[T], R], chunk: list[T]) -> list[R | Exception]:
+    out: list[R | Exception] = []
+    for x in chunk:
+        try:
+            out.append(fn(x))
+        except Exception as e:  # reported per item by the caller
+            out.append(e)
+    return out
+
+
+def prefetch_batches(chunks: Iterable[list[T]], fn: Callable[[T], R], workers: int = 2,
+                     ahead: int = 2) -> Iterator[tuple[list[T], list[R | Exception]]]:
+    """Yield (chunk, fn applied to each element or the exception it raised), `ahead` chunks in flight."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque = deque()
+        it = iter(chunks)
+        for chunk in it:
+            # Split each chunk across the workers so one batch decodes in parallel too.
+            parts = [chunk[i::workers] for i in range(workers)] if workers > 1 else [chunk]
+            pending.append((chunk, [pool.submit(_apply_all, fn, p) for p in parts]))
+            if len(pending) > ahead:
+                yield _collect(*pending.popleft(), workers)
+        while pending:
+            yield _collect(*pending.popleft(), workers)
+
+
+def _collect(chunk, futures, workers):
+    parts = [f.result() for f in futures]
+    out = [None] * len(chunk)
+    for i, part in enumerate(parts):
+        out[i::workers if workers > 1 else 1] = part
+    return chunk, out

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Prints the path of a virtual environment with umr installed, creating it when missing.
+# The environment lives outside the clone, keyed by the dependency list, so CI and repeated
+# runs reuse one 5.5 GB environment; the install step still runs every time, so a missing
+# or changed dependency fails here rather than later.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+root=${UMR_VENV_ROOT:-$HOME/.cache/umr}
+key=$( (cat "$here/pyproject.toml"; python3 --version) | sha256sum | cut -c1-12)
+venv=${UMR_VENV:-$root/venv-$key}
+mkdir -p "$root"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install -q --upgrade pip >&2
+fi
+# torch and torchvision first: the only pair that imports here, taken from local disk.
+"$venv/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 >&2
+"$venv/bin/pip" install -q -e "$here[test]" >&2
+echo "$venv"

@@ -1,0 +1,274 @@
+"""The FastAPI app: routes for search, documents, index info, health and metrics.
+
+Input is untrusted: every size is bounded before work is done, images are decoded with pixel
+limits in worker threads, nothing is fetched from a URL or read from a path in a request, and
+any violation is a 4xx JSON error naming the limit while the server keeps serving.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from index.errors import IndexError_, NotFound
+from retrieval.encoders.base import EncoderError
+from retrieval.engine import Engine, Query
+from retrieval.images import BadImage, ImageLimits
+from retrieval.items import Item, parse_modalities
+from server.batching import Pending, QueryBatcher
+from server.metrics import Metrics
+from server.schemas import (BatchSearchRequest, BatchSearchResponse, Document, DocumentsAdded, DocumentsIn, Hit,
+                            SearchRequest, SearchResponse)
+from server.settings import ServerSettings
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        self.status, self.code, self.message = status, code, message
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse bodies over the limit before they are buffered."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                resp = _error(413, "limit_body_bytes",
+                              f"request body is {int(value)} bytes, over the limit of {self.max_bytes} (max_body_bytes)")
+                return await resp(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise ApiError(413, "limit_body_bytes", f"request body is over the limit of {self.max_bytes} bytes")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+def _hit(h) -> Hit:
+    d = h.doc
+    return Hit(id=d.id, score=round(h.score, 6), modality=d.modality, text=d.text, image=d.image, metadata=d.metadata)
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    metrics = Metrics()
+    batcher = QueryBatcher(engine, settings, metrics)
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        yield
+        await batcher.stop()
+        await run_in_threadpool(engine.checkpoint)
+
+    app = FastAPI(title="umr", version="0.1.0", lifespan=lifespan,
+                  description="Universal multimodal retrieval: search images, texts and image+text items.")
+    app.state.engine, app.state.settings, app.state.metrics, app.state.batcher = engine, settings, metrics, batcher
+
+    # -- errors ---------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return _error(e.status, e.code, e.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            if err.get("type") == "extra_forbidden":
+                parts.append(f"unknown field '{loc}'")
+            else:
+                parts.append(f"{loc or 'body'}: {err.get('msg')}")
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return _error(e.status_code, "http_error", str(e.detail))
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        route = request.scope.get("route")
+        try:
+            response = await call_next(request)
+        except ApiError as e:  # raised from the body-limit wrapper while the body streams
+            response = _error(e.status, e.code, e.message)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    # -- helpers --------------------------------------------------------------------------
+    def require_json(request: Request) -> None:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type must be application/json, got {ctype or 'none'!r}")
+
+    def check_text(text: str | None, field: str) -> None:
+        if text is not None and len(text) > settings.max_text_chars:
+            raise ApiError(413, "limit_text_chars",
+                           f"{field} has {len(text)} characters, over the limit of {settings.max_text_chars} (max_text_chars)")
+
+    def check_k(k: int) -> None:
+        if not 1 <= k <= settings.max_k:
+            raise ApiError(422, "limit_k", f"k must be between 1 and {settings.max_k} (max_k), got {k}")
+
+    def decode_b64(data: str, field: str) -> bytes:
+        if len(data) * 3 // 4 > settings.max_image_bytes:
+            raise ApiError(413, "limit_image_bytes",
+                           f"{field} is about {len(data) * 3 // 4} bytes, over the limit of {settings.max_image_bytes} (max_image_bytes)")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "invalid_base64", f"{field} is not valid base64") from None
+
+    def modalities_of(m) -> list[str] | None:
+        try:
+            return parse_modalities(m)
+        except ValueError as e:
+            raise ApiError(422, "invalid_modality", str(e)) from None
+
+    async def prepare(q: Query):
+        batcher.preparing += 1
+        try:
+            return await run_in_threadpool(engine.prepare_query, q, limits)
+        except BadImage as e:
+            code = "limit_image_pixels" if "pixels" in str(e) else ("limit_image_bytes" if "bytes" in str(e) else "invalid_image")
+            status = 413 if code.startswith("limit") else 400
+            raise ApiError(status, code, f"image: {e}") from None
+        except (EncoderError, ValueError) as e:
+            raise ApiError(400, "invalid_query", str(e)) from None
+        finally:
+            batcher.preparing -= 1
+
+    def validate(req: SearchRequest) -> None:
+        check_k(req.k)
+        check_text(req.text, "text")
+        check_text(req.instruction, "instruction")
+        if not (req.text and req.text.strip()) and not req.image:
+            raise ApiError(422, "empty_query", "a query needs text, image or both")
+
+    async def pending_for(req: SearchRequest) -> Pending:
+        image = decode_b64(req.image, "image") if req.image else None
+        prepared = await prepare(Query(req.text, image, req.instruction))
+        return Pending(prepared, req.k, modalities_of(req.modality), req.filter)
+
+    async def run(pendings: list[Pending]):
+        try:
+            return await batcher.run(pendings)
+        except (ValueError, IndexError_) as e:
+            raise ApiError(400, "invalid_search", str(e)) from None
+
+    # -- routes ---------------------------------------------------------------------------
+    @app.post("/v1/search", response_model=SearchResponse, dependencies=[Depends(require_json)])
+    async def search(req: SearchRequest):
+        """Search with text, a base64 image, or both (fused), optionally with an instruction."""
+        t0 = time.perf_counter()
+        validate(req)
+        hits = (await run([await pending_for(req)]))[0]
+        return SearchResponse(results=[_hit(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3))
+
+    @app.post("/v1/search/image", response_model=SearchResponse)
+    async def search_image(file: UploadFile = File(...), text: str | None = Form(None), k: int = Form(10),
+                           instruction: str | None = Form(None), modality: str | None = Form(None)):
+        """Search with an uploaded image file (multipart), optionally with text."""
+        t0 = time.perf_counter()
+        check_k(k)
+        check_text(text, "text")
+        check_text(instruction, "instruction")
+        data = await file.read(settings.max_image_bytes + 1)
+        if len(data) > settings.max_image_bytes:
+            raise ApiError(413, "limit_image_bytes", f"image is over the limit of {settings.max_image_bytes} bytes (max_image_bytes)")
+        prepared = await prepare(Query(text, data, instruction))
+        hits = (await run([Pending(prepared, k, modalities_of(modality), None)]))[0]
+        return SearchResponse(results=[_hit(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3))
+
+    @app.post("/v1/search/batch", response_model=BatchSearchResponse, dependencies=[Depends(require_json)])
+    async def search_batch(req: BatchSearchRequest):
+        """Several queries in one request, encoded in one forward."""
+        t0 = time.perf_counter()
+        if not 1 <= len(req.queries) <= settings.max_batch_queries:
+            raise ApiError(422, "limit_batch_queries",
+                           f"a batch holds 1 to {settings.max_batch_queries} queries (max_batch_queries), got {len(req.queries)}")
+        for q in req.queries:
+            validate(q)
+        pendings = [await pending_for(q) for q in req.queries]
+        results = await run(pendings)
+        return BatchSearchResponse(results=[[_hit(h) for h in r] for r in results],
+                                   took_ms=round((time.perf_counter() - t0) * 1000, 3))
+
+    @app.post("/v1/documents", response_model=DocumentsAdded, dependencies=[Depends(require_json)])
+    async def add_documents(req: DocumentsIn):
+        """Add or replace documents. Durable once this returns 200."""
+        if not 1 <= len(req.documents) <= settings.max_documents_per_request:
+            raise ApiError(422, "limit_documents",
+                           f"send 1 to {settings.max_documents_per_request} documents per request (max_documents_per_request)")
+        items = []
+        for d in req.documents:
+            check_text(d.text, f"document {d.id} text")
+            image = decode_b64(d.image, f"document {d.id} image") if d.image else None
+            if image is None and not (d.text and d.text.strip()):
+                raise ApiError(422, "empty_document", f"document {d.id} has neither text nor image")
+            items.append(Item(d.id, d.text, image, d.metadata))
+        try:
+            added = await run_in_threadpool(engine.add, items, limits)
+        except BadImage as e:
+            raise ApiError(400, "invalid_image", f"image: {e}") from None
+        except (ValueError, EncoderError, IndexError_) as e:
+            raise ApiError(400, "invalid_document", str(e)) from None
+        return DocumentsAdded(added=added)
+
+    @app.get("/v1/documents/{doc_id:path}", response_model=Document)
+    async def get_document(doc_id: str):
+        try:
+            return Document(**(await run_in_threadpool(engine.get, doc_id)).to_dict())
+        except NotFound as e:
+            raise ApiError(404, "not_found", str(e)) from None
+
+    @app.delete("/v1/documents/{doc_id:path}")
+    async def delete_document(doc_id: str):
+        gone = await run_in_threadpool(engine.delete, [doc_id])
+        if not gone:
+            raise ApiError(404, "not_found", f"no document with id {doc_id!r}")
+        return {"deleted": gone}
+
+    @app.get("/v1/index")
+    async def index_info():
+        return await run_in_threadpool(engine.info)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "documents": engine.store.count()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

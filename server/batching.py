@@ -1,0 +1,111 @@
+"""Micro-batching: concurrent queries share one encoder forward and one index search call.
+
+The model runs on one dedicated thread, so the event loop never blocks on it. A batch starts
+as soon as the model thread is free; it waits up to `max_wait` only while other requests are
+still being decoded and about to join, so a lone query pays no batching delay.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from retrieval.encoders.base import Prepared
+from retrieval.engine import Engine
+from server.metrics import Metrics
+from server.settings import ServerSettings
+
+
+@dataclass
+class Pending:
+    prepared: Prepared
+    k: int
+    modalities: list[str] | None
+    flt: dict | None
+    future: asyncio.Future = field(default=None)
+
+
+class QueryBatcher:
+    def __init__(self, engine: Engine, settings: ServerSettings, metrics: Metrics):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="umr-model")
+        self.queue: asyncio.Queue[Pending] | None = None
+        self.preparing = 0  # requests decoding their input, about to enqueue
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self._arrived = asyncio.Event()
+        if self.settings.micro_batching:
+            self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.model_thread.shutdown(wait=True)
+
+    async def run(self, items: list[Pending]) -> list[list]:
+        loop = asyncio.get_running_loop()
+        if not self.settings.micro_batching:
+            return await loop.run_in_executor(None, self._execute, items)
+        for p in items:
+            p.future = loop.create_future()
+            self.queue.put_nowait(p)
+        self._arrived.set()
+        return list(await asyncio.gather(*(p.future for p in items)))
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_size = self.settings.batch_max_size
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.settings.batch_max_wait_ms / 1000
+            while len(batch) < max_size:
+                while len(batch) < max_size and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                remaining = deadline - loop.time()
+                if len(batch) >= max_size or self.preparing <= 0 or remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            try:
+                results = await loop.run_in_executor(self.model_thread, self._execute, batch)
+            except Exception as e:  # the whole batch fails together; each caller gets the error
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            for p, r in zip(batch, results):
+                if not p.future.done():
+                    p.future.set_result(r)
+
+    def _execute(self, batch: list[Pending]) -> list[list]:
+        t0 = time.perf_counter()
+        vectors = self.engine.embed([p.prepared for p in batch])
+        t1 = time.perf_counter()
+        self.metrics.encode.observe(t1 - t0)
+        self.metrics.batch_size.observe(len(batch))
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(batch):
+            key = json.dumps([p.k, p.modalities, p.flt], sort_keys=True)
+            groups.setdefault(key, []).append(i)
+        results: list[list] = [None] * len(batch)
+        for idxs in groups.values():
+            p = batch[idxs[0]]
+            hits = self.engine.search_vectors(vectors[idxs], p.k, p.modalities, p.flt)
+            for i, h in zip(idxs, hits):
+                results[i] = h
+        self.metrics.search.observe(time.perf_counter() - t1)
+        return results

@@ -1,0 +1,73 @@
+"""Request and response models. Unknown fields are rejected so a typo is never silently ignored."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Modality = Literal["image", "text", "image,text"]
+
+
+class SearchRequest(Strict):
+    text: str | None = Field(None, description="Query text.")
+    image: str | None = Field(None, description="Query image, base64-encoded bytes (no URLs, no paths).")
+    instruction: str | None = Field(None, description="Task instruction, prefixed to the query text.")
+    k: int = Field(10, description="Number of results.")
+    modality: Modality | list[Modality] | None = Field(None, description="Only return documents of these modalities.")
+    filter: dict[str, str | int | float | bool] | None = Field(None, description="Metadata equality filter.")
+
+
+class BatchSearchRequest(Strict):
+    queries: list[SearchRequest]
+
+
+class Hit(BaseModel):
+    id: str
+    score: float
+    modality: str
+    text: str | None = None
+    image: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    took_ms: float
+
+
+class BatchSearchResponse(BaseModel):
+    results: list[list[Hit]]
+    took_ms: float
+
+
+class DocumentIn(Strict):
+    id: str = Field(..., min_length=1, max_length=512)
+    text: str | None = None
+    image: str | None = Field(None, description="Image bytes, base64-encoded.")
+    metadata: dict[str, Any] = {}
+
+
+class DocumentsIn(Strict):
+    documents: list[DocumentIn]
+
+
+class DocumentsAdded(BaseModel):
+    added: list[str]
+    durable: bool = True
+
+
+class Document(BaseModel):
+    id: str
+    modality: str
+    text: str | None = None
+    image: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, str]

@@ -1,0 +1,18 @@
+"""Limits and batching knobs of the HTTP service; every limit is named in the error it causes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerSettings:
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_text_chars: int = 2_000
+    max_k: int = 1_000
+    max_batch_queries: int = 64
+    max_documents_per_request: int = 256
+    micro_batching: bool = True
+    batch_max_size: int = 32
+    batch_max_wait_ms: float = 2.0

@@ -1,0 +1,1 @@
+"""Training layer: pair data, contrastive losses and the trainer that writes encoder directories."""

@@ -1,0 +1,338 @@
+"""The `umr` command: argument parsing and display only; each command imports what it needs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class UserError(Exception):
+    pass
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _print_hits(hits, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"id": h.id, "score": round(h.score, 6), **{k: v for k, v in h.doc.to_dict().items() if k != "id"}}
+                          for h in hits], indent=2))
+        return
+    if not hits:
+        print("no results")
+    for rank, h in enumerate(hits, 1):
+        d = h.doc
+        what = (d.text or "").replace("\n", " ")
+        if len(what) > 90:
+            what = what[:87] + "..."
+        img = f" [{os.path.basename(d.image)}]" if d.image else ""
+        print(f"{rank:>3}. {h.score:.4f}  {d.id}  ({d.modality}){img}  {what}")
+
+
+def cmd_index_build(a) -> int:
+    from index.vector_index import parse_bytes
+    from retrieval.encoders import load_encoder
+    from retrieval.pipeline import build_index
+
+    enc = load_encoder(a.encoder)
+    report = build_index(a.corpus, enc, a.out, index_kind=a.index, memory_budget=parse_bytes(a.memory_budget),
+                         batch_size=a.batch_size, workers=a.workers, strict=a.strict, corpus_format=a.format,
+                         progress=not a.no_progress and not a.json)
+    if a.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    if report.already_complete:
+        print(f"{a.out} is already complete ({report.indexed} items indexed); nothing to do")
+        return 0
+    resumed = f", resumed at record {report.resumed_at}" if report.resumed_at else ""
+    print(f"indexed {report.indexed} items into {a.out} ({report.items_per_s:.1f} items/s{resumed}); "
+          f"{report.rejected} bad records skipped")
+    for r in report.rejections[:20]:
+        print(f"  skipped {r['id']}: {r['reason']}")
+    if report.rejected > 20:
+        print(f"  ... {report.rejected - 20} more in `umr index info {a.out} --json`")
+    return 0
+
+
+def cmd_index_add(a) -> int:
+    from retrieval.engine import Engine
+    from retrieval.pipeline import add_to_index
+
+    eng = Engine.open(a.index_dir)
+    try:
+        report = add_to_index(eng.store, eng.encoder, a.corpus, batch_size=a.batch_size, strict=a.strict,
+                              corpus_format=a.format, progress=not a.no_progress)
+    finally:
+        eng.close()
+    print(f"added {report.indexed} items to {a.index_dir}; {report.rejected} bad records skipped")
+    for r in report.rejections[:20]:
+        print(f"  skipped {r['id']}: {r['reason']}")
+    return 0
+
+
+def cmd_index_delete(a) -> int:
+    from index.store import IndexStore
+
+    store = IndexStore.open(a.index_dir)
+    try:
+        gone = store.delete(a.ids)
+        store.record_event("deleted", ids=len(gone))
+        store.save()
+    finally:
+        store.close()
+    missing = [i for i in a.ids if i not in gone]
+    print(f"deleted {len(gone)} documents" + (f"; not found: {', '.join(missing)}" if missing else ""))
+    return 0 if not missing else 1
+
+
+def cmd_index_info(a) -> int:
+    from index.store import IndexStore
+
+    store = IndexStore.open(a.index_dir)
+    try:
+        info = store.info()
+    finally:
+        store.close()
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"index {info['path']}  state {info['state']}  documents {info['documents']}")
+    print(f"encoder {info['encoder']['spec']}  fingerprint {info['encoder']['fingerprint']}  dim {info['encoder']['dim']}")
+    for s in info["segments"]:
+        idx = s["index"] or {}
+        print(f"segment {s['id']}: {s['documents']} documents {s['by_modality']}, {s['deleted_rows']} deleted rows, "
+              f"{idx.get('factory', 'not built')} {idx.get('params', '')}")
+        if idx.get("reason"):
+            print(f"  chosen: {idx['reason']}")
+    rep = info["build"].get("report")
+    if rep:
+        print(f"build: {rep['indexed']} indexed, {rep['rejected']} rejected, {rep.get('items_per_s', 0)} items/s")
+    return 0
+
+
+def cmd_search(a) -> int:
+    from retrieval.engine import Engine, Query
+    from retrieval.items import parse_modalities
+
+    if not a.text and not a.image:
+        raise UserError("give a query text, --image PATH, or both")
+    flt = {}
+    for f in a.filter or []:
+        key, sep, value = f.partition("=")
+        if not sep:
+            raise UserError(f"--filter takes KEY=VALUE, got {f!r}")
+        flt[key] = value
+    eng = Engine.open(a.index_dir, a.encoder)
+    try:
+        hits = eng.search([Query(a.text, a.image, a.instruction)], a.k, parse_modalities(a.modality), flt or None)[0]
+    finally:
+        eng.close()
+    _print_hits(hits, a.json)
+    return 0
+
+
+def cmd_serve(a) -> int:
+    import uvicorn
+
+    from retrieval.engine import Engine
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(micro_batching=not a.no_batching, batch_max_size=a.max_batch,
+                              batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k)
+    eng = Engine.open(a.index_dir, a.encoder)
+    app = create_app(eng, settings)
+    print(f"serving {a.index_dir} ({eng.store.count()} documents, encoder {eng.encoder.spec}) on "
+          f"http://{a.host}:{a.port}  (OpenAPI docs at /docs)", flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    eng.close()
+    return 0
+
+
+def cmd_train(a) -> int:
+    from retrieval.encoders import load_encoder
+    from retrieval.encoders.lit import LitEncoder
+    from training.contrastive import ContrastiveConfig, save_trained, tower_features, train_heads
+    from training.pairs import read_pairs
+
+    enc = load_encoder(a.encoder, cache=False)
+    if not isinstance(enc, LitEncoder):
+        raise UserError(f"`umr train` trains LiT encoders (lit-base, lit-init, or a saved lit directory); got {a.encoder}")
+    pairs = read_pairs(a.pairs, a.images, a.split)
+    cfg = ContrastiveConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed)
+    from tqdm import tqdm
+
+    n_img = len({p.image for p in pairs})
+    bar = tqdm(total=n_img + len(pairs), unit="item", desc="tower features", file=sys.stderr)
+    feats = tower_features(enc, pairs, lambda kind, n: bar.update(n))
+    bar.close()
+
+    def log(rec):
+        if rec["epoch"] % max(1, cfg.epochs // 10) == 0 or rec["epoch"] == cfg.epochs:
+            print(f"epoch {rec['epoch']:>4}  loss {rec['loss']:.4f}  temperature {rec['temperature']:.4f}  "
+                  f"{rec['pairs_per_s']:.0f} pairs/s", file=sys.stderr)
+
+    history = train_heads(enc, *feats, cfg, log)
+    data = {"pairs": a.pairs, "split": a.split, "n_pairs": len(pairs), "n_images": n_img}
+    save_trained(enc, a.out, cfg, data, history, "umr " + " ".join(sys.argv[1:]))
+    print(f"wrote encoder {a.out} (fingerprint {enc.fingerprint}); use it with --encoder {a.out}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from retrieval.encoders import load_encoder
+    from retrieval.evaluation import evaluate_beir, evaluate_mbeir, format_table
+
+    spec = a.encoder
+    if a.index_dir:
+        from index.manifest import read_manifest
+
+        spec = spec or read_manifest(a.index_dir)["encoder"]["spec"]
+    if not spec:
+        raise UserError("give --encoder SPEC or an index directory whose encoder to evaluate")
+    if bool(a.mbeir) == bool(a.beir):
+        raise UserError("give exactly one of --mbeir DIR or --beir DIR")
+    enc = load_encoder(spec)
+    if a.mbeir:
+        tasks = [int(t) for t in a.task.split(",")] if a.task else None
+        res = evaluate_mbeir(enc, a.mbeir, a.split, tasks, local=not a.global_pool, instruction=a.instruction)
+    else:
+        res = evaluate_beir(enc, a.beir, a.split, instruction=a.instruction)
+    print(json.dumps(res, indent=2) if a.json else format_table(res))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from umr.demo import run_demo
+
+    return run_demo(a.out, a.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="umr", description="Universal multimodal retrieval.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ix = sub.add_parser("index", help="build and maintain indexes").add_subparsers(dest="index_command", required=True)
+    b = ix.add_parser("build", help="index a corpus (JSONL, image folder, M-BEIR pool); resumable")
+    b.add_argument("corpus")
+    b.add_argument("--encoder", default="lit-base")
+    b.add_argument("--out", required=True)
+    b.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    b.add_argument("--memory-budget", help="e.g. 2G; --index auto picks an index that fits")
+    b.add_argument("--format", default="auto", choices=["auto", "jsonl", "folder", "mbeir"])
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    b.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_index_build)
+    ad = ix.add_parser("add", help="add a corpus to an index without rebuilding it")
+    ad.add_argument("index_dir")
+    ad.add_argument("corpus")
+    ad.add_argument("--format", default="auto", choices=["auto", "jsonl", "folder", "mbeir"])
+    ad.add_argument("--batch-size", type=int, default=64)
+    ad.add_argument("--strict", action="store_true")
+    ad.add_argument("--no-progress", action="store_true")
+    ad.set_defaults(fn=cmd_index_add)
+    de = ix.add_parser("delete", help="delete documents by id")
+    de.add_argument("index_dir")
+    de.add_argument("ids", nargs="+")
+    de.set_defaults(fn=cmd_index_delete)
+    inf = ix.add_parser("info", help="what an index holds and how it was built")
+    inf.add_argument("index_dir")
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(fn=cmd_index_info)
+
+    s = sub.add_parser("search", help="search an index from the command line")
+    s.add_argument("index_dir")
+    s.add_argument("text", nargs="?")
+    s.add_argument("--image", help="query image path (with TEXT: an image+text query)")
+    s.add_argument("--modality", help="only results of: image, text, image,text (join several with |)")
+    s.add_argument("--instruction")
+    s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata equality; repeatable")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--encoder", help="query encoder (default: the index's)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_search)
+
+    sv = sub.add_parser("serve", help="serve an index over HTTP")
+    sv.add_argument("index_dir")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--encoder")
+    sv.add_argument("--max-batch", type=int, default=32, help="most queries per encoder forward")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    sv.add_argument("--max-k", type=int, default=1000)
+    sv.add_argument("--no-batching", action="store_true")
+    sv.set_defaults(fn=cmd_serve)
+
+    t = sub.add_parser("train", help="train a LiT encoder's heads on image-caption pairs (one contrastive stage)")
+    t.add_argument("--pairs", required=True, help="CSV 'image,caption' or JSONL {image, text}")
+    t.add_argument("--images", help="folder the image names are relative to (default: images/ beside --pairs)")
+    t.add_argument("--split", help="SPLIT.json:NAME, e.g. split.json:train")
+    t.add_argument("--encoder", default="lit-init:256:0", help="starting point (lit-init:DIM:SEED, lit-base, a directory)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.5)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="Recall@1/5/10, nDCG@10, MRR@10 on M-BEIR or BEIR data")
+    e.add_argument("index_dir", nargs="?", help="evaluate this index's encoder")
+    e.add_argument("--encoder")
+    e.add_argument("--mbeir", help="M-BEIR folder (query/, cand_pool/, qrels/)")
+    e.add_argument("--beir", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--task", help="task ids, e.g. 0,3 (default: all)")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--local", action="store_true", help="candidates of the task's target modality (default)")
+    g.add_argument("--global", dest="global_pool", action="store_true", help="search the whole mixed pool")
+    e.add_argument("--instruction")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("demo", help="index the bundled sample corpus, serve it, query it over HTTP")
+    d.add_argument("--out", default=None, help="index directory (default: a temporary one)")
+    d.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from index.errors import IndexError_
+    from retrieval.encoders.base import EncoderError
+    from retrieval.images import BadImage
+    from retrieval.pipeline import StrictError
+
+    try:
+        return args.fn(args)
+    except (UserError, IndexError_, EncoderError, BadImage, StrictError, FileNotFoundError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        print(f"umr: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("umr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
