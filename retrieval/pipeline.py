@@ -119,13 +119,13 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
                 good_prep = [good_prep[i] for i in keep]
         vectors = encoder.embed(good_prep) if good_prep else None
         docs = [DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata) for it in good_items]
+        report.indexed += len(docs)  # counted before the commit so the saved report includes this batch
         meta = None
         if cursor_key:
             meta = {cursor_key: str(chunk[-1][0] + 1),
                     f"{cursor_key}.report": json.dumps({k: v for k, v in report.to_dict().items() if k != "seconds"})}
         if docs or meta:
             store.add(docs, vectors if vectors is not None else [], meta=meta)
-        report.indexed += len(docs)
         if progress is not None:
             progress.update(len(chunk))
     report.seconds += time.perf_counter() - t0

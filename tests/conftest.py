@@ -1,0 +1,66 @@
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+FLICKR = DATA / "flickr8k-1k"
+
+
+def require_data(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"test data missing: {path} (the repository expects ../shared/data beside it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def flickr() -> Path:
+    return require_data(FLICKR)
+
+
+@pytest.fixture(scope="session")
+def flickr_test(flickr):
+    """(test image names, {image: [captions]}) for the fixed split."""
+    split = json.loads((flickr / "split.json").read_text())
+    caps: dict[str, list[str]] = {}
+    with open(flickr / "captions.txt", newline="") as f:
+        for row in csv.DictReader(f):
+            caps.setdefault(row["image"], []).append(row["caption"])
+    return split["test"], caps
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from retrieval.encoders import load_encoder
+
+    return load_encoder("tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def lit():
+    from retrieval.encoders import load_encoder
+
+    return load_encoder("lit-base")
+
+
+def write_jsonl(path: Path, records) -> Path:
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def run_cli(*args, env=None, timeout=300):
+    import subprocess
+
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "umr.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=e)

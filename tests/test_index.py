@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+
+from index import IndexStore
+from index import vector_index as vi
+from index.docstore import DocRecord
+from index.errors import IndexError_, IndexMismatch, NotFound
+
+DIM = 32
+ENC = {"spec": "synthetic", "fingerprint": "f" * 16, "dim": DIM}
+
+
+def unit(rng, n, dim=DIM):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make(tmp_path, n=200, kind="flat", seed=0, name="idx"):
+    rng = np.random.default_rng(seed)
+    store = IndexStore.create(tmp_path / name, ENC, kind)
+    vecs = unit(rng, n)
+    docs = [DocRecord(f"d{i}", "text" if i % 2 else "image", text=f"doc {i}", metadata={"parity": i % 2, "tag": f"t{i % 5}"})
+            for i in range(n)]
+    store.add(docs, vecs)
+    store.finalize()
+    return store, vecs
+
+
+def test_exact_search_matches_numpy(tmp_path):
+    store, vecs = make(tmp_path)
+    q = vecs[:5] + 0.01
+    hits = store.search(q, k=10)
+    truth = np.argsort(-(q @ vecs.T), axis=1)[:, :10]
+    for h, t in zip(hits, truth):
+        assert [x.id for x in h] == [f"d{i}" for i in t]
+    assert hits[0][0].score == pytest.approx(float(q[0] @ vecs[0]), abs=1e-5)
+
+
+def test_add_delete_get_replace_without_rebuild(tmp_path):
+    store, vecs = make(tmp_path)
+    assert store.get("d3").text == "doc 3"
+    assert store.delete(["d0", "missing"]) == ["d0"]
+    assert all(h.id != "d0" for h in store.search(vecs[:1], k=5)[0])
+    with pytest.raises(NotFound):
+        store.get("d0")
+    # same id again replaces the old document
+    new = unit(np.random.default_rng(9), 1)
+    store.add([DocRecord("d1", "text", text="replaced")], new)
+    top = store.search(new, k=1)[0][0]
+    assert (top.id, top.doc.text) == ("d1", "replaced")
+    assert store.count() == 199
+    store.save()
+    store.close()
+    again = IndexStore.open(tmp_path / "idx")
+    assert again.count() == 199 and again.get("d1").text == "replaced"
+    assert again.search(new, k=1)[0][0].id == "d1"
+    assert all(h.id != "d0" for h in again.search(vecs[:1], k=5)[0])
+
+
+def test_filters_and_modalities(tmp_path):
+    store, vecs = make(tmp_path)
+    hits = store.search(vecs[:3], k=20, modalities=["text"])
+    assert all(h.doc.modality == "text" for hs in hits for h in hs) and len(hits[0]) == 20
+    hits = store.search(vecs[:3], k=50, flt={"tag": "t3"})
+    assert {h.doc.metadata["tag"] for hs in hits for h in hs} == {"t3"} and len(hits[0]) == 40
+    hits = store.search(vecs[:3], k=5, flt={"parity": 1, "tag": "t1"})
+    assert all(h.doc.metadata == {"parity": 1, "tag": "t1"} for hs in hits for h in hs)
+    with pytest.raises(ValueError, match="filter key"):
+        store.search(vecs[:1], k=5, flt={"a'b": 1})
+    with pytest.raises(ValueError, match="unknown modality"):
+        store.search(vecs[:1], k=5, modalities=["audio"])
+    with pytest.raises(IndexMismatch):
+        store.search(np.zeros((1, DIM + 1), np.float32), k=5)
+
+
+def test_adds_are_durable_before_any_save(tmp_path):
+    store, _ = make(tmp_path)
+    v = unit(np.random.default_rng(5), 1)
+    store.add([DocRecord("late", "text", text="added after the last save")], v)
+    store.docs.close()  # crash: no save()
+    again = IndexStore.open(tmp_path / "idx")
+    assert again.search(v, k=1)[0][0].id == "late"
+
+
+def test_crash_during_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
+    store, vecs = make(tmp_path)
+    store.add([DocRecord("x", "text", text="x")], unit(np.random.default_rng(3), 1))
+
+    def broken_write(index, path):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk died mid-save")
+
+    monkeypatch.setattr(vi, "write_index", broken_write)
+    with pytest.raises(OSError):
+        store.save()
+    monkeypatch.undo()
+    again = IndexStore.open(tmp_path / "idx")
+    assert again.count() == 201  # old checkpoint + replayed row
+    assert again.search(vecs[:1], k=1)[0][0].id == "d0"
+    assert not list((tmp_path / "idx" / "segments" / "0").glob("*.tmp"))
+
+
+def test_auto_choice_follows_the_memory_budget():
+    small = vi.choose_index("auto", 10_000, 384)
+    assert small.kind == "flat"
+    mid = vi.choose_index("auto", 1_000_000, 384, memory_budget=4 << 30)
+    assert mid.kind == "hnsw" and "fits" in mid.reason
+    tight = vi.choose_index("auto", 1_000_000, 384, memory_budget=100 << 20)
+    assert tight.kind == "ivfpq"
+    assert vi.estimated_bytes("ivfpq", 1_000_000, 384, tight.params) <= 100 << 20
+    with pytest.raises(ValueError, match="raise --memory-budget"):
+        vi.choose_index("auto", 1_000_000, 384, memory_budget=1 << 20)
+    assert vi.parse_bytes("1.5G") == int(1.5 * (1 << 30))
+
+
+def test_choice_is_recorded_in_the_manifest(tmp_path):
+    store, _ = make(tmp_path)
+    rec = store.manifest["segments"][0]["index"]
+    assert (rec["kind"], rec["factory"], rec["reason"]) == ("flat", "Flat", "requested")
+    info = store.info()
+    assert info["segments"][0]["by_modality"] == {"image": 100, "text": 100}
+
+
+def test_hnsw_and_ivfpq_segments_search_well(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 6000
+    vecs = unit(rng, n)
+    for kind in ("hnsw", "ivfpq"):
+        store = IndexStore.create(tmp_path / kind, ENC, kind)
+        store.add([DocRecord(f"d{i}", "text") for i in range(n)], vecs)
+        store.finalize()
+        q = vecs[:50] + 0.05 * unit(rng, 50)
+        found = sum(h[0].id == f"d{i}" for i, h in enumerate(store.search(q, k=10)))
+        assert found >= 45, (kind, found)
+        store.delete(["d0"])
+        assert store.search(vecs[:1], k=3)[0][0].id != "d0"
+
+
+def test_quantizer_trains_on_every_modality():
+    codes = np.array([1] * 9900 + [2] * 100)
+    rows = vi.balanced_sample(codes, 1000)
+    picked = codes[rows]
+    assert (picked == 2).sum() == 100 and (picked == 1).sum() == 900
+
+
+def test_unfinished_and_missing_indexes_are_refused(tmp_path):
+    store = IndexStore.create(tmp_path / "i", ENC, "flat")
+    with pytest.raises(IndexError_, match="not finished"):
+        store.search(np.zeros((1, DIM), np.float32), k=1)
+    with pytest.raises(NotFound, match="not a umr index"):
+        IndexStore.open(tmp_path / "nothing")
+    with pytest.raises(IndexError_, match="already holds an index"):
+        IndexStore.create(tmp_path / "i", ENC)
