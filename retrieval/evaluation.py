@@ -117,12 +117,14 @@ def evaluate_beir(encoder: Encoder, root: str | Path, split: str = "test", instr
         for qid, did, score in reader:
             qrels[qid][did] = float(score)
     docs = [Item(d["_id"], " ".join(x for x in (d.get("title"), d.get("text")) if x)) for d in corpus]
+    empty = [d.id for d in docs if not d.text.strip()]
+    docs = [d for d in docs if d.text.strip()]  # an empty document can never be relevant to a dense ranker
     dvec = _encode_all(encoder, docs, "document")
     qids = [q for q in queries if q in qrels]
     qvec = _encode_all(encoder, [Item(q, queries[q]) for q in qids], "query", instruction)
     runs = dict(zip(qids, _rank(qvec, dvec, [d.id for d in docs], 100)))
     res = summarize(runs, qrels, (1, 5, 10, 100))
-    res.update({"candidates": len(docs)})
+    res.update({"candidates": len(docs), "empty_documents_skipped": len(empty)})
     return {"encoder": encoder.spec, "fingerprint": encoder.fingerprint, "split": split, "tasks": {"beir": res}}
 
 

@@ -1,0 +1,204 @@
+"""The HTTP service, served by uvicorn on 127.0.0.1 and spoken to over real sockets."""
+import base64
+import io
+import json
+import threading
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import write_jsonl
+from retrieval.engine import Engine
+from retrieval.pipeline import build_index
+from server.app import create_app
+from server.settings import ServerSettings
+from umr.demo import BackgroundServer
+
+
+def png_bytes(size=(40, 30), color="red") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny):
+    tmp = tmp_path_factory.mktemp("srv")
+    Image.new("RGB", (64, 64), "blue").save(tmp / "blue.png")
+    records = [{"id": f"t{i}", "text": f"document number {i}", "metadata": {"group": "even" if i % 2 == 0 else "odd"}}
+               for i in range(40)]
+    records.append({"id": "blue", "image": "blue.png", "metadata": {"group": "img"}})
+    corpus = write_jsonl(tmp / "c.jsonl", records)
+    build_index(corpus, tiny, tmp / "idx", progress=False)
+    engine = Engine.open(tmp / "idx")
+    settings = ServerSettings(max_k=100, max_text_chars=500, max_image_pixels=1_000_000, max_image_bytes=2_000_000,
+                              max_body_bytes=4_000_000, max_batch_queries=8)
+    with BackgroundServer(create_app(engine, settings)) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            yield client, tmp
+    engine.close()
+
+
+def assert_alive(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    r = client.post("/v1/search", json={"text": "document", "k": 2})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def test_text_search_filter_and_modality(served):
+    client, _ = served
+    r = client.post("/v1/search", json={"text": "document number 3", "k": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["results"]) == 5 and body["took_ms"] > 0
+    assert body["results"][0]["score"] >= body["results"][-1]["score"]
+    r = client.post("/v1/search", json={"text": "document", "k": 40, "filter": {"group": "odd"}})
+    assert {h["metadata"]["group"] for h in r.json()["results"]} == {"odd"} and len(r.json()["results"]) == 20
+    r = client.post("/v1/search", json={"text": "document", "k": 3, "modality": "image"})
+    assert [h["id"] for h in r.json()["results"]] == ["blue"]
+
+
+def test_image_queries_json_and_multipart(served):
+    client, tmp = served
+    img = (tmp / "blue.png").read_bytes()
+    r = client.post("/v1/search", json={"image": base64.b64encode(img).decode(), "k": 1})
+    assert r.json()["results"][0]["id"] == "blue"  # the identical image scores highest
+    r = client.post("/v1/search/image", files={"file": ("q.png", img, "image/png")}, data={"k": "1"})
+    assert r.status_code == 200 and r.json()["results"][0]["id"] == "blue"
+    r = client.post("/v1/search/image", files={"file": ("q.png", img, "image/png")}, data={"k": "3", "text": "blue"})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+
+def test_batch_search_matches_single_queries(served):
+    client, _ = served
+    qs = [{"text": f"document number {i}", "k": 3} for i in range(5)]
+    batch = client.post("/v1/search/batch", json={"queries": qs}).json()["results"]
+    singles = [client.post("/v1/search", json=q).json()["results"] for q in qs]
+    assert [[h["id"] for h in r] for r in batch] == [[h["id"] for h in r] for r in singles]
+    r = client.post("/v1/search/batch", json={"queries": qs * 2})
+    assert r.status_code == 422 and "max_batch_queries" in r.json()["error"]["message"]
+
+
+def test_documents_add_get_delete_and_search(served):
+    client, tmp = served
+    img = base64.b64encode(png_bytes((30, 30), "green")).decode()
+    r = client.post("/v1/documents", json={"documents": [
+        {"id": "new/1", "text": "a brand new document about zebras", "metadata": {"group": "new"}},
+        {"id": "new/2", "image": img}]})
+    assert r.status_code == 200 and r.json()["added"] == ["new/1", "new/2"]
+    doc = client.get("/v1/documents/new/1").json()
+    assert doc["text"].startswith("a brand new") and doc["metadata"] == {"group": "new"}
+    assert client.get("/v1/documents/new/2").json()["image"].startswith("images/")
+    hits = client.post("/v1/search", json={"text": "zebras", "k": 5, "filter": {"group": "new"}}).json()["results"]
+    assert [h["id"] for h in hits] == ["new/1"]
+    # durable: a fresh open of the index directory (another process would see the same) has them
+    from index import IndexStore
+
+    other = IndexStore.open(tmp / "idx")
+    assert other.get("new/1").text.startswith("a brand new")
+    other.close()
+    assert client.delete("/v1/documents/new/1").status_code == 200
+    r = client.get("/v1/documents/new/1")
+    assert r.status_code == 404 and "new/1" in r.json()["error"]["message"]
+    assert client.delete("/v1/documents/new/1").status_code == 404
+    assert all(h["id"] != "new/1" for h in client.post("/v1/search", json={"text": "zebras", "k": 10}).json()["results"])
+
+
+def test_index_info_metrics_and_openapi(served):
+    client, _ = served
+    info = client.get("/v1/index").json()
+    assert info["state"] == "ready" and info["encoder"]["spec"] == "tiny-clip"
+    assert info["query_encoder"]["fingerprint"] == info["encoder"]["fingerprint"]
+    client.post("/v1/search", json={"text": "x", "k": 1})
+    text = client.get("/metrics").text
+    assert 'umr_requests_total{endpoint="/v1/search",status="200"}' in text
+    assert "umr_encode_seconds_count" in text and "umr_search_seconds_count" in text
+    assert "umr_request_latency_seconds_bucket" in text
+    assert client.get("/docs").status_code == 200
+    assert "/v1/search/batch" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("case", [
+    "corrupt_base64", "not_an_image", "huge_image", "k_zero", "k_huge", "unknown_field", "wrong_content_type",
+    "empty_query", "long_text", "body_too_big", "bad_modality", "bad_filter", "truncated_json", "upload_not_image",
+])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, case):
+    client, _ = served
+    expect = {
+        "corrupt_base64": (lambda: client.post("/v1/search", json={"image": "@@not base64@@"}), 400, "not valid base64"),
+        "not_an_image": (lambda: client.post("/v1/search", json={"image": base64.b64encode(b"hello, I am text").decode()}),
+                         400, "not a readable image"),
+        "huge_image": (lambda: client.post("/v1/search", json={"image": base64.b64encode(_bomb()).decode()}),
+                       413, "over the limit of 1000000"),
+        "k_zero": (lambda: client.post("/v1/search", json={"text": "x", "k": 0}), 422, "max_k"),
+        "k_huge": (lambda: client.post("/v1/search", json={"text": "x", "k": 10**6}), 422, "between 1 and 100"),
+        "unknown_field": (lambda: client.post("/v1/search", json={"text": "x", "colour": "red"}), 422, "unknown field 'colour'"),
+        "wrong_content_type": (lambda: client.post("/v1/search", content=b"text=x", headers={"content-type": "text/plain"}),
+                               415, "application/json"),
+        "empty_query": (lambda: client.post("/v1/search", json={"k": 3}), 422, "needs text, image or both"),
+        "long_text": (lambda: client.post("/v1/search", json={"text": "x" * 501}), 413, "max_text_chars"),
+        "body_too_big": (lambda: client.post("/v1/search", content=b"{" + b" " * 4_000_001 + b"}",
+                                             headers={"content-type": "application/json"}), 413, "max_body_bytes"),
+        "bad_modality": (lambda: client.post("/v1/search", json={"text": "x", "modality": "audio"}), 422, "modality"),
+        "bad_filter": (lambda: client.post("/v1/search", json={"text": "x", "filter": {"a'b": 1}}), 400, "filter key"),
+        "truncated_json": (lambda: client.post("/v1/search", content=b'{"text": "x"', headers={"content-type": "application/json"}),
+                           422, "JSON"),
+        "upload_not_image": (lambda: client.post("/v1/search/image", files={"file": ("x.png", b"nope", "image/png")}),
+                             400, "not a readable image"),
+    }
+    send, status, message = expect[case]
+    r = send()
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message.lower() in err["message"].lower(), err
+    assert err["code"]
+    assert_alive(client)
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (2000, 2000)).save(buf, "PNG")  # 4M pixels in a few KB
+    return buf.getvalue()
+
+
+def test_bad_document_is_refused_whole_and_nothing_is_lost(served):
+    client, _ = served
+    before = client.get("/v1/index").json()["documents"]
+    r = client.post("/v1/documents", json={"documents": [{"id": "ok-1", "text": "fine"},
+                                                         {"id": "bad-1", "image": base64.b64encode(b"junk").decode()}]})
+    assert r.status_code == 400 and "image" in r.json()["error"]["message"]
+    assert client.get("/v1/index").json()["documents"] == before
+    assert client.get("/v1/documents/ok-1").status_code == 404
+    assert client.get("/v1/documents/t1").status_code == 200
+
+
+def test_concurrent_queries_are_micro_batched(served):
+    client, _ = served
+    url = str(client.base_url)
+    errors, results = [], {}
+
+    def worker(i):
+        try:
+            with httpx.Client(base_url=url, timeout=30) as c:
+                for j in range(5):
+                    r = c.post("/v1/search", json={"text": f"document number {i}", "k": 1})
+                    assert r.status_code == 200
+                    results[(i, j)] = r.json()["results"][0]["id"]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(results) == 80
+    assert all(len({results[(i, j)] for j in range(5)}) == 1 for i in range(16))  # batching never mixes answers up
+    text = client.get("/metrics").text
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("umr_batch_size_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            counts[le] = float(line.split()[-1])
+    assert counts["1.0"] < counts["+Inf"], "no forward ever held more than one query"
