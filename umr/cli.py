@@ -19,13 +19,6 @@ def _quiet_libraries() -> None:
     import logging
 
     logging.getLogger().setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _print_hits(hits, as_json: bool) -> None:

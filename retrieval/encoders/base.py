@@ -19,6 +19,17 @@ from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item
 
 
+def quiet_transformers() -> None:
+    """Model loading progress bars and hub warnings are noise in a CLI and in logs."""
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 class EncoderError(ValueError):
     """An encoder spec cannot be resolved or loaded; the message says what to give instead."""
 

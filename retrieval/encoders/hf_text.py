@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from retrieval.encoders.base import Encoder, EncoderError, sha256_file
+from retrieval.encoders.base import Encoder, EncoderError, quiet_transformers, sha256_file
 
 
 class HfTextEncoder(Encoder):
@@ -14,6 +14,8 @@ class HfTextEncoder(Encoder):
 
     def __init__(self, path: str, spec: str, max_tokens: int = 256):
         from transformers import AutoModel, AutoTokenizer
+
+        quiet_transformers()
 
         p = Path(path)
         if not p.is_dir():

@@ -23,7 +23,6 @@ def register_tiny() -> None:
     from open_clip.factory import _MODEL_CONFIGS
 
     if TINY_NAME not in _MODEL_CONFIGS:
-        open_clip.add_model_config  # noqa: B018 (exists in every open_clip we support)
         _MODEL_CONFIGS[TINY_NAME] = dict(TINY_CLIP)
 
 
@@ -79,7 +78,15 @@ class OpenClipEncoder(Encoder):
 
         register_tiny()
         torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(TINY_NAME, pretrained=None, device="cpu")
+        import logging
+
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # open_clip warns that a random model has no pretrained weights
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(TINY_NAME, pretrained=None, device="cpu")
+        finally:
+            root.setLevel(level)
         h = hashlib.sha256()
         for k, v in sorted(model.state_dict().items()):
             h.update(k.encode())

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.encoders.base import EncoderError, sha256_file
+from retrieval.encoders.base import EncoderError, quiet_transformers, sha256_file
 
 TEXT_TOWER = "all-MiniLM-L6-v2"
 IMAGE_TOWER = "efficientnet_lite0"
@@ -49,6 +49,8 @@ def efficientnet_path() -> Path:
 class TextTower:
     def __init__(self):
         from transformers import AutoModel, AutoTokenizer
+
+        quiet_transformers()
 
         path = minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))

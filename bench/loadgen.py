@@ -1,0 +1,66 @@
+"""A small HTTP/1.1 keep-alive load generator on raw asyncio sockets (run as its own process).
+
+Each of C connections sends POST requests back to back; latencies are measured per request.
+Bounded by a request count and a time limit, and only ever talks to 127.0.0.1.
+Prints JSON: {"latencies_ms": [...], "wall_s": ..., "errors": n}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+
+async def connection(port: int, path: str, bodies: list[bytes], todo: list[int], lat: list[float], errors: list, deadline: float):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while todo and time.perf_counter() < deadline:
+            i = todo.pop()
+            body = bodies[i % len(bodies)]
+            head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            t0 = time.perf_counter()
+            writer.write(head + body)
+            await writer.drain()
+            status = await reader.readline()
+            length = 0
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            lat.append((time.perf_counter() - t0) * 1000)
+            if b" 200 " not in status:
+                errors.append(status.decode().strip())
+    finally:
+        writer.close()
+
+
+async def run(port, path, bodies, concurrency, requests, max_seconds):
+    todo = list(range(requests))
+    lat: list[float] = []
+    errors: list = []
+    deadline = time.perf_counter() + max_seconds
+    t0 = time.perf_counter()
+    await asyncio.gather(*(connection(port, path, bodies, todo, lat, errors, deadline) for _ in range(concurrency)))
+    return {"latencies_ms": lat, "wall_s": time.perf_counter() - t0, "errors": len(errors), "first_error": errors[:1]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--path", default="/v1/search")
+    ap.add_argument("--bodies", required=True, help="JSONL file, one request body per line")
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--max-seconds", type=float, default=60)
+    a = ap.parse_args()
+    bodies = [line.encode() for line in open(a.bodies).read().splitlines() if line.strip()]
+    print(json.dumps(asyncio.run(run(a.port, a.path, bodies, a.concurrency, a.requests, a.max_seconds))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Search latency and throughput: the in-process engine against HTTP, batching on and off.
+
+A 100k-vector index (synthetic unit vectors, 256-d, exact search) behind the real lit-base
+encoder; queries are real Flickr8k captions. For concurrency 1, 8 and 32:
+  in-process   Engine.search() from C threads in this process
+  HTTP         `umr serve` in its own process, driven by bench/loadgen.py in another,
+               with micro-batching on and with --no-batching
+Reported: p50 / p99 latency and QPS, medians over REPEATS rounds.
+Run: python bench/search.py [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import DATA, ROOT, machine, median, percentile, write_section  # noqa: E402
+
+N_VECTORS = 100_000
+K = 10
+
+
+def build_index(path: Path, enc) -> None:
+    import numpy as np
+
+    from index import IndexStore
+    from index.docstore import DocRecord
+
+    rng = np.random.default_rng(0)
+    store = IndexStore.create(path, enc.record(), "flat")
+    for start in range(0, N_VECTORS, 20_000):
+        x = rng.standard_normal((20_000, enc.dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        store.add([DocRecord(f"doc{start + i}", "text", text=f"synthetic document {start + i}") for i in range(len(x))], x)
+    store.finalize()
+    store.close()
+
+
+def in_process(engine, queries, concurrency, requests):
+    from retrieval.engine import Query
+
+    lat = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker():
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            engine.search([Query(queries[i % len(queries)])], K)
+            dt = (time.perf_counter() - t0) * 1000
+            with lock:
+                lat.append(dt)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(concurrency):
+            pool.submit(worker)
+    return {"latencies_ms": lat, "wall_s": time.perf_counter() - t0, "errors": 0}
+
+
+def serve(idx: Path, port: int, batching: bool) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "umr.cli", "serve", str(idx), "--port", str(port)] + ([] if batching else ["--no-batching"])
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-2000:])
+
+
+def http(port, bodies_file, concurrency, requests):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--bodies", bodies_file,
+                          "--concurrency", str(concurrency), "--requests", str(requests), "--max-seconds", "120"],
+                         capture_output=True, text=True, timeout=300)
+    res = json.loads(out.stdout)
+    if res["errors"]:
+        raise RuntimeError(f"{res['errors']} failed requests: {res['first_error']}")
+    return res
+
+
+def summary(runs):
+    p50 = median([percentile(r["latencies_ms"], 50) for r in runs])
+    p99 = median([percentile(r["latencies_ms"], 99) for r in runs])
+    qps = median([len(r["latencies_ms"]) / r["wall_s"] for r in runs])
+    return p50, p99, qps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--port", type=int, default=18731)
+    args = ap.parse_args()
+    from retrieval.encoders import load_encoder
+    from retrieval.engine import Engine
+
+    enc = load_encoder("lit-base")
+    with open(DATA / "flickr8k-1k" / "captions.txt", newline="") as f:
+        queries = [row["caption"] for row in csv.DictReader(f)][:500]
+    tmp = Path(tempfile.mkdtemp(prefix="umr-bench-search-"))
+    idx = tmp / "idx"
+    t0 = time.perf_counter()
+    build_index(idx, enc)
+    print(f"built {N_VECTORS} vectors in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    bodies = tmp / "bodies.jsonl"
+    bodies.write_text("".join(json.dumps({"text": q, "k": K}) + "\n" for q in queries))
+    engine = Engine.open(idx, enc)
+    in_process(engine, queries, 1, 20)  # warm-up
+    levels = (1, 8, 32)
+    results = {m: {c: [] for c in levels} for m in ("in-process", "HTTP, micro-batching", "HTTP, no batching")}
+    servers = {}
+    try:
+        servers["HTTP, micro-batching"] = (serve(idx, args.port, True), args.port)
+        servers["HTTP, no batching"] = (serve(idx, args.port + 1, False), args.port + 1)
+        for _, port in servers.values():
+            http(port, str(bodies), 4, 40)  # warm-up
+        for r in range(args.repeats):
+            for c in levels:
+                n = args.requests if c > 1 else args.requests // 2
+                results["in-process"][c].append(in_process(engine, queries, c, n))
+                for mode, (_, port) in servers.items():
+                    results[mode][c].append(http(port, str(bodies), c, n))
+                print(f"round {r + 1} concurrency {c}: " + ", ".join(
+                    f"{m} p50 {percentile(v[c][-1]['latencies_ms'], 50):.1f} ms" for m, v in results.items()), file=sys.stderr)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    rows = []
+    table = {}
+    for mode, by_c in results.items():
+        for c in levels:
+            table[(mode, c)] = summary(by_c[c])
+            p50, p99, qps = table[(mode, c)]
+            rows.append(f"| {mode} | {c} | {p50:.2f} | {p99:.2f} | {qps:.1f} |")
+    gap = table[("HTTP, micro-batching", 1)][0] - table[("in-process", 1)][0]
+    speedup = table[("HTTP, micro-batching", 32)][2] / table[("HTTP, no batching", 32)][2]
+    body = f"""## Search: in-process vs HTTP (`bench/search.py`)
+
+{N_VECTORS:,} synthetic 256-d vectors (exact search) behind the real lit-base text encoder; real Flickr8k captions
+as queries, k={K}; {args.repeats} rounds of {args.requests} requests per level (half at concurrency 1), medians; server
+and load generator in separate processes on 127.0.0.1; {machine()}.
+
+| mode | concurrency | p50 ms | p99 ms | QPS |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+**HTTP p50 minus in-process p50 at concurrency 1: {gap:.2f} ms** (target <= 3 ms).
+**Micro-batching throughput / no batching at concurrency 32: {speedup:.2f}x** (target >= 2x).
+"""
+    write_section("search", body)
+
+
+if __name__ == "__main__":
+    main()
