@@ -66,6 +66,33 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class RequestMetrics:
+    """Pure ASGI middleware (no extra task per request): count and time requests by route."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
 def _hit(h) -> Hit:
     d = h.doc
     return Hit(id=d.id, score=round(h.score, 6), modality=d.modality, text=d.text, image=d.image, metadata=d.metadata)
@@ -108,21 +135,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def http_error(request: Request, e: StarletteHTTPException):
         return _error(e.status_code, "http_error", str(e.detail))
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        route = request.scope.get("route")
-        try:
-            response = await call_next(request)
-        except ApiError as e:  # raised from the body-limit wrapper while the body streams
-            response = _error(e.status, e.code, e.message)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
-
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     # -- helpers --------------------------------------------------------------------------
     def require_json(request: Request) -> None:
@@ -158,6 +172,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def prepare(q: Query):
         batcher.preparing += 1
         try:
+            if q.image is None:  # text is only tokenised in the batched forward: nothing to offload
+                return engine.prepare_query(q, limits)
             return await run_in_threadpool(engine.prepare_query, q, limits)
         except BadImage as e:
             code = "limit_image_pixels" if "pixels" in str(e) else ("limit_image_bytes" if "bytes" in str(e) else "invalid_image")

@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        # Idle OpenMP workers of torch and FAISS spin for milliseconds after each call and steal
+        # the cores from the event loop and from each other; a server wants them asleep. Must be
+        # set before torch or faiss is first imported (measured in bench/search.py).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _quiet_libraries()
     from index.errors import IndexError_
     from retrieval.encoders.base import EncoderError
