@@ -298,18 +298,38 @@ class IndexStore:
         n_allowed = int(allowed.sum())
         if n_allowed == 0:
             return empty
-        if n_allowed == len(allowed):
-            params = vi.search_params(seg.choice, None, k)
-            return seg.faiss.search(q, min(k, seg.faiss.ntotal), params=params)
-        if n_allowed <= EXACT_FILTER_ROWS:
+        choice = seg.choice
+        everything = n_allowed == len(allowed)
+        if choice.kind == "flat":
+            return vi.exact_topk(q, vi.flat_vectors(seg.faiss), k, None if everything else allowed)
+        if not everything and n_allowed <= EXACT_FILTER_ROWS:
             rows = np.flatnonzero(allowed)
-            scores = q @ self.docs.vectors_at(seg.id, rows).T
-            kk = min(k, len(rows))
-            top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
-            return np.take_along_axis(scores, top, 1), rows[top]
-        selector, _bits = vi.bitmap_selector(allowed)
-        params = vi.search_params(seg.choice, selector, k)
-        return seg.faiss.search(q, min(k, n_allowed), params=params)
+            scores, pos = vi.exact_topk(q, self.docs.vectors_at(seg.id, rows), k)
+            return scores, np.where(pos >= 0, rows[np.maximum(pos, 0)], -1)
+        selector, _bits = (None, None) if everything else vi.bitmap_selector(allowed)
+        refine = int(choice.params.get("refine", 1)) if choice.kind == "ivfpq" else 1
+        kk = min(k * refine, n_allowed)
+        scores, rows = seg.faiss.search(q, kk, params=vi.search_params(choice, selector, kk))
+        if refine > 1:
+            scores, rows = self._refine(seg, q, rows, k)
+        return scores, rows
+
+    def _refine(self, seg: Segment, q: np.ndarray, rows: np.ndarray, k: int):
+        """Re-score compressed-code candidates with the exact vectors kept in the docstore."""
+        wanted = np.unique(rows[rows >= 0])
+        if len(wanted) == 0:
+            return np.full((len(q), k), -np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+        vecs = self.docs.vectors_at(seg.id, wanted)
+        pos = {int(r): i for i, r in enumerate(wanted)}
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_r = np.full((len(q), k), -1, dtype=np.int64)
+        for qi in range(len(q)):
+            cand = rows[qi][rows[qi] >= 0]
+            exact = vecs[[pos[int(r)] for r in cand]] @ q[qi]
+            top = np.argsort(-exact, kind="stable")[:k]
+            out_s[qi, : len(top)] = exact[top]
+            out_r[qi, : len(top)] = cand[top]
+        return out_s, out_r
 
     def info(self) -> dict:
         with self.lock:

@@ -36,6 +36,28 @@ def _check_text(item: Item) -> str | None:
     return None
 
 
+def _json_objects(path: Path) -> Iterator[tuple[int, dict | Rejected]]:
+    """(line number, parsed object) per non-blank line; a line that is not an object is Rejected."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, Rejected(f"line {lineno}", f"invalid JSON ({e.msg})")
+                continue
+            if not isinstance(rec, dict):
+                yield lineno, Rejected(f"line {lineno}", "record is not a JSON object")
+                continue
+            yield lineno, rec
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
 class JsonlCorpus:
     """One object per line: {"id", "text", "image" (path relative to the file), "metadata"}."""
 
@@ -46,44 +68,35 @@ class JsonlCorpus:
 
     def __iter__(self) -> Iterator[Item | Rejected]:
         base = self.path.parent
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield Rejected(f"line {lineno}", f"invalid JSON ({e.msg})")
-                    continue
-                if not isinstance(rec, dict):
-                    yield Rejected(f"line {lineno}", "record is not a JSON object")
-                    continue
-                doc_id = rec.get("id")
-                if doc_id is None or str(doc_id).strip() == "":
-                    yield Rejected(f"line {lineno}", "missing id")
-                    continue
-                doc_id = str(doc_id)
-                modality = rec.get("modality")
-                if modality is not None and modality not in MODALITIES:
-                    yield Rejected(doc_id, f"unknown modality {modality!r} (use image, text or image,text)")
-                    continue
-                meta = rec.get("metadata") or {}
-                if not isinstance(meta, dict):
-                    yield Rejected(doc_id, "metadata must be a JSON object")
-                    continue
-                image = rec.get("image")
-                if image is not None and not isinstance(image, str):
-                    yield Rejected(doc_id, "image must be a path string")
-                    continue
-                item = Item(doc_id, rec.get("text"), str(base / image) if image else None, meta)
-                problem = _check_text(item)
-                if problem is None and modality is not None and modality != item.modality:
-                    problem = f"modality says {modality!r} but the record holds {item.modality!r}"
-                yield Rejected(doc_id, problem) if problem else item
+        for lineno, rec in _json_objects(self.path):
+            if isinstance(rec, Rejected):
+                yield rec
+                continue
+            doc_id = rec.get("id")
+            if doc_id is None or str(doc_id).strip() == "":
+                yield Rejected(f"line {lineno}", "missing id")
+                continue
+            doc_id = str(doc_id)
+            modality = rec.get("modality")
+            if modality is not None and modality not in MODALITIES:
+                yield Rejected(doc_id, f"unknown modality {modality!r} (use image, text or image,text)")
+                continue
+            meta = rec.get("metadata") or {}
+            if not isinstance(meta, dict):
+                yield Rejected(doc_id, "metadata must be a JSON object")
+                continue
+            image = rec.get("image")
+            if image is not None and not isinstance(image, str):
+                yield Rejected(doc_id, "image must be a path string")
+                continue
+            item = Item(doc_id, rec.get("text"), str(base / image) if image else None, meta)
+            problem = _check_text(item)
+            if problem is None and modality is not None and modality != item.modality:
+                problem = f"modality says {modality!r} but the record holds {item.modality!r}"
+            yield Rejected(doc_id, problem) if problem else item
 
     def __len__(self) -> int:
-        with open(self.path, encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip())
+        return _count_lines(self.path)
 
 
 class FolderCorpus:
@@ -150,34 +163,28 @@ class MbeirPoolCorpus:
         self.image_root = Path(image_root) if image_root else mbeir_image_root(self.path)
 
     def __iter__(self) -> Iterator[Item | Rejected]:
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield Rejected(f"line {lineno}", f"invalid JSON ({e.msg})")
-                    continue
-                did = rec.get("did")
-                if not did:
-                    yield Rejected(f"line {lineno}", "missing did")
-                    continue
-                modality = rec.get("modality")
-                if modality not in MODALITIES:
-                    yield Rejected(did, f"unknown modality {modality!r}")
-                    continue
-                img = rec.get("img_path")
-                item = Item(str(did), rec.get("txt"), str(self.image_root / img) if img else None,
-                            {k: rec[k] for k in ("src_content",) if rec.get(k) is not None})
-                problem = _check_text(item)
-                if problem is None and item.modality != modality:
-                    problem = f"modality says {modality!r} but the record holds {item.modality!r}"
-                yield Rejected(did, problem) if problem else item
+        for lineno, rec in _json_objects(self.path):
+            if isinstance(rec, Rejected):
+                yield rec
+                continue
+            did = rec.get("did")
+            if not did:
+                yield Rejected(f"line {lineno}", "missing did")
+                continue
+            modality = rec.get("modality")
+            if modality not in MODALITIES:
+                yield Rejected(did, f"unknown modality {modality!r}")
+                continue
+            img = rec.get("img_path")
+            item = Item(str(did), rec.get("txt"), str(self.image_root / img) if img else None,
+                        {k: rec[k] for k in ("src_content",) if rec.get(k) is not None})
+            problem = _check_text(item)
+            if problem is None and item.modality != modality:
+                problem = f"modality says {modality!r} but the record holds {item.modality!r}"
+            yield Rejected(did, problem) if problem else item
 
     def __len__(self) -> int:
-        with open(self.path, encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip())
+        return _count_lines(self.path)
 
 
 def open_corpus(path: str | Path, kind: str = "auto"):

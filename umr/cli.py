@@ -216,6 +216,13 @@ def cmd_demo(a) -> int:
     return run_demo(a.out, a.port)
 
 
+def _ingest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "folder", "mbeir"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="umr", description="Universal multimodal retrieval.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,20 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
     b.add_argument("--memory-budget", help="e.g. 2G; --index auto picks an index that fits")
-    b.add_argument("--format", default="auto", choices=["auto", "jsonl", "folder", "mbeir"])
-    b.add_argument("--batch-size", type=int, default=64)
+    _ingest_args(b)
     b.add_argument("--workers", type=int, default=2, help="image decoding threads")
-    b.add_argument("--strict", action="store_true", help="stop at the first bad record")
-    b.add_argument("--no-progress", action="store_true")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_index_build)
     ad = ix.add_parser("add", help="add a corpus to an index without rebuilding it")
     ad.add_argument("index_dir")
     ad.add_argument("corpus")
-    ad.add_argument("--format", default="auto", choices=["auto", "jsonl", "folder", "mbeir"])
-    ad.add_argument("--batch-size", type=int, default=64)
-    ad.add_argument("--strict", action="store_true")
-    ad.add_argument("--no-progress", action="store_true")
+    _ingest_args(ad)
     ad.set_defaults(fn=cmd_index_add)
     de = ix.add_parser("delete", help="delete documents by id")
     de.add_argument("index_dir")
