@@ -127,7 +127,7 @@ def main():
     np.save(stored, x)
     disk = np.load(stored, mmap_mode="r")
     refine = pq_choice.params["refine"]
-    for nprobe in (pq_choice.params["nprobe"], 4 * pq_choice.params["nprobe"]):
+    for nprobe in (max(1, pq_choice.params["nprobe"] // 4), pq_choice.params["nprobe"]):
         params = faiss.SearchParametersIVF(nprobe=nprobe)
 
         def refined():

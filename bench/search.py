@@ -24,6 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from umr.cli import SERVE_ENV  # noqa: E402
+
+os.environ.update(SERVE_ENV)  # the in-process engine runs with the same thread settings as `umr serve`
 from bench.common import DATA, ROOT, machine, median, percentile, write_section  # noqa: E402
 
 N_VECTORS = 100_000
@@ -157,7 +160,8 @@ def main():
 
 {N_VECTORS:,} synthetic 256-d vectors (exact search) behind the real lit-base text encoder; real Flickr8k captions
 as queries, k={K}; {args.repeats} rounds of {args.requests} requests per level (half at concurrency 1), medians; server
-and load generator in separate processes on 127.0.0.1; {machine()}.
+and load generator in separate processes on 127.0.0.1; both sides with `umr serve`'s thread settings
+({", ".join(f"{k}={v}" for k, v in SERVE_ENV.items())}); {machine()}.
 
 | mode | concurrency | p50 ms | p99 ms | QPS |
 |---|---|---|---|---|
