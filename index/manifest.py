@@ -18,7 +18,12 @@ def now() -> str:
 
 
 def new_manifest(encoder: dict, index_request: dict) -> dict:
-    """`encoder` is the index-space encoder's record: spec, fingerprint, dim, description."""
+    """`encoder` is the index-space encoder's record: spec, fingerprint, dim, description.
+
+    It becomes encoder version 1; `umr update` registers later versions, each query encoder
+    reaching older segments through the compensators recorded on those segments.
+    """
+    encoder = {**encoder, "version": 1}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -28,7 +33,8 @@ def new_manifest(encoder: dict, index_request: dict) -> dict:
         "encoder": encoder,
         "index_request": index_request,
         "segments": [{"id": 0, "encoder": encoder, "index": None, "faiss_file": None, "created": now()}],
-        "query_encoders": [],
+        "encoders": [encoder],
+        "active_version": 1,
         "build": {},
         "history": [{"time": now(), "event": "created", "encoder": encoder.get("fingerprint")}],
     }

@@ -136,6 +136,26 @@ class IndexStore:
     def active(self) -> Segment:
         return self.segments[-1]
 
+    @property
+    def versions(self) -> list[dict]:
+        return self.manifest["encoders"]
+
+    @property
+    def active_version(self) -> int:
+        return int(self.manifest["active_version"])
+
+    def version(self, v: int) -> dict:
+        for rec in self.versions:
+            if rec["version"] == v:
+                return rec
+        raise IndexError_(f"no encoder version {v} in {self.path}")
+
+    def version_of_fingerprint(self, fingerprint: str) -> int | None:
+        for rec in self.versions:
+            if rec["fingerprint"] == fingerprint:
+                return rec["version"]
+        return None
+
     def count(self) -> int:
         return int(sum(s.alive.sum() for s in self.segments))
 
@@ -194,6 +214,44 @@ class IndexStore:
                 self._build_faiss(seg)
             self.manifest["state"] = "ready"
             self.save()
+
+    def register_version(self, encoder: dict) -> int:
+        """Record a new encoder version (not yet active); returns its number."""
+        with self.lock:
+            known = self.version_of_fingerprint(encoder["fingerprint"])
+            if known is not None:
+                return known
+            v = max(r["version"] for r in self.versions) + 1
+            self.versions.append({**encoder, "version": v, "registered": now()})
+            return v
+
+    def set_compensator(self, seg_id: int, from_version: int, modality: str, record: dict) -> None:
+        seg = self._segment(seg_id)
+        seg.record.setdefault("compensators", {}).setdefault(str(from_version), {})[modality] = record
+
+    def activate(self, version: int) -> Segment:
+        """Make `version` the query encoder and give it a segment for new documents.
+
+        Older segments are never re-embedded; they are reached through their compensators.
+        """
+        with self.lock:
+            rec = self.version(version)
+            self.manifest["active_version"] = version
+            if self.active.record["encoder"].get("version", 1) != version:
+                base = self.segments[0].choice
+                kind = "hnsw" if base is not None and base.kind == "hnsw" else "flat"
+                choice = vi.choose_index(kind, 0, int(rec["dim"]))
+                choice.reason = f"segment for encoder version {version} (new documents after an update)"
+                seg_id = max(s.id for s in self.segments) + 1
+                record = {"id": seg_id, "encoder": rec, "index": choice.to_dict(),
+                          "faiss_file": f"segments/{seg_id}/index.faiss", "created": now()}
+                self.manifest["segments"].append(record)
+                seg = Segment(record, vi.new_index(choice, int(rec["dim"])))
+                seg.dirty = True
+                self.segments.append(seg)
+            self.record_event("activated", version=version, fingerprint=rec["fingerprint"])
+            self.save()
+            return self.active
 
     def _build_faiss(self, seg: Segment) -> None:
         choice = seg.choice
@@ -338,7 +396,9 @@ class IndexStore:
                 counts = {CODE_MODALITIES[c]: int(((seg.codes == c) & seg.alive).sum()) for c in CODE_MODALITIES}
                 segs.append({
                     "id": seg.id,
+                    "encoder_version": seg.record["encoder"].get("version", 1),
                     "encoder": seg.record["encoder"],
+                    "compensators": seg.record.get("compensators", {}),
                     "index": seg.record.get("index"),
                     "documents": int(seg.alive.sum()),
                     "deleted_rows": int((~seg.alive).sum()),
@@ -352,7 +412,8 @@ class IndexStore:
                 "encoder": self.manifest["encoder"],
                 "documents": self.count(),
                 "segments": segs,
-                "query_encoders": self.manifest.get("query_encoders", []),
+                "encoders": self.versions,
+                "active_version": self.active_version,
                 "build": self.manifest.get("build", {}),
                 "created": self.manifest["created"],
                 "updated": self.manifest["updated"],

@@ -34,25 +34,77 @@ class Query:
         return Item(None, self.text, self.image)
 
 
+class CompensationMissing(IndexMismatch):
+    """A query modality has no compensator into an older segment; never served with another's."""
+
+
+def query_modality(p: Prepared) -> str:
+    return "image,text" if p.image is not None and p.text is not None else ("image" if p.image is not None else "text")
+
+
 class Engine:
     def __init__(self, store: IndexStore, encoder: Encoder):
-        if encoder.fingerprint != store.encoder["fingerprint"]:
+        version = store.version_of_fingerprint(encoder.fingerprint)
+        if version is None:
+            active = store.version(store.active_version)
             raise IndexMismatch(
                 f"the index at {store.path} was built with encoder {store.encoder['spec']} "
-                f"(fingerprint {store.encoder['fingerprint']}), but {encoder.spec} has fingerprint "
-                f"{encoder.fingerprint}. Search it with --encoder {store.encoder['spec']} (the default), "
-                "or rebuild the index with the new encoder."
+                f"(fingerprint {store.encoder['fingerprint']}) and its active query encoder is {active['spec']} "
+                f"({active['fingerprint']}), but {encoder.spec} has fingerprint {encoder.fingerprint}. "
+                f"Search it with --encoder {active['spec']} (the default), or register the new encoder with "
+                f"`umr update {store.path} --encoder {encoder.spec}`."
             )
         self.store = store
         self.encoder = encoder
+        self.version = version
         self.write_lock = threading.Lock()
-        self.timings = {"encode_s": 0.0, "search_s": 0.0}
+        self.timings = {"encode_s": 0.0, "search_s": 0.0, "compensate_s": 0.0}
+        self.compensators = self._load_compensators()
+
+    def _load_compensators(self) -> dict[int, dict]:
+        """{segment id: {query modality: compensator}} for segments built by another version."""
+        from retrieval.compensators import Compensator
+
+        out: dict[int, dict] = {}
+        for seg in self.store.segments:
+            if seg.record["encoder"].get("version", 1) == self.version:
+                continue
+            recs = seg.record.get("compensators", {}).get(str(self.version), {})
+            out[seg.id] = {m: Compensator.load(self.store.path / r["dir"], r["name"]) for m, r in recs.items()}
+        return out
+
+    def map_queries(self, vectors: np.ndarray, modalities: list[str]) -> np.ndarray | dict[int, np.ndarray]:
+        """The query vectors each segment is searched with: as encoded for the active
+        version's segments, through that segment's compensator for older ones."""
+        if not self.compensators:
+            return vectors
+        t0 = time.perf_counter()
+        out: dict[int, np.ndarray] = {}
+        mods = np.array(modalities)
+        for seg in self.store.segments:
+            comps = self.compensators.get(seg.id)
+            if comps is None:
+                out[seg.id] = vectors
+                continue
+            mapped = np.zeros((len(vectors), seg.dim), dtype=np.float32)
+            for m in set(modalities):
+                if m not in comps:
+                    v = seg.record["encoder"].get("version", 1)
+                    raise CompensationMissing(
+                        f"no compensator maps {m} queries of encoder version {self.version} into segment {seg.id} "
+                        f"(version {v}); run `umr update` with {m} calibration data"
+                    )
+                rows = np.flatnonzero(mods == m)
+                mapped[rows] = comps[m].apply(vectors[rows])
+            out[seg.id] = mapped
+        self.timings["compensate_s"] += time.perf_counter() - t0
+        return out
 
     @classmethod
     def open(cls, path: str | Path, encoder: str | Encoder | None = None) -> "Engine":
         store = IndexStore.open(path)
         if encoder is None:
-            encoder = store.encoder["spec"]
+            encoder = store.version(store.active_version)["spec"]
         enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
         try:
             return cls(store, enc)
@@ -77,16 +129,19 @@ class Engine:
         return v
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, modalities: list[str] | None = None,
-                       flt: dict | None = None) -> list[list[SearchHit]]:
+                       flt: dict | None = None, query_modalities: list[str] | None = None) -> list[list[SearchHit]]:
+        """`query_modalities` (one per row) picks each row's compensator into older segments."""
+        queries = self.map_queries(vectors, query_modalities or ["text"] * len(vectors))
         t0 = time.perf_counter()
-        hits = self.store.search(vectors, k, modalities, flt)
+        hits = self.store.search(queries, k, modalities, flt)
         self.timings["search_s"] += time.perf_counter() - t0
         return hits
 
     def search(self, queries: list[Query], k: int = 10, modalities: list[str] | None = None,
                flt: dict | None = None) -> list[list[SearchHit]]:
-        vectors = self.embed([self.prepare_query(q) for q in queries])
-        return self.search_vectors(vectors, k, modalities, flt)
+        prepared = [self.prepare_query(q) for q in queries]
+        vectors = self.embed(prepared)
+        return self.search_vectors(vectors, k, modalities, flt, [query_modality(p) for p in prepared])
 
     # -- documents ------------------------------------------------------------------------
     def _keep_image(self, data: bytes) -> str:
@@ -101,6 +156,11 @@ class Engine:
 
     def add(self, items: list[Item], limits: ImageLimits = DEFAULT_LIMITS) -> list[str]:
         """Encode and store; durable on return. Raises before storing anything if an item is bad."""
+        if self.version != self.store.active_version:
+            raise IndexMismatch(
+                f"documents are embedded by the active encoder (version {self.store.active_version}); "
+                f"this engine queries with version {self.version}"
+            )
         for it in items:
             if not it.id:
                 raise ValueError("every document needs an id")
@@ -127,5 +187,7 @@ class Engine:
 
     def info(self) -> dict:
         out = self.store.info()
-        out["query_encoder"] = {"spec": self.encoder.spec, "fingerprint": self.encoder.fingerprint}
+        out["query_encoder"] = {"spec": self.encoder.spec, "fingerprint": self.encoder.fingerprint, "version": self.version,
+                                "compensators": {str(seg_id): {m: c.kind for m, c in comps.items()}
+                                                 for seg_id, comps in self.compensators.items()}}
         return out

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from retrieval.encoders.base import Prepared
-from retrieval.engine import Engine
+from retrieval.engine import Engine, query_modality
 from server.metrics import Metrics
 from server.settings import ServerSettings
 
@@ -104,7 +104,8 @@ class QueryBatcher:
         results: list[list] = [None] * len(batch)
         for idxs in groups.values():
             p = batch[idxs[0]]
-            hits = self.engine.search_vectors(vectors[idxs], p.k, p.modalities, p.flt)
+            hits = self.engine.search_vectors(vectors[idxs], p.k, p.modalities, p.flt,
+                                              [query_modality(batch[i].prepared) for i in idxs])
             for i, h in zip(idxs, hits):
                 results[i] = h
         self.metrics.search.observe(time.perf_counter() - t1)

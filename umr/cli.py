@@ -217,6 +217,36 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_update(a) -> int:
+    from index.store import IndexStore
+    from retrieval.encoders import load_encoder
+    from retrieval.update import fit_update
+
+    new = load_encoder(a.encoder)
+    store = IndexStore.open(a.index_dir)
+    try:
+        if not store.ready:
+            raise UserError(f"{a.index_dir} is not finished; complete its build first")
+        report = fit_update(store, new, a.calibration, a.method, a.sample)
+    finally:
+        store.close()
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"registered {new.spec} as encoder version {report['version']} (active: {report['active_version']}) "
+          f"in {report['seconds']:.1f}s; no document was re-embedded")
+    for seg in report["segments"]:
+        for modality, r in seg["modalities"].items():
+            if r["status"] != "ok":
+                print(f"  segment {seg['segment']} (v{seg['segment_version']}), {modality} queries: {r['status']}")
+                continue
+            cols = ", ".join(f"{row['kind']} {row.get('agreement@10', float('nan')):.3f}" for row in r["comparison"]
+                             if "skipped" not in row)
+            print(f"  segment {seg['segment']} (v{seg['segment_version']}), {modality} queries: {r['chosen']} "
+                  f"from {r['pairs']} pairs; agreement@10 on held-out pairs: {cols}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from umr.demo import run_demo
 
@@ -308,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--instruction")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    u = sub.add_parser("update", help="put a new encoder in front of an index without re-indexing it")
+    u.add_argument("index_dir")
+    u.add_argument("--encoder", required=True)
+    u.add_argument("--calibration", action="append",
+                   help="'corpus' (the index's own items, default) or a JSONL of queries; repeatable")
+    u.add_argument("--method", default="auto", choices=["auto", "identity", "mean", "kernel", "linear", "orthogonal", "mlp"])
+    u.add_argument("--sample", type=int, default=2000, help="calibration pairs per modality and source")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(fn=cmd_update)
 
     d = sub.add_parser("demo", help="index the bundled sample corpus, serve it, query it over HTTP")
     d.add_argument("--out", default=None, help="index directory (default: a temporary one)")

@@ -1,0 +1,126 @@
+"""Registering a new encoder on an index without re-embedding it: fit one compensator per
+(older segment, query modality) from calibration pairs, then activate the new version.
+
+Calibration pairs are the same items embedded by the segment's encoder and by the new one.
+From the corpus itself (the default) the old side is free: it is the stored vector.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from index.store import IndexStore, Segment
+from retrieval import compensators as cp
+from retrieval.encoders import Encoder, load_encoder
+from retrieval.items import Item
+
+MIN_PAIRS = 20
+CORPUS_SAMPLE_FOR_AGREEMENT = 20_000
+
+
+def _doc_item(store: IndexStore, doc) -> Item:
+    image = doc.image
+    if image and not Path(image).is_absolute():
+        image = str(store.path / image)
+    return Item(doc.id, doc.text, image)
+
+
+def corpus_pairs(store: IndexStore, seg: Segment, new: Encoder, per_modality: int, seed: int = 0):
+    """(modality -> (new vectors, old vectors)) from the segment's own stored documents."""
+    rng = np.random.default_rng(seed)
+    by_mod: dict[str, list] = defaultdict(list)
+    for doc in store.docs.iter_docs(seg.id):
+        by_mod[doc.modality].append(doc)
+    out = {}
+    for modality, docs in by_mod.items():
+        if len(docs) > per_modality:
+            docs = [docs[i] for i in sorted(rng.choice(len(docs), per_modality, replace=False))]
+        found = {d.id: store.docs.get(d.id) for d in docs}
+        rows = np.array([found[d.id][2] for d in docs])
+        old = store.docs.vectors_at(seg.id, rows)
+        new_vecs = new.encode([_doc_item(store, d) for d in docs], role="document")
+        out[modality] = (new_vecs, old)
+    return out
+
+
+def file_pairs(path: str, old: Encoder, new: Encoder, limit: int):
+    """Queries from a JSONL file ({"text", "image"} per line, image paths relative to it)."""
+    base = Path(path).parent
+    items = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        text = rec.get("text") or rec.get("query_txt")
+        img = rec.get("image") or rec.get("query_img_path")
+        items.append(Item(None, text, str(base / img) if img else None))
+        if len(items) >= limit:
+            break
+    by_mod: dict[str, list] = defaultdict(list)
+    for it in items:
+        by_mod[it.modality].append(it)
+    return {m: (new.encode(its, role="query"), old.encode(its, role="query")) for m, its in by_mod.items()}
+
+
+def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = None, method: str = "auto",
+               per_modality: int = 2000, activate: bool = True, seed: int = 0) -> dict:
+    calibration = calibration or ["corpus"]
+    t0 = time.perf_counter()
+    version = store.register_version(new.record())
+    report = {"version": version, "encoder": new.spec, "fingerprint": new.fingerprint, "segments": []}
+    for seg in list(store.segments):
+        seg_version = seg.record["encoder"].get("version", 1)
+        if seg_version == version or len(seg.alive) == 0:
+            continue
+        pairs: dict[str, list] = defaultdict(list)
+        old_encoder = None
+        for src in calibration:
+            if src == "corpus":
+                got = corpus_pairs(store, seg, new, per_modality, seed)
+            else:
+                if old_encoder is None:
+                    old_encoder = load_encoder(seg.record["encoder"]["spec"])
+                    if old_encoder.fingerprint != seg.record["encoder"]["fingerprint"]:
+                        raise ValueError(f"segment {seg.id}'s encoder {seg.record['encoder']['spec']} no longer loads "
+                                         "with the same weights; calibrate from the corpus instead")
+                got = file_pairs(src, old_encoder, new, per_modality)
+            for m, (n_vecs, o_vecs) in got.items():
+                pairs[m].append((n_vecs, o_vecs))
+        alive = np.flatnonzero(seg.alive)
+        sample = alive if len(alive) <= CORPUS_SAMPLE_FOR_AGREEMENT else np.sort(
+            np.random.default_rng(seed).choice(alive, CORPUS_SAMPLE_FOR_AGREEMENT, replace=False))
+        corpus = store.docs.vectors_at(seg.id, sample)
+        seg_report = {"segment": seg.id, "segment_version": seg_version, "modalities": {}}
+        for modality in ("text", "image", "image,text"):
+            if modality not in pairs:
+                seg_report["modalities"][modality] = {"status": "no calibration data: these queries are refused for this segment"}
+                continue
+            n_vecs = np.concatenate([p[0] for p in pairs[modality]])
+            o_vecs = np.concatenate([p[1] for p in pairs[modality]])
+            if len(n_vecs) < MIN_PAIRS:
+                seg_report["modalities"][modality] = {"status": f"only {len(n_vecs)} pairs (need {MIN_PAIRS}): refused"}
+                continue
+            kinds = cp.KINDS if method == "auto" else (method,)
+            comp, table = cp.select(n_vecs, o_vecs, corpus, kinds=kinds, seed=seed)
+            name = f"v{version}-{modality.replace(',', '+')}"
+            rel = f"segments/{seg.id}/compensators"
+            files = comp.save(store.path / rel, name)
+            store.set_compensator(seg.id, version, modality, {
+                "kind": comp.kind, "dir": rel, "name": name, "files": files, "pairs": int(len(n_vecs)),
+                "comparison": table, "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            seg_report["modalities"][modality] = {"status": "ok", "chosen": comp.kind, "pairs": int(len(n_vecs)),
+                                                  "comparison": table}
+        report["segments"].append(seg_report)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    store.record_event("update", version=version, fingerprint=new.fingerprint, calibration=calibration,
+                       method=method, report=report["segments"])
+    if activate:
+        store.activate(version)
+    else:
+        store.save()
+    report["active_version"] = store.active_version
+    return report

@@ -1,0 +1,75 @@
+"""Registering a new encoder on an index: compensated search into old segments, new segment for new docs."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_jsonl
+from index import IndexStore
+from retrieval.engine import CompensationMissing, Engine, Query
+from retrieval.items import Item
+from retrieval.pipeline import build_index
+from retrieval.update import fit_update
+
+WORDS = "red green blue small large old new fast slow happy sad dog cat bird tree car house river city boat".split()
+
+
+@pytest.fixture()
+def v1_index(tmp_path, tiny):
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, 4)) + f" {i}" for i in range(600)]
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
+    build_index(corpus, tiny, tmp_path / "idx", progress=False)
+    return tmp_path / "idx", texts
+
+
+def top1_rate(engine, texts, n=100):
+    hits = engine.search([Query(t) for t in texts[:n]], k=1)
+    return np.mean([h[0].id == f"d{i}" for i, h in enumerate(hits)])
+
+
+def test_update_maps_new_queries_into_the_old_segment(v1_index):
+    from retrieval.encoders import load_encoder
+
+    idx, texts = v1_index
+    v2 = load_encoder("tiny-clip:1")
+    store = IndexStore.open(idx)
+    report = fit_update(store, v2, ["corpus"])
+    store.close()
+    seg0 = report["segments"][0]["modalities"]
+    assert seg0["text"]["status"] == "ok" and seg0["text"]["chosen"] in ("linear", "mlp", "orthogonal", "kernel")
+    assert "no calibration data" in seg0["image"]["status"]
+    engine = Engine.open(idx)  # the active version is now v2
+    assert engine.version == 2 and engine.encoder.spec == "tiny-clip:1"
+    compensated = top1_rate(engine, texts)
+    # without compensation, v2 queries against v1 vectors are noise
+    raw = np.mean([h[0].id == f"d{i}" for i, h in enumerate(engine.store.search(v2.encode_texts(texts[:100]), k=1))])
+    assert compensated >= 0.5 and compensated > raw + 0.3, (compensated, raw)
+    # new documents land in a v2 segment, old ones are never re-embedded
+    engine.add([Item("fresh", "purple elephant 9999")])
+    info = engine.info()
+    assert [s["encoder_version"] for s in info["segments"]] == [1, 2]
+    assert info["segments"][1]["documents"] == 1 and info["segments"][0]["documents"] == 600
+    assert engine.search([Query("purple elephant 9999")], k=1)[0][0].id == "fresh"
+    assert engine.get("d5").text == texts[5] and engine.get("fresh").modality == "text"
+    assert engine.delete(["d5", "fresh"]) == ["d5", "fresh"]
+    assert all(h.id not in ("d5", "fresh") for h in engine.search([Query(texts[5])], k=5)[0])
+    with pytest.raises(CompensationMissing, match="image queries"):
+        engine.search_vectors(engine.encoder.encode_texts(["x"]), 3, query_modalities=["image"])
+    engine.close()
+
+
+def test_cli_update_and_old_encoder_still_refused_for_adds(v1_index):
+    idx, texts = v1_index
+    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["active_version"] == 2 and rep["segments"][0]["modalities"]["text"]["pairs"] == 600
+    r = run_cli("search", idx, texts[3], "-k", "1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["id"] == "d3"
+    r = run_cli("index", "info", idx, "--json")
+    info = json.loads(r.stdout)
+    assert info["active_version"] == 2 and len(info["encoders"]) == 2
+    assert info["segments"][0]["compensators"]["2"]["text"]["kind"]
+    r = run_cli("search", idx, "x", "--encoder", "tiny-clip:2")
+    assert r.returncode == 2 and "umr update" in r.stderr
