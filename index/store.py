@@ -206,8 +206,8 @@ class IndexStore:
                 choice = vi.choose_index(req["kind"], n, seg.dim, req.get("memory_budget"))
                 if choice.kind == "ivfpq" and n < vi.min_training_size(choice):
                     raise IndexError_(
-                        f"IVF-PQ needs at least {vi.min_training_size(choice)} vectors to train, the corpus has {n}; "
-                        "use --index flat or hnsw"
+                        f"IVF-PQ needs at least {vi.min_training_size(choice)} vectors to train its codebooks, "
+                        f"the corpus has {n}; use --index flat or hnsw (or auto) for a corpus this small"
                     )
                 seg.record["index"] = choice.to_dict()
                 seg.record["faiss_file"] = f"segments/{seg.id}/index.faiss"

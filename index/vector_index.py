@@ -145,7 +145,8 @@ def needs_training(index: faiss.Index) -> bool:
 def min_training_size(choice: IndexChoice) -> int:
     if choice.kind != "ivfpq":
         return 0
-    return max(choice.params["nlist"], 256)
+    # k-means wants ~39 points per centroid: 256 per 8-bit PQ codebook, nlist for the cells.
+    return 39 * max(choice.params["nlist"], 256)
 
 
 def balanced_sample(modalities: np.ndarray, size: int, seed: int = 0) -> np.ndarray:

@@ -124,7 +124,7 @@ def test_choice_is_recorded_in_the_manifest(tmp_path):
 
 def test_hnsw_and_ivfpq_segments_search_well(tmp_path):
     rng = np.random.default_rng(0)
-    n = 6000
+    n = 10_000
     vecs = unit(rng, n)
     for kind in ("hnsw", "ivfpq"):
         store = IndexStore.create(tmp_path / kind, ENC, kind)
@@ -142,6 +142,13 @@ def test_quantizer_trains_on_every_modality():
     rows = vi.balanced_sample(codes, 1000)
     picked = codes[rows]
     assert (picked == 2).sum() == 100 and (picked == 1).sum() == 900
+
+
+def test_ivfpq_refuses_a_corpus_too_small_to_train(tmp_path):
+    store = IndexStore.create(tmp_path / "small", ENC, "ivfpq")
+    store.add([DocRecord(f"d{i}", "text") for i in range(500)], unit(np.random.default_rng(0), 500))
+    with pytest.raises(IndexError_, match="needs at least 9984 vectors"):
+        store.finalize()
 
 
 def test_unfinished_and_missing_indexes_are_refused(tmp_path):
@@ -170,9 +177,9 @@ def test_exact_topk_matches_brute_force_across_chunks_and_masks():
 def test_ivfpq_refine_restores_recall(tmp_path):
     rng = np.random.default_rng(2)
     basis = rng.standard_normal((8, DIM)).astype(np.float32)  # low intrinsic dimension, like real embeddings
-    x = rng.standard_normal((8000, 8)).astype(np.float32) @ basis + 0.3 * rng.standard_normal((8000, DIM)).astype(np.float32)
+    x = rng.standard_normal((10_000, 8)).astype(np.float32) @ basis + 0.3 * rng.standard_normal((10_000, DIM)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    store = IndexStore.create(tmp_path / "pq", ENC, "ivfpq", memory_budget=160_000)  # forces 4-byte codes
+    store = IndexStore.create(tmp_path / "pq", ENC, "ivfpq", memory_budget=185_000)  # forces 4-byte codes
     store.add([DocRecord(f"d{i}", "text") for i in range(len(x))], x)
     store.finalize()
     q = x[:100]
