@@ -264,9 +264,31 @@ class IndexStore:
         seg.faiss = index
         seg.dirty = True
 
+    def refresh_registrations(self) -> None:
+        """Merge encoder versions and compensators that another process (`umr update
+        --no-activate` beside a running server) registered on disk, so that neither this
+        process's next save nor its activation loses them."""
+        with self.lock:
+            try:
+                disk = read_manifest(self.path)
+            except IndexError_:
+                return
+            known = {r["fingerprint"] for r in self.versions}
+            for rec in disk.get("encoders", []):
+                if rec["fingerprint"] not in known:
+                    self.versions.append(rec)
+            for rec in disk.get("segments", []):
+                for seg in self.segments:
+                    if seg.id == rec["id"]:
+                        for version, by_mod in rec.get("compensators", {}).items():
+                            mine = seg.record.setdefault("compensators", {}).setdefault(version, {})
+                            for modality, comp in by_mod.items():
+                                mine.setdefault(modality, comp)
+
     def save(self) -> None:
         """Checkpoint dirty FAISS indexes, then the manifest, each atomically."""
         with self.lock:
+            self.refresh_registrations()
             for seg in self.segments:
                 if seg.faiss is not None and seg.dirty:
                     target = self.path / seg.record["faiss_file"]

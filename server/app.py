@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -24,7 +25,7 @@ from retrieval.images import BadImage, ImageLimits
 from retrieval.items import Item, parse_modalities
 from server.batching import Pending, QueryBatcher
 from server.metrics import Metrics
-from server.schemas import (BatchSearchRequest, BatchSearchResponse, Document, DocumentsAdded, DocumentsIn, Hit,
+from server.schemas import (ActivateEncoder, BatchSearchRequest, BatchSearchResponse, Document, DocumentsAdded, DocumentsIn, Hit,
                             SearchRequest, SearchResponse)
 from server.settings import ServerSettings
 
@@ -101,7 +102,7 @@ def _hit(h) -> Hit:
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     metrics = Metrics()
-    batcher = QueryBatcher(engine, settings, metrics)
+    batcher = QueryBatcher(settings, metrics)
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
 
     @asynccontextmanager
@@ -109,7 +110,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         await batcher.start()
         yield
         await batcher.stop()
-        await run_in_threadpool(engine.checkpoint)
+        await run_in_threadpool(app.state.engine.checkpoint)
 
     app = FastAPI(title="umr", version="0.1.0", lifespan=lifespan,
                   description="Universal multimodal retrieval: search images, texts and image+text items.")
@@ -169,12 +170,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         except ValueError as e:
             raise ApiError(422, "invalid_modality", str(e)) from None
 
-    async def prepare(q: Query):
+    async def prepare(eng: Engine, q: Query):
         batcher.preparing += 1
         try:
             if q.image is None:  # text is only tokenised in the batched forward: nothing to offload
-                return engine.prepare_query(q, limits)
-            return await run_in_threadpool(engine.prepare_query, q, limits)
+                return eng.prepare_query(q, limits)
+            return await run_in_threadpool(eng.prepare_query, q, limits)
         except BadImage as e:
             code = "limit_image_pixels" if "pixels" in str(e) else ("limit_image_bytes" if "bytes" in str(e) else "invalid_image")
             status = 413 if code.startswith("limit") else 400
@@ -191,10 +192,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         if not (req.text and req.text.strip()) and not req.image:
             raise ApiError(422, "empty_query", "a query needs text, image or both")
 
-    async def pending_for(req: SearchRequest) -> Pending:
+    async def pending_for(eng: Engine, req: SearchRequest) -> Pending:
         image = decode_b64(req.image, "image") if req.image else None
-        prepared = await prepare(Query(req.text, image, req.instruction))
-        return Pending(prepared, req.k, modalities_of(req.modality), req.filter)
+        prepared = await prepare(eng, Query(req.text, image, req.instruction))
+        return Pending(eng, prepared, req.k, modalities_of(req.modality), req.filter)
 
     async def run(pendings: list[Pending]):
         try:
@@ -208,8 +209,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         """Search with text, a base64 image, or both (fused), optionally with an instruction."""
         t0 = time.perf_counter()
         validate(req)
-        hits = (await run([await pending_for(req)]))[0]
-        return SearchResponse(results=[_hit(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3))
+        eng = app.state.engine
+        hits = (await run([await pending_for(eng, req)]))[0]
+        return SearchResponse(results=[_hit(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3),
+                              encoder_version=eng.version)
 
     @app.post("/v1/search/image", response_model=SearchResponse)
     async def search_image(file: UploadFile = File(...), text: str | None = Form(None), k: int = Form(10),
@@ -222,9 +225,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         data = await file.read(settings.max_image_bytes + 1)
         if len(data) > settings.max_image_bytes:
             raise ApiError(413, "limit_image_bytes", f"image is over the limit of {settings.max_image_bytes} bytes (max_image_bytes)")
-        prepared = await prepare(Query(text, data, instruction))
-        hits = (await run([Pending(prepared, k, modalities_of(modality), None)]))[0]
-        return SearchResponse(results=[_hit(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3))
+        eng = app.state.engine
+        prepared = await prepare(eng, Query(text, data, instruction))
+        hits = (await run([Pending(eng, prepared, k, modalities_of(modality), None)]))[0]
+        return SearchResponse(results=[_hit(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3),
+                              encoder_version=eng.version)
 
     @app.post("/v1/search/batch", response_model=BatchSearchResponse, dependencies=[Depends(require_json)])
     async def search_batch(req: BatchSearchRequest):
@@ -235,10 +240,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                            f"a batch holds 1 to {settings.max_batch_queries} queries (max_batch_queries), got {len(req.queries)}")
         for q in req.queries:
             validate(q)
-        pendings = [await pending_for(q) for q in req.queries]
+        eng = app.state.engine
+        pendings = [await pending_for(eng, q) for q in req.queries]
         results = await run(pendings)
         return BatchSearchResponse(results=[[_hit(h) for h in r] for r in results],
-                                   took_ms=round((time.perf_counter() - t0) * 1000, 3))
+                                   took_ms=round((time.perf_counter() - t0) * 1000, 3), encoder_version=eng.version)
 
     @app.post("/v1/documents", response_model=DocumentsAdded, dependencies=[Depends(require_json)])
     async def add_documents(req: DocumentsIn):
@@ -254,7 +260,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                 raise ApiError(422, "empty_document", f"document {d.id} has neither text nor image")
             items.append(Item(d.id, d.text, image, d.metadata))
         try:
-            added = await run_in_threadpool(engine.add, items, limits)
+            added = await run_in_threadpool(app.state.engine.add, items, limits)
         except BadImage as e:
             raise ApiError(400, "invalid_image", f"image: {e}") from None
         except (ValueError, EncoderError, IndexError_) as e:
@@ -264,24 +270,62 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.get("/v1/documents/{doc_id:path}", response_model=Document)
     async def get_document(doc_id: str):
         try:
-            return Document(**(await run_in_threadpool(engine.get, doc_id)).to_dict())
+            return Document(**(await run_in_threadpool(app.state.engine.get, doc_id)).to_dict())
         except NotFound as e:
             raise ApiError(404, "not_found", str(e)) from None
 
     @app.delete("/v1/documents/{doc_id:path}")
     async def delete_document(doc_id: str):
-        gone = await run_in_threadpool(engine.delete, [doc_id])
+        gone = await run_in_threadpool(app.state.engine.delete, [doc_id])
         if not gone:
             raise ApiError(404, "not_found", f"no document with id {doc_id!r}")
         return {"deleted": gone}
 
+    def require_admin(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> None:
+        if not settings.admin_key:
+            raise ApiError(403, "admin_disabled", "admin endpoints are off: start the server with UMR_ADMIN_KEY or --admin-key-file")
+        given = x_api_key or (authorization[7:] if authorization and authorization.lower().startswith("bearer ") else None)
+        if not given or not hmac.compare_digest(given.encode(), settings.admin_key.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong admin API key (Authorization: Bearer KEY or X-API-Key)")
+
+    def swap_engine(version: int) -> dict:
+        old: Engine = app.state.engine
+        store = old.store
+        store.refresh_registrations()
+        try:
+            rec = store.version(version)
+        except IndexError_:
+            raise ApiError(404, "unknown_version", f"encoder version {version} is not registered; run `umr update --no-activate` first") from None
+        if version == old.version:
+            return {"active_version": version, "previous_version": old.version, "changed": False}
+        from retrieval.encoders import load_encoder
+
+        new = Engine(store, load_encoder(rec["spec"]))  # loads weights and compensators; serving goes on meanwhile
+        for seg_id, comps in new.compensators.items():
+            if not comps:
+                raise ApiError(409, "no_compensators", f"version {version} has no compensator into segment {seg_id}; "
+                                                       "run `umr update` for it first")
+        with old.write_lock:
+            store.activate(version)
+            app.state.engine = new  # requests already running keep the engine they captured
+        return {"active_version": version, "previous_version": old.version, "changed": True,
+                "compensators": new.info()["query_encoder"]["compensators"]}
+
+    @app.post("/v1/admin/encoder", dependencies=[Depends(require_admin), Depends(require_json)])
+    async def activate_encoder(req: ActivateEncoder):
+        """Activate a registered encoder version with no downtime."""
+        try:
+            return await run_in_threadpool(swap_engine, req.version)
+        except (EncoderError, IndexError_) as e:
+            raise ApiError(409, "activation_failed", str(e)) from None
+
     @app.get("/v1/index")
     async def index_info():
-        return await run_in_threadpool(engine.info)
+        return await run_in_threadpool(app.state.engine.info)
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "documents": engine.store.count()}
+        return {"status": "ok", "documents": app.state.engine.store.count(), "encoder_version": app.state.engine.version}
 
     @app.get("/metrics")
     async def prometheus():

@@ -20,6 +20,7 @@ from server.settings import ServerSettings
 
 @dataclass
 class Pending:
+    engine: Engine  # the engine the request started on: a swap never changes it mid-request
     prepared: Prepared
     k: int
     modalities: list[str] | None
@@ -28,8 +29,7 @@ class Pending:
 
 
 class QueryBatcher:
-    def __init__(self, engine: Engine, settings: ServerSettings, metrics: Metrics):
-        self.engine = engine
+    def __init__(self, settings: ServerSettings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="umr-model")
@@ -92,21 +92,26 @@ class QueryBatcher:
                     p.future.set_result(r)
 
     def _execute(self, batch: list[Pending]) -> list[list]:
-        t0 = time.perf_counter()
-        vectors = self.engine.embed([p.prepared for p in batch])
-        t1 = time.perf_counter()
-        self.metrics.encode.observe(t1 - t0)
-        self.metrics.batch_size.observe(len(batch))
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(batch):
-            key = json.dumps([p.k, p.modalities, p.flt], sort_keys=True)
-            groups.setdefault(key, []).append(i)
         results: list[list] = [None] * len(batch)
-        for idxs in groups.values():
-            p = batch[idxs[0]]
-            hits = self.engine.search_vectors(vectors[idxs], p.k, p.modalities, p.flt,
-                                              [query_modality(batch[i].prepared) for i in idxs])
-            for i, h in zip(idxs, hits):
-                results[i] = h
-        self.metrics.search.observe(time.perf_counter() - t1)
+        by_engine: dict[int, list[int]] = {}
+        for i, p in enumerate(batch):  # around an encoder swap a batch may span two engines
+            by_engine.setdefault(id(p.engine), []).append(i)
+        for members in by_engine.values():
+            engine = batch[members[0]].engine
+            t0 = time.perf_counter()
+            vectors = engine.embed([batch[i].prepared for i in members])
+            t1 = time.perf_counter()
+            self.metrics.encode.observe(t1 - t0)
+            self.metrics.batch_size.observe(len(members))
+            groups: dict[str, list[int]] = {}
+            for j, i in enumerate(members):
+                p = batch[i]
+                groups.setdefault(json.dumps([p.k, p.modalities, p.flt], sort_keys=True), []).append(j)
+            for js in groups.values():
+                p = batch[members[js[0]]]
+                hits = engine.search_vectors(vectors[js], p.k, p.modalities, p.flt,
+                                             [query_modality(batch[members[j]].prepared) for j in js])
+                for j, h in zip(js, hits):
+                    results[members[j]] = h
+            self.metrics.search.observe(time.perf_counter() - t1)
         return results

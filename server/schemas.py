@@ -38,11 +38,13 @@ class Hit(BaseModel):
 class SearchResponse(BaseModel):
     results: list[Hit]
     took_ms: float
+    encoder_version: int = Field(..., description="The encoder version that served this query.")
 
 
 class BatchSearchResponse(BaseModel):
     results: list[list[Hit]]
     took_ms: float
+    encoder_version: int
 
 
 class DocumentIn(Strict):
@@ -71,3 +73,7 @@ class Document(BaseModel):
 
 class ErrorBody(BaseModel):
     error: dict[str, str]
+
+
+class ActivateEncoder(Strict):
+    version: int = Field(..., description="A version registered with `umr update --no-activate`.")

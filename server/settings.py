@@ -1,7 +1,7 @@
 """Limits and batching knobs of the HTTP service; every limit is named in the error it causes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -16,3 +16,5 @@ class ServerSettings:
     micro_batching: bool = True
     batch_max_size: int = 32
     batch_max_wait_ms: float = 2.0
+    # Admin endpoints are off unless a key is set; never printed, logged or returned.
+    admin_key: str | None = field(default=None, repr=False)

@@ -73,3 +73,75 @@ def test_cli_update_and_old_encoder_still_refused_for_adds(v1_index):
     assert info["segments"][0]["compensators"]["2"]["text"]["kind"]
     r = run_cli("search", idx, "x", "--encoder", "tiny-clip:2")
     assert r.returncode == 2 and "umr update" in r.stderr
+
+
+def test_encoder_swap_over_http_has_no_failed_requests(v1_index, tmp_path):
+    import threading
+
+    import httpx
+
+    from retrieval.encoders import load_encoder
+    from server.app import create_app
+    from server.settings import ServerSettings
+    from umr.demo import BackgroundServer
+
+    idx, texts = v1_index
+    store = IndexStore.open(idx)
+    fit_update(store, load_encoder("tiny-clip:1"), ["corpus"], activate=False)  # as `umr update --no-activate`
+    store.close()
+    engine = Engine.open(idx)
+    assert engine.version == 1
+    key = "s3cret-admin-key"
+    with BackgroundServer(create_app(engine, ServerSettings(admin_key=key))) as srv:
+        url = srv.url
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.post("/v1/admin/encoder", json={"version": 2}).status_code == 401
+            assert c.post("/v1/admin/encoder", json={"version": 2}, headers={"X-API-Key": "wrong"}).status_code == 401
+            r = c.post("/v1/admin/encoder", json={"version": 9}, headers={"X-API-Key": key})
+            assert r.status_code == 404 and "not registered" in r.json()["error"]["message"]
+        failures, served = [], []
+        stop = threading.Event()
+
+        def client(i):
+            with httpx.Client(base_url=url, timeout=30) as c:
+                n = 0
+                while not stop.is_set() and n < 400:
+                    n += 1
+                    j = (i * 37 + n) % 100
+                    try:
+                        r = c.post("/v1/search", json={"text": texts[j], "k": 1})
+                        if r.status_code != 200:
+                            failures.append(r.text)
+                        else:
+                            body = r.json()
+                            served.append((time_now(), body["encoder_version"], body["results"][0]["id"] == f"d{j}"))
+                    except Exception as e:  # noqa: BLE001
+                        failures.append(repr(e))
+
+        import time as _t
+
+        time_now = _t.monotonic
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        _t.sleep(1.0)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/v1/admin/encoder", json={"version": 2}, headers={"Authorization": f"Bearer {key}"})
+            swapped_at = time_now()
+            assert r.status_code == 200, r.text
+            assert r.json()["active_version"] == 2 and r.json()["previous_version"] == 1
+        _t.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert not failures, failures[:3]
+        before = [s for s in served if s[0] < swapped_at - 0.5]
+        after = [s for s in served if s[0] > swapped_at + 0.2]
+        assert before and after
+        assert {v for _, v, _ in before} == {1} and {v for _, v, _ in after} == {2}
+        assert np.mean([ok for _, _, ok in after]) > 0.5  # v2 through the compensator still finds the documents
+        with httpx.Client(base_url=url, timeout=30) as c:
+            info = c.get("/v1/index").json()
+            assert info["active_version"] == 2 and info["query_encoder"]["version"] == 2
+            assert key not in json.dumps(info) and key not in c.get("/metrics").text
+    engine.close()

@@ -153,8 +153,14 @@ def cmd_serve(a) -> int:
     from server.app import create_app
     from server.settings import ServerSettings
 
+    admin_key = os.environ.get("UMR_ADMIN_KEY")
+    if a.admin_key_file:
+        try:
+            admin_key = open(a.admin_key_file).read().strip()
+        except OSError as e:
+            raise UserError(f"cannot read --admin-key-file: {e.strerror}") from None
     settings = ServerSettings(micro_batching=not a.no_batching, batch_max_size=a.max_batch,
-                              batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k)
+                              batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k, admin_key=admin_key or None)
     eng = Engine.open(a.index_dir, a.encoder)
     app = create_app(eng, settings)
     print(f"serving {a.index_dir} ({eng.store.count()} documents, encoder {eng.encoder.spec}) on "
@@ -227,7 +233,7 @@ def cmd_update(a) -> int:
     try:
         if not store.ready:
             raise UserError(f"{a.index_dir} is not finished; complete its build first")
-        report = fit_update(store, new, a.calibration, a.method, a.sample)
+        report = fit_update(store, new, a.calibration, a.method, a.sample, activate=not a.no_activate)
     finally:
         store.close()
     if a.json:
@@ -310,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     sv.add_argument("--max-k", type=int, default=1000)
     sv.add_argument("--no-batching", action="store_true")
+    sv.add_argument("--admin-key-file", help="file holding the admin API key (or set UMR_ADMIN_KEY)")
     sv.set_defaults(fn=cmd_serve)
 
     t = sub.add_parser("train", help="train a LiT encoder's heads on image-caption pairs (one contrastive stage)")
@@ -346,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'corpus' (the index's own items, default) or a JSONL of queries; repeatable")
     u.add_argument("--method", default="auto", choices=["auto", "identity", "mean", "kernel", "linear", "orthogonal", "mlp"])
     u.add_argument("--sample", type=int, default=2000, help="calibration pairs per modality and source")
+    u.add_argument("--no-activate", action="store_true",
+                   help="register and fit only; a running server activates it with POST /v1/admin/encoder")
     u.add_argument("--json", action="store_true")
     u.set_defaults(fn=cmd_update)
 
