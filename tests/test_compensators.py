@@ -48,7 +48,10 @@ def test_select_picks_by_retrieval_agreement(drift):
     best, table = cp.select(new, old, corpus=old)
     by_kind = {r["kind"]: r for r in table}
     assert set(by_kind) == set(cp.KINDS)
-    assert by_kind[best.kind]["agreement@10"] == max(r["agreement@10"] for r in table)
+    top = max(r["agreement@10"] for r in table)
+    assert by_kind[best.kind]["agreement@10"] >= top - 0.01
+    simpler = cp.SIMPLEST_FIRST[: cp.SIMPLEST_FIRST.index(best.kind)]
+    assert all(by_kind[s]["agreement@10"] < top - 0.01 for s in simpler)  # nothing simpler was as good
     assert by_kind[best.kind]["agreement@10"] > by_kind["identity"]["agreement@10"] + 0.2
 
 

@@ -17,7 +17,7 @@ import torch
 from retrieval.encoders.lit import LitEncoder
 from retrieval.images import open_image
 from retrieval.prefetch import prefetch_batches
-from training.losses import info_nce
+from training.losses import embedding_distillation, info_nce
 from training.pairs import Pair
 
 
@@ -29,6 +29,7 @@ class ContrastiveConfig:
     weight_decay: float = 0.05
     symmetric: bool = True
     seed: int = 0
+    distill_weight: float = 0.0  # continual: weight of 1 - cos to the frozen previous encoder
 
 
 def tower_features(encoder: LitEncoder, pairs: list[Pair], progress: Callable | None = None):
@@ -55,10 +56,20 @@ def tower_features(encoder: LitEncoder, pairs: list[Pair], progress: Callable | 
     return torch.cat(img_feats), torch.cat(txt_feats), owner
 
 
+def text_identity(pairs: list[Pair]) -> torch.Tensor | None:
+    """Ids equal where caption texts are equal; None when every caption is unique."""
+    ids: dict[str, int] = {}
+    out = torch.tensor([ids.setdefault(p.text, len(ids)) for p in pairs])
+    return None if len(ids) == len(pairs) else out
+
+
 def train_heads(encoder: LitEncoder, img_feats: torch.Tensor, txt_feats: torch.Tensor, owner: torch.Tensor,
-                cfg: ContrastiveConfig, log: Callable[[dict], None] | None = None) -> list[dict]:
-    """Each step takes `batch_size` distinct images, each with one of its captions at random,
-    so no in-batch negative is secretly a positive."""
+                cfg: ContrastiveConfig, log: Callable[[dict], None] | None = None, teacher: LitEncoder | None = None,
+                text_ids: torch.Tensor | None = None) -> list[dict]:
+    """Each step takes `batch_size` distinct images, each with one of its captions at random.
+    Captions with equal text (`text_ids`, e.g. class names) count as positives of each other.
+    With a `teacher` (the previous encoder, frozen), embeddings are also pulled toward its own
+    so an update drifts less (QDC's embedding distillation)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     heads = encoder.heads.train()
@@ -77,7 +88,16 @@ def train_heads(encoder: LitEncoder, img_feats: torch.Tensor, txt_feats: torch.T
             cap_idx = [rng.choice(captions_of[i]) for i in img_idx]
             img = heads.image_proj(img_feats[img_idx])
             txt = heads.text_proj(txt_feats[cap_idx])
-            loss = info_nce(txt, img, heads.logit_scale, cfg.symmetric)
+            same = None
+            if text_ids is not None:
+                ids = text_ids[cap_idx]
+                same = ids[:, None] == ids[None, :]
+            loss = info_nce(txt, img, heads.logit_scale, cfg.symmetric, same)
+            if teacher is not None and cfg.distill_weight > 0:
+                with torch.no_grad():
+                    t_img = teacher.heads.image_proj(img_feats[img_idx])
+                    t_txt = teacher.heads.text_proj(txt_feats[cap_idx])
+                loss = loss + cfg.distill_weight * (embedding_distillation(img, t_img) + embedding_distillation(txt, t_txt))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -13,9 +13,25 @@ class Pair:
     text: str
 
 
-def read_pairs(path: str | Path, images_dir: str | Path | None = None, split: str | None = None) -> list[Pair]:
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def read_class_folder(path: str | Path, template: str = "a photo of a {label}") -> list[Pair]:
+    """A folder of class folders (`dress/x.jpg`): each image paired with its class name."""
+    path = Path(path)
+    pairs = [Pair(str(p), template.format(label=p.parent.name.replace("_", " ").replace("-", " ")))
+             for p in sorted(path.glob("*/*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not pairs:
+        raise ValueError(f"{path} holds no class folders with images (expected {path}/CLASS/IMAGE.jpg)")
+    return pairs
+
+
+def read_pairs(path: str | Path, images_dir: str | Path | None = None, split: str | None = None,
+               template: str = "a photo of a {label}") -> list[Pair]:
     """`split` is 'SPLIT.json:NAME': keep pairs whose image file name is listed under NAME."""
     path = Path(path)
+    if path.is_dir():
+        return read_class_folder(path, template)
     images_dir = Path(images_dir) if images_dir else path.parent / "images"
     pairs: list[Pair] = []
     if path.suffix == ".jsonl":

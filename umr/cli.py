@@ -173,14 +173,20 @@ def cmd_serve(a) -> int:
 def cmd_train(a) -> int:
     from retrieval.encoders import load_encoder
     from retrieval.encoders.lit import LitEncoder
-    from training.contrastive import ContrastiveConfig, save_trained, tower_features, train_heads
+    from training.contrastive import ContrastiveConfig, save_trained, text_identity, tower_features, train_heads
     from training.pairs import read_pairs
 
     enc = load_encoder(a.encoder, cache=False)
     if not isinstance(enc, LitEncoder):
         raise UserError(f"`umr train` trains LiT encoders (lit-base, lit-init, or a saved lit directory); got {a.encoder}")
-    pairs = read_pairs(a.pairs, a.images, a.split)
-    cfg = ContrastiveConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed)
+    pairs = read_pairs(a.pairs, a.images, a.split, a.caption_template)
+    cfg = ContrastiveConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
+                            distill_weight=a.distill_weight if a.teacher else 0.0)
+    teacher = None
+    if a.teacher:
+        teacher = load_encoder(a.teacher)
+        if not isinstance(teacher, LitEncoder) or teacher.dim != enc.dim:
+            raise UserError(f"--teacher must be a LiT encoder of dimension {enc.dim}")
     from tqdm import tqdm
 
     n_img = len({p.image for p in pairs})
@@ -193,8 +199,9 @@ def cmd_train(a) -> int:
             print(f"epoch {rec['epoch']:>4}  loss {rec['loss']:.4f}  temperature {rec['temperature']:.4f}  "
                   f"{rec['pairs_per_s']:.0f} pairs/s", file=sys.stderr)
 
-    history = train_heads(enc, *feats, cfg, log)
-    data = {"pairs": a.pairs, "split": a.split, "n_pairs": len(pairs), "n_images": n_img}
+    history = train_heads(enc, *feats, cfg, log, teacher=teacher, text_ids=text_identity(pairs))
+    data = {"pairs": a.pairs, "split": a.split, "n_pairs": len(pairs), "n_images": n_img,
+            "continual": {"teacher": a.teacher, "weight": cfg.distill_weight} if a.teacher else None}
     save_trained(enc, a.out, cfg, data, history, "umr " + " ".join(sys.argv[1:]))
     print(f"wrote encoder {a.out} (fingerprint {enc.fingerprint}); use it with --encoder {a.out}")
     return 0
@@ -320,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     t = sub.add_parser("train", help="train a LiT encoder's heads on image-caption pairs (one contrastive stage)")
-    t.add_argument("--pairs", required=True, help="CSV 'image,caption' or JSONL {image, text}")
+    t.add_argument("--pairs", required=True,
+                   help="CSV 'image,caption', JSONL {image, text}, or a folder of class folders (captioned by class name)")
+    t.add_argument("--caption-template", default="a photo of a {label}", help="caption for class folders")
+    t.add_argument("--teacher", help="continual learning: the previous encoder, kept close by embedding distillation")
+    t.add_argument("--distill-weight", type=float, default=1.0, help="weight λ of the distillation term (with --teacher)")
     t.add_argument("--images", help="folder the image names are relative to (default: images/ beside --pairs)")
     t.add_argument("--split", help="SPLIT.json:NAME, e.g. split.json:train")
     t.add_argument("--encoder", default="lit-init:256:0", help="starting point (lit-init:DIM:SEED, lit-base, a directory)")

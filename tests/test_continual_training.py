@@ -1,0 +1,56 @@
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from training.losses import embedding_distillation, info_nce
+from training.pairs import read_class_folder, read_pairs
+
+
+def test_multi_positive_infonce_treats_shared_captions_as_positives():
+    torch.manual_seed(0)
+    img = torch.randn(4, 8)
+    txt = img.clone()
+    txt[1] = img[0]  # captions 0 and 1 are the same text, images 0 and 1 share it
+    scale = torch.tensor(3.0)
+    plain = info_nce(txt, img, scale)
+    same = torch.zeros(4, 4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    assert info_nce(txt, img, scale, same=same) < plain
+    assert info_nce(txt, img, scale, same=torch.zeros(4, 4, dtype=torch.bool)) == pytest.approx(float(plain))
+
+
+def test_embedding_distillation():
+    a = torch.randn(5, 8)
+    assert float(embedding_distillation(a, a)) == pytest.approx(0, abs=1e-6)
+    assert float(embedding_distillation(a, -a)) == pytest.approx(2, abs=1e-5)
+
+
+def test_class_folder_pairs(tmp_path):
+    for cls in ("t-shirt", "hat"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "a.jpg")
+    pairs = read_pairs(tmp_path)
+    assert sorted(p.text for p in pairs) == ["a photo of a hat", "a photo of a t shirt"]
+    with pytest.raises(ValueError, match="no class folders"):
+        read_class_folder(tmp_path / "hat")
+
+
+def test_distillation_keeps_the_updated_encoder_close_to_its_teacher():
+    from retrieval.encoders import load_encoder
+    from retrieval.encoders.lit import LitEncoder
+    from training.contrastive import ContrastiveConfig, train_heads
+
+    teacher = load_encoder("lit-init:32:1")
+    torch.manual_seed(0)
+    img, txt = torch.rand(256, 1280), torch.nn.functional.normalize(torch.randn(256, 384), dim=1)
+    owner = torch.arange(256)
+    drift = {}
+    for weight in (0.0, 5.0):
+        student = LitEncoder(copy.deepcopy(teacher.heads), "student")
+        train_heads(student, img, txt, owner, ContrastiveConfig(epochs=10, batch_size=64, distill_weight=weight),
+                    teacher=teacher if weight else None)
+        with torch.no_grad():
+            drift[weight] = float(embedding_distillation(student.heads.image_proj(img), teacher.heads.image_proj(img)))
+    assert drift[5.0] < 0.5 * drift[0.0]
