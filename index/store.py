@@ -342,20 +342,23 @@ class IndexStore:
             if m not in MODALITY_CODES:
                 raise ValueError(f"unknown modality {m!r}: use image, text or image,text")
         validate_filter(flt)
-        per_query: list[list[tuple[float, int, int]]] | None = None
         with self.lock:
+            n_queries = len(next(iter(queries.values()))) if isinstance(queries, Mapping) else len(queries)
+            per_query = [[] for _ in range(n_queries)]
             for seg in self.segments:
+                if seg.faiss is None or seg.faiss.ntotal == 0 or not seg.alive.any():
+                    continue  # e.g. the new version's segment before its first document
+                if isinstance(queries, Mapping) and seg.id not in queries:
+                    raise IndexMismatch(f"no query vectors for segment {seg.id}")
                 q = queries[seg.id] if isinstance(queries, Mapping) else queries
                 q = np.ascontiguousarray(q, dtype=np.float32)
                 if q.ndim != 2 or q.shape[1] != seg.dim:
                     raise IndexMismatch(f"query vectors have shape {q.shape}, segment {seg.id} expects (n, {seg.dim})")
-                if per_query is None:
-                    per_query = [[] for _ in range(len(q))]
                 scores, rows = self._search_segment(seg, q, k, modalities, flt)
                 for qi in range(len(q)):
                     per_query[qi].extend((float(s), seg.id, int(r)) for s, r in zip(scores[qi], rows[qi]) if r >= 0)
             results = []
-            for hits in per_query or []:
+            for hits in per_query:
                 hits.sort(key=lambda h: -h[0])
                 hits = hits[:k]
                 docs_by_seg: dict[int, dict[int, DocRecord]] = {}

@@ -66,15 +66,95 @@ def file_pairs(path: str, old: Encoder, new: Encoder, limit: int):
     return {m: (new.encode(its, role="query"), old.encode(its, role="query")) for m, its in by_mod.items()}
 
 
+class UpdateRefused(ValueError):
+    """The chosen compensators retrieve worse than the old encoder on --eval; nothing was changed."""
+
+
+def read_eval_queries(path: str) -> tuple[list[Item], list[set[str]]]:
+    """M-BEIR query JSONL (query_txt, query_img_path, pos_cand_list) or {"text", "image", "relevant"}."""
+    from retrieval.readers import mbeir_image_root
+
+    p = Path(path)
+    root = mbeir_image_root(p) if "query_txt" in p.read_text()[:2000] else p.parent
+    items, relevant = [], []
+    for line in p.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        text = rec.get("query_txt", rec.get("text"))
+        img = rec.get("query_img_path", rec.get("image"))
+        rel = rec.get("pos_cand_list", rec.get("relevant")) or []
+        items.append(Item(None, text, str(root / img) if img else None))
+        relevant.append(set(map(str, rel)))
+    if not items:
+        raise ValueError(f"no queries in {path}")
+    return items, relevant
+
+
+def _recall(store: IndexStore, queries: dict[int, np.ndarray], relevant, k: int) -> float:
+    hits = store.search(queries, k)
+    return float(np.mean([any(h.id in rel for h in hs) for hs, rel in zip(hits, relevant)]))
+
+
+def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, eval_path: str, k: int = 5) -> dict:
+    """Recall@k of the whole index for the old encoders, the new one uncompensated, each
+    compensator kind, and the chosen compensators: the comparison `umr update` prints."""
+    items, relevant = read_eval_queries(eval_path)
+    mods = np.array([it.modality for it in items])
+    new_q = new.encode(items, role="query")
+    old_q = {}
+    for seg in store.segments:
+        if len(seg.alive):
+            enc = load_encoder(seg.record["encoder"]["spec"])
+            old_q[seg.id] = enc.encode(items, role="query")
+    segs = [s for s in store.segments if len(s.alive)]
+    out = {"queries": len(items), f"recall@{k}": {}}
+    r = out[f"recall@{k}"]
+    r["old encoders"] = _recall(store, old_q, relevant, k)
+    if all(s.dim == new.dim for s in segs):
+        r["new, uncompensated"] = _recall(store, {s.id: new_q for s in segs}, relevant, k)
+
+    def mapped_with(choose) -> dict[int, np.ndarray]:
+        out_q = {}
+        for s in segs:
+            q = np.zeros((len(items), s.dim), dtype=np.float32)
+            for m in set(mods):
+                rows = np.flatnonzero(mods == m)
+                comp = choose(s.id, m)
+                if comp is not None:
+                    q[rows] = comp.apply(new_q[rows])
+            out_q[s.id] = q
+        return out_q
+
+    chosen = {(seg.id, m): comp for seg, m, comp, *_ in fitted}
+    for kind in cp.KINDS[1:]:
+        cache = {}
+
+        def fit_kind(seg_id, m, kind=kind, cache=cache):
+            if (seg_id, m) not in pairs_of:
+                return None
+            if (seg_id, m) not in cache:
+                try:
+                    cache[(seg_id, m)] = cp.make(kind).fit(*pairs_of[(seg_id, m)])
+                except ValueError:
+                    cache[(seg_id, m)] = None
+            return cache[(seg_id, m)]
+
+        r[kind] = _recall(store, mapped_with(fit_kind), relevant, k)
+    r["chosen"] = _recall(store, mapped_with(lambda seg_id, m: chosen.get((seg_id, m))), relevant, k)
+    return out
+
+
 def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = None, method: str = "auto",
-               per_modality: int = 2000, activate: bool = True, seed: int = 0) -> dict:
+               per_modality: int = 2000, activate: bool = True, seed: int = 0, eval_path: str | None = None,
+               force: bool = False) -> dict:
     calibration = calibration or ["corpus"]
     t0 = time.perf_counter()
-    version = store.register_version(new.record())
-    report = {"version": version, "encoder": new.spec, "fingerprint": new.fingerprint, "segments": []}
+    report = {"encoder": new.spec, "fingerprint": new.fingerprint, "segments": []}
+    fitted, pairs_of = [], {}
     for seg in list(store.segments):
         seg_version = seg.record["encoder"].get("version", 1)
-        if seg_version == version or len(seg.alive) == 0:
+        if seg.record["encoder"]["fingerprint"] == new.fingerprint or len(seg.alive) == 0:
             continue
         pairs: dict[str, list] = defaultdict(list)
         old_encoder = None
@@ -106,18 +186,32 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
                 continue
             kinds = cp.KINDS if method == "auto" else (method,)
             comp, table = cp.select(n_vecs, o_vecs, corpus, kinds=kinds, seed=seed)
-            name = f"v{version}-{modality.replace(',', '+')}"
-            rel = f"segments/{seg.id}/compensators"
-            files = comp.save(store.path / rel, name)
-            store.set_compensator(seg.id, version, modality, {
-                "kind": comp.kind, "dir": rel, "name": name, "files": files, "pairs": int(len(n_vecs)),
-                "comparison": table, "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            fitted.append((seg, modality, comp, table, len(n_vecs)))
+            pairs_of[(seg.id, modality)] = (n_vecs, o_vecs)
             seg_report["modalities"][modality] = {"status": "ok", "chosen": comp.kind, "pairs": int(len(n_vecs)),
                                                   "comparison": table}
         report["segments"].append(seg_report)
+    if eval_path:
+        report["eval"] = evaluate_variants(store, new, fitted, pairs_of, eval_path)
+        r = report["eval"]["recall@5"]
+        if r["chosen"] < r["old encoders"] and not force:
+            figures = ", ".join(f"{k} {v:.3f}" for k, v in r.items())
+            raise UpdateRefused(f"not activated: with the chosen compensators Recall@5 on {eval_path} is "
+                                f"{r['chosen']:.3f}, below the old encoder's {r['old encoders']:.3f} ({figures}); "
+                                "use --force to register it anyway")
+    # Only now is anything written: a refused update leaves the index as it was.
+    version = store.register_version(new.record())
+    report["version"] = version
+    for seg, modality, comp, table, n in fitted:
+        name = f"v{version}-{modality.replace(',', '+')}"
+        rel = f"segments/{seg.id}/compensators"
+        files = comp.save(store.path / rel, name)
+        store.set_compensator(seg.id, version, modality, {
+            "kind": comp.kind, "dir": rel, "name": name, "files": files, "pairs": int(n),
+            "comparison": table, "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     report["seconds"] = round(time.perf_counter() - t0, 3)
     store.record_event("update", version=version, fingerprint=new.fingerprint, calibration=calibration,
-                       method=method, report=report["segments"])
+                       method=method, report=report["segments"], eval=report.get("eval"))
     if activate:
         store.activate(version)
     else:

@@ -145,3 +145,24 @@ def test_encoder_swap_over_http_has_no_failed_requests(v1_index, tmp_path):
             assert info["active_version"] == 2 and info["query_encoder"]["version"] == 2
             assert key not in json.dumps(info) and key not in c.get("/metrics").text
     engine.close()
+
+
+def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_path, tiny):
+    import torch
+
+    idx, texts = v1_index
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"text": texts[i], "relevant": [f"d{i}"]} for i in range(0, 600, 6)])
+    before = json.loads((idx / "manifest.json").read_text())
+    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries)  # a shift cannot map two random models
+    assert r.returncode == 2 and "not activated" in r.stderr and "--force" in r.stderr, r.stderr
+    after = json.loads((idx / "manifest.json").read_text())
+    assert after["encoders"] == before["encoders"] and after["active_version"] == 1
+    # the same weights under another name: compensation is near the identity, so it passes
+    ckpt = tmp_path / "same.pt"
+    torch.save(tiny.model.state_dict(), ckpt)
+    r = run_cli("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--json")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)["eval"]["recall@5"]
+    assert ev["chosen"] >= ev["old encoders"] and {"mean", "linear", "mlp", "new, uncompensated"} <= set(ev)
+    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries, "--force", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["active_version"] == 3

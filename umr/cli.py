@@ -240,7 +240,8 @@ def cmd_update(a) -> int:
     try:
         if not store.ready:
             raise UserError(f"{a.index_dir} is not finished; complete its build first")
-        report = fit_update(store, new, a.calibration, a.method, a.sample, activate=not a.no_activate)
+        report = fit_update(store, new, a.calibration, a.method, a.sample, activate=not a.no_activate,
+                            eval_path=a.eval, force=a.force)
     finally:
         store.close()
     if a.json:
@@ -257,6 +258,10 @@ def cmd_update(a) -> int:
                              if "skipped" not in row)
             print(f"  segment {seg['segment']} (v{seg['segment_version']}), {modality} queries: {r['chosen']} "
                   f"from {r['pairs']} pairs; agreement@10 on held-out pairs: {cols}")
+    if "eval" in report:
+        ev = report["eval"]
+        print(f"  Recall@5 on {a.eval} ({ev['queries']} queries): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ev["recall@5"].items()))
     return 0
 
 
@@ -364,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'corpus' (the index's own items, default) or a JSONL of queries; repeatable")
     u.add_argument("--method", default="auto", choices=["auto", "identity", "mean", "kernel", "linear", "orthogonal", "mlp"])
     u.add_argument("--sample", type=int, default=2000, help="calibration pairs per modality and source")
+    u.add_argument("--eval", help="queries with judgements (M-BEIR query JSONL, or {text, image, relevant}); "
+                                 "activation is refused if the compensated new encoder retrieves worse than the old")
+    u.add_argument("--force", action="store_true", help="register even when --eval says it is worse")
     u.add_argument("--no-activate", action="store_true",
                    help="register and fit only; a running server activates it with POST /v1/admin/encoder")
     u.add_argument("--json", action="store_true")
@@ -386,10 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.encoders.base import EncoderError
     from retrieval.images import BadImage
     from retrieval.pipeline import StrictError
+    from retrieval.update import UpdateRefused
 
     try:
         return args.fn(args)
-    except (UserError, IndexError_, EncoderError, BadImage, StrictError, FileNotFoundError, ValueError) as e:
+    except (UserError, IndexError_, EncoderError, BadImage, StrictError, UpdateRefused, FileNotFoundError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"umr: error: {msg}", file=sys.stderr)
         return 2
