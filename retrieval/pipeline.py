@@ -158,6 +158,13 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
             )
         if prev and prev["corpus"] != source["corpus"]:
             raise IndexMismatch(f"{out} is being built from {prev['corpus']}; to add another corpus use `umr index add`")
+        asked = {"kind": index_kind, "memory_budget": memory_budget}
+        if store.manifest["index_request"] != asked and not store.ready:
+            req = store.manifest["index_request"]
+            raise IndexMismatch(
+                f"{out} was started with --index {req['kind']} and memory budget {req['memory_budget']}; "
+                "resume it with the same flags, or choose a new --out"
+            )
         if store.ready:
             report = BuildReport(str(corpus), already_complete=True, **{
                 k: v for k, v in store.manifest["build"].get("report", {}).items()

@@ -103,3 +103,17 @@ def test_build_refuses_another_encoder_on_a_partial_index(tmp_path, tiny):
     build_index(corpus, tiny, tmp_path / "idx", progress=False)
     r = run_cli("index", "build", corpus, "--encoder", "tiny-clip:1", "--out", tmp_path / "idx")
     assert r.returncode == 2 and "was started with encoder tiny-clip" in r.stderr
+
+
+def test_resuming_with_other_index_flags_is_refused(tmp_path, tiny):
+    from index import IndexStore as Store
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": str(i), "text": f"t {i}"} for i in range(5)])
+    store = Store.create(tmp_path / "idx", tiny.record(), "flat")  # as a build killed before its end
+    store.manifest["build"] = {"source": {"corpus": str(corpus.resolve()), "format": "jsonl"}}
+    store.save()
+    store.close()
+    r = run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx", "--index", "hnsw")
+    assert r.returncode == 2 and "was started with --index flat" in r.stderr
+    r = run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx", "--index", "flat")
+    assert r.returncode == 0 and "indexed 5 items" in r.stdout

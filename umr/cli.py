@@ -113,12 +113,19 @@ def cmd_index_info(a) -> int:
         return 0
     print(f"index {info['path']}  state {info['state']}  documents {info['documents']}")
     print(f"encoder {info['encoder']['spec']}  fingerprint {info['encoder']['fingerprint']}  dim {info['encoder']['dim']}")
+    if len(info["encoders"]) > 1:
+        for v in info["encoders"]:
+            mark = " (active)" if v["version"] == info["active_version"] else ""
+            print(f"encoder version {v['version']}{mark}: {v['spec']}  fingerprint {v['fingerprint']}  dim {v['dim']}")
     for s in info["segments"]:
         idx = s["index"] or {}
-        print(f"segment {s['id']}: {s['documents']} documents {s['by_modality']}, {s['deleted_rows']} deleted rows, "
-              f"{idx.get('factory', 'not built')} {idx.get('params', '')}")
+        print(f"segment {s['id']} (encoder version {s['encoder_version']}): {s['documents']} documents {s['by_modality']}, "
+              f"{s['deleted_rows']} deleted rows, {idx.get('factory', 'not built')} {idx.get('params', '')}")
         if idx.get("reason"):
             print(f"  chosen: {idx['reason']}")
+        for version, comps in s.get("compensators", {}).items():
+            print(f"  version {version} queries reach it through: "
+                  + ", ".join(f"{m} -> {c['kind']} ({c['pairs']} pairs)" for m, c in comps.items()))
     rep = info["build"].get("report")
     if rep:
         print(f"build: {rep['indexed']} indexed, {rep['rejected']} rejected, {rep.get('items_per_s', 0)} items/s")
