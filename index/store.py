@@ -328,8 +328,12 @@ class IndexStore:
         return allowed
 
     def search(self, queries: np.ndarray | Mapping[int, np.ndarray], k: int,
-               modalities: list[str] | None = None, flt: dict | None = None) -> list[list[SearchHit]]:
+               modalities: list[str] | None = None, flt: dict | None = None,
+               score_maps: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None) -> list[list[SearchHit]]:
         """Top-k per query, merged over segments by score.
+
+        `score_maps` gives, per segment, per-query (scale, offset) that put its scores on the
+        active encoder's scale before merging; segments without one are merged as they are.
 
         `queries` is one (n, dim) array for every segment, or a mapping segment id -> array
         when queries were mapped into each segment's space.
@@ -355,6 +359,9 @@ class IndexStore:
                 if q.ndim != 2 or q.shape[1] != seg.dim:
                     raise IndexMismatch(f"query vectors have shape {q.shape}, segment {seg.id} expects (n, {seg.dim})")
                 scores, rows = self._search_segment(seg, q, k, modalities, flt)
+                if score_maps and seg.id in score_maps:
+                    scale, offset = score_maps[seg.id]
+                    scores = scores * scale[:, None] + offset[:, None]
                 for qi in range(len(q)):
                     per_query[qi].extend((float(s), seg.id, int(r)) for s, r in zip(scores[qi], rows[qi]) if r >= 0)
             results = []

@@ -60,7 +60,11 @@ class Compensator:
     def load(directory: str | Path, name: str) -> "Compensator":
         directory = Path(directory)
         spec = json.loads((directory / f"{name}.json").read_text())
-        comp = make(spec["kind"], **spec["params"])
+        params = dict(spec["params"])
+        score_map = params.pop("score_map", None)  # set by `umr update`, not a constructor argument
+        comp = make(spec["kind"], **params)
+        if score_map is not None:
+            comp.params["score_map"] = tuple(score_map)
         arrays = directory / f"{name}.safetensors"
         if arrays.exists():
             comp.arrays = dict(load_file(str(arrays)))
@@ -234,3 +238,26 @@ def select(new: np.ndarray, old: np.ndarray, corpus: np.ndarray, kinds=KINDS, ho
     near = [r for r in scored if r[f"agreement@{k}"] >= top - tolerance]
     best = min(near, key=lambda r: SIMPLEST_FIRST.index(r["kind"]))
     return make(best["kind"]).fit(new, old), table
+
+
+def fit_score_map(mapped_q: np.ndarray, old_docs: np.ndarray, new_q: np.ndarray, new_docs: np.ndarray,
+                  top: int = 20) -> tuple[float, float]:
+    """(scale, offset) taking a segment's scores (compensated queries against its old vectors)
+    onto the scale the active encoder's own segments score on.
+
+    Fitted on the calibration items, which exist in both spaces: the same queries against the
+    same documents, once through the compensator in the old space and once in the new one, over
+    the top of each ranking (merging only needs the high end comparable). Content does not
+    enter: the map corrects the spaces' scales, so a segment of distractors is not boosted.
+    """
+    s_old = mapped_q @ old_docs.T
+    s_new = new_q @ new_docs.T
+    top = min(top, s_old.shape[1])
+    # Moment matching of the top of both rankings (a regression of one score on the other would
+    # shrink toward the mean under noise); the same queries and items, so only the scale differs.
+    x = -np.partition(-s_old, top - 1, axis=1)[:, :top]
+    y = -np.partition(-s_new, top - 1, axis=1)[:, :top]
+    if x.std() < 1e-6:
+        return 1.0, float(y.mean() - x.mean())
+    scale = float(y.std() / x.std())
+    return scale, float(y.mean() - scale * x.mean())

@@ -57,6 +57,7 @@ class Engine:
         self.store = store
         self.encoder = encoder
         self.version = version
+        self.calibrate_scores = True
         self.write_lock = threading.Lock()
         self.timings = {"encode_s": 0.0, "search_s": 0.0, "compensate_s": 0.0}
         self.compensators = self._load_compensators()
@@ -71,6 +72,16 @@ class Engine:
                 continue
             recs = seg.record.get("compensators", {}).get(str(self.version), {})
             out[seg.id] = {m: Compensator.load(self.store.path / r["dir"], r["name"]) for m, r in recs.items()}
+        return out
+
+    def score_maps(self, modalities: list[str]) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+        """Per compensated segment, each query's (scale, offset) onto the active encoder's scores."""
+        if not self.compensators or not self.calibrate_scores:
+            return None
+        out = {}
+        for seg_id, comps in self.compensators.items():
+            pairs = [comps[m].params.get("score_map", (1.0, 0.0)) if m in comps else (1.0, 0.0) for m in modalities]
+            out[seg_id] = (np.array([p[0] for p in pairs], np.float32), np.array([p[1] for p in pairs], np.float32))
         return out
 
     def map_queries(self, vectors: np.ndarray, modalities: list[str]) -> np.ndarray | dict[int, np.ndarray]:
@@ -131,9 +142,10 @@ class Engine:
     def search_vectors(self, vectors: np.ndarray, k: int = 10, modalities: list[str] | None = None,
                        flt: dict | None = None, query_modalities: list[str] | None = None) -> list[list[SearchHit]]:
         """`query_modalities` (one per row) picks each row's compensator into older segments."""
-        queries = self.map_queries(vectors, query_modalities or ["text"] * len(vectors))
+        query_modalities = query_modalities or ["text"] * len(vectors)
+        queries = self.map_queries(vectors, query_modalities)
         t0 = time.perf_counter()
-        hits = self.store.search(queries, k, modalities, flt)
+        hits = self.store.search(queries, k, modalities, flt, self.score_maps(query_modalities))
         self.timings["search_s"] += time.perf_counter() - t0
         return hits
 

@@ -186,6 +186,8 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
                 continue
             kinds = cp.KINDS if method == "auto" else (method,)
             comp, table = cp.select(n_vecs, o_vecs, corpus, kinds=kinds, seed=seed)
+            sub = np.random.default_rng(seed).permutation(len(n_vecs))[:512]
+            comp.params["score_map"] = cp.fit_score_map(comp.apply(n_vecs[sub]), o_vecs[sub], n_vecs[sub], n_vecs[sub])
             fitted.append((seg, modality, comp, table, len(n_vecs)))
             pairs_of[(seg.id, modality)] = (n_vecs, o_vecs)
             seg_report["modalities"][modality] = {"status": "ok", "chosen": comp.kind, "pairs": int(len(n_vecs)),
@@ -208,6 +210,7 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
         files = comp.save(store.path / rel, name)
         store.set_compensator(seg.id, version, modality, {
             "kind": comp.kind, "dir": rel, "name": name, "files": files, "pairs": int(n),
+            "score_map": comp.params["score_map"],
             "comparison": table, "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     report["seconds"] = round(time.perf_counter() - t0, 3)
     store.record_event("update", version=version, fingerprint=new.fingerprint, calibration=calibration,
