@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrieval.encoders.base import mean_pool
 from training.losses import embedding_distillation, info_nce
 
 
 def _embed(model, tokenizer, texts, max_tokens=128):
     tok = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-    hidden = model(**tok).last_hidden_state
-    mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return mean_pool(model(**tok).last_hidden_state, tok["attention_mask"])
 
 
 def finetune_text(path: str | Path, pairs: list[tuple[str, str]], out: str | Path, *, epochs: int = 1,

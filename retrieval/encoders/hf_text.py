@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from retrieval.encoders.base import Encoder, EncoderError, quiet_transformers, sha256_file
+from retrieval.encoders.base import Encoder, EncoderError, mean_pool, quiet_transformers, sha256_file
 
 
 class HfTextEncoder(Encoder):
@@ -48,6 +48,4 @@ class HfTextEncoder(Encoder):
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        hidden = self.model(**tok).last_hidden_state
-        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.encoders.base import EncoderError, quiet_transformers, sha256_file
+from retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
 
 TEXT_TOWER = "all-MiniLM-L6-v2"
 IMAGE_TOWER = "efficientnet_lite0"
@@ -61,10 +61,7 @@ class TextTower:
     def features(self, texts: list[str]) -> torch.Tensor:
         """Mean-pooled, L2-normalised sentence embeddings (the all-MiniLM recipe)."""
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-        hidden = self.model(**tok).last_hidden_state
-        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return torch.nn.functional.normalize(mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"]), dim=-1)
 
 
 class ImageTower:
