@@ -96,7 +96,8 @@ def _recall(store: IndexStore, queries: dict[int, np.ndarray], relevant, k: int)
     return float(np.mean([any(h.id in rel for h in hs) for hs, rel in zip(hits, relevant)]))
 
 
-def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, eval_path: str, k: int = 5) -> dict:
+def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, eval_path: str, k: int = 5,
+                      reindex_sample: int | None = None) -> dict:
     """Recall@k of the whole index for the old encoders, the new one uncompensated, each
     compensator kind, and the chosen compensators: the comparison `umr update` prints."""
     items, relevant = read_eval_queries(eval_path)
@@ -142,12 +143,45 @@ def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: d
 
         r[kind] = _recall(store, mapped_with(fit_kind), relevant, k)
     r["chosen"] = _recall(store, mapped_with(lambda seg_id, m: chosen.get((seg_id, m))), relevant, k)
+    if reindex_sample:
+        out["reindex_sample"] = _reindexed_sample(store, new, new_q, old_q, relevant, reindex_sample, k)
     return out
+
+
+def _reindexed_sample(store: IndexStore, new: Encoder, new_q, old_q, relevant, n: int, k: int, seed: int = 0) -> dict:
+    """What re-indexing would buy, estimated on a sample: the judged documents plus `n` others,
+    re-embedded by the new encoder, against the same sample as the old encoders stored it."""
+    from index.vector_index import exact_topk
+
+    wanted = set().union(*relevant)
+    docs = list(store.docs.iter_docs())
+    judged = [d for d in docs if d.id in wanted]
+    others = [d for d in docs if d.id not in wanted]
+    pick = np.random.default_rng(seed).permutation(len(others))[:n]
+    sample = judged + [others[i] for i in pick]
+    ids = np.array([d.id for d in sample])
+    new_vecs = new.encode([_doc_item(store, d) for d in sample], role="document")
+    old_scores = np.full((len(new_q), len(sample)), -np.inf, dtype=np.float32)
+    where = [store.docs.get(d.id) for d in sample]
+    for seg_id in {w[1] for w in where}:
+        cols = np.array([i for i, w in enumerate(where) if w[1] == seg_id])
+        vecs = store.docs.vectors_at(seg_id, np.array([where[i][2] for i in cols]))
+        old_scores[:, cols] = old_q[seg_id] @ vecs.T
+
+    def recall(scores_or_q, vecs=None):
+        if vecs is None:
+            top = np.argsort(-scores_or_q, axis=1)[:, :k]
+        else:
+            top = exact_topk(scores_or_q, vecs, k)[1]
+        return float(np.mean([bool(set(ids[t]) & rel) for t, rel in zip(top, relevant)]))
+
+    return {"documents": len(sample), f"old encoders on the sample": recall(old_scores),
+            f"new encoder re-indexed on the sample": recall(new_q, new_vecs)}
 
 
 def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = None, method: str = "auto",
                per_modality: int = 2000, activate: bool = True, seed: int = 0, eval_path: str | None = None,
-               force: bool = False) -> dict:
+               force: bool = False, reindex_sample: int | None = None) -> dict:
     calibration = calibration or ["corpus"]
     t0 = time.perf_counter()
     report = {"encoder": new.spec, "fingerprint": new.fingerprint, "segments": []}
@@ -194,7 +228,7 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
                                                   "comparison": table}
         report["segments"].append(seg_report)
     if eval_path:
-        report["eval"] = evaluate_variants(store, new, fitted, pairs_of, eval_path)
+        report["eval"] = evaluate_variants(store, new, fitted, pairs_of, eval_path, reindex_sample=reindex_sample)
         r = report["eval"]["recall@5"]
         if r["chosen"] < r["old encoders"] and not force:
             figures = ", ".join(f"{k} {v:.3f}" for k, v in r.items())

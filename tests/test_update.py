@@ -160,8 +160,12 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     # the same weights under another name: compensation is near the identity, so it passes
     ckpt = tmp_path / "same.pt"
     torch.save(tiny.model.state_dict(), ckpt)
-    r = run_cli("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--json")
+    r = run_cli("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--reindex-sample", "200", "--json")
     assert r.returncode == 0, r.stderr
+    sample = json.loads(r.stdout)["eval"]["reindex_sample"]
+    assert sample["documents"] == 300  # 100 judged + 200 others
+    # same weights: re-embedding reproduces the stored vectors, so both agree on the sample
+    assert sample["new encoder re-indexed on the sample"] == pytest.approx(sample["old encoders on the sample"])
     ev = json.loads(r.stdout)["eval"]["recall@5"]
     assert ev["chosen"] >= ev["old encoders"] and {"mean", "linear", "mlp", "new, uncompensated"} <= set(ev)
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries, "--force", "--json")

@@ -242,13 +242,15 @@ def cmd_update(a) -> int:
     from retrieval.encoders import load_encoder
     from retrieval.update import fit_update
 
+    if a.reindex_sample and not a.eval:
+        raise UserError("--reindex-sample compares on judged queries: give --eval QUERIES too")
     new = load_encoder(a.encoder)
     store = IndexStore.open(a.index_dir)
     try:
         if not store.ready:
             raise UserError(f"{a.index_dir} is not finished; complete its build first")
         report = fit_update(store, new, a.calibration, a.method, a.sample, activate=not a.no_activate,
-                            eval_path=a.eval, force=a.force)
+                            eval_path=a.eval, force=a.force, reindex_sample=a.reindex_sample)
     finally:
         store.close()
     if a.json:
@@ -269,6 +271,10 @@ def cmd_update(a) -> int:
         ev = report["eval"]
         print(f"  Recall@5 on {a.eval} ({ev['queries']} queries): "
               + ", ".join(f"{k} {v:.3f}" for k, v in ev["recall@5"].items()))
+        if "reindex_sample" in ev:
+            rs = ev["reindex_sample"]
+            print(f"  on a sample of {rs['documents']} documents: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in rs.items() if k != "documents"))
     return 0
 
 
@@ -379,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--eval", help="queries with judgements (M-BEIR query JSONL, or {text, image, relevant}); "
                                  "activation is refused if the compensated new encoder retrieves worse than the old")
     u.add_argument("--force", action="store_true", help="register even when --eval says it is worse")
+    u.add_argument("--reindex-sample", type=int, metavar="N",
+                   help="with --eval: also re-embed the judged documents plus N others with the new encoder")
     u.add_argument("--no-activate", action="store_true",
                    help="register and fit only; a running server activates it with POST /v1/admin/encoder")
     u.add_argument("--json", action="store_true")
