@@ -384,12 +384,15 @@ class IndexStore:
         empty = (np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64))
         if seg.faiss is None or seg.faiss.ntotal == 0:
             return empty
-        allowed = self._allowed(seg, modalities, flt)
-        n_allowed = int(allowed.sum())
-        if n_allowed == 0:
-            return empty
         choice = seg.choice
-        everything = n_allowed == len(allowed)
+        if not modalities and not flt and seg.alive.all():  # the common case: no mask to build
+            allowed, n_allowed, everything = None, len(seg.alive), True
+        else:
+            allowed = self._allowed(seg, modalities, flt)
+            n_allowed = int(allowed.sum())
+            if n_allowed == 0:
+                return empty
+            everything = n_allowed == len(allowed)
         if choice.kind == "flat":
             return vi.exact_topk(q, vi.flat_vectors(seg.faiss), k, None if everything else allowed)
         if not everything and n_allowed <= EXACT_FILTER_ROWS:

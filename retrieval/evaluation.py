@@ -30,15 +30,10 @@ def _encode_all(encoder: Encoder, items: list[Item], role: str, instruction=None
 
 
 def _rank(q: np.ndarray, c: np.ndarray, ids: list[str], k: int) -> list[list[str]]:
-    runs = []
-    for i in range(0, len(q), 1024):
-        s = q[i : i + 1024] @ c.T
-        kk = min(k, s.shape[1])
-        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        order = np.take_along_axis(s, top, 1).argsort(axis=1)[:, ::-1]
-        top = np.take_along_axis(top, order, 1)
-        runs.extend([[ids[j] for j in row] for row in top])
-    return runs
+    from index.vector_index import exact_topk
+
+    _, top = exact_topk(np.ascontiguousarray(q, np.float32), c, k)
+    return [[ids[j] for j in row if j >= 0] for row in top]
 
 
 def find_mbeir_files(root: Path, split: str) -> tuple[list[Path], dict[int, Path], dict[int, Path]]:
