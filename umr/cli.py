@@ -178,39 +178,45 @@ def cmd_serve(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from training.recipe import Continual, Recipe, RecipeError, Stage, StageData, load_recipe
+    from training.run_recipe import run_recipe
+
+    flags = [f for f in ("pairs", "teacher", "split", "images") if getattr(a, f)]
+    try:
+        if a.recipe:
+            if flags:
+                raise UserError(f"give a recipe file or --pairs, not both (--{flags[0]} with {a.recipe})")
+            recipe = load_recipe(a.recipe, out=a.out)
+        else:
+            if not a.pairs or not a.out:
+                raise UserError("give a RECIPE.yaml, or --pairs and --out for one contrastive stage")
+            data = StageData(pairs=a.pairs, split=a.split, images=a.images, caption_template=a.caption_template)
+            cont = Continual(a.teacher, a.distill_weight) if a.teacher else None
+            stage = Stage(name="train", data=data, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                          weight_decay=a.weight_decay, seed=a.seed, temperature=None, continual=cont)
+            recipe = Recipe(encoder=a.encoder, out=a.out, stages=[stage], source="umr " + " ".join(sys.argv[1:]), flat=True)
+    except RecipeError as e:
+        raise UserError(str(e)) from None
+
+    def evaluate(enc, root):
+        from retrieval.evaluation import evaluate_mbeir, format_table
+
+        res = evaluate_mbeir(enc, root)
+        print(format_table(res), file=sys.stderr, flush=True)
+        return res
+
+    if a.eval:
+        import dataclasses
+
+        recipe = dataclasses.replace(recipe, stages=[dataclasses.replace(s, eval=a.eval) for s in recipe.stages])
+    try:
+        final = run_recipe(recipe, evaluate=evaluate)
+    except (RecipeError, ValueError) as e:
+        raise UserError(str(e)) from None
     from retrieval.encoders import load_encoder
-    from retrieval.encoders.lit import LitEncoder
-    from training.contrastive import ContrastiveConfig, save_trained, text_identity, tower_features, train_heads
-    from training.pairs import read_pairs
 
-    enc = load_encoder(a.encoder, cache=False)
-    if not isinstance(enc, LitEncoder):
-        raise UserError(f"`umr train` trains LiT encoders (lit-base, lit-init, or a saved lit directory); got {a.encoder}")
-    pairs = read_pairs(a.pairs, a.images, a.split, a.caption_template)
-    cfg = ContrastiveConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
-                            distill_weight=a.distill_weight if a.teacher else 0.0)
-    teacher = None
-    if a.teacher:
-        teacher = load_encoder(a.teacher)
-        if not isinstance(teacher, LitEncoder) or teacher.dim != enc.dim:
-            raise UserError(f"--teacher must be a LiT encoder of dimension {enc.dim}")
-    from tqdm import tqdm
-
-    n_img = len({p.image for p in pairs})
-    bar = tqdm(total=n_img + len(pairs), unit="item", desc="tower features", file=sys.stderr)
-    feats = tower_features(enc, pairs, lambda kind, n: bar.update(n))
-    bar.close()
-
-    def log(rec):
-        if rec["epoch"] % max(1, cfg.epochs // 10) == 0 or rec["epoch"] == cfg.epochs:
-            print(f"epoch {rec['epoch']:>4}  loss {rec['loss']:.4f}  temperature {rec['temperature']:.4f}  "
-                  f"{rec['pairs_per_s']:.0f} pairs/s", file=sys.stderr)
-
-    history = train_heads(enc, *feats, cfg, log, teacher=teacher, text_ids=text_identity(pairs))
-    data = {"pairs": a.pairs, "split": a.split, "n_pairs": len(pairs), "n_images": n_img,
-            "continual": {"teacher": a.teacher, "weight": cfg.distill_weight} if a.teacher else None}
-    save_trained(enc, a.out, cfg, data, history, "umr " + " ".join(sys.argv[1:]))
-    print(f"wrote encoder {a.out} (fingerprint {enc.fingerprint}); use it with --encoder {a.out}")
+    print(f"wrote encoder {final} (fingerprint {load_encoder(str(final), cache=False).fingerprint}); "
+          f"use it with --encoder {final}")
     return 0
 
 
@@ -259,6 +265,8 @@ def cmd_update(a) -> int:
     print(f"registered {new.spec} as encoder version {report['version']} (active: {report['active_version']}) "
           f"in {report['seconds']:.1f}s; no document was re-embedded")
     for seg in report["segments"]:
+        for note in seg.get("notes", []):
+            print(f"  segment {seg['segment']} (v{seg['segment_version']}): {note}")
         for modality, r in seg["modalities"].items():
             if r["status"] != "ok":
                 print(f"  segment {seg['segment']} (v{seg['segment_version']}), {modality} queries: {r['status']}")
@@ -344,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--admin-key-file", help="file holding the admin API key (or set UMR_ADMIN_KEY)")
     sv.set_defaults(fn=cmd_serve)
 
-    t = sub.add_parser("train", help="train a LiT encoder's heads on image-caption pairs (one contrastive stage)")
-    t.add_argument("--pairs", required=True,
+    t = sub.add_parser("train", help="train a LiT encoder: a staged recipe file, or one contrastive stage from flags")
+    t.add_argument("recipe", nargs="?", help="RECIPE.yaml: stages run in order, each from the previous one's weights")
+    t.add_argument("--eval", help="M-BEIR folder: evaluate at the end of every stage")
+    t.add_argument("--pairs",
                    help="CSV 'image,caption', JSONL {image, text}, or a folder of class folders (captioned by class name)")
     t.add_argument("--caption-template", default="a photo of a {label}", help="caption for class folders")
     t.add_argument("--teacher", help="continual learning: the previous encoder, kept close by embedding distillation")
@@ -353,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", help="folder the image names are relative to (default: images/ beside --pairs)")
     t.add_argument("--split", help="SPLIT.json:NAME, e.g. split.json:train")
     t.add_argument("--encoder", default="lit-init:256:0", help="starting point (lit-init:DIM:SEED, lit-base, a directory)")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", help="output folder (overrides the recipe's `out:`)")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -379,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("index_dir")
     u.add_argument("--encoder", required=True)
     u.add_argument("--calibration", action="append",
-                   help="'corpus' (the index's own items, default) or a JSONL of queries; repeatable")
+                   help="'corpus' (the index's stored items), 'passages' (sentences of its stored texts, embedded by the "
+                        "old encoder too) or a JSONL of queries; repeatable; default: corpus and passages")
     u.add_argument("--method", default="auto", choices=["auto", "identity", "mean", "kernel", "linear", "orthogonal", "mlp"])
     u.add_argument("--sample", type=int, default=2000, help="calibration pairs per modality and source")
     u.add_argument("--eval", help="queries with judgements (M-BEIR query JSONL, or {text, image, relevant}); "

@@ -1,0 +1,214 @@
+"""Training recipes: a YAML file listing stages, each starting from the previous stage's weights
+(U-MARVEL's progressive transition).
+
+Relative paths in a recipe are resolved against the recipe file's folder, so a recipe runs the
+same from any working directory. Unknown keys are errors: a misspelt `lerning_rate` silently
+ignored would train something other than what the user wrote.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOSSES = ("infonce", "distill")
+SCHEDULES = ("onecycle", "cosine", "constant")
+TRAINABLE = ("heads", "text-head", "image-head")
+DATA_KINDS = ("image-caption", "caption-caption")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run as written; the message names the stage and key."""
+
+
+@dataclass(frozen=True)
+class StageData:
+    pairs: str | None = None  # image-caption pairs (CSV/JSONL/class folders)
+    split: str | None = None  # SPLIT.json:NAME
+    images: str | None = None
+    caption_template: str = "a photo of a {label}"
+    kind: str = "image-caption"  # or caption-caption: two captions of one image as query/positive
+    negatives: str | None = None  # JSONL from `umr mine`
+    teacher_lists: str | None = None  # JSONL from `umr reranker score`
+
+
+@dataclass(frozen=True)
+class Continual:
+    teacher: str  # the previous encoder, frozen
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    data: StageData
+    loss: str = "infonce"
+    temperature: float = 0.05  # initial temperature when the stage resets it; null keeps the encoder's
+    learn_temperature: bool = True
+    symmetric: bool = True
+    hard_negatives: int = 0  # mined negatives per query added to the in-batch ones
+    trainable: str = "heads"
+    epochs: int = 30
+    steps: int | None = None  # stop after this many optimizer steps (overrides epochs when reached first)
+    lr: float = 1e-3
+    schedule: str = "onecycle"
+    batch_size: int = 128
+    weight_decay: float = 0.5
+    seed: int = 0
+    continual: Continual | None = None
+    eval: str | None = None  # M-BEIR folder to evaluate on when the stage ends
+
+    def digest(self, start_fingerprint: str) -> str:
+        """What makes a finished stage reusable on a rerun: its settings and its starting weights."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "eval"}  # eval does not change weights
+        blob = json.dumps({"stage": settings, "start": start_fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    encoder: str
+    out: str
+    stages: list[Stage] = field(default_factory=list)
+    source: str | None = None
+    flat: bool = False  # one stage written straight into `out` (`umr train --pairs ... --out DIR`)
+
+    def stage_dir(self, i: int) -> Path:
+        return Path(self.out) if self.flat else Path(self.out) / f"{i + 1:02d}-{self.stages[i].name}"
+
+
+def _check_keys(where: str, got: dict, cls) -> None:
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(got) - allowed)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+
+
+_FLOATS = {"temperature", "lr", "weight_decay"}
+_INTS = {"hard_negatives", "epochs", "steps", "batch_size", "seed"}
+_BOOLS = {"learn_temperature", "symmetric"}
+
+
+def _typed(where: str, key: str, value):
+    """YAML reads `1e-4` as a string and `epochs: many` as a string too: convert or refuse."""
+    if value is None and key in ("steps", "temperature"):
+        return None
+    try:
+        if key in _FLOATS and not isinstance(value, bool):
+            return float(value)
+        if key in _INTS and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if key in _BOOLS and isinstance(value, bool):
+            return value
+        if key not in _FLOATS | _INTS | _BOOLS:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    kind = "a number" if key in _FLOATS else "an integer" if key in _INTS else "true or false"
+    raise RecipeError(f"{where}: {key} must be {kind}, got {value!r}")
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    """A path relative to the recipe's folder; `SPLIT.json:NAME` keeps its `:NAME`."""
+    if value is None:
+        return None
+    head, sep, tail = str(value).rpartition(":")
+    if sep and head.endswith(".json"):
+        return f"{_resolve(base, head)}:{tail}"
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def _encoder_spec(base: Path, value: str) -> str:
+    """A registry spec (lit-base, lit-init:256:0, hf-text:PATH) or a folder relative to the recipe,
+    which may not exist yet when an earlier stage of the same recipe writes it."""
+    p = Path(value).expanduser()
+    if ":" in value or p.is_absolute() or ("/" not in value and not (base / p).exists()):
+        return value
+    return str(base / p)
+
+
+def _stage(i: int, raw: Any, base: Path, defaults: dict) -> Stage:
+    where = f"stage {i + 1}"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping of settings, got {type(raw).__name__}")
+    raw = {**defaults, **raw}
+    where = f"stage {i + 1} ({raw.get('name', '?')})"
+    _check_keys(where, raw, Stage)
+    if "name" not in raw or not str(raw["name"]).replace("-", "").replace("_", "").isalnum():
+        raise RecipeError(f"{where}: needs a `name` of letters, digits, - and _")
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: needs `data:` with at least `pairs:`")
+    _check_keys(f"{where} data", data, StageData)
+    data = StageData(**{**data, **{k: _resolve(base, data.get(k)) for k in
+                                    ("pairs", "split", "images", "negatives", "teacher_lists")}})
+    cont = raw.get("continual")
+    if cont is not None:
+        if not isinstance(cont, dict) or "teacher" not in cont:
+            raise RecipeError(f"{where}: `continual:` takes {{teacher: PREVIOUS_ENCODER, weight: λ}}")
+        _check_keys(f"{where} continual", cont, Continual)
+        cont = Continual(teacher=_encoder_spec(base, str(cont["teacher"])), weight=float(cont.get("weight", 1.0)))
+    typed = {k: _typed(where, k, v) for k, v in raw.items() if k not in ("data", "continual", "eval")}
+    stage = Stage(**{**typed, "data": data, "continual": cont, "eval": _resolve(base, raw.get("eval"))})
+    checks = [(stage.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
+              (stage.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+              (stage.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}"),
+              (data.kind in DATA_KINDS, f"data.kind must be one of {', '.join(DATA_KINDS)}"),
+              (data.pairs is not None, "data.pairs is required"),
+              (stage.epochs >= 1, "epochs must be at least 1"),
+              (stage.steps is None or stage.steps >= 1, "steps must be at least 1"),
+              (stage.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives)"),
+              (stage.lr > 0, "lr must be positive"),
+              (stage.temperature is None or stage.temperature > 0, "temperature must be positive"),
+              (stage.hard_negatives >= 0, "hard_negatives must be >= 0"),
+              (stage.hard_negatives == 0 or data.negatives, "hard_negatives needs data.negatives (from `umr mine`)"),
+              (stage.loss != "distill" or data.teacher_lists, "loss distill needs data.teacher_lists"),
+              (stage.continual is None or stage.continual.weight >= 0, "continual.weight must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise RecipeError(f"{where}: {message}")
+    for key in ("pairs", "negatives", "teacher_lists", "eval"):
+        value = getattr(data, key, None) if key != "eval" else stage.eval
+        if value and not Path(value).exists():
+            raise RecipeError(f"{where}: {key} {value} does not exist")
+    return stage
+
+
+def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping with `encoder`, `out` and `stages`")
+    base = path.resolve().parent
+    top = {"encoder", "out", "stages", "defaults", "continual"}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(top))})")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError(f"{path}: `stages:` must list at least one stage")
+    # `continual:` at the top applies to every stage that does not set its own.
+    defaults = dict(raw.get("defaults") or {})
+    if raw.get("continual") is not None:
+        defaults.setdefault("continual", raw["continual"])
+    stages = [_stage(i, s, base, defaults) for i, s in enumerate(stages_raw)]
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{path}: stage names must be unique (got {', '.join(names)})")
+    out_dir = out or raw.get("out")
+    if not out_dir:
+        raise RecipeError(f"{path}: needs `out:` (or pass --out)")
+    out_dir = str(Path(out_dir)) if out else str(base / out_dir)
+    return Recipe(encoder=_encoder_spec(base, str(raw.get("encoder", "lit-init:256:0"))), out=out_dir,
+                  stages=stages, source=str(path))

@@ -1,0 +1,137 @@
+"""Runs a recipe's stages in order, each from the previous stage's weights.
+
+A stage's folder is a complete encoder (`--encoder OUT/02-images` works) plus `stage.json`,
+which records the digest of the stage's settings and starting weights. A rerun skips every
+stage whose digest still matches and resumes an interrupted stage from its last epoch
+checkpoint; editing a stage invalidates it and every stage after it (their start changed).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from index.atomic import atomic_write_json
+from retrieval.encoders import load_encoder
+from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
+from training import checkpoints
+from training.contrastive import ContrastiveConfig, save_trained, text_identity, tower_features, train_heads
+from training.pairs import read_pairs
+from training.recipe import Recipe, RecipeError, Stage
+
+STAGE_FILE = "stage.json"
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def stage_config(stage: Stage) -> ContrastiveConfig:
+    return ContrastiveConfig(
+        epochs=stage.epochs, steps=stage.steps, batch_size=stage.batch_size, lr=stage.lr, weight_decay=stage.weight_decay,
+        symmetric=stage.symmetric, seed=stage.seed, schedule=stage.schedule, trainable=stage.trainable,
+        temperature=stage.temperature, learn_temperature=stage.learn_temperature, kind=stage.data.kind,
+        distill_weight=stage.continual.weight if stage.continual else 0.0)
+
+
+def finished(stage_dir: Path, digest: str) -> dict | None:
+    """The stage record when `stage_dir` holds this exact stage, finished."""
+    path = stage_dir / STAGE_FILE
+    if not path.exists() or not (stage_dir / CONFIG_FILE).exists():
+        return None
+    rec = json.loads(path.read_text())
+    return rec if rec.get("digest") == digest and rec.get("status") == "done" else None
+
+
+class FeatureCache:
+    """Tower features per data source: stages over the same pairs share one pass of the towers."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self._cache: dict[tuple, tuple] = {}
+
+    def get(self, encoder: LitEncoder, stage: Stage):
+        d = stage.data
+        key = (d.pairs, d.split, d.images, d.caption_template)
+        if key not in self._cache:
+            pairs = read_pairs(d.pairs, d.images, d.split, d.caption_template)
+            from tqdm import tqdm
+
+            n_img = len({p.image for p in pairs})
+            bar = tqdm(total=n_img + len(pairs), unit="item", desc=f"tower features ({Path(d.pairs).name})",
+                       file=sys.stderr)
+            feats = tower_features(encoder, pairs, lambda kind, n: bar.update(n))
+            bar.close()
+            self._cache[key] = (pairs, feats)
+        return self._cache[key]
+
+
+def run_stage(recipe: Recipe, i: int, start: str, cache: FeatureCache, log: Callable[[str], None],
+              evaluate: Callable | None) -> dict:
+    stage = recipe.stages[i]
+    out = recipe.stage_dir(i)
+    enc = load_encoder(start, cache=False)
+    if not isinstance(enc, LitEncoder):
+        raise RecipeError(f"stage {stage.name}: starts from {start}, which is not a LiT encoder; "
+                          "recipes train lit-base, lit-init:DIM:SEED or a saved LiT directory")
+    start_fp = enc.fingerprint
+    digest = stage.digest(start_fp)
+    done = finished(out, digest)
+    if done:
+        log(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: already done ({out}), reusing it")
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    pending = out / STAGE_FILE
+    if pending.exists() and json.loads(pending.read_text()).get("digest") != digest:
+        checkpoints.clear(out)  # a checkpoint of other settings or other starting weights
+    atomic_write_json(pending, {"status": "running", "digest": digest, "start": start,
+                                "start_fingerprint": start_fp, "stage": asdict(stage)})
+    if stage.loss != "infonce" or stage.hard_negatives:
+        raise RecipeError(f"stage {stage.name}: loss {stage.loss!r} with hard_negatives={stage.hard_negatives} "
+                          "is not supported by this version of umr")
+    teacher = None
+    if stage.continual:
+        teacher = load_encoder(stage.continual.teacher)
+        if not isinstance(teacher, LitEncoder) or teacher.dim != enc.dim:
+            raise RecipeError(f"stage {stage.name}: continual.teacher must be a LiT encoder of dimension {enc.dim}")
+    pairs, feats = cache.get(enc, stage)
+    cfg = stage_config(stage)
+    log(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: {len(pairs)} pairs, {stage.data.kind}, "
+        f"trainable {stage.trainable}, lr {stage.lr} ({stage.schedule}), from {start}")
+    every = max(1, stage.epochs // 10)
+
+    def on_epoch(rec):
+        if rec["epoch"] % every == 0 or rec["epoch"] == stage.epochs:
+            log(f"  epoch {rec['epoch']:>4}  step {rec['step']:>5}  loss {rec['loss']:.4f}  "
+                f"temperature {rec['temperature']:.4f}  {rec['pairs_per_s']:.0f} pairs/s")
+
+    t0 = time.perf_counter()
+    history = train_heads(enc, *feats, cfg, on_epoch, teacher=teacher, text_ids=text_identity(pairs), checkpoint=out)
+    data = {**asdict(stage.data), "n_pairs": len(pairs), "n_images": len({p.image for p in pairs}),
+            "continual": asdict(stage.continual) if stage.continual else None}
+    command = recipe.source if recipe.flat else f"umr train {recipe.source} (stage {stage.name})"
+    save_trained(enc, out, cfg, data, history, command)
+    rec = {"status": "done", "digest": digest, "start": start, "start_fingerprint": start_fp, "fingerprint": enc.fingerprint,
+           "stage": asdict(stage), "seconds": round(time.perf_counter() - t0, 1), "final": history[-1] if history else None}
+    if stage.eval and evaluate:
+        rec["eval"] = evaluate(enc, stage.eval)
+    atomic_write_json(pending, rec)
+    checkpoints.clear(out)
+    return rec
+
+
+def run_recipe(recipe: Recipe, log: Callable[[str], None] = _stderr, evaluate: Callable | None = None) -> Path:
+    """Returns the last stage's folder: the recipe's trained encoder."""
+    cache = FeatureCache(log)
+    start = recipe.encoder
+    records = []
+    for i in range(len(recipe.stages)):
+        records.append(run_stage(recipe, i, start, cache, log, evaluate))
+        start = str(recipe.stage_dir(i))
+    final = recipe.stage_dir(len(recipe.stages) - 1)
+    atomic_write_json(Path(recipe.out) / "recipe.json", {"source": recipe.source, "encoder": recipe.encoder,
+                                                        "final": str(final), "stages": records})
+    return final
