@@ -170,3 +170,33 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     assert ev["chosen"] >= ev["old encoders"] and {"mean", "linear", "mlp", "new, uncompensated"} <= set(ev)
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries, "--force", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["active_version"] == 3
+
+
+def test_passages_are_query_sized_sentences_of_multi_sentence_texts():
+    from retrieval.update import passages
+
+    assert passages("a dog runs on the grass.") == []  # a caption: already calibrated as the document
+    assert passages("The wing was tested at Mach two. Lift rose with the angle of attack! Ok.") == [
+        "The wing was tested at Mach two.", "Lift rose with the angle of attack!"]
+    assert passages(None) == [] and passages("") == []
+
+
+def test_default_calibration_adds_passages_with_the_old_encoder(tmp_path, tiny):
+    from retrieval.encoders import load_encoder
+
+    rng = np.random.default_rng(1)
+    docs = [{"id": f"d{i}", "text": ". ".join(" ".join(rng.choice(WORDS, 6)) for _ in range(3)) + "."} for i in range(80)]
+    build_index(write_jsonl(tmp_path / "c.jsonl", docs), tiny, tmp_path / "idx", progress=False)
+    store = IndexStore.open(tmp_path / "idx")
+    report = fit_update(store, load_encoder("tiny-clip:1"), activate=False)
+    assert report["calibration"] == ["corpus", "passages"]
+    assert report["segments"][0]["modalities"]["text"]["pairs"] == 80 + 240  # documents + three sentences each
+    # An old encoder that no longer loads: the default falls back to the documents and says so.
+    seg = store.segments[0]
+    seg.record["encoder"]["fingerprint"] = "0" * 16
+    report = fit_update(store, load_encoder("tiny-clip:2"), activate=False)
+    assert report["segments"][0]["modalities"]["text"]["pairs"] == 80
+    assert "passages skipped" in report["segments"][0]["notes"][0]
+    with pytest.raises(ValueError, match="no longer loads"):
+        fit_update(store, load_encoder("tiny-clip:2"), ["corpus", "passages"], activate=False)
+    store.close()
