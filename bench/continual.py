@@ -52,7 +52,8 @@ def main():
     from retrieval.items import Item
     from retrieval.pipeline import add_to_index, build_index
     from retrieval.update import fit_update
-    from training.contrastive import ContrastiveConfig, text_identity, tower_features, train_heads
+    from training.contrastive import ContrastiveConfig, train_examples
+    from training.examples import FeatureBank, pair_examples
     from training.pairs import read_class_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="umr-continual-"))
@@ -62,13 +63,15 @@ def main():
     # -- v2: trained further on the new domain, with and without distillation --------------
     pairs = read_class_folder(CLOTHING / "train")
     t0 = time.perf_counter()
-    feats = tower_features(v1, pairs)
+    bank = FeatureBank()
+    examples = pair_examples(pairs, bank)
+    bank.compute(v1)
     log(f"clothing tower features: {time.perf_counter() - t0:.0f}s")
     v2 = {}
     for name, weight in (("v2", 0.0), ("v2+distill", 1.0)):
         enc = LitEncoder(copy.deepcopy(v1.heads), f"bench-{name}")
         cfg = ContrastiveConfig(epochs=20, lr=1e-3, weight_decay=0.5, distill_weight=weight)
-        train_heads(enc, *feats, cfg, teacher=v1 if weight else None, text_ids=text_identity(pairs))
+        train_examples(enc, bank, examples, cfg, teacher=v1 if weight else None)
         path = enc.save(tmp / name)
         v2[name] = load_encoder(str(path))
         log(f"trained {name}")

@@ -1,7 +1,8 @@
-"""One contrastive stage for LiT encoders: symmetric InfoNCE on image-caption pairs.
+"""One training stage for LiT encoders: InfoNCE with in-batch and mined negatives, or
+distillation from teacher lists, on the heads over cached tower features.
 
-The towers are locked, so their features are computed once per unique image and caption and
-the heads train on cached features: hundreds of epochs cost seconds on a CPU.
+The towers are locked, so their features are computed once per distinct text and image
+(training/examples.py) and hundreds of epochs cost seconds on a CPU.
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ import numpy as np
 import torch
 
 from retrieval.encoders.lit import LitEncoder, LitHeads
-from retrieval.images import open_image
-from retrieval.prefetch import prefetch_batches
 from training import checkpoints
-from training.losses import embedding_distillation, info_nce
-from training.pairs import Pair
+from training.examples import Example, FeatureBank
+from training.losses import embedding_distillation, info_nce, listwise_kl, margin_mse
 
 
 @dataclass
@@ -39,37 +38,8 @@ class ContrastiveConfig:
     temperature: float | None = None  # reset the learnable temperature to this at the start
     learn_temperature: bool = True
     kind: str = "image-caption"  # or caption-caption: another caption of the same image is the positive
-
-
-def tower_features(encoder: LitEncoder, pairs: list[Pair], progress: Callable | None = None):
-    """(image features, caption features, image index per caption), from the locked towers."""
-    images = sorted({p.image for p in pairs})
-    index = {im: i for i, im in enumerate(images)}
-    img_feats = []
-    chunks = [images[i : i + 32] for i in range(0, len(images), 32)]
-    prep = lambda path: encoder.preprocess_image(open_image(path, min_side=encoder.image_size))  # noqa: E731
-    for chunk, tensors in prefetch_batches(chunks, prep):
-        for path, t in zip(chunk, tensors):
-            if isinstance(t, Exception):
-                raise ValueError(f"training image {path}: {t}")
-        img_feats.append(encoder.image.features(torch.stack(tensors)))
-        if progress:
-            progress("images", len(chunk))
-    texts = [p.text for p in pairs]
-    txt_feats = []
-    for i in range(0, len(texts), 256):
-        txt_feats.append(encoder.text.features(texts[i : i + 256]))
-        if progress:
-            progress("captions", len(texts[i : i + 256]))
-    owner = torch.tensor([index[p.image] for p in pairs])
-    return torch.cat(img_feats), torch.cat(txt_feats), owner
-
-
-def text_identity(pairs: list[Pair]) -> torch.Tensor | None:
-    """Ids equal where caption texts are equal; None when every caption is unique."""
-    ids: dict[str, int] = {}
-    out = torch.tensor([ids.setdefault(p.text, len(ids)) for p in pairs])
-    return None if len(ids) == len(pairs) else out
+    loss: str = "infonce"  # infonce | kl | margin-mse (the last two over teacher lists)
+    hard_negatives: int = 0  # mined negatives per query added to the candidates
 
 
 def _freeze(heads: LitHeads, cfg: ContrastiveConfig) -> list[torch.nn.Parameter]:
@@ -96,14 +66,106 @@ def _scheduler(opt, cfg: ContrastiveConfig, total: int):
 def train_heads(encoder: LitEncoder, img_feats: torch.Tensor, txt_feats: torch.Tensor, owner: torch.Tensor,
                 cfg: ContrastiveConfig, log: Callable[[dict], None] | None = None, teacher: LitEncoder | None = None,
                 text_ids: torch.Tensor | None = None, checkpoint: str | Path | None = None) -> list[dict]:
-    """Each step takes `batch_size` distinct images, each with one of its captions at random.
-    Captions with equal text (`text_ids`, e.g. class names) count as positives of each other.
-    With a `teacher` (the previous encoder, frozen), embeddings are also pulled toward its own
-    so an update drifts less (QDC's embedding distillation).
+    """Pairs given as features (caption j belongs to image owner[j]); captions with equal
+    `text_ids` (class names) are one item, so they count as positives of each other."""
+    bank = FeatureBank.from_features(txt_feats, img_feats)
+    n_txt = len(txt_feats)
+    item_of = np.arange(n_txt)
+    if text_ids is not None:
+        first: dict[int, int] = {}
+        item_of = np.array([first.setdefault(int(t), j) for j, t in enumerate(text_ids)])
+    caps = [[] for _ in range(len(img_feats))]
+    for j, i in enumerate(owner.tolist()):
+        caps[i].append(int(item_of[j]))
+    two = cfg.kind == "caption-caption"
+    examples = [Example(np.array(c), np.array([], dtype=np.int64) if two else np.array([n_txt + i]), np.array([], dtype=np.int64))
+                for i, c in enumerate(caps) if len(c) >= (2 if two else 1)]
+    return train_examples(encoder, bank, examples, cfg, log, teacher, checkpoint)
+
+
+def _draw(ex: Example, rng: np.random.Generator) -> tuple[int, int]:
+    """(query item, positive item) for one step. The draws keep the order the pair trainer has
+    always used (one caption per image), so earlier recipes reproduce."""
+    if len(ex.positives) == 0:
+        a, b = rng.choice(ex.queries, 2, replace=False)
+        return int(a), int(b)
+    q = int(rng.choice(ex.queries))
+    p = int(ex.positives[0]) if len(ex.positives) == 1 else int(rng.choice(ex.positives))
+    return q, p
+
+
+def _positive_sets(batch: list[Example], drawn: list[tuple[int, int]]) -> list[set[int]]:
+    out = []
+    for ex, (q, _) in zip(batch, drawn):
+        out.append(set(ex.positives.tolist()) if len(ex.positives) else set(ex.queries.tolist()) - {q})
+    return out
+
+
+def _step_loss(bank: FeatureBank, heads: LitHeads, batch: list[Example], drawn: list[tuple[int, int]],
+               cfg: ContrastiveConfig, teacher: LitEncoder | None) -> torch.Tensor:
+    q_items = np.array([d[0] for d in drawn])
+    c_items = np.array([d[1] for d in drawn])
+    q = bank.embed(heads, q_items)
+    if cfg.loss in ("kl", "margin-mse"):
+        return _distill_loss(bank, heads, batch, q, cfg)
+    c = bank.embed(heads, c_items)
+    n_items = np.concatenate([ex.negatives[: cfg.hard_negatives] for ex in batch]) if cfg.hard_negatives else np.zeros(0, np.int64)
+    n = bank.embed(heads, n_items) if len(n_items) else None
+    all_c = np.concatenate([c_items, n_items])
+    pos_sets = _positive_sets(batch, drawn)
+    same = torch.from_numpy(np.stack([np.isin(all_c, list(ps)) for ps in pos_sets]))
+    same[:, : len(batch)] |= torch.from_numpy(q_items[:, None] == q_items[None, :])
+    same &= ~torch.eye(len(batch), len(all_c), dtype=torch.bool)
+    plain = not same.any() and n is None
+    loss = info_nce(q, c, heads.logit_scale, cfg.symmetric, None if plain else same[:, : len(all_c)], n)
+    if teacher is not None and cfg.distill_weight > 0:
+        with torch.no_grad():
+            t_q, t_c = bank.embed(teacher.heads, q_items), bank.embed(teacher.heads, c_items)
+        loss = loss + cfg.distill_weight * (embedding_distillation(c, t_c) + embedding_distillation(q, t_q))
+    return loss
+
+
+def _distill_loss(bank: FeatureBank, heads: LitHeads, batch: list[Example], q: torch.Tensor,
+                  cfg: ContrastiveConfig) -> torch.Tensor:
+    """KL or Margin-MSE over each query's teacher list; no in-batch negatives (U-MARVEL)."""
+    width = max(len(ex.teacher_items) for ex in batch)
+    mask = torch.zeros(len(batch), width, dtype=torch.bool)
+    scores = torch.zeros(len(batch), width)
+    items = np.zeros((len(batch), width), dtype=np.int64)
+    for r, ex in enumerate(batch):
+        n = len(ex.teacher_items)
+        mask[r, :n] = True
+        scores[r, :n] = torch.from_numpy(ex.teacher_scores)
+        items[r, :n] = ex.teacher_items
+        items[r, n:] = ex.teacher_items[0]
+    cands = bank.embed(heads, items.reshape(-1)).reshape(len(batch), width, -1)
+    cos = torch.einsum("bd,bld->bl", q, cands)
+    if cfg.loss == "kl":
+        return listwise_kl(cos, scores, mask, heads.logit_scale)
+    return margin_mse(cos, scores, mask)
+
+
+def train_examples(encoder: LitEncoder, bank: FeatureBank, examples: list[Example], cfg: ContrastiveConfig,
+                   log: Callable[[dict], None] | None = None, teacher: LitEncoder | None = None,
+                   checkpoint: str | Path | None = None) -> list[dict]:
+    """Each step takes `batch_size` distinct examples, each with one query variant and one
+    positive drawn at random; the other examples' positives and, with `hard_negatives`, the
+    batch's mined negatives are the negatives. Candidates that are labelled positives of a
+    query (or share its query text) are never counted as its negatives. With a `teacher` (the
+    previous encoder, frozen), embeddings are also pulled toward its own, so an update drifts
+    less (QDC's embedding distillation).
 
     With `checkpoint`, the heads and optimizer are saved there after every epoch, and a rerun
     resumes after the last saved epoch; the random stream is replayed for the finished epochs,
     so a resumed run ends with the same weights as an uninterrupted one."""
+    if cfg.loss in ("kl", "margin-mse"):
+        examples = [ex for ex in examples if ex.teacher_items is not None and len(ex.teacher_items) >= 2]
+        if not examples:
+            raise ValueError(f"loss {cfg.loss} needs teacher lists (`umr reranker score` output); the data has none")
+    if cfg.hard_negatives and not any(len(ex.negatives) for ex in examples):
+        raise ValueError("hard_negatives is set but no query has mined negatives: run `umr mine` and train on its output")
+    if len(examples) < 2:
+        raise ValueError(f"training needs at least 2 examples, got {len(examples)}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     heads = encoder.heads.train()
@@ -112,13 +174,8 @@ def train_heads(encoder: LitEncoder, img_feats: torch.Tensor, txt_feats: torch.T
             heads.logit_scale.fill_(math.log(1 / cfg.temperature))
     params = _freeze(heads, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    captions_of = [np.flatnonzero(owner.numpy() == i) for i in range(len(img_feats))]
-    two_captions = cfg.kind == "caption-caption"
-    usable = np.array([len(c) >= (2 if two_captions else 1) for c in captions_of])
-    if two_captions and usable.sum() < cfg.batch_size:
-        raise ValueError(f"caption-caption needs {cfg.batch_size} images with 2+ captions; {usable.sum()} have them")
-    pool = np.flatnonzero(usable)
-    steps_per_epoch = max(1, len(pool) // cfg.batch_size)
+    batch_size = min(cfg.batch_size, len(examples))
+    steps_per_epoch = max(1, len(examples) // batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.steps is None else min(cfg.steps, cfg.epochs * steps_per_epoch)
     sched = _scheduler(opt, cfg, total)
     history, step, start_epoch = [], 0, 0
@@ -132,32 +189,16 @@ def train_heads(encoder: LitEncoder, img_feats: torch.Tensor, txt_feats: torch.T
     for epoch in range(cfg.epochs):
         if step >= total:
             break
-        order = pool[rng.permutation(len(pool))]
-        batches = [order[s * cfg.batch_size : (s + 1) * cfg.batch_size] for s in range(steps_per_epoch)]
-        if two_captions:
-            drawn = [[rng.choice(captions_of[i], 2, replace=False) for i in b] for b in batches]
-        else:
-            drawn = [[[rng.choice(captions_of[i])] for i in b] for b in batches]
+        order = rng.permutation(len(examples))
+        batches = [[examples[i] for i in order[s * batch_size : (s + 1) * batch_size]] for s in range(steps_per_epoch)]
+        drawn = [[_draw(ex, rng) for ex in b] for b in batches]
         if epoch < start_epoch:
             continue  # replayed: the draws above keep the random stream where it was
         t0, losses = time.perf_counter(), []
-        for img_idx, caps in zip(batches, drawn):
+        for batch, picks in zip(batches, drawn):
             if step >= total:
                 break
-            caps = np.array(caps)
-            txt = heads.text_proj(txt_feats[caps[:, 0]])
-            cand = heads.text_proj(txt_feats[caps[:, 1]]) if two_captions else heads.image_proj(img_feats[img_idx])
-            same = None
-            if text_ids is not None:
-                ids = text_ids[caps[:, 0]]
-                same = ids[:, None] == ids[None, :]
-            loss = info_nce(txt, cand, heads.logit_scale, cfg.symmetric, same)
-            if teacher is not None and cfg.distill_weight > 0:
-                with torch.no_grad():
-                    t_txt = teacher.heads.text_proj(txt_feats[caps[:, 0]])
-                    t_cand = (teacher.heads.text_proj(txt_feats[caps[:, 1]]) if two_captions
-                              else teacher.heads.image_proj(img_feats[img_idx]))
-                loss = loss + cfg.distill_weight * (embedding_distillation(cand, t_cand) + embedding_distillation(txt, t_txt))
+            loss = _step_loss(bank, heads, batch, picks, cfg, teacher)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -166,7 +207,7 @@ def train_heads(encoder: LitEncoder, img_feats: torch.Tensor, txt_feats: torch.T
             losses.append(float(loss.detach()))
         rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)), "lr": float(opt.param_groups[0]["lr"]),
                "temperature": float(1 / heads.logit_scale.detach().exp().clamp(max=100)),
-               "pairs_per_s": len(losses) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)}
+               "pairs_per_s": len(losses) * batch_size / max(time.perf_counter() - t0, 1e-9)}
         history.append(rec)
         if checkpoint is not None:
             checkpoints.save(checkpoint, heads, opt, epoch + 1, history)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LOSSES = ("infonce", "distill")
+LOSSES = ("infonce", "kl", "margin-mse")
 SCHEDULES = ("onecycle", "cosine", "constant")
 TRAINABLE = ("heads", "text-head", "image-head")
 DATA_KINDS = ("image-caption", "caption-caption")
@@ -26,13 +26,16 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class StageData:
+    """Either image-caption `pairs`, or M-BEIR `queries` (with mined `neg_cand_list` or teacher
+    lists in them) over a candidate `pool`."""
     pairs: str | None = None  # image-caption pairs (CSV/JSONL/class folders)
     split: str | None = None  # SPLIT.json:NAME
     images: str | None = None
     caption_template: str = "a photo of a {label}"
     kind: str = "image-caption"  # or caption-caption: two captions of one image as query/positive
-    negatives: str | None = None  # JSONL from `umr mine`
-    teacher_lists: str | None = None  # JSONL from `umr reranker score`
+    queries: tuple[str, ...] = ()  # M-BEIR query JSONL files (`umr mine` / `umr reranker score` output too)
+    pool: tuple[str, ...] = ()  # M-BEIR candidate pool JSONL files
+    instructions: str | None = None  # M-BEIR query_instructions.tsv
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,10 @@ def _stage(i: int, raw: Any, base: Path, defaults: dict) -> Stage:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: needs `data:` with at least `pairs:`")
     _check_keys(f"{where} data", data, StageData)
-    data = StageData(**{**data, **{k: _resolve(base, data.get(k)) for k in
-                                    ("pairs", "split", "images", "negatives", "teacher_lists")}})
+    listed = {k: tuple(_resolve(base, v) for v in ([data[k]] if isinstance(data[k], str) else data[k]))
+              for k in ("queries", "pool") if data.get(k)}
+    data = StageData(**{**data, **listed, **{k: _resolve(base, data.get(k)) for k in
+                                             ("pairs", "split", "images", "instructions")}})
     cont = raw.get("continual")
     if cont is not None:
         if not isinstance(cont, dict) or "teacher" not in cont:
@@ -158,21 +163,23 @@ def _stage(i: int, raw: Any, base: Path, defaults: dict) -> Stage:
               (stage.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
               (stage.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}"),
               (data.kind in DATA_KINDS, f"data.kind must be one of {', '.join(DATA_KINDS)}"),
-              (data.pairs is not None, "data.pairs is required"),
+              (bool(data.pairs) != bool(data.queries), "data needs `pairs` or `queries` (M-BEIR), not both"),
+              (not data.queries or data.pool, "data.queries needs data.pool (the M-BEIR candidate pool)"),
+              (data.kind == "image-caption" or data.pairs, "data.kind applies to pairs only"),
               (stage.epochs >= 1, "epochs must be at least 1"),
               (stage.steps is None or stage.steps >= 1, "steps must be at least 1"),
               (stage.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives)"),
               (stage.lr > 0, "lr must be positive"),
               (stage.temperature is None or stage.temperature > 0, "temperature must be positive"),
               (stage.hard_negatives >= 0, "hard_negatives must be >= 0"),
-              (stage.hard_negatives == 0 or data.negatives, "hard_negatives needs data.negatives (from `umr mine`)"),
-              (stage.loss != "distill" or data.teacher_lists, "loss distill needs data.teacher_lists"),
+              (stage.hard_negatives == 0 or data.queries, "hard_negatives needs data.queries from `umr mine`"),
+              (stage.loss == "infonce" or data.queries, f"loss {stage.loss} needs data.queries from `umr reranker score`"),
               (stage.continual is None or stage.continual.weight >= 0, "continual.weight must be >= 0")]
     for ok, message in checks:
         if not ok:
             raise RecipeError(f"{where}: {message}")
-    for key in ("pairs", "negatives", "teacher_lists", "eval"):
-        value = getattr(data, key, None) if key != "eval" else stage.eval
+    for key, value in [("pairs", data.pairs), ("instructions", data.instructions), ("eval", stage.eval)] + \
+            [("queries", q) for q in data.queries] + [("pool", p) for p in data.pool]:
         if value and not Path(value).exists():
             raise RecipeError(f"{where}: {key} {value} does not exist")
     return stage

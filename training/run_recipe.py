@@ -18,7 +18,9 @@ from index.atomic import atomic_write_json
 from retrieval.encoders import load_encoder
 from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
 from training import checkpoints
-from training.contrastive import ContrastiveConfig, save_trained, text_identity, tower_features, train_heads
+from retrieval.mbeir import Instructions, read_pool, read_queries
+from training.contrastive import ContrastiveConfig, save_trained, train_examples
+from training.examples import Example, FeatureBank, compute_with_progress, mbeir_examples, pair_examples
 from training.pairs import read_pairs
 from training.recipe import Recipe, RecipeError, Stage
 
@@ -34,7 +36,8 @@ def stage_config(stage: Stage) -> ContrastiveConfig:
         epochs=stage.epochs, steps=stage.steps, batch_size=stage.batch_size, lr=stage.lr, weight_decay=stage.weight_decay,
         symmetric=stage.symmetric, seed=stage.seed, schedule=stage.schedule, trainable=stage.trainable,
         temperature=stage.temperature, learn_temperature=stage.learn_temperature, kind=stage.data.kind,
-        distill_weight=stage.continual.weight if stage.continual else 0.0)
+        distill_weight=stage.continual.weight if stage.continual else 0.0, loss=stage.loss,
+        hard_negatives=stage.hard_negatives)
 
 
 def finished(stage_dir: Path, digest: str) -> dict | None:
@@ -46,30 +49,27 @@ def finished(stage_dir: Path, digest: str) -> dict | None:
     return rec if rec.get("digest") == digest and rec.get("status") == "done" else None
 
 
-class FeatureCache:
-    """Tower features per data source: stages over the same pairs share one pass of the towers."""
-
-    def __init__(self, log: Callable[[str], None]):
-        self.log = log
-        self._cache: dict[tuple, tuple] = {}
-
-    def get(self, encoder: LitEncoder, stage: Stage):
-        d = stage.data
-        key = (d.pairs, d.split, d.images, d.caption_template)
-        if key not in self._cache:
-            pairs = read_pairs(d.pairs, d.images, d.split, d.caption_template)
-            from tqdm import tqdm
-
-            n_img = len({p.image for p in pairs})
-            bar = tqdm(total=n_img + len(pairs), unit="item", desc=f"tower features ({Path(d.pairs).name})",
-                       file=sys.stderr)
-            feats = tower_features(encoder, pairs, lambda kind, n: bar.update(n))
-            bar.close()
-            self._cache[key] = (pairs, feats)
-        return self._cache[key]
+def stage_examples(stage: Stage, bank: FeatureBank, encoder: LitEncoder) -> tuple[list[Example], dict]:
+    """The stage's data as examples over the shared bank (features computed for new items only,
+    so stages over the same data share one pass of the towers)."""
+    d = stage.data
+    if d.pairs:
+        pairs = read_pairs(d.pairs, d.images, d.split, d.caption_template)
+        examples = pair_examples(pairs, bank, d.kind)
+        stats = {"n_pairs": len(pairs), "n_images": len({p.image for p in pairs}), "examples": len(examples)}
+        label = Path(d.pairs).name
+    else:
+        queries = [q for path in d.queries for q in read_queries(path)]
+        pool = {k: v for path in d.pool for k, v in read_pool(path).items()}
+        examples, stats = mbeir_examples(queries, pool, bank, Instructions(d.instructions) if d.instructions else None,
+                                         seed=stage.seed)
+        stats["examples"] = len(examples)
+        label = ", ".join(Path(q).name for q in d.queries)
+    compute_with_progress(bank, encoder, label)
+    return examples, stats
 
 
-def run_stage(recipe: Recipe, i: int, start: str, cache: FeatureCache, log: Callable[[str], None],
+def run_stage(recipe: Recipe, i: int, start: str, bank: FeatureBank, log: Callable[[str], None],
               evaluate: Callable | None) -> dict:
     stage = recipe.stages[i]
     out = recipe.stage_dir(i)
@@ -89,17 +89,16 @@ def run_stage(recipe: Recipe, i: int, start: str, cache: FeatureCache, log: Call
         checkpoints.clear(out)  # a checkpoint of other settings or other starting weights
     atomic_write_json(pending, {"status": "running", "digest": digest, "start": start,
                                 "start_fingerprint": start_fp, "stage": asdict(stage)})
-    if stage.loss != "infonce" or stage.hard_negatives:
-        raise RecipeError(f"stage {stage.name}: loss {stage.loss!r} with hard_negatives={stage.hard_negatives} "
-                          "is not supported by this version of umr")
     teacher = None
     if stage.continual:
         teacher = load_encoder(stage.continual.teacher)
         if not isinstance(teacher, LitEncoder) or teacher.dim != enc.dim:
             raise RecipeError(f"stage {stage.name}: continual.teacher must be a LiT encoder of dimension {enc.dim}")
-    pairs, feats = cache.get(enc, stage)
+    examples, stats = stage_examples(stage, bank, enc)
     cfg = stage_config(stage)
-    log(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: {len(pairs)} pairs, {stage.data.kind}, "
+    what = ", ".join(f"{n} {k.removeprefix('n_')}" for k, n in stats.items() if n)
+    log(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: {what}, {stage.loss}"
+        f"{f' + {stage.hard_negatives} hard negatives' if stage.hard_negatives else ''}, "
         f"trainable {stage.trainable}, lr {stage.lr} ({stage.schedule}), from {start}")
     every = max(1, stage.epochs // 10)
 
@@ -109,9 +108,8 @@ def run_stage(recipe: Recipe, i: int, start: str, cache: FeatureCache, log: Call
                 f"temperature {rec['temperature']:.4f}  {rec['pairs_per_s']:.0f} pairs/s")
 
     t0 = time.perf_counter()
-    history = train_heads(enc, *feats, cfg, on_epoch, teacher=teacher, text_ids=text_identity(pairs), checkpoint=out)
-    data = {**asdict(stage.data), "n_pairs": len(pairs), "n_images": len({p.image for p in pairs}),
-            "continual": asdict(stage.continual) if stage.continual else None}
+    history = train_examples(enc, bank, examples, cfg, on_epoch, teacher=teacher, checkpoint=out)
+    data = {**asdict(stage.data), **stats, "continual": asdict(stage.continual) if stage.continual else None}
     command = recipe.source if recipe.flat else f"umr train {recipe.source} (stage {stage.name})"
     save_trained(enc, out, cfg, data, history, command)
     rec = {"status": "done", "digest": digest, "start": start, "start_fingerprint": start_fp, "fingerprint": enc.fingerprint,
@@ -125,11 +123,11 @@ def run_stage(recipe: Recipe, i: int, start: str, cache: FeatureCache, log: Call
 
 def run_recipe(recipe: Recipe, log: Callable[[str], None] = _stderr, evaluate: Callable | None = None) -> Path:
     """Returns the last stage's folder: the recipe's trained encoder."""
-    cache = FeatureCache(log)
+    bank = FeatureBank()
     start = recipe.encoder
     records = []
     for i in range(len(recipe.stages)):
-        records.append(run_stage(recipe, i, start, cache, log, evaluate))
+        records.append(run_stage(recipe, i, start, bank, log, evaluate))
         start = str(recipe.stage_dir(i))
     final = recipe.stage_dir(len(recipe.stages) - 1)
     atomic_write_json(Path(recipe.out) / "recipe.json", {"source": recipe.source, "encoder": recipe.encoder,

@@ -286,6 +286,45 @@ def cmd_update(a) -> int:
     return 0
 
 
+def _window(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    first, _, last = value.partition(":")
+    try:
+        w = (int(first), int(last))
+    except ValueError:
+        raise UserError(f"--window takes FIRST:LAST ranks, e.g. 10:50; got {value!r}") from None
+    if not 1 <= w[0] <= w[1]:
+        raise UserError(f"--window {value}: ranks start at 1 and FIRST <= LAST")
+    return w
+
+
+def cmd_mine(a) -> int:
+    from index.atomic import atomic_write_bytes
+    from retrieval.encoders import load_encoder
+    from retrieval.mbeir import Instructions, read_pool, read_queries
+    from training.mining import MiningConfig, mine
+
+    guard = None if str(a.guard).lower() in ("none", "off", "0") else float(a.guard)
+    if guard is not None and not 0 < guard <= 1.5:
+        raise UserError("--guard is a fraction of the positive's score, e.g. 0.95 (or 'none')")
+    if a.top < 1 or (a.keep is not None and a.keep < 1):
+        raise UserError("--top and --keep must be at least 1")
+    cfg = MiningConfig(top=a.top, keep=a.keep, window=_window(a.window), guard=guard, local=not a.global_pool, seed=a.seed)
+    queries = [q for path in a.queries for q in read_queries(path)]
+    pool = {d: it for path in a.pool for d, it in read_pool(path).items()}
+    enc = load_encoder(a.encoder)
+    instructions = Instructions(a.instructions) if a.instructions else None
+    records, stats = mine(enc, queries, pool, cfg, instructions)
+    atomic_write_bytes(a.out, "".join(json.dumps(r) + "\n" for r in records).encode())
+    print(f"wrote {a.out}: {stats.get('negatives', 0)} negatives for {stats.get('queries', 0)} queries "
+          f"({'local' if cfg.local else 'global'} pool of {len(pool)}, top {cfg.top}, guard {guard})")
+    for key, n in stats.items():
+        if key not in ("queries", "negatives"):
+            print(f"  {key}: {n}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from umr.demo import run_demo
 
@@ -402,6 +441,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register and fit only; a running server activates it with POST /v1/admin/encoder")
     u.add_argument("--json", action="store_true")
     u.set_defaults(fn=cmd_update)
+
+    m = sub.add_parser("mine", help="hard negatives for training queries: M-BEIR query lines with neg_cand_list")
+    m.add_argument("--encoder", required=True, help="the encoder whose mistakes to mine (the previous stage)")
+    m.add_argument("--queries", required=True, nargs="+", help="M-BEIR query JSONL file(s) with pos_cand_list")
+    m.add_argument("--pool", required=True, nargs="+", help="M-BEIR candidate pool JSONL file(s)")
+    m.add_argument("--out", required=True, help="output JSONL (the queries with neg_cand_list filled)")
+    m.add_argument("--top", type=int, default=100, help="candidates retrieved per query")
+    m.add_argument("--keep", type=int, default=5, help="negatives kept per query (in rank order; random within --window)")
+    m.add_argument("--window", help="FIRST:LAST: take negatives from these ranks only (after positives are dropped)")
+    m.add_argument("--guard", default="0.95",
+                   help="drop candidates scoring above this fraction of the positive's score (likely false negatives); 'none' turns it off")
+    m.add_argument("--global", dest="global_pool", action="store_true",
+                   help="search the whole pool, not only the modality of each task's positives")
+    m.add_argument("--instructions", help="M-BEIR query_instructions.tsv: instructions prefixed to the queries")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=cmd_mine)
 
     d = sub.add_parser("demo", help="index the bundled sample corpus, serve it, query it over HTTP")
     d.add_argument("--out", default=None, help="index directory (default: a temporary one)")
