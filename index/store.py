@@ -36,6 +36,7 @@ class SearchHit:
     score: float
     doc: DocRecord
     segment: int
+    details: dict | None = None  # e.g. a re-ranker's cosine and P(yes) behind `score`
 
 
 class Segment:

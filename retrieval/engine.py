@@ -59,7 +59,8 @@ class Engine:
         self.version = version
         self.calibrate_scores = True
         self.write_lock = threading.Lock()
-        self.timings = {"encode_s": 0.0, "search_s": 0.0, "compensate_s": 0.0}
+        self.timings = {"encode_s": 0.0, "search_s": 0.0, "compensate_s": 0.0, "rerank_s": 0.0}
+        self.reranker = None
         self.compensators = self._load_compensators()
 
     def _load_compensators(self) -> dict[int, dict]:
@@ -152,8 +153,39 @@ class Engine:
     def search(self, queries: list[Query], k: int = 10, modalities: list[str] | None = None,
                flt: dict | None = None) -> list[list[SearchHit]]:
         prepared = [self.prepare_query(q) for q in queries]
-        vectors = self.embed(prepared)
-        return self.search_vectors(vectors, k, modalities, flt, [query_modality(p) for p in prepared])
+        return self.search_prepared(prepared, self.embed(prepared), k, modalities, flt)
+
+    def use_reranker(self, reranker, depth: int, weight: float = 1.0) -> None:
+        """Retrieve `depth` candidates, re-rank them with cos + weight * P(yes)."""
+        from retrieval.encoders.lit import LitEncoder
+
+        if not isinstance(self.encoder, LitEncoder):
+            raise ValueError("re-ranking reads the lit towers' token states; it needs a lit encoder "
+                             f"(this index queries with {self.encoder.spec})")
+        if depth < 1:
+            raise ValueError("--rerank takes the number of candidates to re-rank (at least 1)")
+        self.reranker, self.rerank_depth, self.rerank_weight = reranker, depth, weight
+
+    def search_prepared(self, prepared: list[Prepared], vectors: np.ndarray, k: int, modalities: list[str] | None = None,
+                        flt: dict | None = None) -> list[list[SearchHit]]:
+        reranker = self.reranker
+        depth = max(k, self.rerank_depth) if reranker else k
+        hits = self.search_vectors(vectors, depth, modalities, flt, [query_modality(p) for p in prepared])
+        if not reranker:
+            return hits
+        from retrieval.reranker import rerank
+
+        t0 = time.perf_counter()
+        out = [rerank(reranker, Item(None, p.text, p.image), h, self.rerank_depth, self.rerank_weight, k, self.doc_item)
+               for p, h in zip(prepared, hits)]
+        self.timings["rerank_s"] += time.perf_counter() - t0
+        return out
+
+    def doc_item(self, doc: DocRecord) -> Item:
+        image = doc.image
+        if image and not Path(image).is_absolute():
+            image = str(self.store.path / image)
+        return Item(doc.id, doc.text, image)
 
     # -- documents ------------------------------------------------------------------------
     def _keep_image(self, data: bytes) -> str:

@@ -96,7 +96,7 @@ class RequestMetrics:
 
 def _hit(h) -> Hit:
     d = h.doc
-    return Hit(id=d.id, score=round(h.score, 6), modality=d.modality, text=d.text, image=d.image, metadata=d.metadata)
+    return Hit(id=d.id, score=round(h.score, 6), rerank=h.details, modality=d.modality, text=d.text, image=d.image, metadata=d.metadata)
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -305,6 +305,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             if not comps:
                 raise ApiError(409, "no_compensators", f"version {version} has no compensator into segment {seg_id}; "
                                                        "run `umr update` for it first")
+        if old.reranker is not None:
+            try:
+                new.use_reranker(old.reranker, old.rerank_depth, old.rerank_weight)
+            except ValueError as e:
+                raise ApiError(409, "reranker", str(e)) from None
         with old.write_lock:
             store.activate(version)
             app.state.engine = new  # requests already running keep the engine they captured

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from retrieval.encoders.base import Prepared
-from retrieval.engine import Engine, query_modality
+from retrieval.engine import Engine
 from server.metrics import Metrics
 from server.settings import ServerSettings
 
@@ -109,8 +109,8 @@ class QueryBatcher:
                 groups.setdefault(json.dumps([p.k, p.modalities, p.flt], sort_keys=True), []).append(j)
             for js in groups.values():
                 p = batch[members[js[0]]]
-                hits = engine.search_vectors(vectors[js], p.k, p.modalities, p.flt,
-                                             [query_modality(batch[members[j]].prepared) for j in js])
+                hits = engine.search_prepared([batch[members[j]].prepared for j in js], vectors[js], p.k,
+                                              p.modalities, p.flt)
                 for j, h in zip(js, hits):
                     results[members[j]] = h
             self.metrics.search.observe(time.perf_counter() - t1)

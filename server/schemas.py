@@ -28,7 +28,8 @@ class BatchSearchRequest(Strict):
 
 class Hit(BaseModel):
     id: str
-    score: float
+    score: float  # cosine, or cos + w * P(yes) when the server re-ranks
+    rerank: dict[str, float] | None = None  # {"cosine", "p_yes"} behind a re-ranked score
     modality: str
     text: str | None = None
     image: str | None = None

@@ -188,3 +188,13 @@ stages:
     prov = json.loads((tmp_path / "run" / "03-hard" / "umr_encoder.json").read_text())["provenance"]
     assert prov["data"]["examples"] == 1000 and prov["data"]["negatives"] >= 3000
     assert s3["eval"]["tasks"]["task0"]["recall@5"] > 0.2 and s3["start_fingerprint"] == s2["fingerprint"]
+
+
+def test_the_shipped_example_recipe_parses(flickr):
+    from conftest import ROOT
+
+    rec = load_recipe(ROOT / "recipes" / "staged-example.yaml")
+    assert [s.name for s in rec.stages] == ["text", "images"]
+    assert rec.out == str(ROOT / "runs" / "staged-example")
+    assert rec.stages[0].data.pairs == str(flickr / "captions.txt")
+    assert rec.stages[0].data.kind == "caption-caption" and rec.stages[1].weight_decay == 0.5

@@ -34,9 +34,10 @@ def _target_modality(queries: list[MbeirQuery], modality_of: dict[str, str]) -> 
     return counts.most_common(1)[0][0] if counts else None
 
 
-def mine(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item], cfg: MiningConfig,
-         instructions: Instructions | None = None, batch_size: int = 64) -> tuple[list[dict], dict]:
-    """(M-BEIR query records with neg_cand_list and the scores, statistics)."""
+def retrieve(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item], top: int, local: bool = True,
+             instructions: Instructions | None = None, batch_size: int = 64):
+    """Yields (query, query vector, [(did, cosine)] best first, {did: cosine} of its positives)
+    over each task's local pool (its positives' modality) or the whole pool."""
     dids = list(pool)
     items = [pool[d] for d in dids]
     cvec = encoder.encode(items, role="document", batch_size=batch_size)
@@ -45,47 +46,59 @@ def mine(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item], cfg
     by_task: dict = {}
     for q in queries:
         by_task.setdefault(q.task_id, []).append(q)
-    rng = np.random.default_rng(cfg.seed)
-    out, stats = [], Counter()
-    for task, qs in by_task.items():
-        target = _target_modality(qs, modality_of) if cfg.local else None
+    for qs in by_task.values():
+        target = _target_modality(qs, modality_of) if local else None
         cols = np.flatnonzero(cmod == target) if target else np.arange(len(dids))
         qvec = encode_queries(encoder, qs, lambda q: _instruction(q, target, instructions), batch_size)
-        top = min(cfg.top, len(cols))
-        scores, idx = exact_topk(qvec, cvec[cols], top)
-        col_of = {dids[c]: j for j, c in enumerate(cols)}
+        scores, idx = exact_topk(qvec, cvec[cols], min(top, len(cols)))
+        col_of = {dids[c]: c for c in cols}
         for q, qv, sc, ix in zip(qs, qvec, scores, idx):
-            positives = set(q.positives)
-            pos_cols = [col_of[d] for d in q.positives if d in col_of]
-            pos_score = float(max(cvec[cols[pos_cols]] @ qv)) if pos_cols else None
-            negs = []
-            for s, j in zip(sc, ix):
-                did = dids[cols[j]]
-                if did in positives:
-                    continue
-                if cfg.guard is not None and pos_score is not None and s > cfg.guard * pos_score:
-                    stats["dropped by the false-negative guard"] += 1
-                    continue
-                negs.append((did, float(s)))
-            if cfg.window:
-                negs = negs[cfg.window[0] - 1 : cfg.window[1]]
-                if cfg.keep is not None and len(negs) > cfg.keep:
-                    pick = np.sort(rng.choice(len(negs), cfg.keep, replace=False))
-                    negs = [negs[i] for i in pick]
-            elif cfg.keep is not None:
-                negs = negs[: cfg.keep]
-            if not pos_cols:
-                stats["queries whose positives are not in the pool"] += 1
-            stats["queries"] += 1
-            stats["negatives"] += len(negs)
-            if not negs:
-                stats["queries left without negatives"] += 1
-            rank = next((r for r, j in enumerate(ix, 1) if dids[cols[j]] in positives), None)
-            stats["positive ranked first"] += rank == 1
-            out.append({**q.record, "neg_cand_list": [d for d, _ in negs], "neg_scores": [round(s, 5) for _, s in negs],
-                        "pos_score": None if pos_score is None else round(pos_score, 5),
-                        "mined_by": encoder.fingerprint})
+            pos = {d: float(cvec[col_of[d]] @ qv) for d in q.positives if d in col_of}
+            yield q, qv, [(dids[cols[j]], float(s)) for s, j in zip(sc, ix)], pos
+
+
+def mine(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item], cfg: MiningConfig,
+         instructions: Instructions | None = None, batch_size: int = 64) -> tuple[list[dict], dict]:
+    """(M-BEIR query records with neg_cand_list and the scores, statistics)."""
+    rng = np.random.default_rng(cfg.seed)
+    out, stats = [], Counter()
+    for q, _, ranked, pos in retrieve(encoder, queries, pool, cfg.top, cfg.local, instructions, batch_size):
+        positives = set(q.positives)
+        pos_score = max(pos.values()) if pos else None
+        negs = []
+        for did, s in ranked:
+            if did in positives:
+                continue
+            if cfg.guard is not None and pos_score is not None and s > cfg.guard * pos_score:
+                stats["dropped by the false-negative guard"] += 1
+                continue
+            negs.append((did, s))
+        if cfg.window:
+            negs = negs[cfg.window[0] - 1 : cfg.window[1]]
+            if cfg.keep is not None and len(negs) > cfg.keep:
+                pick = np.sort(rng.choice(len(negs), cfg.keep, replace=False))
+                negs = [negs[i] for i in pick]
+        elif cfg.keep is not None:
+            negs = negs[: cfg.keep]
+        if not pos:
+            stats["queries whose positives are not in the pool"] += 1
+        stats["queries"] += 1
+        stats["negatives"] += len(negs)
+        if not negs:
+            stats["queries left without negatives"] += 1
+        stats["positive ranked first"] += bool(ranked) and ranked[0][0] in positives
+        out.append({**portable(q), "neg_cand_list": [d for d, _ in negs], "neg_scores": [round(s, 5) for _, s in negs],
+                    "pos_score": None if pos_score is None else round(pos_score, 5), "mined_by": encoder.fingerprint})
     return out, dict(stats)
+
+
+def portable(q: MbeirQuery) -> dict:
+    """The query's line with its image path made absolute: the output file may live anywhere,
+    and M-BEIR paths are relative to the data set's folder."""
+    rec = dict(q.record)
+    if rec.get("query_img_path") and isinstance(q.item.image, str):
+        rec["query_img_path"] = q.item.image
+    return rec
 
 
 def encode_queries(encoder: Encoder, queries: list[MbeirQuery], instruction_of, batch_size: int = 64) -> np.ndarray:

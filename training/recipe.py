@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def _resolve(base: Path, value: str | None) -> str | None:
     if sep and head.endswith(".json"):
         return f"{_resolve(base, head)}:{tail}"
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else base / p)
+    return os.path.normpath(p if p.is_absolute() else base / p)
 
 
 def _encoder_spec(base: Path, value: str) -> str:
@@ -131,7 +132,7 @@ def _encoder_spec(base: Path, value: str) -> str:
     p = Path(value).expanduser()
     if ":" in value or p.is_absolute() or ("/" not in value and not (base / p).exists()):
         return value
-    return str(base / p)
+    return os.path.normpath(base / p)
 
 
 def _stage(i: int, raw: Any, base: Path, defaults: dict) -> Stage:
@@ -216,6 +217,6 @@ def load_recipe(path: str | Path, out: str | None = None) -> Recipe:
     out_dir = out or raw.get("out")
     if not out_dir:
         raise RecipeError(f"{path}: needs `out:` (or pass --out)")
-    out_dir = str(Path(out_dir)) if out else str(base / out_dir)
+    out_dir = str(Path(out_dir)) if out else os.path.normpath(base / out_dir)
     return Recipe(encoder=_encoder_spec(base, str(raw.get("encoder", "lit-init:256:0"))), out=out_dir,
                   stages=stages, source=str(path))

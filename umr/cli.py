@@ -30,7 +30,8 @@ def _quiet_libraries() -> None:
 
 def _print_hits(hits, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([{"id": h.id, "score": round(h.score, 6), **{k: v for k, v in h.doc.to_dict().items() if k != "id"}}
+        print(json.dumps([{"id": h.id, "score": round(h.score, 6), **({"rerank": h.details} if h.details else {}),
+                           **{k: v for k, v in h.doc.to_dict().items() if k != "id"}}
                           for h in hits], indent=2))
         return
     if not hits:
@@ -132,6 +133,21 @@ def cmd_index_info(a) -> int:
     return 0
 
 
+def _use_reranker(eng, a) -> None:
+    if bool(a.reranker) != bool(a.rerank):
+        raise UserError("re-ranking needs both --reranker DIR and --rerank K")
+    if a.reranker:
+        from retrieval.reranker import LitReranker
+
+        eng.use_reranker(LitReranker.load(a.reranker), a.rerank, a.rerank_weight)
+
+
+def _rerank_flags(parser) -> None:
+    parser.add_argument("--reranker", help="a re-ranker from `umr reranker train`")
+    parser.add_argument("--rerank", type=int, metavar="K", help="re-rank the top K with cos + w * P(yes)")
+    parser.add_argument("--rerank-weight", type=float, default=1.0, help="w in cos + w * P(yes)")
+
+
 def cmd_search(a) -> int:
     from retrieval.engine import Engine, Query
     from retrieval.items import parse_modalities
@@ -146,6 +162,7 @@ def cmd_search(a) -> int:
         flt[key] = value
     eng = Engine.open(a.index_dir, a.encoder)
     try:
+        _use_reranker(eng, a)
         hits = eng.search([Query(a.text, a.image, a.instruction)], a.k, parse_modalities(a.modality), flt or None)[0]
     finally:
         eng.close()
@@ -169,6 +186,7 @@ def cmd_serve(a) -> int:
     settings = ServerSettings(micro_batching=not a.no_batching, batch_max_size=a.max_batch,
                               batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k, admin_key=admin_key or None)
     eng = Engine.open(a.index_dir, a.encoder)
+    _use_reranker(eng, a)
     app = create_app(eng, settings)
     print(f"serving {a.index_dir} ({eng.store.count()} documents, encoder {eng.encoder.spec}) on "
           f"http://{a.host}:{a.port}  (OpenAPI docs at /docs)", flush=True)
@@ -325,6 +343,53 @@ def cmd_mine(a) -> int:
     return 0
 
 
+def _mbeir_inputs(a):
+    from retrieval.mbeir import Instructions, read_pool, read_queries
+
+    queries = [q for path in a.queries for q in read_queries(path)]
+    pool = {d: it for path in a.pool for d, it in read_pool(path).items()}
+    return queries, pool, Instructions(a.instructions) if getattr(a, "instructions", None) else None
+
+
+def cmd_reranker_train(a) -> int:
+    from retrieval.reranker import CrossConfig, LitReranker
+    from training.reranker_train import RerankerConfig, config_dict, train_reranker
+
+    queries, pool, _ = _mbeir_inputs(a)
+    cfg = RerankerConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
+    reranker = LitReranker.fresh(CrossConfig(dim=a.dim, layers=a.layers, seed=a.seed))
+
+    def log(rec):
+        print(f"epoch {rec['epoch']:>3}  loss {rec['loss']:.4f}  pair accuracy {rec['pair_accuracy']:.3f}  "
+              f"{rec['pairs_per_s']:.0f} pairs/s", file=sys.stderr, flush=True)
+
+    history = train_reranker(reranker, queries, pool, cfg, log)
+    reranker.save(a.out, {"trained_by": "umr reranker train", "command": "umr " + " ".join(sys.argv[1:]),
+                          "config": config_dict(cfg), "queries": a.queries, "pool": a.pool, "final": history[-1]})
+    print(f"wrote re-ranker {a.out} (pair accuracy {history[-1]['pair_accuracy']:.3f} in the last epoch)")
+    return 0
+
+
+def cmd_reranker_score(a) -> int:
+    from index.atomic import atomic_write_bytes
+    from retrieval.encoders import load_encoder
+    from retrieval.reranker import LitReranker
+    from training.reranker_train import score_lists
+
+    if not 0 < a.fraction <= 1:
+        raise UserError("--fraction is the share of queries to score, in (0, 1]")
+    queries, pool, instructions = _mbeir_inputs(a)
+    reranker = LitReranker.load(a.reranker)
+    records, stats = score_lists(load_encoder(a.encoder), reranker, queries, pool, a.top, a.weight, a.fraction,
+                                 a.seed, not a.global_pool, instructions)
+    atomic_write_bytes(a.out, "".join(json.dumps(r) + "\n" for r in records).encode())
+    print(f"wrote {a.out}: teacher lists of {a.top} for {stats['queries']} queries (cos + {a.weight} * P(yes))")
+    for key, n in stats.items():
+        if key != "queries":
+            print(f"  {key}: {n}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from umr.demo import run_demo
 
@@ -377,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--encoder", help="query encoder (default: the index's)")
     s.add_argument("--json", action="store_true")
+    _rerank_flags(s)
     s.set_defaults(fn=cmd_search)
 
     sv = sub.add_parser("serve", help="serve an index over HTTP")
@@ -389,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-k", type=int, default=1000)
     sv.add_argument("--no-batching", action="store_true")
     sv.add_argument("--admin-key-file", help="file holding the admin API key (or set UMR_ADMIN_KEY)")
+    _rerank_flags(sv)
     sv.set_defaults(fn=cmd_serve)
 
     t = sub.add_parser("train", help="train a LiT encoder: a staged recipe file, or one contrastive stage from flags")
@@ -457,6 +524,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--instructions", help="M-BEIR query_instructions.tsv: instructions prefixed to the queries")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=cmd_mine)
+
+    rr = sub.add_parser("reranker", help="the cross-encoder re-ranker: train it, score teacher lists")
+    rsub = rr.add_subparsers(dest="reranker_command", required=True)
+    rt = rsub.add_parser("train", help="train on positives against mined negatives (`umr mine` output)")
+    rs = rsub.add_parser("score", help="teacher lists for distillation: the student's top N with cos + w * P(yes)")
+    for x in (rt, rs):
+        x.add_argument("--queries", required=True, nargs="+", help="M-BEIR query JSONL file(s)")
+        x.add_argument("--pool", required=True, nargs="+", help="M-BEIR candidate pool JSONL file(s)")
+        x.add_argument("--out", required=True)
+    rt.add_argument("--epochs", type=int, default=4)
+    rt.add_argument("--batch-size", type=int, default=64)
+    rt.add_argument("--lr", type=float, default=3e-4)
+    rt.add_argument("--dim", type=int, default=128, help="width of the cross transformer")
+    rt.add_argument("--layers", type=int, default=2)
+    rt.add_argument("--seed", type=int, default=0)
+    rt.set_defaults(fn=cmd_reranker_train)
+    rs.add_argument("--reranker", required=True)
+    rs.add_argument("--encoder", required=True, help="the student whose top candidates are scored")
+    rs.add_argument("--top", type=int, default=50)
+    rs.add_argument("--weight", type=float, default=1.0, help="w in cos + w * P(yes)")
+    rs.add_argument("--fraction", type=float, default=0.1, help="share of the queries, per task")
+    rs.add_argument("--seed", type=int, default=42)
+    rs.add_argument("--global", dest="global_pool", action="store_true")
+    rs.add_argument("--instructions")
+    rs.set_defaults(fn=cmd_reranker_score)
 
     d = sub.add_parser("demo", help="index the bundled sample corpus, serve it, query it over HTTP")
     d.add_argument("--out", default=None, help="index directory (default: a temporary one)")

@@ -63,6 +63,12 @@ class TextTower:
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
         return torch.nn.functional.normalize(mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"]), dim=-1)
 
+    @torch.inference_mode()
+    def token_states(self, texts: list[str], max_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last hidden states B x T x 384, attention mask B x T): what a cross-encoder reads."""
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        return self.model(**tok).last_hidden_state, tok["attention_mask"].bool()
+
 
 class ImageTower:
     def __init__(self):
@@ -102,6 +108,13 @@ class ImageTower:
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         x = (batch.float() - self.mean) / self.std
         return self.model(x.contiguous(memory_format=torch.channels_last))
+
+    @torch.inference_mode()
+    def feature_map(self, batch: torch.Tensor) -> torch.Tensor:
+        """The last 7 x 7 x 1280 feature map as 49 tokens (B x 49 x 1280), before pooling."""
+        x = (batch.float() - self.mean) / self.std
+        fmap = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))
+        return fmap.flatten(2).transpose(1, 2).contiguous()
 
 
 @lru_cache(maxsize=1)
