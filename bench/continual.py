@@ -42,8 +42,6 @@ def r_at_k(hits, relevant) -> float:
 
 
 def main():
-    import torch
-
     from index import IndexStore
     from retrieval import compensators as cp
     from retrieval.encoders import load_encoder

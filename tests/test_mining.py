@@ -112,3 +112,25 @@ def test_mbeir_examples_keep_negatives_and_teacher_lists(pool_and_queries):
     assert bank.item(text="red dog on grass") == ex.positives[0] == ex.teacher_items[0]
     with pytest.raises(ValueError, match="no training query has a positive"):
         mbeir_examples([lost], pool, FeatureBank())
+
+
+def test_instructions_are_prefixed_to_queries_only(tmp_path, pool_and_queries):
+    from retrieval.mbeir import Instructions
+    from training.examples import FeatureBank, mbeir_examples
+
+    tsv = tmp_path / "query_instructions.tsv"
+    tsv.write_text("query_modality\tcand_modality\tdataset\tdataset_id\tprompt_1\tprompt_2\n"
+                   "text\ttext\tx\t1\tFind a matching sentence.\tRetrieve a similar text.\n"
+                   "image\ttext\tx\t1\tCaption this.\t\n")
+    ins = Instructions(tsv)
+    assert ins.pick("1", "text", "text") == "Find a matching sentence."
+    assert ins.pick("1", "image", "text") == "Caption this." and ins.pick("2", "text", "text") is None
+    assert ins.pick("1", "text", "text", np.random.default_rng(3)) in ("Find a matching sentence.", "Retrieve a similar text.")
+    pool = read_pool(pool_and_queries[0])
+    bank = FeatureBank()
+    examples, _ = mbeir_examples(read_queries(pool_and_queries[1]), pool, bank, ins)
+    texts = list(bank.texts)
+    assert any(t.startswith(("Find a matching sentence. red dog", "Retrieve a similar text. red dog")) for t in texts)
+    assert "red dog on grass" in texts  # the candidate itself carries no instruction
+    with pytest.raises(ValueError, match="no instructions"):
+        Instructions(write_jsonl(tmp_path / "empty.tsv", []))

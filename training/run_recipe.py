@@ -17,8 +17,8 @@ from typing import Callable
 from index.atomic import atomic_write_json
 from retrieval.encoders import load_encoder
 from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
-from training import checkpoints
 from retrieval.mbeir import Instructions, read_pool, read_queries
+from training import checkpoints
 from training.contrastive import ContrastiveConfig, save_trained, train_examples
 from training.examples import Example, FeatureBank, compute_with_progress, mbeir_examples, pair_examples
 from training.pairs import read_pairs
