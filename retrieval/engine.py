@@ -19,7 +19,7 @@ from index.store import IndexStore, SearchHit
 from retrieval.encoders import Encoder, load_encoder
 from retrieval.encoders.base import Prepared
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
-from retrieval.items import Item
+from retrieval.items import Item, stored_item
 
 UPLOADS = "images"
 
@@ -176,16 +176,12 @@ class Engine:
         from retrieval.reranker import rerank
 
         t0 = time.perf_counter()
-        out = [rerank(reranker, Item(None, p.text, p.image), h, self.rerank_depth, self.rerank_weight, k, self.doc_item)
+        out = [rerank(reranker, Item(None, p.text, p.image), h, self.rerank_depth, self.rerank_weight, k,
+                      lambda doc: stored_item(self.store.path, doc))
                for p, h in zip(prepared, hits)]
         self.timings["rerank_s"] += time.perf_counter() - t0
         return out
 
-    def doc_item(self, doc: DocRecord) -> Item:
-        image = doc.image
-        if image and not Path(image).is_absolute():
-            image = str(self.store.path / image)
-        return Item(doc.id, doc.text, image)
 
     # -- documents ------------------------------------------------------------------------
     def _keep_image(self, data: bytes) -> str:

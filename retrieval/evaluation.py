@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from retrieval.encoders.base import Encoder
 from retrieval.items import Item
+from retrieval.mbeir import target_modality
 from retrieval.metrics import summarize
 from retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
 
@@ -87,7 +88,7 @@ def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", task
                  for q in qs]
         qvec = _encode_all(encoder, items, "query", instruction)
         if local:
-            target = Counter(modality_of[d] for q in qrels.values() for d in q if d in modality_of).most_common(1)[0][0]
+            target = target_modality((d for q in qrels.values() for d in q), modality_of)
             mask = cmod == target
             pool_desc = f"local ({target})"
         else:

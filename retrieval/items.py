@@ -48,3 +48,12 @@ def parse_modalities(text: str | list[str] | None) -> list[str] | None:
             raise ValueError(f"unknown modality {p!r}: use image, text or image,text (several joined by |)")
         out.append(p)
     return out
+
+
+def stored_item(root: Path, doc) -> Item:
+    """A stored document (index.docstore.DocRecord) as an Item to encode or re-rank again;
+    uploaded images are kept inside the index, under paths relative to its folder."""
+    image = doc.image
+    if image and not Path(image).is_absolute():
+        image = str(Path(root) / image)
+    return Item(doc.id, doc.text, image)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,3 +99,8 @@ def _modality(value: str) -> str:
     parts = sorted(p.strip() for p in value.replace("|", ",").split(","))
     return ",".join(parts)
 
+
+def target_modality(positive_ids, modality_of: dict[str, str]) -> str | None:
+    """A task's local pool: the modality most of its positives have (M-BEIR local evaluation)."""
+    counts = Counter(modality_of[d] for d in positive_ids if d in modality_of)
+    return counts.most_common(1)[0][0] if counts else None

@@ -17,17 +17,10 @@ import numpy as np
 from index.store import IndexStore, Segment
 from retrieval import compensators as cp
 from retrieval.encoders import Encoder, load_encoder
-from retrieval.items import Item
+from retrieval.items import Item, stored_item
 
 MIN_PAIRS = 20
 CORPUS_SAMPLE_FOR_AGREEMENT = 20_000
-
-
-def _doc_item(store: IndexStore, doc) -> Item:
-    image = doc.image
-    if image and not Path(image).is_absolute():
-        image = str(store.path / image)
-    return Item(doc.id, doc.text, image)
 
 
 def corpus_pairs(store: IndexStore, seg: Segment, new: Encoder, per_modality: int, seed: int = 0):
@@ -43,7 +36,7 @@ def corpus_pairs(store: IndexStore, seg: Segment, new: Encoder, per_modality: in
         found = {d.id: store.docs.get(d.id) for d in docs}
         rows = np.array([found[d.id][2] for d in docs])
         old = store.docs.vectors_at(seg.id, rows)
-        new_vecs = new.encode([_doc_item(store, d) for d in docs], role="document")
+        new_vecs = new.encode([stored_item(store.path, d) for d in docs], role="document")
         out[modality] = (new_vecs, old)
     return out
 
@@ -197,7 +190,7 @@ def _reindexed_sample(store: IndexStore, new: Encoder, new_q, old_q, relevant, n
     pick = np.random.default_rng(seed).permutation(len(others))[:n]
     sample = judged + [others[i] for i in pick]
     ids = np.array([d.id for d in sample])
-    new_vecs = new.encode([_doc_item(store, d) for d in sample], role="document")
+    new_vecs = new.encode([stored_item(store.path, d) for d in sample], role="document")
     old_scores = np.full((len(new_q), len(sample)), -np.inf, dtype=np.float32)
     where = [store.docs.get(d.id) for d in sample]
     for seg_id in {w[1] for w in where}:

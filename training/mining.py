@@ -16,7 +16,7 @@ import numpy as np
 from index.vector_index import exact_topk
 from retrieval.encoders import Encoder
 from retrieval.items import Item
-from retrieval.mbeir import Instructions, MbeirQuery
+from retrieval.mbeir import Instructions, MbeirQuery, target_modality
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,6 @@ class MiningConfig:
     guard: float | None = 0.95  # drop candidates scoring above guard * the best positive's score
     local: bool = True  # restrict each task to its positives' modality (M-BEIR local pool)
     seed: int = 0
-
-
-def _target_modality(queries: list[MbeirQuery], modality_of: dict[str, str]) -> str | None:
-    counts = Counter(modality_of[d] for q in queries for d in q.positives if d in modality_of)
-    return counts.most_common(1)[0][0] if counts else None
 
 
 def retrieve(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item], top: int, local: bool = True,
@@ -47,7 +42,7 @@ def retrieve(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item],
     for q in queries:
         by_task.setdefault(q.task_id, []).append(q)
     for qs in by_task.values():
-        target = _target_modality(qs, modality_of) if local else None
+        target = target_modality((d for q in qs for d in q.positives), modality_of) if local else None
         cols = np.flatnonzero(cmod == target) if target else np.arange(len(dids))
         qvec = encode_queries(encoder, qs, lambda q: _instruction(q, target, instructions), batch_size)
         scores, idx = exact_topk(qvec, cvec[cols], min(top, len(cols)))
