@@ -75,7 +75,7 @@ def main():
     args = p.parse_args()
 
     from retrieval.encoders import load_encoder
-    from retrieval.mbeir import read_pool, read_queries
+    from retrieval.mbeir import MbeirQuery, read_pool, read_queries
     from retrieval.reranker import CrossConfig, LitReranker, fuse
     from training.contrastive import ContrastiveConfig, train_examples
     from training.examples import FeatureBank, mbeir_examples, pair_examples
@@ -123,32 +123,31 @@ def main():
         train_examples(enc, bank, examples, cfg)
         return enc
 
+    item_of = {q.qid: q.item for q in train_q}
+
+    def as_queries(records):
+        """Mining and scoring output read back as queries, as a stage reads its JSONL."""
+        return [MbeirQuery(r["qid"], item_of[r["qid"]], r["pos_cand_list"], r.get("neg_cand_list", []), r["task_id"], r)
+                for r in records]
+
     def hard_stage(enc, seed):
         records, _ = mine(BankEncoder(enc, bank), train_q, train_pool, MiningConfig(seed=seed))
-        from retrieval.mbeir import MbeirQuery
-
-        qs = [MbeirQuery(q.qid, q.item, q.positives, r["neg_cand_list"], q.task_id, r) for q, r in zip(train_q, records)]
-        examples, _ = mbeir_examples(qs, train_pool, bank, seed=seed)
+        examples, _ = mbeir_examples(as_queries(records), train_pool, bank, seed=seed)
         return stage(enc, examples, ContrastiveConfig(**{**hard_cfg.__dict__, "seed": seed}))
 
     # The re-ranker (teacher) is trained once, on negatives mined by the seed-0 baseline.
     t0 = time.perf_counter()
     ref = stage(load_encoder("lit-init:256:0", cache=False), base_examples, ContrastiveConfig(**base_cfg, seed=0))
     records, _ = mine(BankEncoder(ref, bank), train_q, train_pool, MiningConfig(keep=20))
-    from retrieval.mbeir import MbeirQuery
-
-    rq = [MbeirQuery(q.qid, q.item, q.positives, r["neg_cand_list"], q.task_id, r) for q, r in zip(train_q, records)]
     reranker = LitReranker.fresh(CrossConfig(), heads=ref.heads)
-    rr_hist = train_reranker(reranker, rq, train_pool, RerankerConfig(epochs=1))
+    rr_hist = train_reranker(reranker, as_queries(records), train_pool, RerankerConfig(epochs=1))
     reranker_s = time.perf_counter() - t0
     log(f"re-ranker: {reranker_s:.0f}s, pair accuracy {rr_hist[-1]['pair_accuracy']:.3f}")
 
     def distill_stage(enc, seed):
         lists, _ = score_lists(BankEncoder(enc, bank), reranker, train_q, train_pool, top=args.list_top,
                                weight=1.0, fraction=args.lists_fraction, seed=seed)
-        qs = [MbeirQuery(r["qid"], next(q.item for q in train_q if q.qid == r["qid"]), r["pos_cand_list"], [],
-                         r["task_id"], r) for r in lists]
-        examples, _ = mbeir_examples(qs, train_pool, bank, seed=seed)
+        examples, _ = mbeir_examples(as_queries(lists), train_pool, bank, seed=seed)
         return stage(enc, examples, ContrastiveConfig(**{**distill_cfg.__dict__, "seed": seed}))
 
     def reranked_recall(enc) -> dict:

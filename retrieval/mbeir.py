@@ -72,6 +72,13 @@ def read_pool(path: str | Path, image_root: str | Path | None = None) -> dict[st
     return pool
 
 
+def read_sources(query_paths, pool_paths) -> tuple[list[MbeirQuery], dict[str, Item]]:
+    """Queries from several files, one pool from several files (later files win on a did)."""
+    queries = [q for path in query_paths for q in read_queries(path)]
+    pool = {d: it for path in pool_paths for d, it in read_pool(path).items()}
+    return queries, pool
+
+
 class Instructions:
     """Task instructions per (dataset id, query modality, candidate modality); queries only."""
 

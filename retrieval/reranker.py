@@ -52,8 +52,12 @@ class CrossScorer(torch.nn.Module):
 
     def __init__(self, cfg: CrossConfig):
         super().__init__()
-        torch.manual_seed(cfg.seed)
         self.cfg = cfg
+        with torch.random.fork_rng():  # seeded weights without reseeding the caller's generator
+            torch.manual_seed(cfg.seed)
+            self._build(cfg)
+
+    def _build(self, cfg: CrossConfig) -> None:
         self.text_in = torch.nn.Linear(towers.TEXT_DIM, cfg.dim)
         self.image_in = torch.nn.Linear(towers.IMAGE_DIM, cfg.dim)
         self.types = torch.nn.Embedding(4, cfg.dim)  # (query, candidate) x (text, image)

@@ -117,7 +117,7 @@ def _step_loss(bank: FeatureBank, heads: LitHeads, batch: list[Example], drawn: 
     same[:, : len(batch)] |= torch.from_numpy(q_items[:, None] == q_items[None, :])
     same &= ~torch.eye(len(batch), len(all_c), dtype=torch.bool)
     plain = not same.any() and n is None
-    loss = info_nce(q, c, heads.logit_scale, cfg.symmetric, None if plain else same[:, : len(all_c)], n)
+    loss = info_nce(q, c, heads.logit_scale, cfg.symmetric, None if plain else same, n)
     if teacher is not None and cfg.distill_weight > 0:
         with torch.no_grad():
             t_q, t_c = bank.embed(teacher.heads, q_items), bank.embed(teacher.heads, c_items)

@@ -71,8 +71,7 @@ class FeatureBank:
         """Tower features for every text and image not computed yet."""
         texts = list(self.texts)
         images = list(self.images)
-        have_t = 0 if self.text_feats is None else len(self.text_feats)
-        have_i = 0 if self.image_feats is None else len(self.image_feats)
+        have_t, have_i = self._computed()
         new_t, new_i = [], []
         for i in range(have_t, len(texts), 256):
             new_t.append(encoder.text.features(texts[i : i + 256]))
@@ -92,9 +91,12 @@ class FeatureBank:
         if new_i:
             self.image_feats = torch.cat(([self.image_feats] if have_i else []) + new_i)
 
+    def _computed(self) -> tuple[int, int]:
+        return (0 if self.text_feats is None else len(self.text_feats),
+                0 if self.image_feats is None else len(self.image_feats))
+
     def pending(self) -> int:
-        have_t = 0 if self.text_feats is None else len(self.text_feats)
-        have_i = 0 if self.image_feats is None else len(self.image_feats)
+        have_t, have_i = self._computed()
         return len(self.texts) - have_t + len(self.images) - have_i
 
     def embed(self, heads: LitHeads, ids: np.ndarray) -> torch.Tensor:
@@ -135,8 +137,7 @@ def pair_examples(pairs: list[Pair], bank: FeatureBank, kind: str = "image-capti
 
 
 def _pool_item(bank: FeatureBank, item: Item) -> int:
-    return bank.item(text=item.text if item.text and item.text.strip() else None,
-                     image=item.image if item.image is not None else None)
+    return bank.item(text=item.text if item.text and item.text.strip() else None, image=item.image)
 
 
 def mbeir_examples(queries: list[MbeirQuery], pool: dict[str, Item], bank: FeatureBank,
@@ -153,8 +154,7 @@ def mbeir_examples(queries: list[MbeirQuery], pool: dict[str, Item], bank: Featu
             continue
         target = pool[next(d for d in q.positives if d in pool)].modality
         instruction = instructions.pick(q.dataset_id, q.item.modality, target, rng) if instructions else None
-        text = with_instruction(q.item.text, instruction) if (q.item.text or instruction) else None
-        qid = bank.item(text=text, image=q.item.image)
+        qid = bank.item(text=with_instruction(q.item.text, instruction), image=q.item.image)
         negs = [_pool_item(bank, pool[d]) for d in q.negatives if d in pool]
         stats["negatives"] += len(negs)
         ex = Example(_ids([qid]), _ids(pos), _ids(negs))

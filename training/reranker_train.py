@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -109,7 +109,7 @@ def score_lists(encoder: Encoder, reranker: LitReranker, queries: list[MbeirQuer
     from tqdm import tqdm
 
     ranked_all = list(retrieve(encoder, chosen, pool, top, local, instructions))
-    for q, _, ranked, _pos in tqdm(ranked_all, unit="query", desc="re-ranking", file=sys.stderr):
+    for q, _, ranked, _ in tqdm(ranked_all, unit="query", desc="re-ranking", file=sys.stderr):
         p_yes = reranker.score(q.item, [pool[d] for d, _ in ranked])
         cos = np.array([s for _, s in ranked], dtype=np.float32)
         fused = fuse(cos, p_yes, weight)
@@ -123,7 +123,3 @@ def score_lists(encoder: Encoder, reranker: LitReranker, queries: list[MbeirQuer
         out.append({**portable(q), "teacher_list": teacher_list, "teacher": {"encoder": encoder.fingerprint,
                                                                         "reranker": reranker.path, "weight": weight}})
     return out, stats
-
-
-def config_dict(cfg: RerankerConfig) -> dict:
-    return asdict(cfg)

@@ -17,7 +17,7 @@ from typing import Callable
 from index.atomic import atomic_write_json
 from retrieval.encoders import load_encoder
 from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
-from retrieval.mbeir import Instructions, read_pool, read_queries
+from retrieval.mbeir import Instructions, read_sources
 from training import checkpoints
 from training.contrastive import ContrastiveConfig, save_trained, train_examples
 from training.examples import Example, FeatureBank, compute_with_progress, mbeir_examples, pair_examples
@@ -59,8 +59,7 @@ def stage_examples(stage: Stage, bank: FeatureBank, encoder: LitEncoder) -> tupl
         stats = {"n_pairs": len(pairs), "n_images": len({p.image for p in pairs}), "examples": len(examples)}
         label = Path(d.pairs).name
     else:
-        queries = [q for path in d.queries for q in read_queries(path)]
-        pool = {k: v for path in d.pool for k, v in read_pool(path).items()}
+        queries, pool = read_sources(d.queries, d.pool)
         examples, stats = mbeir_examples(queries, pool, bank, Instructions(d.instructions) if d.instructions else None,
                                          seed=stage.seed)
         stats["examples"] = len(examples)

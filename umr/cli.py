@@ -320,7 +320,6 @@ def _window(value: str | None) -> tuple[int, int] | None:
 def cmd_mine(a) -> int:
     from index.atomic import atomic_write_bytes
     from retrieval.encoders import load_encoder
-    from retrieval.mbeir import Instructions, read_pool, read_queries
     from training.mining import MiningConfig, mine
 
     guard = None if str(a.guard).lower() in ("none", "off", "0") else float(a.guard)
@@ -329,10 +328,8 @@ def cmd_mine(a) -> int:
     if a.top < 1 or (a.keep is not None and a.keep < 1):
         raise UserError("--top and --keep must be at least 1")
     cfg = MiningConfig(top=a.top, keep=a.keep, window=_window(a.window), guard=guard, local=not a.global_pool, seed=a.seed)
-    queries = [q for path in a.queries for q in read_queries(path)]
-    pool = {d: it for path in a.pool for d, it in read_pool(path).items()}
+    queries, pool, instructions = _mbeir_inputs(a)
     enc = load_encoder(a.encoder)
-    instructions = Instructions(a.instructions) if a.instructions else None
     records, stats = mine(enc, queries, pool, cfg, instructions)
     atomic_write_bytes(a.out, "".join(json.dumps(r) + "\n" for r in records).encode())
     print(f"wrote {a.out}: {stats.get('negatives', 0)} negatives for {stats.get('queries', 0)} queries "
@@ -344,16 +341,17 @@ def cmd_mine(a) -> int:
 
 
 def _mbeir_inputs(a):
-    from retrieval.mbeir import Instructions, read_pool, read_queries
+    from retrieval.mbeir import Instructions, read_sources
 
-    queries = [q for path in a.queries for q in read_queries(path)]
-    pool = {d: it for path in a.pool for d, it in read_pool(path).items()}
+    queries, pool = read_sources(a.queries, a.pool)
     return queries, pool, Instructions(a.instructions) if getattr(a, "instructions", None) else None
 
 
 def cmd_reranker_train(a) -> int:
     from retrieval.reranker import CrossConfig, LitReranker
-    from training.reranker_train import RerankerConfig, config_dict, train_reranker
+    from dataclasses import asdict
+
+    from training.reranker_train import RerankerConfig, train_reranker
 
     queries, pool, _ = _mbeir_inputs(a)
     cfg = RerankerConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
@@ -365,7 +363,7 @@ def cmd_reranker_train(a) -> int:
 
     history = train_reranker(reranker, queries, pool, cfg, log)
     reranker.save(a.out, {"trained_by": "umr reranker train", "command": "umr " + " ".join(sys.argv[1:]),
-                          "config": config_dict(cfg), "queries": a.queries, "pool": a.pool, "final": history[-1]})
+                          "config": asdict(cfg), "queries": a.queries, "pool": a.pool, "final": history[-1]})
     print(f"wrote re-ranker {a.out} (pair accuracy {history[-1]['pair_accuracy']:.3f} in the last epoch)")
     return 0
 
