@@ -266,6 +266,12 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
             seg_report["modalities"][modality] = {"status": "ok", "chosen": comp.kind, "pairs": int(len(n_vecs)),
                                                   "comparison": table}
         report["segments"].append(seg_report)
+    blind = [r["segment"] for r in report["segments"] if not any(m["status"] == "ok" for m in r["modalities"].values())]
+    if blind and activate and not force:
+        # Activating would leave those segments unsearchable: every query would be refused there.
+        raise UpdateRefused(f"not activated: no query modality of segment(s) {', '.join(map(str, blind))} has enough "
+                            f"calibration pairs (need {MIN_PAIRS}); add --calibration QUERIES.jsonl, register only with "
+                            "--no-activate, or --force")
     if eval_path:
         report["eval"] = evaluate_variants(store, new, fitted, pairs_of, eval_path, reindex_sample=reindex_sample)
         r = report["eval"]["recall@5"]

@@ -200,3 +200,20 @@ def test_default_calibration_adds_passages_with_the_old_encoder(tmp_path, tiny):
     with pytest.raises(ValueError, match="no longer loads"):
         fit_update(store, load_encoder("tiny-clip:2"), ["corpus", "passages"], activate=False)
     store.close()
+
+
+def test_an_update_that_leaves_a_segment_unsearchable_is_not_activated(tmp_path, tiny):
+    from retrieval.encoders import load_encoder
+    from retrieval.update import UpdateRefused
+
+    docs = [{"id": f"d{i}", "text": f"word {i}"} for i in range(5)]  # too few pairs for any compensator
+    build_index(write_jsonl(tmp_path / "c.jsonl", docs), tiny, tmp_path / "idx", progress=False)
+    store = IndexStore.open(tmp_path / "idx")
+    with pytest.raises(UpdateRefused, match="segment\\(s\\) 0"):
+        fit_update(store, load_encoder("tiny-clip:1"))
+    assert store.active_version == 1 and len(store.manifest["encoders"]) == 1  # nothing was written
+    fit_update(store, load_encoder("tiny-clip:1"), activate=False)  # registering alone is allowed
+    assert store.active_version == 1
+    store.close()
+    r = run_cli("update", tmp_path / "idx", "--encoder", "tiny-clip:2")
+    assert r.returncode == 2 and "not activated" in r.stderr

@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--sample", type=int, default=2000, help="calibration pairs per modality and source")
     u.add_argument("--eval", help="queries with judgements (M-BEIR query JSONL, or {text, image, relevant}); "
                                  "activation is refused if the compensated new encoder retrieves worse than the old")
-    u.add_argument("--force", action="store_true", help="register even when --eval says it is worse")
+    u.add_argument("--force", action="store_true", help="activate even when --eval says it is worse, or a segment got no compensator")
     u.add_argument("--reindex-sample", type=int, metavar="N",
                    help="with --eval: also re-embed the judged documents plus N others with the new encoder")
     u.add_argument("--no-activate", action="store_true",
