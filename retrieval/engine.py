@@ -157,11 +157,9 @@ class Engine:
 
     def use_reranker(self, reranker, depth: int, weight: float = 1.0) -> None:
         """Retrieve `depth` candidates, re-rank them with cos + weight * P(yes)."""
-        from retrieval.encoders.lit import LitEncoder
-
-        if not isinstance(self.encoder, LitEncoder):
-            raise ValueError("re-ranking reads the lit towers' token states; it needs a lit encoder "
-                             f"(this index queries with {self.encoder.spec})")
+        # The query's image reaches the re-ranker as the encoder prepared it.
+        if not reranker.accepts(self.encoder):
+            raise ValueError(f"a {reranker.kind} re-ranker {reranker.needs}; this index queries with {self.encoder.spec}")
         if depth < 1:
             raise ValueError("--rerank takes the number of candidates to re-rank (at least 1)")
         self.reranker, self.rerank_depth, self.rerank_weight = reranker, depth, weight

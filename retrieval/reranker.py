@@ -11,6 +11,7 @@ Saved as a directory: `umr_reranker.json` (config, provenance) + `reranker.safet
 from __future__ import annotations
 
 import json
+import sys
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -186,6 +187,15 @@ def _feature_maps(images: list) -> torch.Tensor:
 
 
 class LitReranker:
+    kind = "lit-cross"
+    needs = "reads the lit towers' token states and needs a lit encoder"
+
+    @staticmethod
+    def accepts(encoder) -> bool:
+        from retrieval.encoders.lit import LitEncoder
+
+        return isinstance(encoder, LitEncoder)
+
     def __init__(self, model: CrossScorer, path: str | None = None, provenance: dict | None = None):
         self.model = model.eval()
         self.path = path
@@ -222,6 +232,27 @@ class LitReranker:
         (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         return directory
 
+    # -- the interface train_reranker and rerank use ---------------------------------------
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+    def train(self, on: bool) -> None:
+        self.model.train(on)
+
+    def prepare_training(self, items: list[Item], label: str) -> None:
+        """Token states of every training item, computed once: training revisits them every epoch."""
+        from tqdm import tqdm
+
+        self.cache.max_items = 10 ** 9
+        step = 256
+        with tqdm(total=len(items), unit="item", desc=f"token states ({label})", file=sys.stderr) as bar:
+            for i in range(0, len(items), step):
+                self.cache.fill(items[i : i + step])
+                bar.update(len(items[i : i + step]))
+
+    def logits(self, queries: list[Item], candidates: list[Item]) -> torch.Tensor:
+        return self.model(self.cache.tokens(queries), self.cache.tokens(candidates))
+
     @torch.inference_mode()
     def score(self, query: Item, candidates: list[Item], batch_size: int = 64) -> np.ndarray:
         """P(yes) for each candidate."""
@@ -234,7 +265,19 @@ class LitReranker:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def rerank(reranker: LitReranker, query: Item, hits: list, depth: int, weight: float, k: int, resolve) -> list:
+def load_reranker(directory: str | Path):
+    """A LiT cross-encoder or an MLLM Yes/No re-ranker, by what the folder says it holds."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{directory} is not a umr re-ranker (no {CONFIG_FILE}); train one with `umr reranker train`")
+    if json.loads((directory / CONFIG_FILE).read_text()).get("type") == "mllm-yes-no":
+        from retrieval.mllm_reranker import MllmReranker
+
+        return MllmReranker.load(directory)
+    return LitReranker.load(directory)
+
+
+def rerank(reranker, query: Item, hits: list, depth: int, weight: float, k: int, resolve) -> list:
     """Retrieve-then-rerank (U-MARVEL+): the top `depth` hits re-ordered by cos + w * P(yes);
     `resolve(doc)` gives a hit's document as an Item. Hits below `depth` keep their order."""
     from dataclasses import replace

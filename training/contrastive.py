@@ -1,5 +1,5 @@
-"""One training stage for LiT encoders: InfoNCE with in-batch and mined negatives, or
-distillation from teacher lists, on the heads over cached tower features.
+"""One training stage: InfoNCE with in-batch and mined negatives, or
+distillation from teacher lists; LiT heads over cached tower features, or LoRA on an MLLM.
 
 The towers are locked, so their features are computed once per distinct text and image
 (training/examples.py) and hundreds of epochs cost seconds on a CPU.
@@ -17,10 +17,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from retrieval.encoders.lit import LitEncoder, LitHeads
-from training import checkpoints
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.lit import LitEncoder
+from training import checkpoints, distributed
 from training.examples import Example, FeatureBank
 from training.losses import embedding_distillation, info_nce, listwise_kl, margin_mse
+from training.trainees import trainee_for
 
 
 @dataclass
@@ -34,22 +36,12 @@ class ContrastiveConfig:
     distill_weight: float = 0.0  # continual: weight of 1 - cos to the frozen previous encoder
     steps: int | None = None  # stop early after this many optimizer steps
     schedule: str = "onecycle"  # onecycle | cosine (5% warm-up) | constant
-    trainable: str = "heads"  # heads | text-head | image-head
+    trainable: str = "heads"  # heads | text-head | image-head (LiT); lora (hf-mllm)
     temperature: float | None = None  # reset the learnable temperature to this at the start
     learn_temperature: bool = True
     kind: str = "image-caption"  # or caption-caption: another caption of the same image is the positive
     loss: str = "infonce"  # infonce | kl | margin-mse (the last two over teacher lists)
     hard_negatives: int = 0  # mined negatives per query added to the candidates
-
-
-def _freeze(heads: LitHeads, cfg: ContrastiveConfig) -> list[torch.nn.Parameter]:
-    frozen = {"heads": (), "text-head": ("image_proj",), "image-head": ("text_proj",)}[cfg.trainable]
-    params = []
-    for name, p in heads.named_parameters():
-        p.requires_grad_(not name.startswith(frozen) and (cfg.learn_temperature or name != "logit_scale"))
-        if p.requires_grad:
-            params.append(p)
-    return params
 
 
 def _scheduler(opt, cfg: ContrastiveConfig, total: int):
@@ -101,32 +93,32 @@ def _positive_sets(batch: list[Example], drawn: list[tuple[int, int]]) -> list[s
     return out
 
 
-def _step_loss(bank: FeatureBank, heads: LitHeads, batch: list[Example], drawn: list[tuple[int, int]],
-               cfg: ContrastiveConfig, teacher: LitEncoder | None) -> torch.Tensor:
+def _step_loss(trainee, batch: list[Example], drawn: list[tuple[int, int]], cfg: ContrastiveConfig,
+               teacher) -> torch.Tensor:
+    embed = lambda ids: distributed.embed_global(trainee.embed, ids)  # noqa: E731
     q_items = np.array([d[0] for d in drawn])
     c_items = np.array([d[1] for d in drawn])
-    q = bank.embed(heads, q_items)
+    q = embed(q_items)
     if cfg.loss in ("kl", "margin-mse"):
-        return _distill_loss(bank, heads, batch, q, cfg)
-    c = bank.embed(heads, c_items)
+        return _distill_loss(trainee, batch, q, cfg)
+    c = embed(c_items)
     n_items = np.concatenate([ex.negatives[: cfg.hard_negatives] for ex in batch]) if cfg.hard_negatives else np.zeros(0, np.int64)
-    n = bank.embed(heads, n_items) if len(n_items) else None
+    n = embed(n_items) if len(n_items) else None
     all_c = np.concatenate([c_items, n_items])
     pos_sets = _positive_sets(batch, drawn)
     same = torch.from_numpy(np.stack([np.isin(all_c, list(ps)) for ps in pos_sets]))
     same[:, : len(batch)] |= torch.from_numpy(q_items[:, None] == q_items[None, :])
     same &= ~torch.eye(len(batch), len(all_c), dtype=torch.bool)
     plain = not same.any() and n is None
-    loss = info_nce(q, c, heads.logit_scale, cfg.symmetric, None if plain else same, n)
+    loss = info_nce(q, c, trainee.logit_scale, cfg.symmetric, None if plain else same, n)
     if teacher is not None and cfg.distill_weight > 0:
         with torch.no_grad():
-            t_q, t_c = bank.embed(teacher.heads, q_items), bank.embed(teacher.heads, c_items)
+            t_q, t_c = teacher.embed(q_items), teacher.embed(c_items)
         loss = loss + cfg.distill_weight * (embedding_distillation(c, t_c) + embedding_distillation(q, t_q))
     return loss
 
 
-def _distill_loss(bank: FeatureBank, heads: LitHeads, batch: list[Example], q: torch.Tensor,
-                  cfg: ContrastiveConfig) -> torch.Tensor:
+def _distill_loss(trainee, batch: list[Example], q: torch.Tensor, cfg: ContrastiveConfig) -> torch.Tensor:
     """KL or Margin-MSE over each query's teacher list; no in-batch negatives (U-MARVEL)."""
     width = max(len(ex.teacher_items) for ex in batch)
     mask = torch.zeros(len(batch), width, dtype=torch.bool)
@@ -138,15 +130,15 @@ def _distill_loss(bank: FeatureBank, heads: LitHeads, batch: list[Example], q: t
         scores[r, :n] = torch.from_numpy(ex.teacher_scores)
         items[r, :n] = ex.teacher_items
         items[r, n:] = ex.teacher_items[0]
-    cands = bank.embed(heads, items.reshape(-1)).reshape(len(batch), width, -1)
+    cands = distributed.embed_global(trainee.embed, items.reshape(-1)).reshape(len(batch), width, -1)
     cos = torch.einsum("bd,bld->bl", q, cands)
     if cfg.loss == "kl":
-        return listwise_kl(cos, scores, mask, heads.logit_scale)
+        return listwise_kl(cos, scores, mask, trainee.logit_scale)
     return margin_mse(cos, scores, mask)
 
 
-def train_examples(encoder: LitEncoder, bank: FeatureBank, examples: list[Example], cfg: ContrastiveConfig,
-                   log: Callable[[dict], None] | None = None, teacher: LitEncoder | None = None,
+def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example], cfg: ContrastiveConfig,
+                   log: Callable[[dict], None] | None = None, teacher: Encoder | None = None,
                    checkpoint: str | Path | None = None) -> list[dict]:
     """Each step takes `batch_size` distinct examples, each with one query variant and one
     positive drawn at random; the other examples' positives and, with `hard_negatives`, the
@@ -157,7 +149,10 @@ def train_examples(encoder: LitEncoder, bank: FeatureBank, examples: list[Exampl
 
     With `checkpoint`, the heads and optimizer are saved there after every epoch, and a rerun
     resumes after the last saved epoch; the random stream is replayed for the finished epochs,
-    so a resumed run ends with the same weights as an uninterrupted one."""
+    so a resumed run ends with the same weights as an uninterrupted one.
+
+    Under `torchrun` every rank draws the same batches and embeds a slice of each; see
+    training/distributed.py. Only the first rank writes checkpoints."""
     if cfg.loss in ("kl", "margin-mse"):
         examples = [ex for ex in examples if ex.teacher_items is not None and len(ex.teacher_items) >= 2]
         if not examples:
@@ -168,11 +163,13 @@ def train_examples(encoder: LitEncoder, bank: FeatureBank, examples: list[Exampl
         raise ValueError(f"training needs at least 2 examples, got {len(examples)}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    heads = encoder.heads.train()
+    trainee = trainee_for(encoder, bank)
+    teacher = trainee_for(teacher, bank) if teacher is not None else None
+    params = trainee.parameters(cfg.trainable, cfg.learn_temperature)
+    trainee.train(True)
     if cfg.temperature is not None:
         with torch.no_grad():
-            heads.logit_scale.fill_(math.log(1 / cfg.temperature))
-    params = _freeze(heads, cfg)
+            trainee.logit_scale.fill_(math.log(1 / cfg.temperature))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, len(examples))
     steps_per_epoch = max(1, len(examples) // batch_size)
@@ -180,7 +177,7 @@ def train_examples(encoder: LitEncoder, bank: FeatureBank, examples: list[Exampl
     sched = _scheduler(opt, cfg, total)
     history, step, start_epoch = [], 0, 0
     if checkpoint is not None:
-        start_epoch, history = checkpoints.restore(checkpoint, heads, opt)
+        start_epoch, history = checkpoints.restore(checkpoint, trainee.module(), opt)
         for _ in range(min(start_epoch * steps_per_epoch, total)):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -198,30 +195,27 @@ def train_examples(encoder: LitEncoder, bank: FeatureBank, examples: list[Exampl
         for batch, picks in zip(batches, drawn):
             if step >= total:
                 break
-            loss = _step_loss(bank, heads, batch, picks, cfg, teacher)
+            loss = _step_loss(trainee, batch, picks, cfg, teacher)
             opt.zero_grad()
             loss.backward()
+            distributed.average_gradients(params)
             opt.step()
             sched.step()
             step += 1
             losses.append(float(loss.detach()))
         rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)), "lr": float(opt.param_groups[0]["lr"]),
-               "temperature": float(1 / heads.logit_scale.detach().exp().clamp(max=100)),
+               "temperature": float(1 / trainee.logit_scale.detach().exp().clamp(max=100)),
                "pairs_per_s": len(losses) * batch_size / max(time.perf_counter() - t0, 1e-9)}
         history.append(rec)
-        if checkpoint is not None:
-            checkpoints.save(checkpoint, heads, opt, epoch + 1, history)
+        if checkpoint is not None and distributed.is_main():
+            checkpoints.save(checkpoint, trainee.module(), opt, epoch + 1, history)
         if log:
             log(rec)
-    heads.eval()
-    for p in heads.parameters():
-        p.requires_grad_(True)
-    encoder.__dict__.pop("_fingerprint", None)
-    encoder._digest = None
+    trainee.train(False)
     return history
 
 
-def save_trained(encoder: LitEncoder, out: str | Path, cfg: ContrastiveConfig, data: dict, history: list[dict],
+def save_trained(encoder: Encoder, out: str | Path, cfg: ContrastiveConfig, data: dict, history: list[dict],
                  command: str) -> Path:
     provenance = {"trained_by": "umr train", "command": command, "stage": "contrastive", "config": asdict(cfg),
                   "data": data, "final": history[-1] if history else None,

@@ -141,9 +141,11 @@ def _pool_item(bank: FeatureBank, item: Item) -> int:
 
 
 def mbeir_examples(queries: list[MbeirQuery], pool: dict[str, Item], bank: FeatureBank,
-                   instructions: Instructions | None = None, seed: int = 0) -> tuple[list[Example], dict]:
+                   instructions: Instructions | None = None, seed: int = 0,
+                   join: Callable[[str | None, str | None], str | None] = with_instruction) -> tuple[list[Example], dict]:
     """One example per query. Positives and negatives missing from the pool are dropped and
-    counted; a query left with no positive is skipped and counted."""
+    counted; a query left with no positive is skipped and counted. `join` puts the instruction
+    into the query text the way the trained encoder does (`Encoder.with_instruction`)."""
     rng = np.random.default_rng(seed)
     out, stats = [], {"queries": len(queries), "skipped (no positive in the pool)": 0, "negatives": 0,
                       "teacher lists": 0}
@@ -154,7 +156,7 @@ def mbeir_examples(queries: list[MbeirQuery], pool: dict[str, Item], bank: Featu
             continue
         target = pool[next(d for d in q.positives if d in pool)].modality
         instruction = instructions.pick(q.dataset_id, q.item.modality, target, rng) if instructions else None
-        qid = bank.item(text=with_instruction(q.item.text, instruction), image=q.item.image)
+        qid = bank.item(text=join(q.item.text, instruction), image=q.item.image)
         negs = [_pool_item(bank, pool[d]) for d in q.negatives if d in pool]
         stats["negatives"] += len(negs)
         ex = Example(_ids([qid]), _ids(pos), _ids(negs))
@@ -176,7 +178,9 @@ def compute_with_progress(bank: FeatureBank, encoder: LitEncoder, label: str) ->
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=n, unit="item", desc=f"tower features ({label})", file=sys.stderr)
+    from training.distributed import is_main
+
+    bar = tqdm(total=n, unit="item", desc=f"tower features ({label})", file=sys.stderr, disable=not is_main())
     bank.compute(encoder, lambda kind, k: bar.update(k))
     bar.close()
 

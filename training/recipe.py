@@ -17,7 +17,7 @@ from typing import Any
 
 LOSSES = ("infonce", "kl", "margin-mse")
 SCHEDULES = ("onecycle", "cosine", "constant")
-TRAINABLE = ("heads", "text-head", "image-head")
+TRAINABLE = ("heads", "text-head", "image-head", "lora")
 DATA_KINDS = ("image-caption", "caption-caption")
 
 
@@ -54,7 +54,9 @@ class Stage:
     learn_temperature: bool = True
     symmetric: bool = True
     hard_negatives: int = 0  # mined negatives per query added to the in-batch ones
-    trainable: str = "heads"
+    trainable: str = "heads"  # LiT: heads | text-head | image-head; hf-mllm: lora
+    lora_r: int = 8  # when a stage adds LoRA to an MLLM that has none; later stages continue it
+    lora_alpha: int = 16
     epochs: int = 30
     steps: int | None = None  # stop after this many optimizer steps (overrides epochs when reached first)
     lr: float = 1e-3
@@ -92,7 +94,7 @@ def _check_keys(where: str, got: dict, cls) -> None:
 
 
 _FLOATS = {"temperature", "lr", "weight_decay"}
-_INTS = {"hard_negatives", "epochs", "steps", "batch_size", "seed"}
+_INTS = {"hard_negatives", "epochs", "steps", "batch_size", "seed", "lora_r", "lora_alpha"}
 _BOOLS = {"learn_temperature", "symmetric"}
 
 
@@ -173,6 +175,7 @@ def _stage(i: int, raw: Any, base: Path, defaults: dict) -> Stage:
               (stage.lr > 0, "lr must be positive"),
               (stage.temperature is None or stage.temperature > 0, "temperature must be positive"),
               (stage.hard_negatives >= 0, "hard_negatives must be >= 0"),
+              (stage.lora_r >= 1 and stage.lora_alpha >= 1, "lora_r and lora_alpha must be at least 1"),
               (stage.hard_negatives == 0 or data.queries, "hard_negatives needs data.queries from `umr mine`"),
               (stage.loss == "infonce" or data.queries, f"loss {stage.loss} needs data.queries from `umr reranker score`"),
               (stage.continual is None or stage.continual.weight >= 0, "continual.weight must be >= 0")]

@@ -1,7 +1,8 @@
 """Training the cross-encoder re-ranker, and scoring teacher lists for distillation.
 
-Training is pointwise, as U-MARVEL's: each query with one labelled positive (yes) and one
-negative drawn from its mined list (no), binary cross-entropy on the logit. Teacher lists are
+Training is pointwise, as U-MARVEL's, for both re-rankers (the LiT cross-encoder and the MLLM
+Yes/No one): each query with one labelled positive (yes) and one negative drawn from its mined
+list (no), binary cross-entropy on the logit. Teacher lists are
 the student's top candidates for a sample of training queries with the fused score
 cos + w * P(yes); a `kl` or `margin-mse` stage distils them into the student.
 """
@@ -18,7 +19,7 @@ import torch
 from retrieval.encoders import Encoder
 from retrieval.items import Item
 from retrieval.mbeir import Instructions, MbeirQuery
-from retrieval.reranker import LitReranker, fuse
+from retrieval.reranker import fuse
 from training.mining import portable, retrieve
 
 
@@ -31,29 +32,20 @@ class RerankerConfig:
     seed: int = 0
 
 
-def _fill(reranker: LitReranker, items: list[Item], label: str) -> None:
-    from tqdm import tqdm
-
-    step = 256
-    with tqdm(total=len(items), unit="item", desc=f"token states ({label})", file=sys.stderr) as bar:
-        for i in range(0, len(items), step):
-            reranker.cache.fill(items[i : i + step])
-            bar.update(len(items[i : i + step]))
-
-
-def train_reranker(reranker: LitReranker, queries: list[MbeirQuery], pool: dict[str, Item], cfg: RerankerConfig,
+def train_reranker(reranker, queries: list[MbeirQuery], pool: dict[str, Item], cfg: RerankerConfig,
                    log: Callable[[dict], None] | None = None) -> list[dict]:
     usable = [q for q in queries if any(d in pool for d in q.positives) and any(d in pool for d in q.negatives)]
     if len(usable) < 2:
         raise ValueError("the re-ranker trains on queries with positives and mined negatives in the pool "
                          f"({len(usable)} have both): give it `umr mine` output")
-    reranker.cache.max_items = 10 ** 9  # training revisits everything every epoch
-    _fill(reranker, [q.item for q in usable], "queries")
-    _fill(reranker, [pool[d] for d in {d for q in usable for d in q.positives + q.negatives if d in pool}], "candidates")
+    reranker.prepare_training([q.item for q in usable], "queries")
+    reranker.prepare_training([pool[d] for d in {d for q in usable for d in q.positives + q.negatives if d in pool}],
+                              "candidates")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = reranker.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    reranker.train(True)
+    params = reranker.parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_step = max(1, cfg.batch_size // 2)
     steps = max(1, len(usable) // per_step)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.1)
@@ -71,7 +63,7 @@ def train_reranker(reranker: LitReranker, queries: list[MbeirQuery], pool: dict[
                 qs += [q.item, q.item]
                 cands += [pool[pos[rng.integers(len(pos))]], pool[neg[rng.integers(len(neg))]]]
                 labels += [1.0, 0.0]
-            logits = model(reranker.cache.tokens(qs), reranker.cache.tokens(cands))
+            logits = reranker.logits(qs, cands)
             y = torch.tensor(labels)
             loss = bce(logits, y)
             opt.zero_grad()
@@ -87,11 +79,11 @@ def train_reranker(reranker: LitReranker, queries: list[MbeirQuery], pool: dict[
         history.append(rec)
         if log:
             log(rec)
-    model.eval()
+    reranker.train(False)
     return history
 
 
-def score_lists(encoder: Encoder, reranker: LitReranker, queries: list[MbeirQuery], pool: dict[str, Item],
+def score_lists(encoder: Encoder, reranker, queries: list[MbeirQuery], pool: dict[str, Item],
                 top: int = 50, weight: float = 1.0, fraction: float = 0.1, seed: int = 42, local: bool = True,
                 instructions: Instructions | None = None) -> tuple[list[dict], dict]:
     """Teacher lists for a stratified `fraction` of the queries (per task, as U-MARVEL's 10%):

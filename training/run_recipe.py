@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from index.atomic import atomic_write_json
-from retrieval.encoders import load_encoder
+from retrieval.encoders import Encoder, load_encoder
 from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
+from retrieval.encoders.mllm import MllmEncoder
 from retrieval.mbeir import Instructions, read_sources
-from training import checkpoints
+from training import checkpoints, distributed
 from training.contrastive import ContrastiveConfig, save_trained, train_examples
 from training.examples import Example, FeatureBank, compute_with_progress, mbeir_examples, pair_examples
 from training.pairs import read_pairs
@@ -49,9 +50,9 @@ def finished(stage_dir: Path, digest: str) -> dict | None:
     return rec if rec.get("digest") == digest and rec.get("status") == "done" else None
 
 
-def stage_examples(stage: Stage, bank: FeatureBank, encoder: LitEncoder) -> tuple[list[Example], dict]:
-    """The stage's data as examples over the shared bank (features computed for new items only,
-    so stages over the same data share one pass of the towers)."""
+def stage_examples(stage: Stage, bank: FeatureBank, encoder: Encoder) -> tuple[list[Example], dict]:
+    """The stage's data as examples over the shared bank (LiT: features computed for new items
+    only, so stages over the same data share one pass of the towers)."""
     d = stage.data
     if d.pairs:
         pairs = read_pairs(d.pairs, d.images, d.split, d.caption_template)
@@ -61,10 +62,11 @@ def stage_examples(stage: Stage, bank: FeatureBank, encoder: LitEncoder) -> tupl
     else:
         queries, pool = read_sources(d.queries, d.pool)
         examples, stats = mbeir_examples(queries, pool, bank, Instructions(d.instructions) if d.instructions else None,
-                                         seed=stage.seed)
+                                         seed=stage.seed, join=encoder.with_instruction)
         stats["examples"] = len(examples)
         label = ", ".join(Path(q).name for q in d.queries)
-    compute_with_progress(bank, encoder, label)
+    if isinstance(encoder, LitEncoder):
+        compute_with_progress(bank, encoder, label)
     return examples, stats
 
 
@@ -73,26 +75,34 @@ def run_stage(recipe: Recipe, i: int, start: str, bank: FeatureBank, log: Callab
     stage = recipe.stages[i]
     out = recipe.stage_dir(i)
     enc = load_encoder(start, cache=False)
-    if not isinstance(enc, LitEncoder):
-        raise RecipeError(f"stage {stage.name}: starts from {start}, which is not a LiT encoder; "
-                          "recipes train lit-base, lit-init:DIM:SEED or a saved LiT directory")
+    if not isinstance(enc, (LitEncoder, MllmEncoder)):
+        raise RecipeError(f"stage {stage.name}: starts from {start}, which cannot be trained; recipes train "
+                          "lit-base, lit-init:DIM:SEED, hf-mllm:PATH or a folder a recipe saved")
+    if (stage.trainable == "lora") != isinstance(enc, MllmEncoder):
+        raise RecipeError(f"stage {stage.name}: trainable {stage.trainable} does not fit {start}: "
+                          "hf-mllm encoders train lora, LiT encoders heads, text-head or image-head")
     start_fp = enc.fingerprint
     digest = stage.digest(start_fp)
     done = finished(out, digest)
     if done:
         log(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: already done ({out}), reusing it")
         return done
-    out.mkdir(parents=True, exist_ok=True)
     pending = out / STAGE_FILE
-    if pending.exists() and json.loads(pending.read_text()).get("digest") != digest:
-        checkpoints.clear(out)  # a checkpoint of other settings or other starting weights
-    atomic_write_json(pending, {"status": "running", "digest": digest, "start": start,
-                                "start_fingerprint": start_fp, "stage": asdict(stage)})
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if pending.exists() and json.loads(pending.read_text()).get("digest") != digest:
+            checkpoints.clear(out)  # a checkpoint of other settings or other starting weights
+        atomic_write_json(pending, {"status": "running", "digest": digest, "start": start,
+                                    "start_fingerprint": start_fp, "stage": asdict(stage)})
+    distributed.barrier()  # every rank resumes from the same checkpoint, or none
+    if isinstance(enc, MllmEncoder) and enc.lora is None:
+        enc.add_lora(r=stage.lora_r, alpha=stage.lora_alpha)
     teacher = None
     if stage.continual:
         teacher = load_encoder(stage.continual.teacher)
-        if not isinstance(teacher, LitEncoder) or teacher.dim != enc.dim:
-            raise RecipeError(f"stage {stage.name}: continual.teacher must be a LiT encoder of dimension {enc.dim}")
+        if type(teacher) is not type(enc) or teacher.dim != enc.dim:
+            raise RecipeError(f"stage {stage.name}: continual.teacher must be a {type(enc).__name__} "
+                              f"of dimension {enc.dim}")
     examples, stats = stage_examples(stage, bank, enc)
     cfg = stage_config(stage)
     what = ", ".join(f"{n} {k.removeprefix('n_')}" for k, n in stats.items() if n)
@@ -108,15 +118,18 @@ def run_stage(recipe: Recipe, i: int, start: str, bank: FeatureBank, log: Callab
 
     t0 = time.perf_counter()
     history = train_examples(enc, bank, examples, cfg, on_epoch, teacher=teacher, checkpoint=out)
-    data = {**asdict(stage.data), **stats, "continual": asdict(stage.continual) if stage.continual else None}
-    command = recipe.source if recipe.flat else f"umr train {recipe.source} (stage {stage.name})"
-    save_trained(enc, out, cfg, data, history, command)
     rec = {"status": "done", "digest": digest, "start": start, "start_fingerprint": start_fp, "fingerprint": enc.fingerprint,
            "stage": asdict(stage), "seconds": round(time.perf_counter() - t0, 1), "final": history[-1] if history else None}
-    if stage.eval and evaluate:
-        rec["eval"] = evaluate(enc, stage.eval)
-    atomic_write_json(pending, rec)
-    checkpoints.clear(out)
+    if distributed.is_main():
+        data = {**asdict(stage.data), **stats, "continual": asdict(stage.continual) if stage.continual else None,
+                "world_size": distributed.world()[1]}
+        command = recipe.source if recipe.flat else f"umr train {recipe.source} (stage {stage.name})"
+        save_trained(enc, out, cfg, data, history, command)
+        if stage.eval and evaluate:
+            rec["eval"] = evaluate(enc, stage.eval)
+        atomic_write_json(pending, rec)
+        checkpoints.clear(out)
+    distributed.barrier()  # the next stage starts from this folder on every rank
     return rec
 
 
@@ -129,6 +142,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] = _stderr, evaluate: C
         records.append(run_stage(recipe, i, start, bank, log, evaluate))
         start = str(recipe.stage_dir(i))
     final = recipe.stage_dir(len(recipe.stages) - 1)
-    atomic_write_json(Path(recipe.out) / "recipe.json", {"source": recipe.source, "encoder": recipe.encoder,
-                                                        "final": str(final), "stages": records})
+    if distributed.is_main():
+        atomic_write_json(Path(recipe.out) / "recipe.json", {"source": recipe.source, "encoder": recipe.encoder,
+                                                            "final": str(final), "stages": records})
     return final

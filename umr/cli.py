@@ -137,9 +137,9 @@ def _use_reranker(eng, a) -> None:
     if bool(a.reranker) != bool(a.rerank):
         raise UserError("re-ranking needs both --reranker DIR and --rerank K")
     if a.reranker:
-        from retrieval.reranker import LitReranker
+        from retrieval.reranker import load_reranker
 
-        eng.use_reranker(LitReranker.load(a.reranker), a.rerank, a.rerank_weight)
+        eng.use_reranker(load_reranker(a.reranker), a.rerank, a.rerank_weight)
 
 
 def _rerank_flags(parser) -> None:
@@ -196,8 +196,12 @@ def cmd_serve(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from training import distributed
     from training.recipe import Continual, Recipe, RecipeError, Stage, StageData, load_recipe
     from training.run_recipe import run_recipe
+
+    distributed.init_from_env()  # under `torchrun --nproc_per_node N umr train ...`
+    main_rank = distributed.is_main()
 
     flags = [f for f in ("pairs", "teacher", "split", "images") if getattr(a, f)]
     try:
@@ -227,10 +231,13 @@ def cmd_train(a) -> int:
         import dataclasses
 
         recipe = dataclasses.replace(recipe, stages=[dataclasses.replace(s, eval=a.eval) for s in recipe.stages])
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main_rank else (lambda msg: None)
     try:
-        final = run_recipe(recipe, evaluate=evaluate)
+        final = run_recipe(recipe, log=log, evaluate=evaluate)
     except (RecipeError, ValueError) as e:
         raise UserError(str(e)) from None
+    if not main_rank:
+        return 0
     from retrieval.encoders import load_encoder
 
     print(f"wrote encoder {final} (fingerprint {load_encoder(str(final), cache=False).fingerprint}); "
@@ -355,7 +362,14 @@ def cmd_reranker_train(a) -> int:
 
     queries, pool, _ = _mbeir_inputs(a)
     cfg = RerankerConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-    reranker = LitReranker.fresh(CrossConfig(dim=a.dim, layers=a.layers, seed=a.seed))
+    if a.backbone.startswith("hf-mllm:"):
+        from retrieval.mllm_reranker import MllmReranker
+
+        reranker = MllmReranker.fresh(a.backbone.split(":", 1)[1], a.lora_r, a.lora_alpha)
+    elif a.backbone == "lit-cross":
+        reranker = LitReranker.fresh(CrossConfig(dim=a.dim, layers=a.layers, seed=a.seed))
+    else:
+        raise UserError(f"--backbone {a.backbone!r}: use lit-cross or hf-mllm:PATH")
 
     def log(rec):
         print(f"epoch {rec['epoch']:>3}  loss {rec['loss']:.4f}  pair accuracy {rec['pair_accuracy']:.3f}  "
@@ -371,13 +385,13 @@ def cmd_reranker_train(a) -> int:
 def cmd_reranker_score(a) -> int:
     from index.atomic import atomic_write_bytes
     from retrieval.encoders import load_encoder
-    from retrieval.reranker import LitReranker
+    from retrieval.reranker import load_reranker
     from training.reranker_train import score_lists
 
     if not 0 < a.fraction <= 1:
         raise UserError("--fraction is the share of queries to score, in (0, 1]")
     queries, pool, instructions = _mbeir_inputs(a)
-    reranker = LitReranker.load(a.reranker)
+    reranker = load_reranker(a.reranker)
     records, stats = score_lists(load_encoder(a.encoder), reranker, queries, pool, a.top, a.weight, a.fraction,
                                  a.seed, not a.global_pool, instructions)
     atomic_write_bytes(a.out, "".join(json.dumps(r) + "\n" for r in records).encode())
@@ -534,8 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--epochs", type=int, default=4)
     rt.add_argument("--batch-size", type=int, default=64)
     rt.add_argument("--lr", type=float, default=3e-4)
-    rt.add_argument("--dim", type=int, default=128, help="width of the cross transformer")
-    rt.add_argument("--layers", type=int, default=2)
+    rt.add_argument("--backbone", default="lit-cross",
+                    help="lit-cross (a small transformer over the lit towers' states) or hf-mllm:PATH (Yes/No)")
+    rt.add_argument("--lora-r", type=int, default=8, help="hf-mllm: LoRA rank")
+    rt.add_argument("--lora-alpha", type=int, default=16, help="hf-mllm: LoRA alpha")
+    rt.add_argument("--dim", type=int, default=128, help="lit-cross: width of the cross transformer")
+    rt.add_argument("--layers", type=int, default=2, help="lit-cross: layers")
     rt.add_argument("--seed", type=int, default=0)
     rt.set_defaults(fn=cmd_reranker_train)
     rs.add_argument("--reranker", required=True)

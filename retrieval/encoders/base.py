@@ -102,6 +102,10 @@ class Encoder(ABC):
         """A hash of the weights, so two encoders with equal configs still differ if trained."""
 
     # -- shared ---------------------------------------------------------------------------
+    def with_instruction(self, text: str | None, instruction: str | None) -> str | None:
+        """How a query's text carries its task instruction (MLLMs mark it for pooling)."""
+        return with_instruction(text, instruction)
+
     @property
     def fingerprint(self) -> str:
         if not hasattr(self, "_fingerprint"):
@@ -118,7 +122,7 @@ class Encoder(ABC):
                 limits: ImageLimits = DEFAULT_LIMITS) -> Prepared:
         text = item.text if item.text and item.text.strip() else None
         if role == "query":
-            text = with_instruction(text, instruction)
+            text = self.with_instruction(text, instruction)
         image = None
         if item.image is not None:
             if not self.supports_images:

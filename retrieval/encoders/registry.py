@@ -5,6 +5,7 @@
     openclip:ARCH/PRETRAINED      open_clip pretrained tag (needs a hub or a filled cache)
     openclip:ARCH@PATH            open_clip architecture with a local checkpoint
     hf-text:PATH                  a local transformers text model, mean-pooled
+    hf-mllm:PATH                  a local Qwen2-VL family model (chat template, bidirectional, mean-pooled)
     tiny-clip[:SEED]              a tiny random CLIP, for tests
     DIR                           an encoder directory saved by `umr train`
 """
@@ -52,16 +53,22 @@ def _load(spec: str) -> Encoder:
 
         return HfTextEncoder(spec.split(":", 1)[1], spec)
     if spec.startswith("hf-mllm:"):
-        raise EncoderError("hf-mllm encoders are not available in this version of umr")
+        from retrieval.encoders.mllm import MllmEncoder
+
+        return MllmEncoder(spec.split(":", 1)[1], spec)
     path = Path(spec)
     if path.is_dir() and (path / CONFIG_FILE).exists():
         kind = json.loads((path / CONFIG_FILE).read_text()).get("type")
         if kind == "lit":
             return LitEncoder.load(path, spec=str(path.resolve()))
+        if kind == "mllm":
+            from retrieval.encoders.mllm import MllmEncoder
+
+            return MllmEncoder.load(path)
         raise EncoderError(f"{path}: unknown encoder type {kind!r}")
     raise EncoderError(
         f"unknown encoder {spec!r}: use lit-base, openclip:ARCH/PRETRAINED, openclip:ARCH@PATH, "
-        "hf-text:PATH, tiny-clip, or a directory saved by `umr train`"
+        "hf-text:PATH, hf-mllm:PATH, tiny-clip, or a directory saved by `umr train`"
     )
 
 
