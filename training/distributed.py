@@ -50,12 +50,16 @@ def embed_global(embed, ids: np.ndarray) -> torch.Tensor:
     rank, size = world()
     if size == 1 or len(ids) == 0:
         return embed(ids)
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
     per = -(-len(ids) // size)
     padded = np.concatenate([ids, np.repeat(ids[-1:], per * size - len(ids))])
     local = embed(padded[rank * per : (rank + 1) * per])
-    return torch.cat(all_gather(local.contiguous()))[: len(ids)]
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(local.contiguous()))[: len(ids)]
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:

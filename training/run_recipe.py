@@ -96,7 +96,7 @@ def run_stage(recipe: Recipe, i: int, start: str, bank: FeatureBank, log: Callab
                                     "start_fingerprint": start_fp, "stage": asdict(stage)})
     distributed.barrier()  # every rank resumes from the same checkpoint, or none
     if isinstance(enc, MllmEncoder) and enc.lora is None:
-        enc.add_lora(r=stage.lora_r, alpha=stage.lora_alpha)
+        enc.add_lora(r=stage.lora_r, alpha=stage.lora_alpha, seed=stage.seed)
     teacher = None
     if stage.continual:
         teacher = load_encoder(stage.continual.teacher)

@@ -112,17 +112,22 @@ class MllmEncoder(Encoder):
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
 
-    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets: list[str] | None = None) -> None:
-        """LoRA on the language model only: the vision tower keeps its pretrained features."""
+    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets: list[str] | None = None,
+                 seed: int = 0) -> None:
+        """LoRA on the language model only: the vision tower keeps its pretrained features.
+        The random A matrices come from `seed`, so a run reproduces and every data-parallel
+        rank starts from the same weights."""
         if self.lora is not None:
             raise EncoderError(f"{self.spec} already has a LoRA adapter (r={self.lora['r']}); stages continue it")
         from peft import LoraConfig, inject_adapter_in_model
 
         targets = list(targets or LORA_TARGETS)
-        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets),
-                                self.language_model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets),
+                                    self.language_model)
         self.language_model.to(self.device)
-        self.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}
+        self.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets, "seed": seed}
         self._changed()
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
