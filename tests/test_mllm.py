@@ -172,3 +172,21 @@ stages:
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)
     assert all(0 < h["rerank"]["p_yes"] < 1 for h in hits)
+
+
+def test_a_recipe_resolves_the_model_folder_against_its_own_folder(tmp_path):
+    from training.recipe import RecipeError, load_recipe
+
+    (tmp_path / "recipes").mkdir()
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"image": "a.jpg", "text": "a dog"}])
+    (tmp_path / "recipes" / "r.yaml").write_text(f"""
+encoder: hf-mllm:../models/qwen
+out: ../runs/x
+stages:
+  - {{name: s, data: {{pairs: {pairs}}}, trainable: lora, lora_r: 0}}
+""")
+    with pytest.raises(RecipeError, match=r"stage 1 \(s\): lora_r and lora_alpha must be at least 1"):
+        load_recipe(tmp_path / "recipes" / "r.yaml")
+    (tmp_path / "recipes" / "r.yaml").write_text((tmp_path / "recipes" / "r.yaml").read_text().replace("lora_r: 0", "lora_r: 4"))
+    recipe = load_recipe(tmp_path / "recipes" / "r.yaml")
+    assert recipe.encoder == f"hf-mllm:{tmp_path / 'models' / 'qwen'}" and recipe.stages[0].lora_r == 4

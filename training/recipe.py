@@ -129,8 +129,12 @@ def _resolve(base: Path, value: str | None) -> str | None:
 
 
 def _encoder_spec(base: Path, value: str) -> str:
-    """A registry spec (lit-base, lit-init:256:0, hf-text:PATH) or a folder relative to the recipe,
-    which may not exist yet when an earlier stage of the same recipe writes it."""
+    """A registry spec (lit-base, lit-init:256:0, hf-text:PATH, hf-mllm:PATH; their PATH relative
+    to the recipe) or a folder relative to the recipe, which may not exist yet when an earlier
+    stage of the same recipe writes it."""
+    for prefix in ("hf-mllm:", "hf-text:"):  # a model folder given relative to the recipe
+        if value.startswith(prefix):
+            return prefix + _resolve(base, value[len(prefix):])
     p = Path(value).expanduser()
     if ":" in value or p.is_absolute() or ("/" not in value and not (base / p).exists()):
         return value
