@@ -51,6 +51,10 @@ def test_embeddings_are_unit_rows_from_one_sequence_per_item(encoder, photos):
     # padding in a batch changes nothing
     alone = encoder.encode([Item(text=caps[0])])
     assert np.abs(alone - rows[:1]).max() < 1e-5
+    # a text longer than the token budget is cut to it, not refused
+    long = caps[0] + " and then" * 2000
+    assert len(encoder.tokenizer.encode(long)) > encoder.max_tokens
+    assert encoder.encode([Item(text=long, image=image)]).shape == (1, encoder.dim)
 
 
 def test_attention_is_bidirectional_and_the_instruction_is_not_pooled(encoder):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -46,7 +47,8 @@ class ContrastiveConfig:
 
 def _scheduler(opt, cfg: ContrastiveConfig, total: int):
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total,
+                                                   pct_start=0.1)
     warm = max(1, total // 20)
     if cfg.schedule == "cosine":
         f = lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))  # noqa: E731
@@ -139,7 +141,7 @@ def _distill_loss(trainee, batch: list[Example], q: torch.Tensor, cfg: Contrasti
 
 def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example], cfg: ContrastiveConfig,
                    log: Callable[[dict], None] | None = None, teacher: Encoder | None = None,
-                   checkpoint: str | Path | None = None) -> list[dict]:
+                   checkpoint: str | Path | None = None, trainee=None, progress: bool = False) -> list[dict]:
     """Each step takes `batch_size` distinct examples, each with one query variant and one
     positive drawn at random; the other examples' positives and, with `hard_negatives`, the
     batch's mined negatives are the negatives. Candidates that are labelled positives of a
@@ -152,7 +154,8 @@ def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example],
     so a resumed run ends with the same weights as an uninterrupted one.
 
     Under `torchrun` every rank draws the same batches and embeds a slice of each; see
-    training/distributed.py. Only the first rank writes checkpoints."""
+    training/distributed.py. Only the first rank writes checkpoints. `progress` shows a bar
+    over the steps with the running loss and temperature (an MLLM epoch can take hours)."""
     if cfg.loss in ("kl", "margin-mse"):
         examples = [ex for ex in examples if ex.teacher_items is not None and len(ex.teacher_items) >= 2]
         if not examples:
@@ -163,14 +166,18 @@ def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example],
         raise ValueError(f"training needs at least 2 examples, got {len(examples)}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    trainee = trainee_for(encoder, bank)
+    trainee = trainee or trainee_for(encoder, bank)
     teacher = trainee_for(teacher, bank) if teacher is not None else None
-    params = trainee.parameters(cfg.trainable, cfg.learn_temperature)
+    groups = trainee.parameters(cfg.trainable, cfg.learn_temperature)
+    # A trainee may give parameter groups with an `lr_scale` (pretrained layers learn slower than fresh heads).
+    groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
+    params = [p for g in groups for p in g["params"]]
     trainee.train(True)
     if cfg.temperature is not None:
         with torch.no_grad():
             trainee.logit_scale.fill_(math.log(1 / cfg.temperature))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": cfg.lr * g.get("lr_scale", 1.0)}
+                             for g in groups], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, len(examples))
     steps_per_epoch = max(1, len(examples) // batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.steps is None else min(cfg.steps, cfg.epochs * steps_per_epoch)
@@ -183,6 +190,10 @@ def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example],
                 warnings.simplefilter("ignore")
                 sched.step()
             step += 1
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, unit="step", desc="training", file=sys.stderr,
+               disable=not (progress and distributed.is_main()), leave=False)
     for epoch in range(cfg.epochs):
         if step >= total:
             break
@@ -203,6 +214,8 @@ def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example],
             sched.step()
             step += 1
             losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", T=f"{float(1 / trainee.logit_scale.detach().exp()):.4f}", refresh=False)
         rec = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)), "lr": float(opt.param_groups[0]["lr"]),
                "temperature": float(1 / trainee.logit_scale.detach().exp().clamp(max=100)),
                "pairs_per_s": len(losses) * batch_size / max(time.perf_counter() - t0, 1e-9)}
@@ -211,6 +224,7 @@ def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example],
             checkpoints.save(checkpoint, trainee.module(), opt, epoch + 1, history)
         if log:
             log(rec)
+    bar.close()
     trainee.train(False)
     return history
 

@@ -117,7 +117,7 @@ def run_stage(recipe: Recipe, i: int, start: str, bank: FeatureBank, log: Callab
                 f"temperature {rec['temperature']:.4f}  {rec['pairs_per_s']:.0f} pairs/s")
 
     t0 = time.perf_counter()
-    history = train_examples(enc, bank, examples, cfg, on_epoch, teacher=teacher, checkpoint=out)
+    history = train_examples(enc, bank, examples, cfg, on_epoch, teacher=teacher, checkpoint=out, progress=True)
     rec = {"status": "done", "digest": digest, "start": start, "start_fingerprint": start_fp, "fingerprint": enc.fingerprint,
            "stage": asdict(stage), "seconds": round(time.perf_counter() - t0, 1), "final": history[-1] if history else None}
     if distributed.is_main():

@@ -34,6 +34,8 @@ ADAPTER_FILE = "adapter.safetensors"
 INSTRUCTION_START, INSTRUCTION_END = "<instruction_start>", "<instruction_end>"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INIT_TEMPERATURE = 0.05
+MAX_IMAGE_SIDE = 448  # 256 visual tokens: U-MARVEL-scale budgets, not the processor's multi-megapixel default
+TEMPLATE_TOKENS = 64  # the chat template's own tokens, with room to spare
 
 
 def _device() -> torch.device:
@@ -42,7 +44,7 @@ def _device() -> torch.device:
 
 class MllmEncoder(Encoder):
     def __init__(self, base: str | Path, spec: str, lora: dict | None = None, adapter: dict | None = None,
-                 provenance: dict | None = None, max_tokens: int = 512):
+                 provenance: dict | None = None, max_tokens: int = 1024):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         quiet_transformers()
@@ -74,7 +76,8 @@ class MllmEncoder(Encoder):
         self._adapter_digest: str | None = None
         side = int(math.sqrt(getattr(self.processor.image_processor, "max_pixels", None)
                              or self.processor.image_processor.size.get("longest_edge", 224 * 224)))
-        self.image_size = max(28, side)
+        self.image_size = max(28, min(MAX_IMAGE_SIDE, side))
+        self.max_text_tokens = max_tokens - (self.image_size // 28) ** 2 - TEMPLATE_TOKENS
         if lora:
             self.add_lora(**lora)
         if adapter:
@@ -90,7 +93,7 @@ class MllmEncoder(Encoder):
             raise EncoderError(f"{directory} was trained from the base model {base}, which is not there any more")
         adapter = load_file(str(directory / ADAPTER_FILE)) if (directory / ADAPTER_FILE).exists() else None
         return cls(base, spec or str(directory.resolve()), cfg.get("lora"), adapter, cfg.get("provenance"),
-                   cfg.get("max_tokens", 512))
+                   cfg.get("max_tokens", 1024))
 
     def _add_markers(self) -> None:
         """The instruction markers are single tokens. A base that lacks them gets them, with
@@ -191,9 +194,16 @@ class MllmEncoder(Encoder):
         wrapped = f"{INSTRUCTION_START}{instruction.strip()}{INSTRUCTION_END}"
         return f"{wrapped} {text.strip()}" if text and text.strip() else wrapped
 
+    def clip(self, text: str | None) -> str | None:
+        """Long texts are cut to the token budget left beside an image, so no item overflows."""
+        if text is None:
+            return None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return text if len(ids) <= self.max_text_tokens else self.tokenizer.decode(ids[: self.max_text_tokens])
+
     def prepare(self, item: Item, role: str = "document", instruction: str | None = None,
                 limits: ImageLimits = DEFAULT_LIMITS) -> Prepared:
-        text = item.text if item.text and item.text.strip() else None
+        text = self.clip(item.text) if item.text and item.text.strip() else None
         if role == "query":
             text = self.with_instruction(text, instruction)
         image = None
