@@ -172,10 +172,29 @@ stages:
     assert np.array_equal(p, load_reranker(tmp_path / "rr").score(Item(text=photos[2][1][0]),
                                                                   [Item(image=photos[2][0]), Item(image=photos[3][0])]))
     r = run_cli("search", tmp_path / "idx", photos[2][1][0], "-k", "3", "--json", "--reranker", tmp_path / "rr",
-                "--rerank", "5")
+                "--rerank", "5", "--rerank-weight", "0.01")
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)
     assert all(0 < h["rerank"]["p_yes"] < 1 for h in hits)
+    assert all(h["score"] == pytest.approx(h["rerank"]["cosine"] + 0.01 * h["rerank"]["p_yes"], abs=1e-5) for h in hits)
+
+    # over HTTP: a text query and an uploaded image, both re-ranked by the Yes/No model
+    import httpx
+
+    from retrieval.engine import Engine
+    from server.app import create_app
+    from umr.demo import BackgroundServer
+
+    eng = Engine.open(tmp_path / "idx")
+    eng.use_reranker(rr, 5, 0.01)  # a light touch: the untrained-scale P(yes) must not bury the exact match
+    with BackgroundServer(create_app(eng)) as srv:
+        text = httpx.post(srv.url + "/v1/search", json={"text": photos[2][1][0], "k": 3}, timeout=60)
+        with open(photos[4][0], "rb") as f:
+            image = httpx.post(srv.url + "/v1/search/image", files={"file": f}, data={"k": "2"}, timeout=60)
+    eng.close()
+    assert text.status_code == 200 and [h["id"] for h in text.json()["results"]] == [h["id"] for h in hits]
+    assert image.status_code == 200 and image.json()["results"][0]["id"] == "img4"  # its own indexed copy
+    assert all(0 < h["rerank"]["p_yes"] < 1 for h in image.json()["results"])
 
 
 def test_a_recipe_resolves_the_model_folder_against_its_own_folder(tmp_path):
