@@ -11,12 +11,11 @@ settings) and `adapter.safetensors`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from retrieval.encoders.mllm import ADAPTER_FILE, MllmEncoder
 from retrieval.items import Item
@@ -55,11 +54,7 @@ class MllmReranker:
         return cls(enc, str(directory), cfg.get("provenance"))
 
     def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.encoder.adapter_state().items()}
-        save_file(state, str(directory / ADAPTER_FILE))
-        os.chmod(directory / ADAPTER_FILE, 0o644)
+        directory = self.encoder.save_adapter(directory)
         cfg = {"type": self.kind, "base": str(self.encoder.base), "lora": self.encoder.lora, "question": QUESTION,
                "provenance": provenance or self.provenance}
         (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")

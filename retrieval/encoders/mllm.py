@@ -162,12 +162,17 @@ class MllmEncoder(Encoder):
         self.__dict__.pop("_fingerprint", None)
         self._adapter_digest = None
 
-    def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
+    def save_adapter(self, directory: str | Path) -> Path:
+        """The LoRA weights and temperature only; whoever saves writes the JSON beside them."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.adapter_state().items()}
         save_file(state, str(directory / ADAPTER_FILE))
         os.chmod(directory / ADAPTER_FILE, 0o644)
+        return directory
+
+    def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
+        directory = self.save_adapter(directory)
         cfg = {"type": "mllm", "base": str(self.base), "lora": self.lora, "max_tokens": self.max_tokens,
                **{"config": self.config()}, "provenance": provenance or self.provenance}
         (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
