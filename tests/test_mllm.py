@@ -213,3 +213,24 @@ stages:
     (tmp_path / "recipes" / "r.yaml").write_text((tmp_path / "recipes" / "r.yaml").read_text().replace("lora_r: 0", "lora_r: 4"))
     recipe = load_recipe(tmp_path / "recipes" / "r.yaml")
     assert recipe.encoder == f"hf-mllm:{tmp_path / 'models' / 'qwen'}" and recipe.stages[0].lora_r == 4
+
+
+@pytest.mark.parametrize("padding", [0, 16])
+def test_a_base_without_instruction_markers_gets_them_deterministically(tmp_path, padding):
+    from retrieval.encoders.mllm import INSTRUCTION_END, INSTRUCTION_START, MllmEncoder
+    from retrieval.encoders.tiny_qwen2vl import build
+    from retrieval.items import Item
+
+    base = build(tmp_path / "base", markers=False, vocab_padding=padding)
+    rows = json.loads((base / "config.json").read_text())["text_config"]["vocab_size"]
+    enc = MllmEncoder(base, "a")
+    emb = enc.model.get_input_embeddings().weight
+    assert emb.shape[0] == max(rows, len(enc.tokenizer))  # grown when needed, never shrunk
+    vocab = len(enc.tokenizer) - 2
+    assert {enc.start_id, enc.end_id} == {vocab, vocab + 1}
+    assert enc.tokenizer.convert_ids_to_tokens([enc.start_id, enc.end_id]) == [INSTRUCTION_START, INSTRUCTION_END]
+    assert torch.allclose(emb[enc.start_id], emb[:vocab].mean(0))
+    q = enc.encode([Item(text="a dog")], role="query", instruction="Find it.")
+    again = MllmEncoder(base, "b")
+    assert np.array_equal(again.encode([Item(text="a dog")], role="query", instruction="Find it."), q)
+    assert again.fingerprint == enc.fingerprint

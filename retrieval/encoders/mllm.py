@@ -97,16 +97,20 @@ class MllmEncoder(Encoder):
 
     def _add_markers(self) -> None:
         """The instruction markers are single tokens. A base that lacks them gets them, with
-        embedding rows set to the mean of the existing ones (deterministic, so a reload gives
-        the same model); the markers are never pooled, so their rows hardly matter."""
+        embedding rows set to the mean of the vocabulary's (deterministic, so a reload gives
+        the same model; the markers are never pooled, so their rows hardly matter). Qwen's
+        embedding matrix is padded past its vocabulary, so the new ids usually fit without
+        resizing; it is never shrunk."""
         missing = [t for t in (INSTRUCTION_START, INSTRUCTION_END) if t not in self.tokenizer.get_vocab()]
         if missing:
+            vocab = len(self.tokenizer)
             self.tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-            old = self.model.get_input_embeddings().weight.shape[0]
-            self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+            if len(self.tokenizer) > self.model.get_input_embeddings().weight.shape[0]:
+                self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+            ids = self.tokenizer.convert_tokens_to_ids(missing)
             with torch.no_grad():
                 emb = self.model.get_input_embeddings().weight
-                emb[old:] = emb[:old].mean(0)
+                emb[ids] = emb[:vocab].mean(0)
         self.start_id = self.tokenizer.convert_tokens_to_ids(INSTRUCTION_START)
         self.end_id = self.tokenizer.convert_tokens_to_ids(INSTRUCTION_END)
 

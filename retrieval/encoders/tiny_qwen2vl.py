@@ -40,7 +40,10 @@ running jumping sitting standing walking playing holding looking wearing smiling
 """
 
 
-def build(out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2, image_size: int = 56) -> Path:
+def build(out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2, image_size: int = 56,
+          markers: bool = True, vocab_padding: int = 0) -> Path:
+    """`markers=False` leaves the instruction markers out of the tokenizer and `vocab_padding`
+    pads the embedding matrix past the vocabulary, as real Qwen2-VL checkpoints are."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
@@ -51,17 +54,18 @@ def build(out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2, ima
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS,
+    special = SPECIAL_TOKENS if markers else [t for t in SPECIAL_TOKENS if "instruction" not in t]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([line for line in _CORPUS.splitlines() if line.strip()] * 4, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="right")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+                                        additional_special_tokens=special[1:], padding_side="right")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     heads = 4
     head_dim = hidden // heads
     quarter = head_dim // 4
     cfg = Qwen2VLConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": hidden * 2,
+        text_config={"vocab_size": len(tokenizer) + vocab_padding, "hidden_size": hidden, "intermediate_size": hidden * 2,
                      "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 2,
                      "max_position_embeddings": 2048, "bos_token_id": ids["<|endoftext|>"],
                      "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
