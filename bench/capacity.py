@@ -108,16 +108,8 @@ class TopTrainee:
 
     def embed(self, ids: np.ndarray) -> torch.Tensor:
         heads = self.enc.heads
-        t, im = np.asarray(self.bank.item_text)[ids], np.asarray(self.bank.item_image)[ids]
-        out = torch.zeros(len(ids), heads.text_proj.out_features)
-        has_t, has_i = np.flatnonzero(t >= 0), np.flatnonzero(im >= 0)
-        if len(has_t):
-            v = F.normalize(heads.text_proj(self.text_features(torch.from_numpy(t[has_t]))), dim=-1)
-            out = out.index_put((torch.from_numpy(has_t),), v, accumulate=True)
-        if len(has_i):
-            v = F.normalize(heads.image_proj(self.image_features(torch.from_numpy(im[has_i]))), dim=-1)
-            out = out.index_put((torch.from_numpy(has_i),), v, accumulate=True)
-        return F.normalize(out, dim=-1)
+        return self.bank.fuse(ids, lambda rows: heads.text_proj(self.text_features(rows)),
+                              lambda rows: heads.image_proj(self.image_features(rows)), heads.text_proj.out_features)
 
 
 def below_the_top(bank, enc) -> dict:

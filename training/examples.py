@@ -100,17 +100,22 @@ class FeatureBank:
         return len(self.texts) - have_t + len(self.images) - have_i
 
     def embed(self, heads: LitHeads, ids: np.ndarray) -> torch.Tensor:
-        """Unit rows; an image+text item is the normalised sum of its normalised parts."""
+        """Unit rows through the heads over the cached tower features."""
+        return self.fuse(ids, lambda rows: heads.text_proj(self.text_feats[rows]),
+                         lambda rows: heads.image_proj(self.image_feats[rows]), heads.text_proj.out_features)
+
+    def fuse(self, ids: np.ndarray, text_vectors: Callable, image_vectors: Callable, dim: int) -> torch.Tensor:
+        """Unit rows for items, given how to embed text and image rows of the bank; an
+        image+text item is the normalised sum of its normalised parts, as the encoder fuses them."""
         t = np.asarray(self.item_text)[ids]
         im = np.asarray(self.item_image)[ids]
-        dim = heads.text_proj.out_features
         out = torch.zeros(len(ids), dim)
         has_t, has_i = np.flatnonzero(t >= 0), np.flatnonzero(im >= 0)
         if len(has_t):
-            tv = F.normalize(heads.text_proj(self.text_feats[t[has_t]]), dim=-1)
+            tv = F.normalize(text_vectors(torch.from_numpy(t[has_t])), dim=-1)
             out = out.index_put((torch.from_numpy(has_t),), tv, accumulate=True)
         if len(has_i):
-            iv = F.normalize(heads.image_proj(self.image_feats[im[has_i]]), dim=-1)
+            iv = F.normalize(image_vectors(torch.from_numpy(im[has_i])), dim=-1)
             out = out.index_put((torch.from_numpy(has_i),), iv, accumulate=True)
         return F.normalize(out, dim=-1)
 

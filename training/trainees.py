@@ -11,7 +11,7 @@ import torch
 
 from retrieval.encoders.base import Encoder, Prepared
 from retrieval.encoders.lit import LitEncoder
-from retrieval.images import open_image
+from retrieval.items import Item
 from training.examples import FeatureBank
 
 LIT_TRAINABLE = {"heads": (), "text-head": ("image_proj",), "image-head": ("text_proj",)}
@@ -87,7 +87,7 @@ class MllmTrainee:
         image = None
         if i >= 0:
             if i not in self._pixels:
-                self._pixels[i] = self.encoder.preprocess_image(open_image(self._images[i], min_side=self.encoder.image_size))
+                self._pixels[i] = self.encoder.prepare(Item(image=self._images[i])).image
             image = self._pixels[i]
         return Prepared(self._texts[t] if t >= 0 else None, image)
 
