@@ -18,16 +18,10 @@ KS = (1, 5, 10)
 
 
 def _encode_all(encoder: Encoder, items: list[Item], role: str, instruction=None, batch_size: int = 64) -> np.ndarray:
-    from retrieval.prefetch import prefetch_batches
-
-    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    out = []
-    for chunk, prepared in prefetch_batches(chunks, lambda it: encoder.prepare(it, role, instruction)):
-        for it, p in zip(chunk, prepared):
-            if isinstance(p, Exception):
-                raise ValueError(f"cannot encode {it.id}: {p}")
-        out.append(encoder.embed(prepared))
-    return np.concatenate(out) if out else np.zeros((0, encoder.dim), dtype=np.float32)
+    try:
+        return encoder.encode(items, role, instruction, batch_size)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot encode the evaluation data: {e}") from None
 
 
 def _rank(q: np.ndarray, c: np.ndarray, ids: list[str], k: int) -> list[list[str]]:

@@ -9,6 +9,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests share one fresh feature cache per run (the CLI subprocesses too): nothing leaks in from
+# the user's own ~/.cache/umr, and a test that needs a cold cache sets UMR_CACHE_DIR itself.
+if "UMR_TEST_KEEP_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["UMR_CACHE_DIR"] = tempfile.mkdtemp(prefix="umr-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["UMR_CACHE_DIR"], True)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

@@ -46,9 +46,17 @@ def test_beir_text_eval(tmp_path):
 @pytest.mark.slow
 def test_umr_train_writes_a_loadable_encoder_that_learns(flickr, tmp_path):
     out = tmp_path / "enc"
-    r = run_cli("train", "--pairs", flickr / "captions.txt", "--split", f"{flickr / 'split.json'}:train",
-                "--out", out, "--epochs", "8", "--encoder", "lit-init:64:3")
+    cache = {"UMR_CACHE_DIR": str(tmp_path / "cache")}
+    train = ["train", "--pairs", flickr / "captions.txt", "--split", f"{flickr / 'split.json'}:train",
+             "--encoder", "lit-init:64:3"]
+    r = run_cli(*train, "--out", out, "--epochs", "8", env=cache)
     assert r.returncode == 0, r.stderr
+    shards = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(shards) >= 2  # the 800 photos' and the 4,000 captions' tower features, kept on disk
+    # A second process over the same data runs neither tower: it writes no feature shard.
+    r = run_cli(*train, "--out", tmp_path / "again", "--epochs", "1", env=cache)
+    assert r.returncode == 0, r.stderr
+    assert sorted((tmp_path / "cache").rglob("*.safetensors")) == shards
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.6 * log[0]["loss"]
     cfg = json.loads((out / "umr_encoder.json").read_text())

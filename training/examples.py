@@ -17,10 +17,8 @@ import torch.nn.functional as F
 
 from retrieval.encoders.base import with_instruction
 from retrieval.encoders.lit import LitEncoder, LitHeads
-from retrieval.images import open_image
 from retrieval.items import Item
 from retrieval.mbeir import Instructions, MbeirQuery
-from retrieval.prefetch import prefetch_batches
 from training.pairs import Pair
 
 
@@ -68,28 +66,21 @@ class FeatureBank:
         return bank
 
     def compute(self, encoder: LitEncoder, progress: Callable[[str, int], None] | None = None) -> None:
-        """Tower features for every text and image not computed yet."""
+        """Tower features for every text and image not computed yet, through the on-disk
+        feature cache, so a second process over the same data starts training at once."""
         texts = list(self.texts)
         images = list(self.images)
         have_t, have_i = self._computed()
-        new_t, new_i = [], []
-        for i in range(have_t, len(texts), 256):
-            new_t.append(encoder.text.features(texts[i : i + 256]))
-            if progress:
-                progress("texts", len(texts[i : i + 256]))
-        chunks = [images[i : i + 32] for i in range(have_i, len(images), 32)]
-        prep = lambda path: encoder.preprocess_image(open_image(path, min_side=encoder.image_size))  # noqa: E731
-        for chunk, tensors in prefetch_batches(chunks, prep):
-            for path, t in zip(chunk, tensors):
-                if isinstance(t, Exception):
-                    raise ValueError(f"training image {path}: {t}")
-            new_i.append(encoder.image.features(torch.stack(tensors)))
-            if progress:
-                progress("images", len(chunk))
-        if new_t:
-            self.text_feats = torch.cat(([self.text_feats] if have_t else []) + new_t)
-        if new_i:
-            self.image_feats = torch.cat(([self.image_feats] if have_i else []) + new_i)
+        if len(texts) > have_t:
+            new_t = encoder.text.cached_features(texts[have_t:], progress=progress and (lambda n: progress("texts", n)))
+            self.text_feats = torch.cat(([self.text_feats] if have_t else []) + [new_t])
+        if len(images) > have_i:
+            try:
+                new_i = encoder.image.cached_features(images[have_i:],
+                                                      progress=progress and (lambda n: progress("images", n)))
+            except ValueError as e:
+                raise ValueError(f"training {e}") from None
+            self.image_feats = torch.cat(([self.image_feats] if have_i else []) + [new_i])
 
     def _computed(self) -> tuple[int, int]:
         return (0 if self.text_feats is None else len(self.text_feats),

@@ -65,6 +65,23 @@ def sha256_file(path: str | Path, _cache: dict = {}) -> str:
     return _cache[key]
 
 
+def check_role(role: str) -> None:
+    if role not in ("document", "query"):
+        raise ValueError("role must be 'document' or 'query'")
+
+
+def fuse(n: int, dim: int, img_idx: list[int], img: torch.Tensor | None, txt_idx: list[int],
+         txt: torch.Tensor | None) -> np.ndarray:
+    """One unit row per item from its image and/or text vectors: an image+text item is the
+    normalised sum of its normalised parts (UniIR's CLIP_SF score fusion)."""
+    out = torch.zeros(n, dim)
+    if img_idx:
+        out[img_idx] += l2_normalize(img)
+    if txt_idx:
+        out[txt_idx] += l2_normalize(txt)
+    return l2_normalize(out).numpy().astype(np.float32)
+
+
 def with_instruction(text: str | None, instruction: str | None) -> str | None:
     """Task instructions are prefixed to the query text only (UniIR / U-MARVEL)."""
     if not instruction:
@@ -143,24 +160,26 @@ class Encoder(ABC):
     def embed(self, prepared: list[Prepared]) -> np.ndarray:
         """Batched forward over prepared items; image+text items are fused as CLIP_SF does:
         the normalised sum of the normalised image and text embeddings."""
-        out = torch.zeros(len(prepared), self.dim)
         img_idx = [i for i, p in enumerate(prepared) if p.image is not None]
         txt_idx = [i for i, p in enumerate(prepared) if p.text is not None]
-        if img_idx:
-            out[img_idx] += l2_normalize(self.embed_images(torch.stack([prepared[i].image for i in img_idx])))
-        if txt_idx:
-            out[txt_idx] += l2_normalize(self.embed_texts([prepared[i].text for i in txt_idx]))
-        return l2_normalize(out).numpy().astype(np.float32)
+        img = self.embed_images(torch.stack([prepared[i].image for i in img_idx])) if img_idx else None
+        txt = self.embed_texts([prepared[i].text for i in txt_idx]) if txt_idx else None
+        return fuse(len(prepared), self.dim, img_idx, img, txt_idx, txt)
 
     def encode(self, items: list[Item], role: str = "document", instruction: str | None = None,
                batch_size: int = 64) -> np.ndarray:
-        """L2-normalised float32 rows, one per item."""
-        if role not in ("document", "query"):
-            raise ValueError("role must be 'document' or 'query'")
+        """L2-normalised float32 rows, one per item; images decode in worker threads while the
+        model runs. An item that cannot be prepared raises what `prepare` raised."""
+        from retrieval.prefetch import prefetch_batches
+
+        check_role(role)
+        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         rows = []
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            rows.append(self.embed([self.prepare(it, role, instruction) for it in chunk]))
+        for chunk, prepared in prefetch_batches(chunks, lambda it: self.prepare(it, role, instruction)):
+            for p in prepared:
+                if isinstance(p, Exception):
+                    raise p
+            rows.append(self.embed(prepared))
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
 
     def encode_texts(self, texts: list[str], role: str = "query", instruction: str | None = None) -> np.ndarray:

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from retrieval.encoders import towers
-from retrieval.encoders.base import Encoder, EncoderError
+from retrieval.encoders.base import EncoderError
+from retrieval.encoders.tower_encoder import TowerEncoder
 
 CONFIG_FILE = "umr_encoder.json"
 HEADS_FILE = "heads.safetensors"
@@ -34,16 +34,14 @@ class LitHeads(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / INIT_TEMPERATURE)))))
 
 
-class LitEncoder(Encoder):
+class LitEncoder(TowerEncoder):
     def __init__(self, heads: LitHeads, spec: str, provenance: dict | None = None, digest: str | None = None):
+        super().__init__()
         self.heads = heads.eval()
         self.spec = spec
         self.dim = heads.text_proj.out_features
         self.provenance = provenance or {}
         self._digest = digest
-        self.text = towers.text_tower()
-        self.image = towers.image_tower()
-        self.image_size = towers.IMAGE_SIZE
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -90,13 +88,8 @@ class LitEncoder(Encoder):
             self._digest = h.hexdigest()
         return f"{self.text.digest[:16]}:{self.image.digest[:16]}:{self._digest[:32]}"
 
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        return towers.ImageTower.preprocess(image)
+    def text_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.heads.text_proj(feats)
 
-    @torch.inference_mode()
-    def embed_images(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.heads.image_proj(self.image.features(batch))
-
-    @torch.inference_mode()
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return self.heads.text_proj(self.text.features(texts))
+    def image_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.heads.image_proj(feats)

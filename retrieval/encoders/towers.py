@@ -9,12 +9,14 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
+from retrieval.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
 
 TEXT_TOWER = "all-MiniLM-L6-v2"
 IMAGE_TOWER = "efficientnet_lite0"
@@ -25,6 +27,8 @@ IMAGE_SIZE = 224
 IMAGE_MEAN = (0.498, 0.498, 0.498)
 IMAGE_STD = (0.502, 0.502, 0.502)
 MAX_TOKENS = 128
+# Bump when ImageTower.preprocess changes: cached image features are keyed by it.
+PREPROCESS_VERSION = 1
 _lock = threading.Lock()
 
 
@@ -58,10 +62,22 @@ class TextTower:
         self.digest = sha256_file(path / "model.safetensors")
 
     @torch.inference_mode()
-    def features(self, texts: list[str]) -> torch.Tensor:
+    def features(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
         """Mean-pooled, L2-normalised sentence embeddings (the all-MiniLM recipe)."""
-        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         return torch.nn.functional.normalize(mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"]), dim=-1)
+
+    def cached_features(self, texts: list[str], max_tokens: int = MAX_TOKENS, batch_size: int = 256,
+                        progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """`features`, looked up in the on-disk feature cache first (retrieval/feature_cache.py)."""
+        cache = FeatureCache.for_namespace(f"text-{TEXT_TOWER}-{self.digest[:16]}-t{max_tokens}", TEXT_DIM)
+
+        def compute(positions):
+            for chunk in chunked(positions, batch_size):
+                yield chunk, self.features([texts[i] for i in chunk], max_tokens).numpy()
+
+        rows = cached_rows(cache, [text_key(t) for t in texts], TEXT_DIM, compute, progress)
+        return torch.from_numpy(rows)
 
     @torch.inference_mode()
     def token_states(self, texts: list[str], max_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,12 +125,63 @@ class ImageTower:
         x = (batch.float() - self.mean) / self.std
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
+    def cached_features(self, sources: list, batch_size: int = 32, workers: int = 2,
+                        progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Pooled features of images given as paths, bytes, PIL images or preprocessed tensors;
+        paths and bytes are looked up in the on-disk feature cache by content first. An image
+        that cannot be read raises ValueError naming it."""
+        from retrieval.images import open_image
+        from retrieval.prefetch import prefetch_batches
+
+        def prep(src):
+            if isinstance(src, torch.Tensor):
+                return src
+            return self.preprocess(open_image(src, min_side=IMAGE_SIZE))
+
+        def compute(positions):
+            chunks = list(chunked(positions, batch_size))
+            for chunk, tensors in prefetch_batches(chunks, lambda i: prep(sources[i]), workers):
+                for i, t in zip(chunk, tensors):
+                    if isinstance(t, Exception):
+                        raise ValueError(f"image {sources[i] if isinstance(sources[i], (str, Path)) else i}: {t}")
+                yield chunk, self.features(torch.stack(tensors)).numpy()
+
+        cacheable = [i for i, s in enumerate(sources) if isinstance(s, (str, Path, bytes, bytearray))]
+        other = [i for i in range(len(sources)) if not isinstance(sources[i], (str, Path, bytes, bytearray))]
+        out = np.zeros((len(sources), IMAGE_DIM), dtype=np.float32)
+        if cacheable:
+            cache = FeatureCache.for_namespace(
+                f"image-{IMAGE_TOWER}-{self.digest[:16]}-pooled-{IMAGE_SIZE}-p{PREPROCESS_VERSION}", IMAGE_DIM)
+            keys = [_content_key(sources[i]) for i in cacheable]
+
+            pos_of = {i: p for p, i in enumerate(cacheable)}
+
+            def compute_cacheable(positions):
+                for chunk, rows in compute([cacheable[p] for p in positions]):
+                    yield [pos_of[i] for i in chunk], rows
+
+            out[cacheable] = cached_rows(cache, keys, IMAGE_DIM, compute_cacheable, progress)
+        for chunk, rows in compute(other):
+            out[chunk] = rows
+            if progress:
+                progress(len(chunk))
+        return torch.from_numpy(out)
+
     @torch.inference_mode()
     def feature_map(self, batch: torch.Tensor) -> torch.Tensor:
         """The last 7 x 7 x 1280 feature map as 49 tokens (B x 49 x 1280), before pooling."""
         x = (batch.float() - self.mean) / self.std
         fmap = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))
         return fmap.flatten(2).transpose(1, 2).contiguous()
+
+
+def _content_key(source) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes_key(bytes(source))
+    try:
+        return file_key(source)
+    except OSError as e:
+        raise ValueError(f"image {source}: cannot read it ({e.strerror or e})") from None
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,66 @@
+"""Encoders whose trained part sits on the locked lit towers' features (MiniLM, EfficientNet-Lite0).
+
+The towers never change, so `encode` reads their features from the on-disk feature cache
+(retrieval/feature_cache.py) by the items' content and only the small trained part runs:
+mining, evaluation and calibration over data seen before skip the towers entirely.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrieval.encoders import towers
+from retrieval.encoders.base import Encoder, check_role, fuse
+from retrieval.items import Item
+
+
+class TowerEncoder(Encoder):
+    text_max_tokens = towers.MAX_TOKENS
+
+    def __init__(self):
+        self.text = towers.text_tower()
+        self.image = towers.image_tower()
+        self.image_size = towers.IMAGE_SIZE
+
+    @abstractmethod
+    def text_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """MiniLM features (B x 384, unit rows) -> (B, dim), not yet normalised."""
+
+    @abstractmethod
+    def image_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """EfficientNet pooled features (B x 1280) -> (B, dim), not yet normalised."""
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        return towers.ImageTower.preprocess(image)
+
+    @torch.inference_mode()
+    def embed_images(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.image_head(self.image.features(batch))
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.text_head(self.text.features(texts, self.text_max_tokens))
+
+    @torch.inference_mode()
+    def encode(self, items: list[Item], role: str = "document", instruction: str | None = None,
+               batch_size: int = 64) -> np.ndarray:
+        check_role(role)
+        txt_idx, texts, img_idx, images = [], [], [], []
+        for r, it in enumerate(items):
+            text = it.text if it.text and it.text.strip() else None
+            if role == "query":
+                text = self.with_instruction(text, instruction)
+            if text is None and it.image is None:
+                raise ValueError(f"item {it.id!r} has neither text nor image")
+            if text is not None:
+                txt_idx.append(r)
+                texts.append(text)
+            if it.image is not None:
+                img_idx.append(r)
+                images.append(it.image)
+        txt = self.text_head(self.text.cached_features(texts, self.text_max_tokens)) if texts else None
+        img = self.image_head(self.image.cached_features(images, batch_size=min(batch_size, 32))) if images else None
+        return fuse(len(items), self.dim, img_idx, img, txt_idx, txt)
