@@ -103,6 +103,12 @@ class ImageTower:
                 raise EncoderError(f"cannot map EfficientNet-Lite0 weights: {name} {tuple(t_val.shape)} vs {tuple(s_val.shape)}")
             mapped[name] = s_val
         model.load_state_dict(mapped)
+        # The ImageNet classifier is kept beside the pooled features: its 1,000 concepts are what
+        # the concept bridge (retrieval/encoders/concept_bridge.py) reads.
+        head = model.get_classifier()
+        self.classifier = torch.nn.Linear(head.in_features, head.out_features).eval()
+        self.classifier.load_state_dict(head.state_dict())
+        self.classifier.requires_grad_(False)
         model.reset_classifier(0)
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.digest = sha256_file(path)
@@ -166,6 +172,11 @@ class ImageTower:
             if progress:
                 progress(len(chunk))
         return torch.from_numpy(out)
+
+    @torch.inference_mode()
+    def class_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (B x 1000) from pooled features: the classifier is linear over them."""
+        return self.classifier(features)
 
     @torch.inference_mode()
     def feature_map(self, batch: torch.Tensor) -> torch.Tensor:

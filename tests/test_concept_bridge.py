@@ -1,0 +1,40 @@
+"""The concept bridge on the real EfficientNet-Lite0 classifier and real MiniLM embeddings."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval.encoders import towers
+from retrieval.encoders.concept_bridge import bridge, class_embeddings, class_texts
+from retrieval.images import open_image
+
+SAMPLE = Path(__file__).resolve().parent.parent / "umr" / "sample"
+
+
+def test_class_texts_cover_imagenet_with_synonyms_and_definitions():
+    texts = class_texts()
+    assert len(texts) == 1000
+    assert "a photo of a tabby cat." in texts[281] and any("grey or tawny coat" in t for t in texts[281])
+    assert all(len(t) >= 2 for t in texts)  # every class has a name and a definition
+
+
+def test_classifier_is_kept_beside_the_pooled_features():
+    it = towers.image_tower()
+    f = it.features(torch.stack([it.preprocess(open_image(SAMPLE / "coffee.jpg", min_side=224))]))
+    assert f.shape == (1, 1280)  # still the pooled features, not logits
+    assert int(it.class_logits(f).argmax()) == 967  # espresso
+
+
+@pytest.mark.slow
+def test_a_cat_photo_embeds_nearer_a_cat_than_a_car():
+    it, tt = towers.image_tower(), towers.text_tower()
+    emb = class_embeddings(tt)
+    assert emb.shape == (1000, 384) and torch.allclose(emb.norm(dim=-1), torch.ones(1000), atol=1e-5)
+    photos = ["cat.jpg", "coffee.jpg", "motorcycle.jpg"]
+    f = it.features(torch.stack([it.preprocess(open_image(SAMPLE / p, min_side=224)) for p in photos]))
+    vecs = bridge(it.class_logits(f), emb)
+    q = tt.features(["a cat", "a car", "a cup of coffee", "a motorcycle"])
+    s = vecs @ q.T
+    assert s[0, 0] > s[0, 1] + 0.2  # cat photo: "a cat" well above "a car"
+    assert int(s[1].argmax()) == 2 and int(s[2].argmax()) == 3
+    assert torch.allclose(vecs.norm(dim=-1), torch.ones(3), atol=1e-5)
