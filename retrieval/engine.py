@@ -16,7 +16,7 @@ import numpy as np
 from index.docstore import DocRecord
 from index.errors import IndexMismatch
 from index.store import IndexStore, SearchHit
-from retrieval.encoders import Encoder, load_encoder
+from retrieval.encoders import Encoder, load_encoder, load_recorded
 from retrieval.encoders.base import Prepared
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item, stored_item
@@ -115,9 +115,14 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, encoder: str | Encoder | None = None) -> "Engine":
         store = IndexStore.open(path)
-        if encoder is None:
-            encoder = store.version(store.active_version)["spec"]
-        enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
+        try:
+            if encoder is None:
+                enc = load_recorded(store.version(store.active_version))
+            else:
+                enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
+        except Exception:
+            store.close()
+            raise
         try:
             return cls(store, enc)
         except Exception:

@@ -16,7 +16,7 @@ import numpy as np
 
 from index.store import IndexStore, Segment
 from retrieval import compensators as cp
-from retrieval.encoders import Encoder, load_encoder
+from retrieval.encoders import Encoder, load_recorded
 from retrieval.items import Item, stored_item
 
 MIN_PAIRS = 20
@@ -70,7 +70,7 @@ def passage_pairs(store: IndexStore, seg: Segment, old: Encoder, new: Encoder, l
 
 def segment_encoder(seg: Segment) -> Encoder:
     """The encoder a segment was embedded with, refusing one whose weights have changed since."""
-    enc = load_encoder(seg.record["encoder"]["spec"])
+    enc = load_recorded(seg.record["encoder"])
     if enc.fingerprint != seg.record["encoder"]["fingerprint"]:
         raise ValueError(f"segment {seg.id}'s encoder {seg.record['encoder']['spec']} no longer loads "
                          "with the same weights; calibrate from the corpus instead")
@@ -136,7 +136,7 @@ def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: d
     old_q = {}
     for seg in store.segments:
         if len(seg.alive):
-            enc = load_encoder(seg.record["encoder"]["spec"])
+            enc = load_recorded(seg.record["encoder"])
             old_q[seg.id] = enc.encode(items, role="query")
     segs = [s for s in store.segments if len(s.alive)]
     out = {"queries": len(items), f"recall@{k}": {}}

@@ -298,9 +298,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             raise ApiError(404, "unknown_version", f"encoder version {version} is not registered; run `umr update --no-activate` first") from None
         if version == old.version:
             return {"active_version": version, "previous_version": old.version, "changed": False}
-        from retrieval.encoders import load_encoder
+        from retrieval.encoders import load_recorded
 
-        new = Engine(store, load_encoder(rec["spec"]))  # loads weights and compensators; serving goes on meanwhile
+        new = Engine(store, load_recorded(rec))  # loads weights and compensators; serving goes on meanwhile
         for seg_id, comps in new.compensators.items():
             if not comps:
                 raise ApiError(409, "no_compensators", f"version {version} has no compensator into segment {seg_id}; "

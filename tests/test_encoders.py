@@ -90,3 +90,20 @@ def test_hf_text_minilm():
 def test_unknown_specs_are_refused(spec):
     with pytest.raises(EncoderError):
         load_encoder(spec, cache=False)
+
+
+def test_builtin_versions_are_pinnable_and_recorded_specs_resolve(lit):
+    from retrieval.encoders import EncoderError, load_encoder, load_recorded
+    from retrieval.encoders.registry import builtin_versions
+
+    assert builtin_versions("lit-base")[-1] == "lit-base@1"
+    pinned = load_encoder("lit-base@1")
+    assert pinned.spec == "lit-base@1" and pinned.fingerprint == load_encoder(builtin_versions("lit-base")[-1]).fingerprint
+    with pytest.raises(EncoderError, match="lit-base@1"):
+        load_encoder("lit-base@99")
+    # An index records the spec it was built with and the fingerprint; the pinned version that
+    # matches the fingerprint is what opens it, whatever the bare name means today.
+    v1 = load_recorded({"spec": "lit-base", "fingerprint": pinned.fingerprint})
+    assert v1.fingerprint == pinned.fingerprint
+    other = load_recorded({"spec": "lit-base", "fingerprint": "0" * 16})
+    assert other.fingerprint == lit.fingerprint  # nothing matches: the current one, and the caller refuses

@@ -249,16 +249,17 @@ def cmd_eval(a) -> int:
     from retrieval.encoders import load_encoder
     from retrieval.evaluation import evaluate_beir, evaluate_mbeir, format_table
 
-    spec = a.encoder
-    if a.index_dir:
-        from index.manifest import read_manifest
-
-        spec = spec or read_manifest(a.index_dir)["encoder"]["spec"]
-    if not spec:
+    if not a.encoder and not a.index_dir:
         raise UserError("give --encoder SPEC or an index directory whose encoder to evaluate")
     if bool(a.mbeir) == bool(a.beir):
         raise UserError("give exactly one of --mbeir DIR or --beir DIR")
-    enc = load_encoder(spec)
+    if a.encoder:
+        enc = load_encoder(a.encoder)
+    else:
+        from index.manifest import read_manifest
+        from retrieval.encoders import load_recorded
+
+        enc = load_recorded(read_manifest(a.index_dir)["encoder"])
     if a.mbeir:
         tasks = [int(t) for t in a.task.split(",")] if a.task else None
         res = evaluate_mbeir(enc, a.mbeir, a.split, tasks, local=not a.global_pool, instruction=a.instruction)

@@ -1,6 +1,7 @@
 """Spec strings -> encoders, open_clip style.
 
-    lit-base                      the offline default (shipped heads over MiniLM + EfficientNet-Lite0)
+    lit-base                      the offline default: its latest version (shipped weights over MiniLM + EfficientNet-Lite0)
+    lit-base@N                    version N of the default, pinned (an index records which one filled it)
     lit-init[:DIM[:SEED]]         the lit towers with fresh random heads (a starting point for training)
     openclip:ARCH/PRETRAINED      open_clip pretrained tag (needs a hub or a filled cache)
     openclip:ARCH@PATH            open_clip architecture with a local checkpoint
@@ -22,18 +23,44 @@ _cache: dict[str, Encoder] = {}
 _lock = threading.Lock()
 
 
+# Built-in encoders by version; the bare name is the latest. A new default never breaks an
+# index built with an older one: the index records the fingerprint, and `load_recorded` finds
+# the pinned version that matches it.
+BUILTIN_VERSIONS = {"lit-base": {1: "lit-base-v1"}}
+
+
 def builtin_path(name: str) -> Path:
     return WEIGHTS / name
+
+
+def builtin_versions(name: str) -> list[str]:
+    """Pinned specs of a built-in encoder, newest first (empty for any other spec)."""
+    base = name.split("@", 1)[0]
+    return [f"{base}@{v}" for v in sorted(BUILTIN_VERSIONS.get(base, {}), reverse=True)]
+
+
+def _load_builtin(spec: str) -> Encoder:
+    from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
+
+    name, _, version = spec.partition("@")
+    versions = BUILTIN_VERSIONS[name]
+    if version:
+        if not version.isdigit() or int(version) not in versions:
+            raise EncoderError(f"unknown version {spec!r}: {name} has " + ", ".join(builtin_versions(name)))
+        folder = versions[int(version)]
+    else:
+        folder = versions[max(versions)]
+    path = builtin_path(folder)
+    if not (path / CONFIG_FILE).exists():
+        raise EncoderError(f"{spec} weights are missing from {path}; reinstall umr")
+    return LitEncoder.load(path, spec=spec)
 
 
 def _load(spec: str) -> Encoder:
     from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
 
-    if spec == "lit-base":
-        path = builtin_path("lit-base")
-        if not (path / CONFIG_FILE).exists():
-            raise EncoderError(f"lit-base heads are missing from {path}; reinstall umr")
-        return LitEncoder.load(path, spec="lit-base")
+    if spec.split("@", 1)[0] in BUILTIN_VERSIONS:
+        return _load_builtin(spec)
     if spec.startswith("lit-init"):
         parts = spec.split(":")
         dim = int(parts[1]) if len(parts) > 1 else 256
@@ -67,7 +94,7 @@ def _load(spec: str) -> Encoder:
             return MllmEncoder.load(path)
         raise EncoderError(f"{path}: unknown encoder type {kind!r}")
     raise EncoderError(
-        f"unknown encoder {spec!r}: use lit-base, openclip:ARCH/PRETRAINED, openclip:ARCH@PATH, "
+        f"unknown encoder {spec!r}: use lit-base (or lit-base@N), openclip:ARCH/PRETRAINED, openclip:ARCH@PATH, "
         "hf-text:PATH, hf-mllm:PATH, tiny-clip, or a directory saved by `umr train`"
     )
 
@@ -83,4 +110,20 @@ def load_encoder(spec: str, cache: bool = True) -> Encoder:
         with _lock:
             _cache.setdefault(spec, enc)
             enc = _cache[spec]
+    return enc
+
+
+def load_recorded(record: dict) -> Encoder:
+    """The encoder an index recorded (`spec` and `fingerprint`). A built-in named by its bare
+    name may have moved on to a newer version since; then the pinned version whose fingerprint
+    matches is loaded, so indexes built with an older default keep working. When nothing
+    matches, the encoder the spec names now is returned and the caller reports the mismatch."""
+    enc = load_encoder(record["spec"])
+    if enc.fingerprint == record.get("fingerprint"):
+        return enc
+    for pinned in builtin_versions(record["spec"]):
+        if pinned != record["spec"]:
+            candidate = load_encoder(pinned)
+            if candidate.fingerprint == record.get("fingerprint"):
+                return candidate
     return enc
