@@ -117,14 +117,10 @@ class Engine:
         store = IndexStore.open(path)
         try:
             if encoder is None:
-                enc = load_recorded(store.version(store.active_version))
-            else:
-                enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
-        except Exception:
-            store.close()
-            raise
-        try:
-            return cls(store, enc)
+                encoder = load_recorded(store.version(store.active_version))
+            elif isinstance(encoder, str):
+                encoder = load_encoder(encoder)
+            return cls(store, encoder)
         except Exception:
             store.close()
             raise

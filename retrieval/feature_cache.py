@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -55,16 +56,24 @@ def file_key(path: str | os.PathLike) -> bytes:
 class FeatureCache:
     """Rows of one namespace (one tower, one kind of feature), looked up by content key."""
 
+    _open: dict[tuple[Path, int], "FeatureCache"] = {}
+    _open_lock = threading.Lock()
+
     def __init__(self, folder: Path, dim: int):
         self.folder = Path(folder)
         self.dim = dim
         self._where: dict[bytes, tuple[Path, int]] = {}
         self._seen: set[Path] = set()
+        self._lock = threading.Lock()
 
     @classmethod
     def for_namespace(cls, namespace: str, dim: int) -> "FeatureCache | None":
+        """One object per folder in a process, so its shard index is read once, not per call."""
         root = cache_root()
-        return None if root is None else cls(root / namespace, dim)
+        if root is None:
+            return None
+        with cls._open_lock:
+            return cls._open.setdefault((root / namespace, dim), cls(root / namespace, dim))
 
     def _scan(self) -> None:
         """Index shards written since the last look (by this or another process)."""
@@ -92,13 +101,14 @@ class FeatureCache:
         """(found mask, rows): rows of keys not found are zeros."""
         from safetensors import safe_open
 
-        if any(k not in self._where for k in keys):
-            self._scan()
+        with self._lock:
+            if any(k not in self._where for k in keys):
+                self._scan()
+            hits = [(i, self._where.get(k)) for i, k in enumerate(keys)]
         out = np.zeros((len(keys), self.dim), dtype=np.float32)
         found = np.zeros(len(keys), dtype=bool)
         by_shard: dict[Path, list[tuple[int, int]]] = {}
-        for i, k in enumerate(keys):
-            hit = self._where.get(k)
+        for i, hit in hits:
             if hit is not None:
                 by_shard.setdefault(hit[0], []).append((i, hit[1]))
         for shard, pairs in by_shard.items():
@@ -107,8 +117,9 @@ class FeatureCache:
                     rows = f.get_tensor("rows")
             except Exception as e:
                 warnings.warn(f"feature cache: shard {shard.name} became unreadable ({e}); recomputing", stacklevel=2)
-                for k in [k for k, (s, _) in self._where.items() if s == shard]:
-                    del self._where[k]
+                with self._lock:
+                    for k in [k for k, (s, _) in self._where.items() if s == shard]:
+                        del self._where[k]
                 continue
             idx = np.array(pairs)
             out[idx[:, 0]] = rows[idx[:, 1]]
@@ -126,37 +137,42 @@ class FeatureCache:
         shard = self.folder / f"{uuid.uuid4().hex}.safetensors"
         tensors = {"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32).copy(), "rows": rows}
         atomic_write(shard, lambda tmp: save_file(tensors, tmp))
-        self._seen.add(shard)
-        for r, k in enumerate(keys):
-            self._where.setdefault(k, (shard, r))
+        with self._lock:
+            self._seen.add(shard)
+            for r, k in enumerate(keys):
+                self._where.setdefault(k, (shard, r))
 
 
-def cached_rows(cache: FeatureCache | None, keys: list[bytes], dim: int,
+def cached_rows(cache: FeatureCache | None, keys: list[bytes | None], dim: int,
                 compute: Callable[[list[int]], Iterator[tuple[list[int], np.ndarray]]],
                 progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Rows for every key: looked up, and the missing ones computed by `compute(positions)`,
     which yields (positions, rows) chunk by chunk; chunks are stored as they come, so an
-    interrupted run keeps what it finished. `progress(n)` counts items done, hits included."""
+    interrupted run keeps what it finished. A None key (an item with no content hash: a
+    decoded image) is always computed and never stored. `progress(n)` counts items done,
+    hits included."""
     out = np.zeros((len(keys), dim), dtype=np.float32)
-    if cache is not None and keys:
-        found, rows = cache.get(keys)
-        out[found] = rows[found]
-    else:
-        found = np.zeros(len(keys), dtype=bool)
+    found = np.zeros(len(keys), dtype=bool)
+    keyed = [i for i, k in enumerate(keys) if k is not None]
+    if cache is not None and keyed:
+        hit, rows = cache.get([keys[i] for i in keyed])
+        out[np.array(keyed)[hit]] = rows[hit]
+        found[np.array(keyed)[hit]] = True
     if progress and found.any():
         progress(int(found.sum()))
     missing = [int(i) for i in np.flatnonzero(~found)]
     # One computation per distinct key: duplicates in the input are filled from the first.
     first: dict[bytes, int] = {}
-    todo = [i for i in missing if first.setdefault(keys[i], i) == i]
+    todo = [i for i in missing if keys[i] is None or first.setdefault(keys[i], i) == i]
     pend_k: list[bytes] = []
     pend_r: list[np.ndarray] = []
     for positions, rows in compute(todo):
         rows = np.asarray(rows, dtype=np.float32)
         out[positions] = rows
-        if cache is not None:
-            pend_k.extend(keys[p] for p in positions)
-            pend_r.append(rows)
+        stored = [r for r, p in enumerate(positions) if keys[p] is not None]
+        if cache is not None and stored:
+            pend_k.extend(keys[positions[r]] for r in stored)
+            pend_r.append(rows[stored])
             if len(pend_k) >= SHARD_ROWS:
                 cache.put(pend_k, np.concatenate(pend_r))
                 pend_k, pend_r = [], []
@@ -165,6 +181,8 @@ def cached_rows(cache: FeatureCache | None, keys: list[bytes], dim: int,
     if cache is not None and pend_k:
         cache.put(pend_k, np.concatenate(pend_r))
     for i in missing:
+        if keys[i] is None:
+            continue
         j = first[keys[i]]
         if j != i:
             out[i] = out[j]

@@ -80,7 +80,10 @@ def test_a_damaged_shard_is_skipped_and_recomputed(cache_dir, photos):
     good = it.cached_features(photos[:3])
     (shard,) = shards(cache_dir)
     shard.write_bytes(shard.read_bytes()[:100])  # truncated on disk
+    from retrieval.feature_cache import FeatureCache
+
     towers._image_tower.cache_clear()  # a new process: nothing indexed in memory
+    FeatureCache._open.clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -18,16 +18,17 @@ import threading
 from pathlib import Path
 
 from retrieval.encoders.base import Encoder, EncoderError
+from retrieval.encoders.tower_encoder import CONFIG_FILE
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 _cache: dict[str, Encoder] = {}
 _lock = threading.Lock()
 
 
-# Built-in encoders by version; the bare name is the latest. A new default never breaks an
-# index built with an older one: the index records the fingerprint, and `load_recorded` finds
-# the pinned version that matches it.
-BUILTIN_VERSIONS = {"lit-base": {1: "lit-base-v1"}}
+# Built-in encoders by version (their folders under retrieval/weights); the bare name is the
+# latest. A new default never breaks an index built with an older one: the index records the
+# fingerprint, and `load_recorded` finds the pinned version that matches it.
+BUILTIN_VERSIONS = {"lit-base": {1: "lit-base-v1"}, "lit-bridge": {1: "lit-bridge"}}
 
 
 def builtin_path(name: str) -> Path:
@@ -40,36 +41,41 @@ def builtin_versions(name: str) -> list[str]:
     return [f"{base}@{v}" for v in sorted(BUILTIN_VERSIONS.get(base, {}), reverse=True)]
 
 
-def _load_builtin(spec: str) -> Encoder:
-    from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
-
+def _builtin_folder(spec: str) -> Path:
     name, _, version = spec.partition("@")
     versions = BUILTIN_VERSIONS[name]
-    if version:
-        if not version.isdigit() or int(version) not in versions:
-            raise EncoderError(f"unknown version {spec!r}: {name} has " + ", ".join(builtin_versions(name)))
-        folder = versions[int(version)]
-    else:
-        folder = versions[max(versions)]
-    path = builtin_path(folder)
+    if version and (not version.isdigit() or int(version) not in versions):
+        raise EncoderError(f"unknown version {spec!r}: {name} has " + ", ".join(builtin_versions(name)))
+    path = builtin_path(versions[int(version) if version else max(versions)])
     if not (path / CONFIG_FILE).exists():
         raise EncoderError(f"{spec} weights are missing from {path}; reinstall umr")
-    return LitEncoder.load(path, spec=spec)
+    return path
+
+
+def _load_folder(path: Path, spec: str) -> Encoder:
+    """A self-describing encoder folder (a built-in, or one `umr train` saved), by its type."""
+    kind = json.loads((path / CONFIG_FILE).read_text()).get("type")
+    if kind == "lit":
+        from retrieval.encoders.lit import LitEncoder
+
+        return LitEncoder.load(path, spec=spec)
+    if kind == "lit-bridge":
+        from retrieval.encoders.bridge import BridgeEncoder
+
+        return BridgeEncoder.load(path, spec=spec)
+    if kind == "mllm":
+        from retrieval.encoders.mllm import MllmEncoder
+
+        return MllmEncoder.load(path)
+    raise EncoderError(f"{path}: unknown encoder type {kind!r}")
 
 
 def _load(spec: str) -> Encoder:
-    from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
-
     if spec.split("@", 1)[0] in BUILTIN_VERSIONS:
-        return _load_builtin(spec)
-    if spec == "lit-bridge":
-        from retrieval.encoders.bridge import BridgeEncoder
-
-        path = builtin_path("lit-bridge")
-        if not (path / CONFIG_FILE).exists():
-            raise EncoderError(f"lit-bridge weights are missing from {path}; reinstall umr")
-        return BridgeEncoder.load(path, spec="lit-bridge")
+        return _load_folder(_builtin_folder(spec), spec)
     if spec.startswith("lit-init"):
+        from retrieval.encoders.lit import LitEncoder
+
         parts = spec.split(":")
         dim = int(parts[1]) if len(parts) > 1 else 256
         seed = int(parts[2]) if len(parts) > 2 else 0
@@ -93,18 +99,7 @@ def _load(spec: str) -> Encoder:
         return MllmEncoder(spec.split(":", 1)[1], spec)
     path = Path(spec)
     if path.is_dir() and (path / CONFIG_FILE).exists():
-        kind = json.loads((path / CONFIG_FILE).read_text()).get("type")
-        if kind == "lit":
-            return LitEncoder.load(path, spec=str(path.resolve()))
-        if kind == "lit-bridge":
-            from retrieval.encoders.bridge import BridgeEncoder
-
-            return BridgeEncoder.load(path, spec=str(path.resolve()))
-        if kind == "mllm":
-            from retrieval.encoders.mllm import MllmEncoder
-
-            return MllmEncoder.load(path)
-        raise EncoderError(f"{path}: unknown encoder type {kind!r}")
+        return _load_folder(path, str(path.resolve()))
     raise EncoderError(
         f"unknown encoder {spec!r}: use lit-base (or lit-base@N), lit-bridge, openclip:ARCH/PRETRAINED, openclip:ARCH@PATH, "
         "hf-text:PATH, hf-mllm:PATH, tiny-clip, or a directory saved by `umr train`"

@@ -152,26 +152,10 @@ class ImageTower:
                         raise ValueError(f"image {sources[i] if isinstance(sources[i], (str, Path)) else i}: {t}")
                 yield chunk, self.features(torch.stack(tensors)).numpy()
 
-        cacheable = [i for i, s in enumerate(sources) if isinstance(s, (str, Path, bytes, bytearray))]
-        other = [i for i in range(len(sources)) if not isinstance(sources[i], (str, Path, bytes, bytearray))]
-        out = np.zeros((len(sources), IMAGE_DIM), dtype=np.float32)
-        if cacheable:
-            cache = FeatureCache.for_namespace(
-                f"image-{IMAGE_TOWER}-{self.digest[:16]}-pooled-{IMAGE_SIZE}-p{PREPROCESS_VERSION}", IMAGE_DIM)
-            keys = [_content_key(sources[i]) for i in cacheable]
-
-            pos_of = {i: p for p, i in enumerate(cacheable)}
-
-            def compute_cacheable(positions):
-                for chunk, rows in compute([cacheable[p] for p in positions]):
-                    yield [pos_of[i] for i in chunk], rows
-
-            out[cacheable] = cached_rows(cache, keys, IMAGE_DIM, compute_cacheable, progress)
-        for chunk, rows in compute(other):
-            out[chunk] = rows
-            if progress:
-                progress(len(chunk))
-        return torch.from_numpy(out)
+        cache = FeatureCache.for_namespace(
+            f"image-{IMAGE_TOWER}-{self.digest[:16]}-pooled-{IMAGE_SIZE}-p{PREPROCESS_VERSION}", IMAGE_DIM)
+        keys = [_content_key(s) for s in sources]
+        return torch.from_numpy(cached_rows(cache, keys, IMAGE_DIM, compute, progress))
 
     @torch.inference_mode()
     def class_logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -186,9 +170,12 @@ class ImageTower:
         return fmap.flatten(2).transpose(1, 2).contiguous()
 
 
-def _content_key(source) -> bytes:
+def _content_key(source) -> bytes | None:
+    """sha256 of an image's bytes (file or buffer); None for a decoded image or a tensor."""
     if isinstance(source, (bytes, bytearray)):
         return bytes_key(bytes(source))
+    if not isinstance(source, (str, Path)):
+        return None
     try:
         return file_key(source)
     except OSError as e:
