@@ -19,6 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
+from index import modality_calibration as mc
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
@@ -37,6 +38,7 @@ class SearchHit:
     doc: DocRecord
     segment: int
     details: dict | None = None  # e.g. a re-ranker's cosine and P(yes) behind `score`
+    cosine: float | None = None  # set when `score` is calibrated across modalities: the raw cosine
 
 
 class Segment:
@@ -77,6 +79,7 @@ class IndexStore:
         self.docs = docs
         self.lock = threading.RLock()
         self.segments: list[Segment] = []
+        self._calibrations: dict[int, mc.ModalityCalibration] = {}
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -213,6 +216,8 @@ class IndexStore:
                 seg.record["index"] = choice.to_dict()
                 seg.record["faiss_file"] = f"segments/{seg.id}/index.faiss"
                 self._build_faiss(seg)
+            for seg in self.segments:
+                self.calibration(seg)  # fitted at build time and kept in the manifest
             self.manifest["state"] = "ready"
             self.save()
 
@@ -328,13 +333,74 @@ class IndexStore:
             allowed &= match
         return allowed
 
+    # -- modality calibration -------------------------------------------------------------
+    def present_modalities(self, seg: Segment) -> list[str]:
+        return [m for m, c in MODALITY_CODES.items() if ((seg.codes == c) & seg.alive).any()]
+
+    def calibration(self, seg: Segment) -> mc.ModalityCalibration | None:
+        """The segment's score calibration (index/modality_calibration.py), refitted when the
+        segment has grown or shrunk enough since; None while the segment is empty."""
+        with self.lock:
+            alive = int(seg.alive.sum())
+            if alive == 0 or seg.faiss is None:
+                return None
+            cal = self._calibrations.get(seg.id)
+            if cal is None and seg.record.get("calibration"):
+                cal = mc.ModalityCalibration.from_record(seg.record["calibration"])
+            if cal is None or cal.stale(alive):
+                cal = self._fit_calibration(seg, alive)
+                seg.record["calibration"] = cal.to_record()
+            self._calibrations[seg.id] = cal
+            return cal
+
+    def _fit_calibration(self, seg: Segment, alive: int, seed: int = 0) -> mc.ModalityCalibration:
+        rng = np.random.default_rng(seed)
+        present = self.present_modalities(seg)
+        best: dict[tuple[str, str], np.ndarray] = {}
+        for qm in present:
+            rows = np.flatnonzero((seg.codes == MODALITY_CODES[qm]) & seg.alive)
+            if len(rows) < mc.MIN_QUERIES:
+                continue
+            rows = np.sort(rng.choice(rows, min(mc.PSEUDO_QUERIES, len(rows)), replace=False))
+            q = np.ascontiguousarray(self.docs.vectors_at(seg.id, rows), dtype=np.float32)
+            for dm in present:
+                scores, hits = self._search_segment(seg, q, 2, [dm], None)
+                own = hits[:, 0] == rows  # a pseudo-query finds itself first: its best match is the next
+                b = np.where(own, scores[:, 1], scores[:, 0])
+                best[(qm, dm)] = b[np.isfinite(b)]
+        return mc.fit_pairs(best, alive)
+
+    def _calibrated_groups(self, segments: list[Segment], query_modalities: list[str] | None,
+                           modalities: list[str] | None) -> dict[str, list[tuple[Segment, list[str]]]]:
+        """Per query modality that gets calibrated scores: each segment with the document
+        modalities it is searched for. A query modality is calibrated only when more than one
+        document modality is searched and every segment has tables for all of them; otherwise
+        its scores stay raw cosines, so one answer never mixes the two scales."""
+        if not query_modalities:
+            return {}
+        wanted = [(seg, [m for m in self.present_modalities(seg) if not modalities or m in modalities])
+                  for seg in segments]
+        if len({m for _, ms in wanted for m in ms}) < 2:
+            return {}
+        out = {}
+        for qm in set(query_modalities):
+            cals = [self.calibration(seg) for seg, _ in wanted]
+            if all(c is not None and c.covers(qm, ms) for c, (_, ms) in zip(cals, wanted)):
+                out[qm] = wanted
+        return out
+
     def search(self, queries: np.ndarray | Mapping[int, np.ndarray], k: int,
                modalities: list[str] | None = None, flt: dict | None = None,
-               score_maps: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None) -> list[list[SearchHit]]:
+               score_maps: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
+               query_modalities: list[str] | None = None) -> list[list[SearchHit]]:
         """Top-k per query, merged over segments by score.
 
         `score_maps` gives, per segment, per-query (scale, offset) that put its scores on the
         active encoder's scale before merging; segments without one are merged as they are.
+
+        With `query_modalities` (one per query), queries over documents of several modalities
+        are searched per document modality and merged by calibrated score (`SearchHit.cosine`
+        keeps the raw one); without it every score is a raw cosine.
 
         `queries` is one (n, dim) array for every segment, or a mapping segment id -> array
         when queries were mapped into each segment's space.
@@ -350,21 +416,33 @@ class IndexStore:
         with self.lock:
             n_queries = len(next(iter(queries.values()))) if isinstance(queries, Mapping) else len(queries)
             per_query = [[] for _ in range(n_queries)]
-            for seg in self.segments:
-                if seg.faiss is None or seg.faiss.ntotal == 0 or not seg.alive.any():
-                    continue  # e.g. the new version's segment before its first document
+            searched = [seg for seg in self.segments if seg.faiss is not None and seg.faiss.ntotal and seg.alive.any()]
+            groups = self._calibrated_groups(searched, query_modalities, modalities)
+            qmods = np.array(query_modalities) if query_modalities else np.array([None] * n_queries)
+            plain = np.flatnonzero(~np.isin(qmods, list(groups)))
+            for seg in searched:  # an empty segment (a new version's before its first add) is skipped
                 if isinstance(queries, Mapping) and seg.id not in queries:
                     raise IndexMismatch(f"no query vectors for segment {seg.id}")
                 q = queries[seg.id] if isinstance(queries, Mapping) else queries
                 q = np.ascontiguousarray(q, dtype=np.float32)
                 if q.ndim != 2 or q.shape[1] != seg.dim:
                     raise IndexMismatch(f"query vectors have shape {q.shape}, segment {seg.id} expects (n, {seg.dim})")
-                scores, rows = self._search_segment(seg, q, k, modalities, flt)
-                if score_maps and seg.id in score_maps:
-                    scale, offset = score_maps[seg.id]
-                    scores = scores * scale[:, None] + offset[:, None]
-                for qi in range(len(q)):
-                    per_query[qi].extend((float(s), seg.id, int(r)) for s, r in zip(scores[qi], rows[qi]) if r >= 0)
+                if len(plain):
+                    scores, rows = self._search_segment(seg, q[plain], k, modalities, flt)
+                    if score_maps and seg.id in score_maps:
+                        scale, offset = score_maps[seg.id]
+                        scores = scores * scale[plain][:, None] + offset[plain][:, None]
+                    for j, qi in enumerate(plain):
+                        per_query[qi].extend((float(s), seg.id, int(r), None) for s, r in zip(scores[j], rows[j]) if r >= 0)
+                for qm, wanted in groups.items():
+                    idx = np.flatnonzero(qmods == qm)
+                    cal = self.calibration(seg)
+                    for dm in dict(wanted)[seg]:
+                        raw, rows = self._search_segment(seg, q[idx], k, [dm], flt)
+                        scores = cal.apply(raw, qm, dm)
+                        for j, qi in enumerate(idx):
+                            per_query[qi].extend((float(s), seg.id, int(r), float(c))
+                                                 for s, c, r in zip(scores[j], raw[j], rows[j]) if r >= 0)
             results = []
             for hits in per_query:
                 hits.sort(key=lambda h: -h[0])
@@ -373,10 +451,10 @@ class IndexStore:
                 for seg_id in {h[1] for h in hits}:
                     docs_by_seg[seg_id] = self.docs.docs_at(seg_id, [h[2] for h in hits if h[1] == seg_id])
                 out = []
-                for score, seg_id, row in hits:
+                for score, seg_id, row, cosine in hits:
                     doc = docs_by_seg[seg_id].get(row)
                     if doc is not None:
-                        out.append(SearchHit(doc.id, score, doc, seg_id))
+                        out.append(SearchHit(doc.id, score, doc, seg_id, cosine=cosine))
                 results.append(out)
         return results
 
@@ -439,6 +517,7 @@ class IndexStore:
                     "documents": int(seg.alive.sum()),
                     "deleted_rows": int((~seg.alive).sum()),
                     "by_modality": {m: c for m, c in counts.items() if c},
+                    "modality_calibration": sorted(seg.record.get("calibration", {}).get("tables", {})),
                     "vectors_in_faiss": int(seg.faiss.ntotal) if seg.faiss is not None else 0,
                 })
             return {

@@ -38,6 +38,12 @@ class Compensator:
     def fit(self, new: np.ndarray, old: np.ndarray) -> "Compensator":
         raise NotImplementedError
 
+    def check_dims(self, new: np.ndarray, old: np.ndarray) -> None:
+        """For the shifts and rotations, which map within one space."""
+        if np.shape(new)[1] != np.shape(old)[1]:
+            raise ValueError(f"{self.kind} compensation needs encoders of the same dimension "
+                             f"(new {np.shape(new)[1]}, old {np.shape(old)[1]}): use linear or mlp")
+
     def _map(self, q: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -75,6 +81,7 @@ class Identity(Compensator):
     kind = "identity"
 
     def fit(self, new, old):
+        self.check_dims(new, old)
         return self
 
     def _map(self, q):
@@ -85,6 +92,7 @@ class MeanShift(Compensator):
     kind = "mean"
 
     def fit(self, new, old):
+        self.check_dims(new, old)
         self.arrays = {"delta": (np.asarray(new) - np.asarray(old)).mean(0, keepdims=True).astype(np.float32)}
         return self
 
@@ -101,6 +109,7 @@ class KernelShift(Compensator):
         super().__init__(sigma=sigma, max_anchors=max_anchors, seed=seed)
 
     def fit(self, new, old):
+        self.check_dims(new, old)
         new, old = np.asarray(new, np.float32), np.asarray(old, np.float32)
         if len(new) > self.params["max_anchors"]:
             keep = np.random.default_rng(self.params["seed"]).choice(len(new), self.params["max_anchors"], replace=False)
@@ -141,9 +150,8 @@ class Orthogonal(Compensator):
     kind = "orthogonal"
 
     def fit(self, new, old):
+        self.check_dims(new, old)
         new, old = np.asarray(new, np.float64), np.asarray(old, np.float64)
-        if new.shape[1] != old.shape[1]:
-            raise ValueError("orthogonal compensation needs encoders of the same dimension")
         mu_n, mu_o = new.mean(0), old.mean(0)
         u, _, vt = np.linalg.svd((new - mu_n).T @ (old - mu_o))
         rot = u @ vt
@@ -199,6 +207,7 @@ def make(kind: str, **params) -> Compensator:
     return _CLASSES[kind](**params)
 
 
+
 def agreement_at_k(mapped: np.ndarray, ideal: np.ndarray, corpus: np.ndarray, k: int = 10) -> float:
     """Mean overlap of the top-k a mapped query retrieves with the top-k the ideal query does."""
     from index.vector_index import exact_topk
@@ -234,6 +243,8 @@ def select(new: np.ndarray, old: np.ndarray, corpus: np.ndarray, kinds=KINDS, ho
         table.append({"kind": kind, f"agreement@{k}": agreement_at_k(mapped, old[test], corpus, k),
                       "cosine_to_old": float(np.mean(np.sum(mapped * _unit(old[test]), 1)))})
     scored = [r for r in table if "skipped" not in r]
+    if not scored:
+        raise ValueError("no compensator applies: " + "; ".join(f"{r['kind']}: {r['skipped']}" for r in table))
     top = max(r[f"agreement@{k}"] for r in scored)
     near = [r for r in scored if r[f"agreement@{k}"] >= top - tolerance]
     best = min(near, key=lambda r: SIMPLEST_FIRST.index(r["kind"]))

@@ -58,6 +58,9 @@ class Engine:
         self.encoder = encoder
         self.version = version
         self.calibrate_scores = True
+        # Over documents of several modalities, merge by calibrated score (index/modality_calibration.py)
+        # unless a request asks for raw cosines.
+        self.balance_modalities = True
         self.write_lock = threading.Lock()
         self.timings = {"encode_s": 0.0, "search_s": 0.0, "compensate_s": 0.0, "rerank_s": 0.0}
         self.reranker = None
@@ -142,19 +145,23 @@ class Engine:
         return v
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, modalities: list[str] | None = None,
-                       flt: dict | None = None, query_modalities: list[str] | None = None) -> list[list[SearchHit]]:
-        """`query_modalities` (one per row) picks each row's compensator into older segments."""
+                       flt: dict | None = None, query_modalities: list[str] | None = None,
+                       calibrated: bool | None = None) -> list[list[SearchHit]]:
+        """`query_modalities` (one per row) picks each row's compensator into older segments
+        and its modality calibration; `calibrated=False` keeps raw cosines."""
         query_modalities = query_modalities or ["text"] * len(vectors)
         queries = self.map_queries(vectors, query_modalities)
+        balance = self.balance_modalities if calibrated is None else calibrated
         t0 = time.perf_counter()
-        hits = self.store.search(queries, k, modalities, flt, self.score_maps(query_modalities))
+        hits = self.store.search(queries, k, modalities, flt, self.score_maps(query_modalities),
+                                 query_modalities if balance else None)
         self.timings["search_s"] += time.perf_counter() - t0
         return hits
 
     def search(self, queries: list[Query], k: int = 10, modalities: list[str] | None = None,
-               flt: dict | None = None) -> list[list[SearchHit]]:
+               flt: dict | None = None, calibrated: bool | None = None) -> list[list[SearchHit]]:
         prepared = [self.prepare_query(q) for q in queries]
-        return self.search_prepared(prepared, self.embed(prepared), k, modalities, flt)
+        return self.search_prepared(prepared, self.embed(prepared), k, modalities, flt, calibrated)
 
     def use_reranker(self, reranker, depth: int, weight: float = 1.0) -> None:
         """Retrieve `depth` candidates, re-rank them with cos + weight * P(yes)."""
@@ -166,10 +173,10 @@ class Engine:
         self.reranker, self.rerank_depth, self.rerank_weight = reranker, depth, weight
 
     def search_prepared(self, prepared: list[Prepared], vectors: np.ndarray, k: int, modalities: list[str] | None = None,
-                        flt: dict | None = None) -> list[list[SearchHit]]:
+                        flt: dict | None = None, calibrated: bool | None = None) -> list[list[SearchHit]]:
         reranker = self.reranker
         depth = max(k, self.rerank_depth) if reranker else k
-        hits = self.search_vectors(vectors, depth, modalities, flt, [query_modality(p) for p in prepared])
+        hits = self.search_vectors(vectors, depth, modalities, flt, [query_modality(p) for p in prepared], calibrated)
         if not reranker:
             return hits
         from retrieval.reranker import rerank

@@ -31,6 +31,24 @@ def _rank(q: np.ndarray, c: np.ndarray, ids: list[str], k: int) -> list[list[str
     return [[ids[j] for j in row if j >= 0] for row in top]
 
 
+def _rank_calibrated(q: np.ndarray, qmods: list[str], c: np.ndarray, cmods: np.ndarray, ids: list[str], k: int,
+                     cal) -> list[list[str]]:
+    """Per candidate modality the top k, on the calibrated scale, merged (as `IndexStore.search`)."""
+    from index.vector_index import exact_topk
+
+    merged: list[list[tuple[float, str]]] = [[] for _ in range(len(q))]
+    qmods = np.asarray(qmods)
+    for qm in sorted(set(qmods.tolist())):
+        rows = np.flatnonzero(qmods == qm)
+        for dm in sorted(set(cmods.tolist())):
+            cols = np.flatnonzero(cmods == dm)
+            raw, top = exact_topk(np.ascontiguousarray(q[rows], np.float32), c[cols], k)
+            scores = cal.apply(raw, qm, dm)
+            for j, r in enumerate(rows):
+                merged[r].extend((float(s), ids[cols[t]]) for s, t in zip(scores[j], top[j]) if t >= 0)
+    return [[d for _, d in sorted(m, key=lambda x: -x[0])[:k]] for m in merged]
+
+
 def find_mbeir_files(root: Path, split: str) -> tuple[list[Path], dict[int, Path], dict[int, Path]]:
     pools = sorted((root / "cand_pool").glob(f"*_{split}_cand_pool.jsonl"))
     queries, qrels = {}, {}
@@ -55,11 +73,13 @@ def read_mbeir_qrels(path: Path) -> dict[str, dict[str, float]]:
 
 
 def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", tasks: list[int] | None = None,
-                   local: bool = True, instruction: str | None = None) -> dict:
+                   local: bool = True, instruction: str | None = None, calibrated: bool = True) -> dict:
     """Recall@1/5/10 (hit rate), nDCG@10 and MRR@10 per task.
 
     Local: candidates restricted to the task's target modality (the modality of its positives).
-    Global: the whole mixed pool of every task of the split.
+    Global: the whole mixed pool of every task of the split, ranked as an index ranks it: by
+    scores calibrated across modalities (fitted on the pool itself), or with `calibrated=False`
+    by raw cosine.
     """
     root = Path(root)
     pools, query_files, qrels_files = find_mbeir_files(root, split)
@@ -69,6 +89,11 @@ def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", task
     cids = [c.id for c in cands]
     cmod = np.array([c.modality for c in cands])
     modality_of = dict(zip(cids, cmod))
+    cal = None
+    if not local and calibrated and len(set(cmod.tolist())) > 1:
+        from index.modality_calibration import fit_dense
+
+        cal = fit_dense(cvec, cmod)
     results = {}
     for task in sorted(query_files):
         if tasks and task not in tasks:
@@ -89,7 +114,13 @@ def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", task
             mask = np.ones(len(cids), dtype=bool)
             pool_desc = "global"
         ids = [c for c, m in zip(cids, mask) if m]
-        runs = dict(zip([q["qid"] for q in qs], _rank(qvec, cvec[mask], ids, max(KS))))
+        qmods = [it.modality for it in items]
+        if cal is not None and all(cal.covers(m, sorted(set(cmod.tolist()))) for m in set(qmods)):
+            pool_desc = "global (calibrated across modalities)"
+            ranked = _rank_calibrated(qvec, qmods, cvec, cmod, cids, max(KS), cal)
+        else:
+            ranked = _rank(qvec, cvec[mask], ids, max(KS))
+        runs = dict(zip([q["qid"] for q in qs], ranked))
         res = summarize(runs, qrels, KS)
         res.update({"pool": pool_desc, "candidates": int(mask.sum()), "query_file": query_files[task].name})
         results[f"task{task}"] = res

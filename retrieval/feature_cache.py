@@ -5,7 +5,8 @@ A feature is fixed by the tower (its weights digest and input settings: the name
 the item's content (sha256 of the image file's bytes, or of the text), so the key never goes
 stale: a photo edited in place gets a new key, a copy of it under another name hits.
 
-Every write is a new shard file (safetensors: `keys` N x 32 bytes, `rows` N x dim float32)
+Every write is a new shard file (safetensors: `keys` N x 32 bytes, `rows` N x dim, float32 or
+float16 per namespace)
 renamed into place, so concurrent processes never write the same file and a reader never sees
 half a shard; two processes computing the same items at once merely store them twice. A shard
 that cannot be read (a damaged disk, a foreign file) is skipped with a warning and its items
@@ -28,7 +29,8 @@ import numpy as np
 
 from index.atomic import atomic_write
 
-SHARD_ROWS = 2048  # rows per shard: a killed run keeps all but the last few hundred items
+SHARD_ROWS = 2048
+SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}  # rows per shard: a killed run keeps all but the last few hundred items
 
 
 def cache_root() -> Path | None:
@@ -56,24 +58,26 @@ def file_key(path: str | os.PathLike) -> bytes:
 class FeatureCache:
     """Rows of one namespace (one tower, one kind of feature), looked up by content key."""
 
-    _open: dict[tuple[Path, int], "FeatureCache"] = {}
+    _open: dict[tuple[Path, int, str], "FeatureCache"] = {}
     _open_lock = threading.Lock()
 
-    def __init__(self, folder: Path, dim: int):
+    def __init__(self, folder: Path, dim: int, dtype=np.float32):
         self.folder = Path(folder)
         self.dim = dim
+        self.dtype = np.dtype(dtype)  # how rows are stored; they are always returned as float32
         self._where: dict[bytes, tuple[Path, int]] = {}
         self._seen: set[Path] = set()
         self._lock = threading.Lock()
 
     @classmethod
-    def for_namespace(cls, namespace: str, dim: int) -> "FeatureCache | None":
+    def for_namespace(cls, namespace: str, dim: int, dtype=np.float32) -> "FeatureCache | None":
         """One object per folder in a process, so its shard index is read once, not per call."""
         root = cache_root()
         if root is None:
             return None
         with cls._open_lock:
-            return cls._open.setdefault((root / namespace, dim), cls(root / namespace, dim))
+            key = (root / namespace, dim, np.dtype(dtype).name)
+            return cls._open.setdefault(key, cls(root / namespace, dim, dtype))
 
     def _scan(self) -> None:
         """Index shards written since the last look (by this or another process)."""
@@ -88,9 +92,12 @@ class FeatureCache:
             try:
                 with safe_open(str(shard), framework="np") as f:
                     keys = f.get_tensor("keys")
-                    shape = f.get_slice("rows").get_shape()
+                    rows = f.get_slice("rows")
+                    shape, dtype = rows.get_shape(), rows.get_dtype()
                 if keys.ndim != 2 or keys.shape[1] != 32 or list(shape) != [len(keys), self.dim]:
                     raise ValueError(f"keys {keys.shape}, rows {shape}, expected rows of {self.dim}")
+                if SAFETENSORS_DTYPES.get(dtype) != self.dtype:
+                    raise ValueError(f"rows of {dtype}, expected {self.dtype.name}")
             except Exception as e:  # a damaged or foreign file costs a recomputation, never a crash
                 warnings.warn(f"feature cache: skipping unreadable shard {shard.name} ({e})", stacklevel=2)
                 continue
@@ -131,7 +138,7 @@ class FeatureCache:
 
         if not len(keys):
             return
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape != (len(keys), self.dim):
             raise ValueError(f"feature cache: {rows.shape} rows for {len(keys)} keys of dim {self.dim}")
         shard = self.folder / f"{uuid.uuid4().hex}.safetensors"
@@ -167,6 +174,8 @@ def cached_rows(cache: FeatureCache | None, keys: list[bytes | None], dim: int,
     pend_k: list[bytes] = []
     pend_r: list[np.ndarray] = []
     for positions, rows in compute(todo):
+        if cache is not None and cache.dtype != np.float32:  # what a later hit will return, bit for bit
+            rows = np.asarray(rows).astype(cache.dtype)
         rows = np.asarray(rows, dtype=np.float32)
         out[positions] = rows
         stored = [r for r, p in enumerate(positions) if keys[p] is not None]

@@ -23,13 +23,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from retrieval.encoders import towers
-from retrieval.images import open_image
 from retrieval.items import Item
 
 CONFIG_FILE = "umr_reranker.json"
 WEIGHTS_FILE = "reranker.safetensors"
 TEXT_TOKENS = 32
-IMAGE_TOKENS = 49
+IMAGE_TOKENS = towers.IMAGE_TOKENS
 
 
 @dataclass(frozen=True)
@@ -180,10 +179,10 @@ class TokenCache:
 
 
 def _feature_maps(images: list) -> torch.Tensor:
-    """Paths, PIL images or bytes, or tensors already preprocessed for the image tower."""
-    batch = [im if isinstance(im, torch.Tensor) else towers.ImageTower.preprocess(open_image(im, min_side=towers.IMAGE_SIZE))
-             for im in images]
-    return towers.image_tower().feature_map(torch.stack(batch))
+    """Paths, PIL images or bytes, or tensors already preprocessed for the image tower; paths
+    and bytes through the on-disk feature cache, so a second `umr reranker` process over the
+    same candidates runs no image tower."""
+    return towers.image_tower().cached_feature_maps(images)
 
 
 class LitReranker:
@@ -192,9 +191,9 @@ class LitReranker:
 
     @staticmethod
     def accepts(encoder) -> bool:
-        from retrieval.encoders.lit import LitEncoder
+        from retrieval.encoders.tower_encoder import TowerEncoder
 
-        return isinstance(encoder, LitEncoder)
+        return isinstance(encoder, TowerEncoder)
 
     def __init__(self, model: CrossScorer, path: str | None = None, provenance: dict | None = None):
         self.model = model.eval()

@@ -171,6 +171,8 @@ def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: d
                     cache[(seg_id, m)] = None
             return cache[(seg_id, m)]
 
+        if all(fit_kind(seg_id, m) is None for seg_id, m in pairs_of):
+            continue  # e.g. a shift or rotation between encoders of different widths: not a candidate
         r[kind] = _recall(store, mapped_with(fit_kind), relevant, k)
     r["chosen"] = _recall(store, mapped_with(lambda seg_id, m: chosen.get((seg_id, m))), relevant, k)
     if reindex_sample:

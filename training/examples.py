@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.encoders.base import with_instruction
-from retrieval.encoders.lit import LitEncoder, LitHeads
+from retrieval.encoders.lit import LitHeads
+from retrieval.encoders.tower_encoder import TowerEncoder
 from retrieval.items import Item
 from retrieval.mbeir import Instructions, MbeirQuery
 from training.pairs import Pair
@@ -65,7 +66,7 @@ class FeatureBank:
         bank.item_image = [-1] * len(text_feats) + list(range(len(image_feats)))
         return bank
 
-    def compute(self, encoder: LitEncoder, progress: Callable[[str, int], None] | None = None) -> None:
+    def compute(self, encoder: TowerEncoder, progress: Callable[[str, int], None] | None = None) -> None:
         """Tower features for every text and image not computed yet, through the on-disk
         feature cache, so a second process over the same data starts training at once."""
         texts = list(self.texts)
@@ -168,7 +169,7 @@ def mbeir_examples(queries: list[MbeirQuery], pool: dict[str, Item], bank: Featu
     return out, stats
 
 
-def compute_with_progress(bank: FeatureBank, encoder: LitEncoder, label: str) -> None:
+def compute_with_progress(bank: FeatureBank, encoder: TowerEncoder, label: str) -> None:
     n = bank.pending()
     if not n:
         return

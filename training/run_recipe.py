@@ -16,8 +16,10 @@ from typing import Callable
 
 from index.atomic import atomic_write_json
 from retrieval.encoders import Encoder, load_encoder
+from retrieval.encoders.concept import ConceptEncoder
 from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
 from retrieval.encoders.mllm import MllmEncoder
+from retrieval.encoders.tower_encoder import TowerEncoder
 from retrieval.mbeir import Instructions, read_sources
 from training import checkpoints, distributed
 from training.contrastive import ContrastiveConfig, save_trained, train_examples
@@ -65,7 +67,7 @@ def stage_examples(stage: Stage, bank: FeatureBank, encoder: Encoder) -> tuple[l
                                          seed=stage.seed, join=encoder.with_instruction)
         stats["examples"] = len(examples)
         label = ", ".join(Path(q).name for q in d.queries)
-    if isinstance(encoder, LitEncoder):
+    if isinstance(encoder, TowerEncoder):
         compute_with_progress(bank, encoder, label)
     return examples, stats
 
@@ -75,9 +77,9 @@ def run_stage(recipe: Recipe, i: int, start: str, bank: FeatureBank, log: Callab
     stage = recipe.stages[i]
     out = recipe.stage_dir(i)
     enc = load_encoder(start, cache=False)
-    if not isinstance(enc, (LitEncoder, MllmEncoder)):
+    if not isinstance(enc, (LitEncoder, ConceptEncoder, MllmEncoder)):
         raise RecipeError(f"stage {stage.name}: starts from {start}, which cannot be trained; recipes train "
-                          "lit-base, lit-init:DIM:SEED, hf-mllm:PATH or a folder a recipe saved")
+                          "lit-base, lit-init:DIM:SEED, lit-concept-init, hf-mllm:PATH or a folder a recipe saved")
     if (stage.trainable == "lora") != isinstance(enc, MllmEncoder):
         raise RecipeError(f"stage {stage.name}: trainable {stage.trainable} does not fit {start}: "
                           "hf-mllm encoders train lora, LiT encoders heads, text-head or image-head")

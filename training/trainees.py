@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from retrieval.encoders import towers
 from retrieval.encoders.base import Encoder, Prepared
+from retrieval.encoders.concept import ConceptEncoder
 from retrieval.encoders.lit import LitEncoder
 from retrieval.items import Item
 from training.examples import FeatureBank
@@ -47,6 +49,45 @@ class LitTrainee:
                 p.requires_grad_(True)
             self.encoder.__dict__.pop("_fingerprint", None)
             self.encoder._digest = None
+
+
+class ConceptTrainee:
+    """lit-base v2's image map trains alone against MiniLM's frozen caption vectors; the encoder
+    adds it to the concept bridge behind the domain gate only at encoding time (trained through
+    the bridge, it pulls out-of-domain photos toward the training captions: docs/zero-shot.md).
+    The gate is anchored on the stage's photos when training starts."""
+
+    def __init__(self, encoder: ConceptEncoder, bank: FeatureBank):
+        self.encoder, self.bank = encoder, bank
+        self.logit_scale = encoder.parts.logit_scale
+
+    def parameters(self, trainable: str, learn_temperature: bool) -> list[torch.nn.Parameter]:
+        if trainable not in ("heads", "image-head"):
+            raise ValueError(f"trainable {trainable!r} does not apply to a {encoder_kind(self.encoder)} encoder: its "
+                             "texts are MiniLM's own vectors and only the image map trains (heads or image-head)")
+        params = list(self.encoder.parts.image_map.parameters())
+        self.logit_scale.requires_grad_(learn_temperature)
+        return params + ([self.logit_scale] if learn_temperature else [])
+
+    def module(self) -> torch.nn.Module:
+        return self.encoder.parts
+
+    def embed(self, ids: np.ndarray) -> torch.Tensor:
+        bank = self.bank
+        return bank.fuse(ids, lambda rows: bank.text_feats[rows],
+                         lambda rows: self.encoder.parts.image_map(bank.image_feats[rows]), towers.TEXT_DIM)
+
+    def train(self, on: bool) -> None:
+        self.encoder.parts.train(on)
+        if on and self.bank.image_feats is not None and len(self.bank.image_feats):
+            self.encoder.fit_gate(self.bank.image_feats)
+        if not on:
+            self.logit_scale.requires_grad_(True)
+            self.encoder.changed()
+
+
+def encoder_kind(encoder: Encoder) -> str:
+    return encoder.config().get("kind", type(encoder).__name__)
 
 
 class _Params(torch.nn.Module):
@@ -102,12 +143,14 @@ class MllmTrainee:
             self.encoder._changed()
 
 
-def trainee_for(encoder: Encoder, bank: FeatureBank) -> LitTrainee | MllmTrainee:
+def trainee_for(encoder: Encoder, bank: FeatureBank) -> LitTrainee | ConceptTrainee | MllmTrainee:
     from retrieval.encoders.mllm import MllmEncoder
 
     if isinstance(encoder, LitEncoder):
         return LitTrainee(encoder, bank)
+    if isinstance(encoder, ConceptEncoder):
+        return ConceptTrainee(encoder, bank)
     if isinstance(encoder, MllmEncoder):
         return MllmTrainee(encoder, bank)
-    raise ValueError(f"{encoder.spec} cannot be trained: recipes train LiT encoders (lit-base, lit-init, a saved "
-                     "LiT folder) and hf-mllm encoders")
+    raise ValueError(f"{encoder.spec} cannot be trained: recipes train LiT encoders (lit-base, lit-init, "
+                     "lit-concept-init, a folder `umr train` saved) and hf-mllm encoders")

@@ -31,18 +31,22 @@ def _quiet_libraries() -> None:
 def _print_hits(hits, as_json: bool) -> None:
     if as_json:
         print(json.dumps([{"id": h.id, "score": round(h.score, 6), **({"rerank": h.details} if h.details else {}),
+                           **({"cosine": round(h.cosine, 6)} if h.cosine is not None else {}),
                            **{k: v for k, v in h.doc.to_dict().items() if k != "id"}}
                           for h in hits], indent=2))
         return
     if not hits:
         print("no results")
+    if any(h.cosine is not None for h in hits):
+        print("scores calibrated across modalities (raw cosine in brackets; --no-calibration ranks by cosine)")
     for rank, h in enumerate(hits, 1):
         d = h.doc
         what = (d.text or "").replace("\n", " ")
         if len(what) > 90:
             what = what[:87] + "..."
         img = f" [{os.path.basename(d.image)}]" if d.image else ""
-        print(f"{rank:>3}. {h.score:.4f}  {d.id}  ({d.modality}){img}  {what}")
+        raw = f" [{h.cosine:.4f}]" if h.cosine is not None else ""
+        print(f"{rank:>3}. {h.score:.4f}{raw}  {d.id}  ({d.modality}){img}  {what}")
 
 
 def cmd_index_build(a) -> int:
@@ -163,7 +167,8 @@ def cmd_search(a) -> int:
     eng = Engine.open(a.index_dir, a.encoder)
     try:
         _use_reranker(eng, a)
-        hits = eng.search([Query(a.text, a.image, a.instruction)], a.k, parse_modalities(a.modality), flt or None)[0]
+        hits = eng.search([Query(a.text, a.image, a.instruction)], a.k, parse_modalities(a.modality), flt or None,
+                          calibrated=not a.no_calibration)[0]
     finally:
         eng.close()
     _print_hits(hits, a.json)
@@ -262,7 +267,8 @@ def cmd_eval(a) -> int:
         enc = load_recorded(read_manifest(a.index_dir)["encoder"])
     if a.mbeir:
         tasks = [int(t) for t in a.task.split(",")] if a.task else None
-        res = evaluate_mbeir(enc, a.mbeir, a.split, tasks, local=not a.global_pool, instruction=a.instruction)
+        res = evaluate_mbeir(enc, a.mbeir, a.split, tasks, local=not a.global_pool, instruction=a.instruction,
+                             calibrated=not a.no_calibration)
     else:
         res = evaluate_beir(enc, a.beir, a.split, instruction=a.instruction)
     print(json.dumps(res, indent=2) if a.json else format_table(res))
@@ -454,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata equality; repeatable")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--encoder", help="query encoder (default: the index's)")
+    s.add_argument("--no-calibration", action="store_true",
+                   help="rank by raw cosine even over documents of several modalities (default: calibrated scores)")
     s.add_argument("--json", action="store_true")
     _rerank_flags(s)
     s.set_defaults(fn=cmd_search)
@@ -500,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = e.add_mutually_exclusive_group()
     g.add_argument("--local", action="store_true", help="candidates of the task's target modality (default)")
     g.add_argument("--global", dest="global_pool", action="store_true", help="search the whole mixed pool")
+    e.add_argument("--no-calibration", action="store_true",
+                   help="with --global: rank the mixed pool by raw cosine (default: calibrated across modalities)")
     e.add_argument("--instruction")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)

@@ -4,6 +4,7 @@
     lit-base@N                    version N of the default, pinned (an index records which one filled it)
     lit-bridge                    zero-shot: texts are MiniLM's own vectors, images reach them through ImageNet concepts
     lit-init[:DIM[:SEED]]         the lit towers with fresh random heads (a starting point for training)
+    lit-concept-init[:SEED]       the concept bridge with an untrained image map (where lit-base v2 trains from)
     openclip:ARCH/PRETRAINED      open_clip pretrained tag (needs a hub or a filled cache)
     openclip:ARCH@PATH            open_clip architecture with a local checkpoint
     hf-text:PATH                  a local transformers text model, mean-pooled
@@ -28,7 +29,7 @@ _lock = threading.Lock()
 # Built-in encoders by version (their folders under retrieval/weights); the bare name is the
 # latest. A new default never breaks an index built with an older one: the index records the
 # fingerprint, and `load_recorded` finds the pinned version that matches it.
-BUILTIN_VERSIONS = {"lit-base": {1: "lit-base-v1"}, "lit-bridge": {1: "lit-bridge"}}
+BUILTIN_VERSIONS = {"lit-base": {1: "lit-base-v1", 2: "lit-base-v2"}, "lit-bridge": {1: "lit-bridge"}}
 
 
 def builtin_path(name: str) -> Path:
@@ -63,6 +64,10 @@ def _load_folder(path: Path, spec: str) -> Encoder:
         from retrieval.encoders.bridge import BridgeEncoder
 
         return BridgeEncoder.load(path, spec=spec)
+    if kind == "lit-concept":
+        from retrieval.encoders.concept import ConceptEncoder
+
+        return ConceptEncoder.load(path, spec=spec)
     if kind == "mllm":
         from retrieval.encoders.mllm import MllmEncoder
 
@@ -80,6 +85,13 @@ def _load(spec: str) -> Encoder:
         dim = int(parts[1]) if len(parts) > 1 else 256
         seed = int(parts[2]) if len(parts) > 2 else 0
         return LitEncoder.fresh(dim, seed, spec)
+    if spec == "lit-concept-init" or spec.startswith("lit-concept-init:"):
+        from retrieval.encoders.concept import ConceptEncoder
+
+        seed = spec.split(":")[1] if ":" in spec else "0"
+        if not seed.isdigit():
+            raise EncoderError(f"{spec!r}: the seed after lit-concept-init: must be an integer")
+        return ConceptEncoder.fresh(int(seed), spec)
     if spec.startswith("openclip:"):
         from retrieval.encoders.openclip import OpenClipEncoder
 
@@ -101,7 +113,7 @@ def _load(spec: str) -> Encoder:
     if path.is_dir() and (path / CONFIG_FILE).exists():
         return _load_folder(path, str(path.resolve()))
     raise EncoderError(
-        f"unknown encoder {spec!r}: use lit-base (or lit-base@N), lit-bridge, openclip:ARCH/PRETRAINED, openclip:ARCH@PATH, "
+        f"unknown encoder {spec!r}: use lit-base (or lit-base@N), lit-bridge, lit-init, lit-concept-init, openclip:ARCH/PRETRAINED, openclip:ARCH@PATH, "
         "hf-text:PATH, hf-mllm:PATH, tiny-clip, or a directory saved by `umr train`"
     )
 

@@ -29,6 +29,7 @@ IMAGE_STD = (0.502, 0.502, 0.502)
 MAX_TOKENS = 128
 # Bump when ImageTower.preprocess changes: cached image features are keyed by it.
 PREPROCESS_VERSION = 1
+IMAGE_TOKENS = 49  # the last 7 x 7 feature map
 _lock = threading.Lock()
 
 
@@ -136,6 +137,21 @@ class ImageTower:
         """Pooled features of images given as paths, bytes, PIL images or preprocessed tensors;
         paths and bytes are looked up in the on-disk feature cache by content first. An image
         that cannot be read raises ValueError naming it."""
+        cache = FeatureCache.for_namespace(
+            f"image-{IMAGE_TOWER}-{self.digest[:16]}-pooled-{IMAGE_SIZE}-p{PREPROCESS_VERSION}", IMAGE_DIM)
+        return self._cached(sources, self.features, cache, IMAGE_DIM, batch_size, workers, progress)
+
+    def cached_feature_maps(self, sources: list, batch_size: int = 32, workers: int = 2) -> torch.Tensor:
+        """`feature_map` (B x 49 x 1280) through the feature cache, stored as float16: the
+        re-ranker's image tokens, which `umr reranker train` and `score` need for every candidate."""
+        width = IMAGE_TOKENS * IMAGE_DIM
+        cache = FeatureCache.for_namespace(
+            f"image-{IMAGE_TOWER}-{self.digest[:16]}-fmap-{IMAGE_SIZE}-p{PREPROCESS_VERSION}-f16", width, np.float16)
+        flat = self._cached(sources, lambda b: self.feature_map(b).flatten(1), cache, width, batch_size, workers, None)
+        return flat.view(len(sources), IMAGE_TOKENS, IMAGE_DIM)
+
+    def _cached(self, sources: list, forward: Callable[[torch.Tensor], torch.Tensor], cache, dim: int,
+                batch_size: int, workers: int, progress) -> torch.Tensor:
         from retrieval.images import open_image
         from retrieval.prefetch import prefetch_batches
 
@@ -150,12 +166,10 @@ class ImageTower:
                 for i, t in zip(chunk, tensors):
                     if isinstance(t, Exception):
                         raise ValueError(f"image {sources[i] if isinstance(sources[i], (str, Path)) else i}: {t}")
-                yield chunk, self.features(torch.stack(tensors)).numpy()
+                yield chunk, forward(torch.stack(tensors)).numpy()
 
-        cache = FeatureCache.for_namespace(
-            f"image-{IMAGE_TOWER}-{self.digest[:16]}-pooled-{IMAGE_SIZE}-p{PREPROCESS_VERSION}", IMAGE_DIM)
         keys = [_content_key(s) for s in sources]
-        return torch.from_numpy(cached_rows(cache, keys, IMAGE_DIM, compute, progress))
+        return torch.from_numpy(cached_rows(cache, keys, dim, compute, progress))
 
     @torch.inference_mode()
     def class_logits(self, features: torch.Tensor) -> torch.Tensor:
