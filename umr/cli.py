@@ -128,6 +128,8 @@ def cmd_index_info(a) -> int:
               f"{s['deleted_rows']} deleted rows, {idx.get('factory', 'not built')} {idx.get('params', '')}")
         if idx.get("reason"):
             print(f"  chosen: {idx['reason']}")
+        if len(s["by_modality"]) > 1 and s.get("modality_calibration"):
+            print(f"  scores calibrated across modalities for query>document: {', '.join(s['modality_calibration'])}")
         for version, comps in s.get("compensators", {}).items():
             print(f"  version {version} queries reach it through: "
                   + ", ".join(f"{m} -> {c['kind']} ({c['pairs']} pairs)" for m, c in comps.items()))
