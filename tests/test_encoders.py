@@ -129,3 +129,18 @@ def test_builtin_versions_are_pinnable_and_recorded_specs_resolve(lit):
     assert v1.fingerprint == pinned.fingerprint
     other = load_recorded({"spec": "lit-base", "fingerprint": "0" * 16})
     assert other.fingerprint == lit.fingerprint  # nothing matches: the current one, and the caller refuses
+
+
+def test_continued_training_adds_gate_anchors_instead_of_replacing_them(lit):
+    import copy
+
+    from retrieval.encoders.concept import ConceptEncoder
+
+    enc = ConceptEncoder(copy.deepcopy(lit.parts), "copy")
+    before = enc.parts.anchors.clone()
+    new_domain = torch.nn.functional.normalize(torch.rand(50, 1280), dim=-1) * 20  # pooled features are not unit
+    enc.fit_gate(new_domain)
+    assert len(enc.parts.anchors) == len(before) + 50
+    g_old, g_new = enc.gate(before[:20] * 20), enc.gate(new_domain[:20])
+    assert (g_old > 0.5).float().mean() > 0.8 and (g_new > 0.5).float().mean() > 0.8
+    assert enc.fingerprint != lit.fingerprint

@@ -104,8 +104,11 @@ class ConceptEncoder(TowerEncoder):
         return self.write_folder(directory, KIND, WEIGHTS_FILE, self.parts.state_dict(), provenance or self.provenance)
 
     def fit_gate(self, train_image_feats: torch.Tensor) -> None:
-        """Anchor the gate on the photos the map trains on."""
-        anchors = domain_gate.pick_anchors(train_image_feats)
+        """Anchor the gate on the photos the map trains on, added to those it was trained on
+        before: continued training on a new domain (`umr train --encoder lit-base`) opens the
+        gate there without shutting it on the photos of earlier rounds."""
+        feats = torch.cat([self.parts.anchors, train_image_feats.float()]) if len(self.parts.anchors) else train_image_feats
+        anchors = domain_gate.pick_anchors(feats)
         center = domain_gate.fit_center(anchors, self.knn)
         self.parts.anchors = anchors
         self.parts.gate_center = torch.tensor(center)
