@@ -121,9 +121,33 @@ def read_eval_queries(path: str) -> tuple[list[Item], list[set[str]]]:
     return items, relevant
 
 
-def _recall(store: IndexStore, queries: dict[int, np.ndarray], relevant, k: int) -> float:
+def _hits(store: IndexStore, queries: dict[int, np.ndarray], relevant, k: int) -> np.ndarray:
+    """Per query: did a relevant document reach the top k."""
     hits = store.search(queries, k)
-    return float(np.mean([any(h.id in rel for h in hs) for hs, rel in zip(hits, relevant)]))
+    return np.array([any(h.id in rel for h in hs) for hs, rel in zip(hits, relevant)], dtype=bool)
+
+
+def _recall(store: IndexStore, queries: dict[int, np.ndarray], relevant, k: int) -> float:
+    return float(np.mean(_hits(store, queries, relevant, k)))
+
+
+def paired_interval(before: np.ndarray, after: np.ndarray, level: float = 0.95, resamples: int = 4000,
+                    seed: int = 0) -> dict:
+    """The difference in hit rate (after - before) over the same queries and its paired
+    bootstrap interval: queries are resampled, each keeping both of its outcomes, so the noise
+    of which queries happen to be in the file is in the interval and the shared part is not."""
+    d = after.astype(np.float64) - before.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"difference": float(d.mean()), f"interval{round(level * 100)}": [float(lo), float(hi)],
+            "queries": int(len(d)), "changed": int(np.count_nonzero(d))}
+
+
+def describe_interval(cmp: dict) -> str:
+    lo, hi = cmp["interval95"]
+    return (f"difference {cmp['difference']:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}] by paired bootstrap over "
+            f"{cmp['queries']} queries, {cmp['changed']} of which changed")
 
 
 def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, eval_path: str, k: int = 5,
@@ -141,7 +165,8 @@ def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: d
     segs = [s for s in store.segments if len(s.alive)]
     out = {"queries": len(items), f"recall@{k}": {}}
     r = out[f"recall@{k}"]
-    r["old encoders"] = _recall(store, old_q, relevant, k)
+    old_hits = _hits(store, old_q, relevant, k)
+    r["old encoders"] = float(old_hits.mean())
     if all(s.dim == new.dim for s in segs):
         r["new, uncompensated"] = _recall(store, {s.id: new_q for s in segs}, relevant, k)
 
@@ -174,7 +199,9 @@ def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: d
         if all(fit_kind(seg_id, m) is None for seg_id, m in pairs_of):
             continue  # e.g. a shift or rotation between encoders of different widths: not a candidate
         r[kind] = _recall(store, mapped_with(fit_kind), relevant, k)
-    r["chosen"] = _recall(store, mapped_with(lambda seg_id, m: chosen.get((seg_id, m))), relevant, k)
+    chosen_hits = _hits(store, mapped_with(lambda seg_id, m: chosen.get((seg_id, m))), relevant, k)
+    r["chosen"] = float(chosen_hits.mean())
+    out["chosen against old"] = paired_interval(old_hits, chosen_hits)
     if reindex_sample:
         out["reindex_sample"] = _reindexed_sample(store, new, new_q, old_q, relevant, reindex_sample, k)
     return out
@@ -277,11 +304,12 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
     if eval_path:
         report["eval"] = evaluate_variants(store, new, fitted, pairs_of, eval_path, reindex_sample=reindex_sample)
         r = report["eval"]["recall@5"]
-        if r["chosen"] < r["old encoders"] and not force:
+        cmp = report["eval"]["chosen against old"]
+        if cmp["interval95"][1] < 0 and not force:  # worse beyond what the choice of queries explains
             figures = ", ".join(f"{k} {v:.3f}" for k, v in r.items())
             raise UpdateRefused(f"not activated: with the chosen compensators Recall@5 on {eval_path} is "
-                                f"{r['chosen']:.3f}, below the old encoder's {r['old encoders']:.3f} ({figures}); "
-                                "use --force to register it anyway")
+                                f"{r['chosen']:.3f}, below the old encoder's {r['old encoders']:.3f} beyond the noise "
+                                f"({describe_interval(cmp)}; {figures}); use --force to register it anyway")
     # Only now is anything written: a refused update leaves the index as it was.
     version = store.register_version(new.record())
     report["version"] = version

@@ -155,6 +155,7 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     before = json.loads((idx / "manifest.json").read_text())
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries)  # a shift cannot map two random models
     assert r.returncode == 2 and "not activated" in r.stderr and "--force" in r.stderr, r.stderr
+    assert "beyond the noise" in r.stderr and "95% interval" in r.stderr
     after = json.loads((idx / "manifest.json").read_text())
     assert after["encoders"] == before["encoders"] and after["active_version"] == 1
     # the same weights under another name: compensation is near the identity, so it passes
@@ -170,6 +171,26 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     assert ev["chosen"] >= ev["old encoders"] and {"mean", "linear", "mlp", "new, uncompensated"} <= set(ev)
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries, "--force", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["active_version"] == 3
+
+
+def test_the_guard_tolerates_what_the_choice_of_queries_explains():
+    from retrieval.update import paired_interval
+
+    old = np.zeros(1000, dtype=bool)
+    old[:514] = True
+    one_less = old.copy()
+    one_less[0] = False  # 0.513 against 0.514: one query in a thousand
+    cmp = paired_interval(old, one_less)
+    assert cmp["difference"] == pytest.approx(-0.001) and cmp["changed"] == 1
+    lo, hi = cmp["interval95"]
+    assert lo < 0 <= hi  # within the noise: not a reason to refuse
+    much_worse = old.copy()
+    much_worse[:100] = False
+    assert paired_interval(old, much_worse)["interval95"][1] < 0
+    # the same hit rate, but different queries: the interval is wide, centred on zero
+    shuffled = np.roll(old, 300)
+    lo, hi = paired_interval(old, shuffled)["interval95"]
+    assert lo < -0.02 and hi > 0.02 and paired_interval(old, old)["interval95"] == [0.0, 0.0]
 
 
 def test_passages_are_query_sized_sentences_of_multi_sentence_texts():

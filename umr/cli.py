@@ -280,7 +280,7 @@ def cmd_eval(a) -> int:
 def cmd_update(a) -> int:
     from index.store import IndexStore
     from retrieval.encoders import load_encoder
-    from retrieval.update import fit_update
+    from retrieval.update import describe_interval, fit_update
 
     if a.reindex_sample and not a.eval:
         raise UserError("--reindex-sample compares on judged queries: give --eval QUERIES too")
@@ -313,6 +313,7 @@ def cmd_update(a) -> int:
         ev = report["eval"]
         print(f"  Recall@5 on {a.eval} ({ev['queries']} queries): "
               + ", ".join(f"{k} {v:.3f}" for k, v in ev["recall@5"].items()))
+        print(f"  chosen against the old encoders: {describe_interval(ev['chosen against old'])}")
         if "reindex_sample" in ev:
             rs = ev["reindex_sample"]
             print(f"  on a sample of {rs['documents']} documents: "
