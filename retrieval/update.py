@@ -144,6 +144,14 @@ def paired_interval(before: np.ndarray, after: np.ndarray, level: float = 0.95, 
             "queries": int(len(d)), "changed": int(np.count_nonzero(d))}
 
 
+def _uncovered_eval_modalities(eval_path: str, segments: list[dict]) -> str:
+    """'text queries (segment 0)' for eval query modalities some compensated segment has no map for."""
+    items, _ = read_eval_queries(eval_path)
+    wanted = sorted({it.modality for it in items})
+    missing = [(m, seg["segment"]) for seg in segments for m in wanted if seg["modalities"].get(m, {}).get("status") != "ok"]
+    return "; ".join(f"{m} queries (segment {s})" for m, s in missing)
+
+
 def describe_interval(cmp: dict) -> str:
     lo, hi = cmp["interval95"]
     return (f"difference {cmp['difference']:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}] by paired bootstrap over "
@@ -302,6 +310,11 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
                             f"calibration pairs (need {MIN_PAIRS}); add --calibration QUERIES.jsonl, register only with "
                             "--no-activate, or --force")
     if eval_path:
+        uncovered = _uncovered_eval_modalities(eval_path, report["segments"])
+        if uncovered and not force:
+            # Scoring those queries would compare the compensators on queries none of them can map.
+            raise UpdateRefused(f"not activated: the --eval queries include {uncovered}, for which there is no calibration "
+                                "data; add --calibration QUERIES.jsonl with queries of that kind, or --force")
         report["eval"] = evaluate_variants(store, new, fitted, pairs_of, eval_path, reindex_sample=reindex_sample)
         r = report["eval"]["recall@5"]
         cmp = report["eval"]["chosen against old"]

@@ -173,6 +173,23 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     assert r.returncode == 0 and json.loads(r.stdout)["active_version"] == 3
 
 
+def test_eval_queries_of_a_modality_without_calibration_are_named_not_scored(v1_index, tmp_path):
+    from PIL import Image
+
+    from retrieval.encoders import load_encoder
+    from retrieval.update import UpdateRefused
+
+    idx, texts = v1_index  # texts only: the corpus gives text calibration pairs, no image ones
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"text": texts[0], "relevant": ["d0"]},
+                                                 {"image": "red.png", "relevant": ["d1"]}])
+    store = IndexStore.open(idx)
+    with pytest.raises(UpdateRefused, match=r"image queries \(segment 0\).*--calibration"):
+        fit_update(store, load_encoder("tiny-clip:1"), ["corpus"], eval_path=str(queries))
+    assert store.active_version == 1 and len(store.versions) == 1  # nothing written
+    store.close()
+
+
 def test_the_guard_tolerates_what_the_choice_of_queries_explains():
     from retrieval.update import paired_interval
 
