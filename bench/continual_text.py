@@ -36,7 +36,7 @@ def main():
     from retrieval.encoders import load_encoder
     from retrieval.metrics import summarize
     from retrieval.pipeline import build_index
-    from retrieval.update import corpus_pairs, passage_pairs
+    from retrieval.calibration_pairs import corpus_pairs, passage_pairs
     from training.text_finetune import finetune_text
 
     tmp = Path(tempfile.mkdtemp(prefix="umr-continual-text-"))
@@ -85,7 +85,7 @@ def main():
         re_store = IndexStore.open(tmp / f"reindexed-{name}")
         reidx = evaluate(re_store, q2)
         re_store.close()
-        docs_new, docs_old = corpus_pairs(old, old.segments[0], v2, 2000)["text"]
+        docs_new, docs_old = corpus_pairs(old, old.segments[0], v2, 2000)[0]["text"]
         pass_new, pass_old = passage_pairs(old, old.segments[0], v1, v2, 2000)["text"]
         corpus_vecs = old.docs.vectors_at(0, np.flatnonzero(old.segments[0].alive))
         target = max(base_scores[0], reidx[0])

@@ -20,6 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from index import modality_calibration as mc
+from index.merge_calibration import RECORD_KEY, merge_rows
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
@@ -392,15 +393,19 @@ class IndexStore:
     def search(self, queries: np.ndarray | Mapping[int, np.ndarray], k: int,
                modalities: list[str] | None = None, flt: dict | None = None,
                score_maps: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
-               query_modalities: list[str] | None = None) -> list[list[SearchHit]]:
+               query_modalities: list[str] | None = None, balance: bool = True,
+               merge: Mapping[int, mc.ModalityCalibration] | None = None) -> list[list[SearchHit]]:
         """Top-k per query, merged over segments by score.
 
-        `score_maps` gives, per segment, per-query (scale, offset) that put its scores on the
-        active encoder's scale before merging; segments without one are merged as they are.
+        `merge` gives every searched segment its merge calibration (index/merge_calibration.py),
+        which puts segments of different encoder versions on one scale; `score_maps` gives, per
+        segment, per-query (scale, offset) onto the active encoder's scale, for the query
+        modalities the merge calibration does not cover. Segments with neither are merged as
+        they are.
 
-        With `query_modalities` (one per query), queries over documents of several modalities
-        are searched per document modality and merged by calibrated score (`SearchHit.cosine`
-        keeps the raw one); without it every score is a raw cosine.
+        With `query_modalities` (one per query) and `balance`, queries over documents of several
+        modalities are searched per document modality and merged by calibrated score
+        (`SearchHit.cosine` keeps the raw one); without them every score is a raw cosine.
 
         `queries` is one (n, dim) array for every segment, or a mapping segment id -> array
         when queries were mapped into each segment's space.
@@ -417,8 +422,9 @@ class IndexStore:
             n_queries = len(next(iter(queries.values()))) if isinstance(queries, Mapping) else len(queries)
             per_query = [[] for _ in range(n_queries)]
             searched = [seg for seg in self.segments if seg.faiss is not None and seg.faiss.ntotal and seg.alive.any()]
-            groups = self._calibrated_groups(searched, query_modalities, modalities)
+            groups = self._calibrated_groups(searched, query_modalities if balance else None, modalities)
             qmods = np.array(query_modalities) if query_modalities else np.array([None] * n_queries)
+            merged = merge_rows(merge, searched, qmods, modalities, self.present_modalities) if merge else {}
             plain = np.flatnonzero(~np.isin(qmods, list(groups)))
             for seg in searched:  # an empty segment (a new version's before its first add) is skipped
                 if isinstance(queries, Mapping) and seg.id not in queries:
@@ -428,12 +434,20 @@ class IndexStore:
                 if q.ndim != 2 or q.shape[1] != seg.dim:
                     raise IndexMismatch(f"query vectors have shape {q.shape}, segment {seg.id} expects (n, {seg.dim})")
                 if len(plain):
-                    scores, rows = self._search_segment(seg, q[plain], k, modalities, flt)
+                    raw, rows = self._search_segment(seg, q[plain], k, modalities, flt)
+                    scores = raw.copy()
                     if score_maps and seg.id in score_maps:
                         scale, offset = score_maps[seg.id]
                         scores = scores * scale[plain][:, None] + offset[plain][:, None]
+                    on_merge = np.zeros(len(plain), dtype=bool)
+                    for (qm, key), pos in merged.get(seg.id, {}).items():
+                        here = np.isin(plain, pos)
+                        scores[here] = merge[seg.id].apply(raw[here], qm, key)
+                        on_merge |= here
                     for j, qi in enumerate(plain):
-                        per_query[qi].extend((float(s), seg.id, int(r), None) for s, r in zip(scores[j], rows[j]) if r >= 0)
+                        cos = raw[j] if on_merge[j] else [None] * len(raw[j])
+                        per_query[qi].extend((float(s), seg.id, int(r), None if c is None else float(c))
+                                             for s, c, r in zip(scores[j], cos, rows[j]) if r >= 0)
                 for qm, wanted in groups.items():
                     idx = np.flatnonzero(qmods == qm)
                     cal = self.calibration(seg)
@@ -457,6 +471,11 @@ class IndexStore:
                         out.append(SearchHit(doc.id, score, doc, seg_id, cosine=cosine))
                 results.append(out)
         return results
+
+    def segment_scores(self, seg: Segment, q: np.ndarray, k: int, modalities: list[str] | None = None) -> np.ndarray:
+        """The top-k raw scores of each query in one segment (-inf past its documents)."""
+        with self.lock:
+            return self._search_segment(seg, np.ascontiguousarray(q, dtype=np.float32), k, modalities, None)[0]
 
     def _search_segment(self, seg: Segment, q: np.ndarray, k: int, modalities, flt):
         n = len(q)
@@ -518,6 +537,7 @@ class IndexStore:
                     "deleted_rows": int((~seg.alive).sum()),
                     "by_modality": {m: c for m, c in counts.items() if c},
                     "modality_calibration": sorted(seg.record.get("calibration", {}).get("tables", {})),
+                    "merge_calibration": {k: v for k, v in seg.record.get(RECORD_KEY, {}).items() if k != "tables"},
                     "vectors_in_faiss": int(seg.faiss.ntotal) if seg.faiss is not None else 0,
                 })
             return {

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index import merge_calibration
+from index import modality_calibration as mc
 from index.docstore import DocRecord
 from index.errors import IndexMismatch
 from index.store import IndexStore, SearchHit
@@ -20,6 +22,7 @@ from retrieval.encoders import Encoder, load_encoder, load_recorded
 from retrieval.encoders.base import Prepared
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item, stored_item
+from retrieval.reference_queries import read_references
 
 UPLOADS = "images"
 
@@ -65,6 +68,8 @@ class Engine:
         self.timings = {"encode_s": 0.0, "search_s": 0.0, "compensate_s": 0.0, "rerank_s": 0.0}
         self.reranker = None
         self.compensators = self._load_compensators()
+        self._references: dict[str, np.ndarray] | None = None
+        self._merge_cache: dict[int, "mc.ModalityCalibration"] = {}
 
     def _load_compensators(self) -> dict[int, dict]:
         """{segment id: {query modality: compensator}} for segments built by another version."""
@@ -87,6 +92,46 @@ class Engine:
             pairs = [comps[m].params.get("score_map", (1.0, 0.0)) if m in comps else (1.0, 0.0) for m in modalities]
             out[seg_id] = (np.array([p[0] for p in pairs], np.float32), np.array([p[1] for p in pairs], np.float32))
         return out
+
+    def references(self) -> dict[str, np.ndarray]:
+        """The active version's reference queries (query modality -> rows in its space), which
+        merge calibration scores every segment with; empty for a version registered without."""
+        if self._references is None:
+            self._references = read_references(self.store, self.version)
+        return self._references
+
+    def merge_calibrations(self) -> dict[int, "mc.ModalityCalibration"] | None:
+        """Per searched segment, its merge calibration (index/merge_calibration.py), where the
+        index holds segments of more than one encoder version; refitted for a segment that has
+        grown or shrunk by half since its fit."""
+        searched = [s for s in self.store.segments if s.faiss is not None and s.faiss.ntotal and s.alive.any()]
+        if not self.calibrate_scores or len({s.record["encoder"].get("version", 1) for s in searched}) < 2:
+            return None
+        refs = self.references()
+        if not refs:
+            return None
+        with self.store.lock:
+            return {seg.id: self._merge_calibration(seg, refs) for seg in searched}
+
+    def _merge_calibration(self, seg, refs: dict[str, np.ndarray]):
+        alive = int(seg.alive.sum())
+        cal = self._merge_cache.get(seg.id)
+        if cal is not None and not cal.stale(alive):
+            return cal
+        rec = seg.record.get(merge_calibration.RECORD_KEY)
+        if rec and rec.get("version") == self.version:
+            cal = mc.ModalityCalibration.from_record(rec)
+            if not cal.stale(alive):
+                self._merge_cache[seg.id] = cal
+                return cal
+        comps = self.compensators.get(seg.id)
+        mapped = {m: (q if comps is None else comps[m].apply(q)) for m, q in refs.items() if comps is None or m in comps}
+        cal = merge_calibration.fit(lambda q, mods: self.store.segment_scores(seg, q, merge_calibration.RANK, mods),
+                                    mapped, self.store.present_modalities(seg), alive)
+        seg.record[merge_calibration.RECORD_KEY] = {"version": self.version, "rank": merge_calibration.RANK,
+                                                    **cal.to_record()}
+        self._merge_cache[seg.id] = cal
+        return cal
 
     def map_queries(self, vectors: np.ndarray, modalities: list[str]) -> np.ndarray | dict[int, np.ndarray]:
         """The query vectors each segment is searched with: as encoded for the active
@@ -153,8 +198,8 @@ class Engine:
         queries = self.map_queries(vectors, query_modalities)
         balance = self.balance_modalities if calibrated is None else calibrated
         t0 = time.perf_counter()
-        hits = self.store.search(queries, k, modalities, flt, self.score_maps(query_modalities),
-                                 query_modalities if balance else None)
+        hits = self.store.search(queries, k, modalities, flt, self.score_maps(query_modalities), query_modalities,
+                                 balance=balance, merge=self.merge_calibrations() if balance else None)
         self.timings["search_s"] += time.perf_counter() - t0
         return hits
 

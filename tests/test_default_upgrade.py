@@ -57,18 +57,18 @@ def test_an_index_of_the_old_default_still_searches_and_upgrades_without_reindex
     engine.close()
     assert before >= 0.6, before
 
-    # Text calibration from captions of training photos (a photo-only index has no texts of its own).
-    train_caps = _captions(set(split["train"][:300]))
-    calib = write_jsonl(tmp_path / "calib.jsonl", [{"text": c} for caps in train_caps.values() for c in caps[:2]])
     store = IndexStore.open(tmp_path / "idx")
     stored = store.docs.vectors_at(0, np.arange(40))
     store.close()
-    r = run_cli("update", tmp_path / "idx", "--encoder", "lit-base", "--calibration", "corpus",
-                "--calibration", calib, "--json")
+    # No calibration flags: a photo-only index has no texts of its own, so text queries are
+    # calibrated with umr's generic queries, and image+text ones with its photos paired with them.
+    r = run_cli("update", tmp_path / "idx", "--encoder", "lit-base", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["active_version"] == 2
-    assert report["segments"][0]["modalities"]["text"]["status"] == "ok"
+    modalities = report["segments"][0]["modalities"]
+    assert modalities["text"]["status"] == "ok" and modalities["text"]["sources"] == ["generic"]
+    assert modalities["image"]["sources"] == ["corpus"] and modalities["image,text"]["sources"] == ["images with texts"]
 
     engine = Engine.open(tmp_path / "idx")
     assert engine.version == 2 and engine.encoder.fingerprint == load_encoder("lit-base").fingerprint

@@ -23,6 +23,16 @@ def v1_index(tmp_path, tiny):
     return tmp_path / "idx", texts
 
 
+def image_calibration(tmp_path, n=40):
+    """Image queries for calibrating a text-only index: plain colour squares are enough for tiny-clip."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.new("RGB", (32, 32), tuple(int(c) for c in rng.integers(0, 255, 3))).save(tmp_path / f"img{i}.png")
+    return write_jsonl(tmp_path / "images.jsonl", [{"image": f"img{i}.png"} for i in range(n)])
+
+
 def top1_rate(engine, texts, n=100):
     hits = engine.search([Query(t) for t in texts[:n]], k=1)
     return np.mean([h[0].id == f"d{i}" for i, h in enumerate(hits)])
@@ -34,7 +44,8 @@ def test_update_maps_new_queries_into_the_old_segment(v1_index):
     idx, texts = v1_index
     v2 = load_encoder("tiny-clip:1")
     store = IndexStore.open(idx)
-    report = fit_update(store, v2, ["corpus"])
+    # A text-only index gives no image calibration: activating drops image queries, so it takes --force.
+    report = fit_update(store, v2, ["corpus"], force=True)
     store.close()
     seg0 = report["segments"][0]["modalities"]
     assert seg0["text"]["status"] == "ok" and seg0["text"]["chosen"] in ("linear", "mlp", "orthogonal", "kernel")
@@ -62,6 +73,9 @@ def test_update_maps_new_queries_into_the_old_segment(v1_index):
 def test_cli_update_and_old_encoder_still_refused_for_adds(v1_index):
     idx, texts = v1_index
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--json")
+    assert r.returncode == 2 and "image and image,text queries, which segment 0 answers now" in r.stderr, r.stderr
+    assert "--force" in r.stderr and json.loads((idx / "manifest.json").read_text())["active_version"] == 1
+    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--json", "--force")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["active_version"] == 2 and rep["segments"][0]["modalities"]["text"]["pairs"] == 600
@@ -152,8 +166,10 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
 
     idx, texts = v1_index
     queries = write_jsonl(tmp_path / "q.jsonl", [{"text": texts[i], "relevant": [f"d{i}"]} for i in range(0, 600, 6)])
+    images = image_calibration(tmp_path)
     before = json.loads((idx / "manifest.json").read_text())
-    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries)  # a shift cannot map two random models
+    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries,
+                "--calibration", "corpus", "--calibration", images)  # a shift cannot map two random models
     assert r.returncode == 2 and "not activated" in r.stderr and "--force" in r.stderr, r.stderr
     assert "beyond the noise" in r.stderr and "95% interval" in r.stderr
     after = json.loads((idx / "manifest.json").read_text())
@@ -161,7 +177,8 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     # the same weights under another name: compensation is near the identity, so it passes
     ckpt = tmp_path / "same.pt"
     torch.save(tiny.model.state_dict(), ckpt)
-    r = run_cli("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--reindex-sample", "200", "--json")
+    r = run_cli("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--reindex-sample", "200",
+                "--calibration", "corpus", "--calibration", images, "--json")
     assert r.returncode == 0, r.stderr
     sample = json.loads(r.stdout)["eval"]["reindex_sample"]
     assert sample["documents"] == 300  # 100 judged + 200 others
@@ -171,6 +188,11 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     assert ev["chosen"] >= ev["old encoders"] and {"mean", "linear", "mlp", "new, uncompensated"} <= set(ev)
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries, "--force", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["active_version"] == 3
+    # new-domain queries are shown beside the old ones; they never refuse an update
+    r = run_cli("update", idx, "--method", "mean", "--eval-new", queries,
+                "--calibration", "corpus", "--calibration", images, "--no-activate", "--encoder", "tiny-clip:2")
+    assert r.returncode == 0, r.stderr
+    assert "new-domain queries): old encoders" in r.stdout and "chosen against the old encoders" in r.stdout
 
 
 def test_eval_queries_of_a_modality_without_calibration_are_named_not_scored(v1_index, tmp_path):
@@ -185,13 +207,13 @@ def test_eval_queries_of_a_modality_without_calibration_are_named_not_scored(v1_
                                                  {"image": "red.png", "relevant": ["d1"]}])
     store = IndexStore.open(idx)
     with pytest.raises(UpdateRefused, match=r"image queries \(segment 0\).*--calibration"):
-        fit_update(store, load_encoder("tiny-clip:1"), ["corpus"], eval_path=str(queries))
+        fit_update(store, load_encoder("tiny-clip:1"), ["corpus"], eval_path=str(queries), activate=False)
     assert store.active_version == 1 and len(store.versions) == 1  # nothing written
     store.close()
 
 
 def test_the_guard_tolerates_what_the_choice_of_queries_explains():
-    from retrieval.update import paired_interval
+    from retrieval.update_eval import paired_interval
 
     old = np.zeros(1000, dtype=bool)
     old[:514] = True
@@ -211,7 +233,7 @@ def test_the_guard_tolerates_what_the_choice_of_queries_explains():
 
 
 def test_passages_are_query_sized_sentences_of_multi_sentence_texts():
-    from retrieval.update import passages
+    from retrieval.calibration_pairs import passages
 
     assert passages("a dog runs on the grass.") == []  # a caption: already calibrated as the document
     assert passages("The wing was tested at Mach two. Lift rose with the angle of attack! Ok.") == [
@@ -247,11 +269,26 @@ def test_an_update_that_leaves_a_segment_unsearchable_is_not_activated(tmp_path,
     docs = [{"id": f"d{i}", "text": f"word {i}"} for i in range(5)]  # too few pairs for any compensator
     build_index(write_jsonl(tmp_path / "c.jsonl", docs), tiny, tmp_path / "idx", progress=False)
     store = IndexStore.open(tmp_path / "idx")
-    with pytest.raises(UpdateRefused, match="segment\\(s\\) 0"):
-        fit_update(store, load_encoder("tiny-clip:1"))
+    with pytest.raises(UpdateRefused, match=r"text, image and image,text queries, which segment 0 answers now.*"
+                                            r"no calibration data; only 5 pairs"):
+        fit_update(store, load_encoder("tiny-clip:1"), ["corpus"])
     assert store.active_version == 1 and len(store.manifest["encoders"]) == 1  # nothing was written
-    fit_update(store, load_encoder("tiny-clip:1"), activate=False)  # registering alone is allowed
+    report = fit_update(store, load_encoder("tiny-clip:1"), activate=False)  # registering alone is allowed
     assert store.active_version == 1
+    # by default, a segment with too few texts of its own is calibrated with umr's generic queries
+    assert report["segments"][0]["modalities"]["text"]["sources"] == ["corpus", "generic"]
     store.close()
     r = run_cli("update", tmp_path / "idx", "--encoder", "tiny-clip:2")
     assert r.returncode == 2 and "not activated" in r.stderr
+
+
+def test_generic_queries_are_the_same_everywhere_and_span_the_forms_people_type():
+    from retrieval.generic_queries import generic_queries
+
+    queries = generic_queries(3000)
+    assert len(set(queries)) == 3000 and generic_queries(3000) == queries  # fixed: the same calibration everywhere
+    assert queries[:500] == generic_queries(500)
+    assert sum(q.endswith(" .") for q in queries) > 300  # captions
+    assert sum(q.lower().startswith(("men's", "women's", "kids'")) for q in queries) > 100  # product titles
+    assert sum(len(q.split()) <= 3 for q in queries) > 150  # keyword and object queries
+    assert not [q for q in queries if q.lower().startswith(("two ", "three ")) and " is " in q.split(" in ")[0]]

@@ -38,7 +38,8 @@ def _print_hits(hits, as_json: bool) -> None:
     if not hits:
         print("no results")
     if any(h.cosine is not None for h in hits):
-        print("scores calibrated across modalities (raw cosine in brackets; --no-calibration ranks by cosine)")
+        print("scores calibrated across modalities or encoder versions (raw cosine in brackets; --no-calibration ranks "
+              "by cosine)")
     for rank, h in enumerate(hits, 1):
         d = h.doc
         what = (d.text or "").replace("\n", " ")
@@ -130,6 +131,10 @@ def cmd_index_info(a) -> int:
             print(f"  chosen: {idx['reason']}")
         if len(s["by_modality"]) > 1 and s.get("modality_calibration"):
             print(f"  scores calibrated across modalities for query>document: {', '.join(s['modality_calibration'])}")
+        mc = s.get("merge_calibration")
+        if mc:
+            print(f"  merged with other versions' segments on version {mc['version']}'s reference queries "
+                  f"(rank {mc['rank']}, fitted on {mc['fitted_on']} documents)")
         for version, comps in s.get("compensators", {}).items():
             print(f"  version {version} queries reach it through: "
                   + ", ".join(f"{m} -> {c['kind']} ({c['pairs']} pairs)" for m, c in comps.items()))
@@ -282,7 +287,7 @@ def cmd_update(a) -> int:
     from retrieval.encoders import load_encoder
     from retrieval.update import describe_interval, fit_update
 
-    if a.reindex_sample and not a.eval:
+    if a.reindex_sample and not (a.eval or a.eval_new):
         raise UserError("--reindex-sample compares on judged queries: give --eval QUERIES too")
     new = load_encoder(a.encoder)
     store = IndexStore.open(a.index_dir)
@@ -290,7 +295,7 @@ def cmd_update(a) -> int:
         if not store.ready:
             raise UserError(f"{a.index_dir} is not finished; complete its build first")
         report = fit_update(store, new, a.calibration, a.method, a.sample, activate=not a.no_activate,
-                            eval_path=a.eval, force=a.force, reindex_sample=a.reindex_sample)
+                            eval_path=a.eval, force=a.force, reindex_sample=a.reindex_sample, eval_new_path=a.eval_new)
     finally:
         store.close()
     if a.json:
@@ -308,15 +313,17 @@ def cmd_update(a) -> int:
             cols = ", ".join(f"{row['kind']} {row.get('agreement@10', float('nan')):.3f}" for row in r["comparison"]
                              if "skipped" not in row)
             print(f"  segment {seg['segment']} (v{seg['segment_version']}), {modality} queries: {r['chosen']} "
-                  f"from {r['pairs']} pairs; agreement@10 on held-out pairs: {cols}")
-    if "eval" in report:
-        ev = report["eval"]
-        print(f"  Recall@5 on {a.eval} ({ev['queries']} queries): "
+                  f"from {r['pairs']} pairs ({', '.join(r['sources'])}); agreement@10 on held-out pairs: {cols}")
+    for key, path, label in (("eval", a.eval, "old-domain queries"), ("eval_new", a.eval_new, "new-domain queries")):
+        if key not in report:
+            continue
+        ev = report[key]
+        print(f"  Recall@5 on {path} ({ev['queries']} {label}): "
               + ", ".join(f"{k} {v:.3f}" for k, v in ev["recall@5"].items()))
-        print(f"  chosen against the old encoders: {describe_interval(ev['chosen against old'])}")
+        print(f"    chosen against the old encoders: {describe_interval(ev['chosen against old'])}")
         if "reindex_sample" in ev:
             rs = ev["reindex_sample"]
-            print(f"  on a sample of {rs['documents']} documents: "
+            print(f"    on a sample of {rs['documents']} documents: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in rs.items() if k != "documents"))
     return 0
 
@@ -522,12 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--encoder", required=True)
     u.add_argument("--calibration", action="append",
                    help="'corpus' (the index's stored items), 'passages' (sentences of its stored texts, embedded by the "
-                        "old encoder too) or a JSONL of queries; repeatable; default: corpus and passages")
+                        "old encoder too), 'generic' (umr's own generic queries nearest the index's documents) or a "
+                        "JSONL of queries; repeatable; default: corpus and passages, and generic where the index holds "
+                        "no texts")
     u.add_argument("--method", default="auto", choices=["auto", "identity", "mean", "kernel", "linear", "orthogonal", "mlp"])
     u.add_argument("--sample", type=int, default=2000, help="calibration pairs per modality and source")
     u.add_argument("--eval", help="queries with judgements (M-BEIR query JSONL, or {text, image, relevant}); "
                                  "activation is refused if the compensated new encoder retrieves worse than the old")
-    u.add_argument("--force", action="store_true", help="activate even when --eval says it is worse, or a segment got no compensator")
+    u.add_argument("--eval-new", metavar="QUERIES",
+                   help="judged queries of the new domain, scored like --eval beside it (what the update buys); never refuses")
+    u.add_argument("--force", action="store_true",
+                   help="activate even when --eval says it is worse, or a query modality the index answers would be refused")
     u.add_argument("--reindex-sample", type=int, metavar="N",
                    help="with --eval: also re-embed the judged documents plus N others with the new encoder")
     u.add_argument("--no-activate", action="store_true",

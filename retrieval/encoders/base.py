@@ -133,7 +133,14 @@ class Encoder(ABC):
 
     def record(self) -> dict:
         """What an index manifest stores about the encoder that filled it."""
-        return {"spec": self.spec, "fingerprint": self.fingerprint, "dim": self.dim, "config": self.config()}
+        return {"spec": self.spec, "fingerprint": self.fingerprint, "dim": self.dim, "config": self.config(),
+                "query_modalities": self.query_modalities}
+
+    @property
+    def query_modalities(self) -> list[str]:
+        """What it embeds, as the query modalities an index can answer with it."""
+        return [m for m, ok in (("text", self.supports_texts), ("image", self.supports_images),
+                                ("image,text", self.supports_texts and self.supports_images)) if ok]
 
     def prepare(self, item: Item, role: str = "document", instruction: str | None = None,
                 limits: ImageLimits = DEFAULT_LIMITS) -> Prepared:

@@ -1,0 +1,55 @@
+"""The reference queries of an encoder version: a fixed population, in that version's space,
+that merge calibration (index/merge_calibration.py) scores every segment with, so that scores
+from segments of different versions compare.
+
+Written by `umr update` beside the version it registers (`calibration/vN-reference.safetensors`,
+named in the version's record): for text, umr's generic queries, which belong to no segment's
+domain; for images and image+text, the calibration queries the update embedded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from index.atomic import atomic_write
+from index.store import IndexStore
+from retrieval.encoders import Encoder
+from retrieval.generic_queries import generic_queries
+
+TEXTS = 2000
+PER_MODALITY = 2000
+
+
+def _key(modality: str) -> str:
+    return modality.replace(",", "+")
+
+
+def write_references(store: IndexStore, version: int, new: Encoder, queries: dict[str, list[np.ndarray]],
+                     seed: int = 0) -> dict:
+    """Save the references of `version`: generic texts embedded by `new`, and up to
+    PER_MODALITY of the given query rows (already in its space) per other modality."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    if new.supports_texts:
+        arrays["text"] = new.encode_texts(list(generic_queries(TEXTS)))
+    for modality, parts in queries.items():
+        if modality == "text" or not parts:
+            continue
+        rows = np.concatenate(parts)
+        if len(rows) > PER_MODALITY:
+            rows = rows[np.sort(rng.choice(len(rows), PER_MODALITY, replace=False))]
+        arrays[_key(modality)] = np.ascontiguousarray(rows, dtype=np.float32)
+    rel = f"calibration/v{version}-reference.safetensors"
+    atomic_write(store.path / rel, lambda tmp: save_file(arrays, str(tmp)))
+    record = {"file": rel, "queries": {k.replace("+", ","): int(len(v)) for k, v in arrays.items()}}
+    store.version(version)["reference"] = record
+    return record
+
+
+def read_references(store: IndexStore, version: int) -> dict[str, np.ndarray]:
+    rec = store.version(version).get("reference")
+    if not rec or not (store.path / rec["file"]).exists():
+        return {}
+    return {k.replace("+", ","): v for k, v in load_file(str(Path(store.path) / rec["file"])).items()}
