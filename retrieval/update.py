@@ -49,7 +49,8 @@ def served_modalities(store: IndexStore, seg: Segment, version: int, embeds: set
 
 def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = None, method: str = "auto",
                per_modality: int = 2000, activate: bool = True, seed: int = 0, eval_path: str | None = None,
-               force: bool = False, reindex_sample: int | None = None, eval_new_path: str | None = None) -> dict:
+               force: bool = False, reindex_sample: int | None = None, eval_new_path: str | None = None,
+               eval_docs: str | None = None) -> dict:
     default = not calibration
     calibration = list(calibration or DEFAULT_CALIBRATION)
     check_sources(calibration)
@@ -106,6 +107,14 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
     if eval_new_path:
         # New-domain queries show what the update buys; they never refuse it.
         report["eval_new"] = evaluate_variants(store, new, fitted, pairs_of, eval_new_path, reindex_sample=reindex_sample)
+    if eval_docs:
+        from retrieval.update_preview import preview
+
+        queries = {label: path for label, path in (("old-domain", eval_path), ("new-domain", eval_new_path)) if path}
+        if not queries:
+            raise ValueError("--eval-docs scores the --eval and --eval-new queries: give at least one of them")
+        report["preview"] = preview(store, new, lambda copy: commit(copy, new, fitted, pairs_of, {"segments": []},
+                                                                    calibration, method, True), eval_docs, queries)
     commit(store, new, fitted, pairs_of, report, calibration, method, activate)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report

@@ -86,7 +86,8 @@ def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: d
             enc = load_recorded(seg.record["encoder"])
             old_q[seg.id] = enc.encode(items, role="query")
     segs = [s for s in store.segments if len(s.alive)]
-    out = {"queries": len(items), f"recall@{k}": {}}
+    out = {"queries": len(items), f"recall@{k}": {},
+           "judged_in_index": sum(any(store.docs.get(d) is not None for d in rel) for rel in relevant)}
     r = out[f"recall@{k}"]
     old_hits = _hits(store, old_q, relevant, k)
     r["old encoders"] = float(old_hits.mean())
@@ -157,7 +158,7 @@ def _reindexed_sample(store: IndexStore, new: Encoder, new_q, old_q, relevant, n
             top = exact_topk(scores_or_q, vecs, k)[1]
         return float(np.mean([bool(set(ids[t]) & rel) for t, rel in zip(top, relevant)]))
 
-    return {"documents": len(sample), f"old encoders on the sample": recall(old_scores),
-            f"new encoder re-indexed on the sample": recall(new_q, new_vecs)}
+    return {"documents": len(sample), "old encoders on the sample": recall(old_scores),
+            "new encoder re-indexed on the sample": recall(new_q, new_vecs)}
 
 

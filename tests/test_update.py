@@ -292,3 +292,29 @@ def test_generic_queries_are_the_same_everywhere_and_span_the_forms_people_type(
     assert sum(q.lower().startswith(("men's", "women's", "kids'")) for q in queries) > 100  # product titles
     assert sum(len(q.split()) <= 3 for q in queries) > 150  # keyword and object queries
     assert not [q for q in queries if q.lower().startswith(("two ", "three ")) and " is " in q.split(" in ")[0]]
+
+
+def test_eval_docs_previews_both_futures_on_copies_and_leaves_the_index_as_it_was(v1_index, tmp_path):
+    idx, texts = v1_index
+    images = image_calibration(tmp_path)
+    new_docs = write_jsonl(tmp_path / "new.jsonl", [{"id": f"n{i}", "text": f"purple elephant {i} {i * 7}"} for i in range(40)])
+    old_q = write_jsonl(tmp_path / "old.jsonl", [{"text": texts[i], "relevant": [f"d{i}"]} for i in range(0, 600, 20)])
+    new_q = write_jsonl(tmp_path / "newq.jsonl", [{"text": f"purple elephant {i} {i * 7}", "relevant": [f"n{i}"]}
+                                                  for i in range(40)])
+    before = json.loads((idx / "manifest.json").read_text())
+    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--calibration", "corpus", "--calibration", images,
+                "--eval", old_q, "--eval-new", new_q, "--eval-docs", new_docs, "--no-activate", "--json")
+    assert r.returncode == 0, r.stderr
+    preview = json.loads(r.stdout)["preview"]
+    assert preview["added"] == 40
+    keep, update = preview["recall@5"]["keep the old encoder"], preview["recall@5"]["update"]
+    assert set(keep) == set(update) == {"old-domain", "new-domain"}
+    assert update["new-domain"] >= 0.9 and keep["new-domain"] >= 0.9  # the new documents are found in both futures
+    assert update["old-domain"] >= 0.5  # old documents through the compensator, merged with the new segment
+    store = IndexStore.open(idx)  # the index itself: registered only, nothing added
+    assert store.count() == 600 and store.active_version == 1 and len(store.segments) == 1
+    store.close()
+    after = json.loads((idx / "manifest.json").read_text())["segments"]
+    assert [(s["id"], s["count"], s["encoder"]) for s in after] == [(s["id"], s["count"], s["encoder"]) for s in before["segments"]]
+    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--eval-docs", new_docs, "--no-activate")
+    assert r.returncode == 2 and "give at least one of them" in r.stderr

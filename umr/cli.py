@@ -295,7 +295,8 @@ def cmd_update(a) -> int:
         if not store.ready:
             raise UserError(f"{a.index_dir} is not finished; complete its build first")
         report = fit_update(store, new, a.calibration, a.method, a.sample, activate=not a.no_activate,
-                            eval_path=a.eval, force=a.force, reindex_sample=a.reindex_sample, eval_new_path=a.eval_new)
+                            eval_path=a.eval, force=a.force, reindex_sample=a.reindex_sample, eval_new_path=a.eval_new,
+                            eval_docs=a.eval_docs)
     finally:
         store.close()
     if a.json:
@@ -314,10 +315,19 @@ def cmd_update(a) -> int:
                              if "skipped" not in row)
             print(f"  segment {seg['segment']} (v{seg['segment_version']}), {modality} queries: {r['chosen']} "
                   f"from {r['pairs']} pairs ({', '.join(r['sources'])}); agreement@10 on held-out pairs: {cols}")
+    if "preview" in report:
+        pv = report["preview"]
+        print(f"  with the {pv['added']} documents of {a.eval_docs} added (on copies of the index), Recall@5:")
+        for variant, by_set in pv["recall@5"].items():
+            print(f"    {variant}: " + ", ".join(f"{name} queries {v:.3f}" for name, v in by_set.items()))
     for key, path, label in (("eval", a.eval, "old-domain queries"), ("eval_new", a.eval_new, "new-domain queries")):
         if key not in report:
             continue
         ev = report[key]
+        if not ev["judged_in_index"]:
+            print(f"  {path}: none of the {ev['queries']} {label}' relevant documents are in the index yet"
+                  + ("" if a.eval_docs else "; --eval-docs CORPUS scores them with the documents added"))
+            continue
         print(f"  Recall@5 on {path} ({ev['queries']} {label}): "
               + ", ".join(f"{k} {v:.3f}" for k, v in ev["recall@5"].items()))
         print(f"    chosen against the old encoders: {describe_interval(ev['chosen against old'])}")
@@ -538,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "activation is refused if the compensated new encoder retrieves worse than the old")
     u.add_argument("--eval-new", metavar="QUERIES",
                    help="judged queries of the new domain, scored like --eval beside it (what the update buys); never refuses")
+    u.add_argument("--eval-docs", metavar="CORPUS",
+                   help="documents to be added after the update: score --eval and --eval-new with them added, "
+                        "keeping the old encoder and updating, on temporary copies of the index")
     u.add_argument("--force", action="store_true",
                    help="activate even when --eval says it is worse, or a query modality the index answers would be refused")
     u.add_argument("--reindex-sample", type=int, metavar="N",
