@@ -14,7 +14,9 @@ bridge answers alone. Why this and not interpolated weights (WiSE-FT) or a score
 docs/zero-shot.md.
 
 A folder holds `umr_encoder.json` (type lit-concept, top k, temperature, map weight, gate width)
-and `concept.safetensors` (class embeddings, the map, the gate's anchor photos and centre).
+and `concept.safetensors` (the map, the gate's anchor photos and centre, and the class
+embeddings where they are not lit-bridge's own). The stored form (`stored_tensors`) is lossless:
+the tensors read back are the trained ones bit for bit, so the fingerprint does not depend on it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import hashlib
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -56,6 +59,7 @@ class ConceptParts(torch.nn.Module):
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ConceptParts":
+        tensors = loaded_tensors(tensors)
         parts = cls(tensors["class_emb"])
         parts.anchors = tensors["anchors"].float().contiguous()
         parts.load_state_dict(tensors)
@@ -70,6 +74,38 @@ def _shipped_class_embeddings() -> torch.Tensor:
     if not path.exists():
         raise EncoderError(f"the concept bridge's class embeddings are missing from {path}; reinstall umr")
     return load_file(str(path))["class_emb"]
+
+
+def stored_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a folder keeps of the parts. The class embeddings are left out when they are
+    lit-bridge's (they are read from its file); the gate's anchors, pooled ReLU6 features with
+    a third of their entries zero, are kept as a bit mask and the non-zero values. That keeps
+    the shipped lit-base under the repository's 5 MB per file."""
+    out = {k: v.detach().contiguous() for k, v in state.items() if k not in ("class_emb", "anchors")}
+    if not torch.equal(state["class_emb"], _shipped_class_embeddings()):
+        out["class_emb"] = state["class_emb"].contiguous()
+    anchors = state["anchors"].contiguous()
+    nonzero = (anchors != 0).flatten()
+    out["anchors_shape"] = torch.tensor(anchors.shape, dtype=torch.int64)
+    out["anchors_mask"] = torch.from_numpy(np.packbits(nonzero.numpy()))
+    out["anchors_values"] = anchors.flatten()[nonzero]
+    return out
+
+
+def loaded_tensors(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parts' tensors from either stored form (folders written before `stored_tensors`
+    hold them whole)."""
+    out = dict(stored)
+    if "class_emb" not in out:
+        out["class_emb"] = _shipped_class_embeddings()
+    if "anchors" not in out:
+        shape = tuple(int(x) for x in out.pop("anchors_shape"))
+        n = int(np.prod(shape))
+        nonzero = torch.from_numpy(np.unpackbits(out.pop("anchors_mask").numpy(), count=n).astype(bool))
+        anchors = torch.zeros(n, dtype=torch.float32)
+        anchors[nonzero] = out.pop("anchors_values")
+        out["anchors"] = anchors.view(shape)
+    return out
 
 
 class ConceptEncoder(TowerEncoder):
@@ -101,7 +137,8 @@ class ConceptEncoder(TowerEncoder):
                    cfg["gate_width"], cfg["knn"], cfg.get("provenance"))
 
     def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
-        return self.write_folder(directory, KIND, WEIGHTS_FILE, self.parts.state_dict(), provenance or self.provenance)
+        return self.write_folder(directory, KIND, WEIGHTS_FILE, stored_tensors(self.parts.state_dict()),
+                                 provenance or self.provenance)
 
     def fit_gate(self, train_image_feats: torch.Tensor) -> None:
         """Anchor the gate on the photos the map trains on, added to those it was trained on
