@@ -15,12 +15,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from index import modality_calibration as mc
-from index.merge_calibration import RECORD_KEY, merge_rows
+from index import merge_calibration as merge_cal
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
@@ -81,6 +81,7 @@ class IndexStore:
         self.lock = threading.RLock()
         self.segments: list[Segment] = []
         self._calibrations: dict[int, mc.ModalityCalibration] = {}
+        self._merge_calibrations: dict[tuple[int, int], mc.ModalityCalibration] = {}
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -354,6 +355,25 @@ class IndexStore:
             self._calibrations[seg.id] = cal
             return cal
 
+    def merge_calibration(self, seg: Segment, version: int,
+                          references: Callable[[], Mapping[str, np.ndarray]]) -> mc.ModalityCalibration:
+        """The segment's merge calibration for queries of encoder `version`
+        (index/merge_calibration.py): kept like the modality calibration, and refitted from
+        `references()` (the version's reference queries in this segment's space) when stale."""
+        with self.lock:
+            alive = int(seg.alive.sum())
+            cal = self._merge_calibrations.get((seg.id, version))
+            rec = seg.record.get(merge_cal.RECORD_KEY)
+            if cal is None and rec and rec.get("version") == version:
+                cal = mc.ModalityCalibration.from_record(rec)
+            if cal is None or cal.stale(alive):
+                cal = merge_cal.fit(lambda q, mods: self.segment_scores(seg, q, merge_cal.RANK, mods),
+                                            references(), self.present_modalities(seg), alive)
+                seg.record[merge_cal.RECORD_KEY] = {"version": version, "rank": merge_cal.RANK,
+                                                            **cal.to_record()}
+            self._merge_calibrations[(seg.id, version)] = cal
+            return cal
+
     def _fit_calibration(self, seg: Segment, alive: int, seed: int = 0) -> mc.ModalityCalibration:
         rng = np.random.default_rng(seed)
         present = self.present_modalities(seg)
@@ -424,7 +444,7 @@ class IndexStore:
             searched = [seg for seg in self.segments if seg.faiss is not None and seg.faiss.ntotal and seg.alive.any()]
             groups = self._calibrated_groups(searched, query_modalities if balance else None, modalities)
             qmods = np.array(query_modalities) if query_modalities else np.array([None] * n_queries)
-            merged = merge_rows(merge, searched, qmods, modalities, self.present_modalities) if merge else {}
+            merged = merge_cal.merge_rows(merge, searched, qmods, modalities, self.present_modalities) if merge else {}
             plain = np.flatnonzero(~np.isin(qmods, list(groups)))
             for seg in searched:  # an empty segment (a new version's before its first add) is skipped
                 if isinstance(queries, Mapping) and seg.id not in queries:
@@ -435,11 +455,13 @@ class IndexStore:
                     raise IndexMismatch(f"query vectors have shape {q.shape}, segment {seg.id} expects (n, {seg.dim})")
                 if len(plain):
                     raw, rows = self._search_segment(seg, q[plain], k, modalities, flt)
-                    scores = raw.copy()
+                    scores = raw
                     if score_maps and seg.id in score_maps:
                         scale, offset = score_maps[seg.id]
                         scores = scores * scale[plain][:, None] + offset[plain][:, None]
                     on_merge = np.zeros(len(plain), dtype=bool)
+                    if merged.get(seg.id) and scores is raw:
+                        scores = raw.copy()
                     for (qm, key), pos in merged.get(seg.id, {}).items():
                         here = np.isin(plain, pos)
                         scores[here] = merge[seg.id].apply(raw[here], qm, key)
@@ -537,7 +559,7 @@ class IndexStore:
                     "deleted_rows": int((~seg.alive).sum()),
                     "by_modality": {m: c for m, c in counts.items() if c},
                     "modality_calibration": sorted(seg.record.get("calibration", {}).get("tables", {})),
-                    "merge_calibration": {k: v for k, v in seg.record.get(RECORD_KEY, {}).items() if k != "tables"},
+                    "merge_calibration": {k: v for k, v in seg.record.get(merge_cal.RECORD_KEY, {}).items() if k != "tables"},
                     "vectors_in_faiss": int(seg.faiss.ntotal) if seg.faiss is not None else 0,
                 })
             return {

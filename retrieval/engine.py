@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from index import merge_calibration
 from index import modality_calibration as mc
 from index.docstore import DocRecord
 from index.errors import IndexMismatch
@@ -69,7 +68,6 @@ class Engine:
         self.reranker = None
         self.compensators = self._load_compensators()
         self._references: dict[str, np.ndarray] | None = None
-        self._merge_cache: dict[int, "mc.ModalityCalibration"] = {}
 
     def _load_compensators(self) -> dict[int, dict]:
         """{segment id: {query modality: compensator}} for segments built by another version."""
@@ -102,36 +100,20 @@ class Engine:
 
     def merge_calibrations(self) -> dict[int, "mc.ModalityCalibration"] | None:
         """Per searched segment, its merge calibration (index/merge_calibration.py), where the
-        index holds segments of more than one encoder version; refitted for a segment that has
-        grown or shrunk by half since its fit."""
+        index holds segments of more than one encoder version."""
         searched = [s for s in self.store.segments if s.faiss is not None and s.faiss.ntotal and s.alive.any()]
         if not self.calibrate_scores or len({s.record["encoder"].get("version", 1) for s in searched}) < 2:
             return None
         refs = self.references()
         if not refs:
             return None
-        with self.store.lock:
-            return {seg.id: self._merge_calibration(seg, refs) for seg in searched}
 
-    def _merge_calibration(self, seg, refs: dict[str, np.ndarray]):
-        alive = int(seg.alive.sum())
-        cal = self._merge_cache.get(seg.id)
-        if cal is not None and not cal.stale(alive):
-            return cal
-        rec = seg.record.get(merge_calibration.RECORD_KEY)
-        if rec and rec.get("version") == self.version:
-            cal = mc.ModalityCalibration.from_record(rec)
-            if not cal.stale(alive):
-                self._merge_cache[seg.id] = cal
-                return cal
-        comps = self.compensators.get(seg.id)
-        mapped = {m: (q if comps is None else comps[m].apply(q)) for m, q in refs.items() if comps is None or m in comps}
-        cal = merge_calibration.fit(lambda q, mods: self.store.segment_scores(seg, q, merge_calibration.RANK, mods),
-                                    mapped, self.store.present_modalities(seg), alive)
-        seg.record[merge_calibration.RECORD_KEY] = {"version": self.version, "rank": merge_calibration.RANK,
-                                                    **cal.to_record()}
-        self._merge_cache[seg.id] = cal
-        return cal
+        def mapped(seg):  # the references in the segment's space, through its compensators
+            comps = self.compensators.get(seg.id)
+            return lambda: {m: q if comps is None else comps[m].apply(q) for m, q in refs.items()
+                            if comps is None or m in comps}
+
+        return {seg.id: self.store.merge_calibration(seg, self.version, mapped(seg)) for seg in searched}
 
     def map_queries(self, vectors: np.ndarray, modalities: list[str]) -> np.ndarray | dict[int, np.ndarray]:
         """The query vectors each segment is searched with: as encoded for the active
