@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from index.document_rules import check_document, metadata_json
+
 MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
 CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -88,6 +90,8 @@ class DocStore:
         One transaction: either every doc (and the meta cursor) lands or none does.
         """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        for doc in docs:
+            check_document(doc.id, doc.text, doc.metadata, doc.image)
         replaced: list[tuple[int, int]] = []
         with self.lock:
             cur = self._db.cursor()
@@ -102,7 +106,7 @@ class DocStore:
                     row = first_row + i
                     cur.execute(
                         "INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
-                        (doc.id, segment, row, doc.modality, doc.text, doc.image, json.dumps(doc.metadata, sort_keys=True)),
+                        (doc.id, segment, row, doc.modality, doc.text, doc.image, metadata_json(doc.metadata)),
                     )
                     cur.execute(
                         "INSERT INTO rows(segment, row, modality, alive, vec) VALUES(?,?,?,1,?)",

@@ -244,6 +244,11 @@ class Engine:
             ref = self._keep_image(bytes(it.image)) if isinstance(it.image, (bytes, bytearray)) else it.image_ref()
             docs.append(DocRecord(it.id, it.modality, it.text, ref, it.metadata))
         with self.write_lock:
+            # An encoder swap may have activated another version while these were embedded:
+            # their vectors must not land in that version's segment.
+            if self.version != self.store.active_version:
+                raise IndexMismatch(f"encoder version {self.store.active_version} was activated while these "
+                                    f"documents were embedded by version {self.version}; send them again")
             self.store.add(docs, vectors)
         return [d.id for d in docs]
 

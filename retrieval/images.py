@@ -10,13 +10,23 @@ from PIL import Image, UnidentifiedImageError
 
 
 class BadImage(ValueError):
-    """The image is missing, unreadable, or over a limit; the message says which."""
+    """The image is missing, unreadable, or over a limit; the message says which, `code` names it."""
+
+    def __init__(self, message: str, code: str = "invalid_image"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # Longer side over shorter side. Beyond `max_aspect` an image is refused; beyond
+    # `crop_aspect` its centre is cut out to that shape before any resizing, since resizing a
+    # 1 x 12,000 strip by its shorter side would make a 224 x 2,688,000 one. CLIP-style towers
+    # take the centre square anyway, so what they see does not change.
+    max_aspect: float = 100.0
+    crop_aspect: float = 4.0
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -34,7 +44,7 @@ def open_image(source, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | Non
     else:
         if isinstance(source, (bytes, bytearray)):
             if len(source) > limits.max_bytes:
-                raise BadImage(f"image is {len(source)} bytes, over the limit of {limits.max_bytes}")
+                raise BadImage(f"image is {len(source)} bytes, over the limit of {limits.max_bytes}", "limit_image_bytes")
             fp = io.BytesIO(source)
         else:
             path = Path(source)
@@ -43,21 +53,25 @@ def open_image(source, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | Non
             except OSError:
                 raise BadImage(f"image file not found: {path}") from None
             if size > limits.max_bytes:
-                raise BadImage(f"image file is {size} bytes, over the limit of {limits.max_bytes}")
+                raise BadImage(f"image file is {size} bytes, over the limit of {limits.max_bytes}", "limit_image_bytes")
             fp = path
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(fp)
         except Image.DecompressionBombError:
-            raise BadImage(f"image has too many pixels (limit {limits.max_pixels})") from None
+            raise BadImage(f"image has too many pixels (limit {limits.max_pixels})", "limit_image_pixels") from None
         except (UnidentifiedImageError, OSError, ValueError):
             raise BadImage("not a readable image (unknown or corrupt format)") from None
     w, h = img.size
     if w * h > limits.max_pixels:
-        raise BadImage(f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
+        raise BadImage(f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}", "limit_image_pixels")
     if w == 0 or h == 0:
         raise BadImage("image has no pixels")
+    aspect = max(w, h) / min(w, h)
+    if aspect > limits.max_aspect:
+        raise BadImage(f"image is {w}x{h}, an aspect ratio of {aspect:.0f}:1, over the limit of {limits.max_aspect:g}:1",
+                       "limit_image_aspect")
     try:
         if min_side and img.format == "JPEG":
             scale = min(w, h) / min_side
@@ -66,6 +80,21 @@ def open_image(source, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
+        img = centre_crop_to_aspect(img, limits.crop_aspect)
         return img.convert("RGB") if img.mode != "RGB" else img
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"image is truncated or corrupt ({e.__class__.__name__})") from None
+
+
+def centre_crop_to_aspect(img: Image.Image, aspect: float) -> Image.Image:
+    """The centre of `img` with its longer side cut to at most `aspect` times the shorter."""
+    w, h = img.size
+    if max(w, h) <= aspect * min(w, h):
+        return img
+    if w > h:
+        nw = max(1, int(h * aspect))
+        left = (w - nw) // 2
+        return img.crop((left, 0, left + nw, h))
+    nh = max(1, int(w * aspect))
+    top = (h - nh) // 2
+    return img.crop((0, top, w, top + nh))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from index.document_rules import InvalidDocument, check_document, has_visible_text
 from retrieval.items import MODALITIES, Item
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -22,17 +23,26 @@ class Rejected:
     id: str
     reason: str
 
+    def __post_init__(self):
+        # An id that is not valid Unicode is reported escaped, so the report itself prints.
+        self.id = str(self.id).encode("utf-8", "backslashreplace").decode("utf-8")
+
     def to_dict(self) -> dict:
         return {"id": self.id, "reason": self.reason}
 
 
-def _check_text(item: Item) -> str | None:
+def _problem(item: Item) -> str | None:
+    """Why the item cannot be indexed (and served back), or None."""
     if item.text is not None and not isinstance(item.text, str):
         return "text must be a string"
     if item.text is not None and len(item.text) > MAX_TEXT_CHARS:
         return f"text has {len(item.text)} characters, over the limit of {MAX_TEXT_CHARS}"
-    if item.image is None and not (item.text and item.text.strip()):
+    if item.image is None and not has_visible_text(item.text):
         return "empty item: neither text nor image"
+    try:
+        check_document(item.id, item.text, item.metadata, item.image if isinstance(item.image, str) else None)
+    except InvalidDocument as e:
+        return str(e)
     return None
 
 
@@ -90,7 +100,7 @@ class JsonlCorpus:
                 yield Rejected(doc_id, "image must be a path string")
                 continue
             item = Item(doc_id, rec.get("text"), str(base / image) if image else None, meta)
-            problem = _check_text(item)
+            problem = _problem(item)
             if problem is None and modality is not None and modality != item.modality:
                 problem = f"modality says {modality!r} but the record holds {item.modality!r}"
             yield Rejected(doc_id, problem) if problem else item
@@ -135,7 +145,7 @@ class FolderCorpus:
                     yield Rejected(rel, "not UTF-8 text")
                     continue
                 item = Item(rel, text.strip(), None, {"path": rel})
-                problem = _check_text(item)
+                problem = _problem(item)
                 yield Rejected(rel, problem) if problem else item
 
     def __len__(self) -> int:
@@ -178,7 +188,7 @@ class MbeirPoolCorpus:
             img = rec.get("img_path")
             item = Item(str(did), rec.get("txt"), str(self.image_root / img) if img else None,
                         {k: rec[k] for k in ("src_content",) if rec.get(k) is not None})
-            problem = _check_text(item)
+            problem = _problem(item)
             if problem is None and item.modality != modality:
                 problem = f"modality says {modality!r} but the record holds {item.modality!r}"
             yield Rejected(did, problem) if problem else item

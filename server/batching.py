@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from retrieval.encoders.base import Prepared
 from retrieval.engine import Engine
 from server.metrics import Metrics
 from server.settings import ServerSettings
+
+log = logging.getLogger("umr.server")
 
 
 @dataclass
@@ -83,14 +86,31 @@ class QueryBatcher:
                     pass
             try:
                 results = await loop.run_in_executor(self.model_thread, self._execute, batch)
-            except Exception as e:  # the whole batch fails together; each caller gets the error
+            except Exception as e:
+                if len(batch) == 1:
+                    self._settle(batch[0], error=e)
+                    continue
+                # One member's failure must not fail the others: each is rerun on its own, so
+                # only the one that raised gets the error.
+                log.warning("a batch of %d failed (%s: %s); rerunning its queries one by one",
+                            len(batch), e.__class__.__name__, str(e)[:200])
                 for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                    try:
+                        self._settle(p, (await loop.run_in_executor(self.model_thread, self._execute, [p]))[0])
+                    except Exception as member_error:  # noqa: BLE001 - handed to that request alone
+                        self._settle(p, error=member_error)
                 continue
             for p, r in zip(batch, results):
-                if not p.future.done():
-                    p.future.set_result(r)
+                self._settle(p, r)
+
+    @staticmethod
+    def _settle(p: Pending, result=None, error: BaseException | None = None) -> None:
+        if p.future.done():  # the caller went away
+            return
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            p.future.set_result(result)
 
     def _execute(self, batch: list[Pending]) -> list[list]:
         results: list[list] = [None] * len(batch)

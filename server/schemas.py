@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 
 class Strict(BaseModel):
@@ -17,10 +17,10 @@ class SearchRequest(Strict):
     text: str | None = Field(None, description="Query text.")
     image: str | None = Field(None, description="Query image, base64-encoded bytes (no URLs, no paths).")
     instruction: str | None = Field(None, description="Task instruction, prefixed to the query text.")
-    k: int = Field(10, description="Number of results.")
+    k: StrictInt = Field(10, description="Number of results.")
     modality: Modality | list[Modality] | None = Field(None, description="Only return documents of these modalities.")
     filter: dict[str, str | int | float | bool] | None = Field(None, description="Metadata equality filter.")
-    calibrated: bool = Field(True, description="Over documents of several modalities, rank by scores calibrated "
+    calibrated: StrictBool = Field(True, description="Over documents of several modalities, rank by scores calibrated "
                              "across modalities (hits then carry their raw `cosine` too); false: raw cosines.")
 
 
@@ -37,6 +37,13 @@ class Hit(BaseModel):
     text: str | None = None
     image: str | None = None
     metadata: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, h) -> "Hit":
+        """From the engine's SearchHit."""
+        d = h.doc
+        return cls(id=d.id, score=round(h.score, 6), cosine=None if h.cosine is None else round(h.cosine, 6),
+                   rerank=h.details, modality=d.modality, text=d.text, image=d.image, metadata=d.metadata)
 
 
 class SearchResponse(BaseModel):
@@ -80,4 +87,4 @@ class ErrorBody(BaseModel):
 
 
 class ActivateEncoder(Strict):
-    version: int = Field(..., description="A version registered with `umr update --no-activate`.")
+    version: StrictInt = Field(..., description="A version registered with `umr update --no-activate`.")

@@ -9,6 +9,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_aspect: float = 100.0  # longer side / shorter side; beyond 4:1 the centre is cut out
     max_text_chars: int = 2_000
     max_k: int = 1_000
     max_batch_queries: int = 64

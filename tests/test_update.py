@@ -318,3 +318,37 @@ def test_eval_docs_previews_both_futures_on_copies_and_leaves_the_index_as_it_wa
     assert [(s["id"], s["count"], s["encoder"]) for s in after] == [(s["id"], s["count"], s["encoder"]) for s in before["segments"]]
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--eval-docs", new_docs, "--no-activate")
     assert r.returncode == 2 and "give at least one of them" in r.stderr
+
+
+def test_an_add_embedded_before_a_swap_never_lands_in_the_new_versions_segment(v1_index):
+    """The version is checked again under the write lock: an add that embedded with v1 while v2
+    was activated is refused, and nothing of it is stored."""
+    import threading
+
+    from index.errors import IndexMismatch
+    from retrieval.encoders import load_encoder
+
+    idx, _ = v1_index
+    store = IndexStore.open(idx)
+    fit_update(store, load_encoder("tiny-clip:1"), ["corpus"], activate=False, force=True)
+    store.close()
+    engine = Engine.open(idx)
+    before = engine.store.count()
+    outcome = {}
+
+    def add():
+        try:
+            outcome["added"] = engine.add([Item("late", "embedded by version one")])
+        except IndexMismatch as e:
+            outcome["error"] = str(e)
+
+    with engine.write_lock:  # the add embeds, then waits here while version 2 is activated
+        worker = threading.Thread(target=add)
+        worker.start()
+        worker.join(timeout=5)
+        assert worker.is_alive()
+        engine.store.activate(2)
+    worker.join(timeout=60)
+    assert "added" not in outcome and "version 2 was activated" in outcome["error"]
+    assert engine.store.count() == before and engine.store.docs.get("late") is None
+    engine.close()

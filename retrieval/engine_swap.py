@@ -1,0 +1,52 @@
+"""Switching a live engine to another registered encoder version.
+
+The new engine is built beside the old one (weights and compensators loaded while the old one
+keeps serving); only the activation itself takes the write lock, so a write either lands
+before it, embedded by the old version, or after it, by the new one.
+"""
+from __future__ import annotations
+
+from index.errors import IndexError_
+from retrieval.engine import Engine
+
+
+class SwapRefused(IndexError_):
+    """The version cannot serve this index yet; `reason` is a short code, the message says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def engine_for_version(old: Engine, version: int) -> Engine | None:
+    """A ready engine querying with `version`, or None when `old` already does."""
+    store = old.store
+    store.refresh_registrations()
+    try:
+        rec = store.version(version)
+    except IndexError_:
+        raise SwapRefused("unknown_version", f"encoder version {version} is not registered; "
+                                             "run `umr update --no-activate` first") from None
+    if version == old.version:
+        return None
+    from retrieval.encoders import load_recorded
+
+    new = Engine(store, load_recorded(rec))
+    for seg_id, comps in new.compensators.items():
+        if not comps:
+            raise SwapRefused("no_compensators", f"version {version} has no compensator into segment {seg_id}; "
+                                                 "run `umr update` for it first")
+    if old.reranker is not None:
+        try:
+            new.use_reranker(old.reranker, old.rerank_depth, old.rerank_weight)
+        except ValueError as e:
+            raise SwapRefused("reranker", str(e)) from None
+    return new
+
+
+def activate(old: Engine, new: Engine, publish) -> None:
+    """Record `new`'s version as active and `publish` it (e.g. make it the server's engine),
+    both under the old engine's write lock."""
+    with old.write_lock:
+        old.store.activate(new.version)
+        publish(new)

@@ -1,0 +1,86 @@
+"""Error bodies: every failure is JSON `{"error": {"code", "message"}}`; the unexpected ones
+also carry an `id` that is logged with the traceback, so a user's report finds the log line."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("umr.server")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.code, e.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            if err.get("type") == "extra_forbidden":
+                parts.append(f"unknown field '{loc}'")
+            else:
+                parts.append(f"{loc or 'body'}: {err.get('msg')}")
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, "http_error", str(e.detail))
+
+
+class InternalErrors:
+    """Pure ASGI middleware: an exception no handler expected becomes a 500 JSON error with an
+    id, logged with its traceback under the same id; other requests never see it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("internal error %s on %s %s", error_id, scope.get("method"), scope.get("path"))
+            if started:  # the answer is half sent: all that is left is to cut it short
+                raise
+            resp = error_response(500, "internal", f"internal server error; quote id {error_id} when reporting it",
+                                  id=error_id)
+            await resp(scope, receive, send)
+
+
+def declared(*statuses: int) -> dict:
+    """OpenAPI `responses` for the error statuses a route can answer (every route may answer 500)."""
+    from server.schemas import ErrorBody
+
+    return {s: {"model": ErrorBody, "description": DESCRIPTIONS[s]} for s in sorted({*statuses, 500})}
+
+
+DESCRIPTIONS = {400: "Bad input (undecodable image or base64, invalid search)", 401: "Missing or wrong API key",
+                403: "Not allowed", 404: "Not found", 409: "Conflicts with the index's state",
+                413: "Over a documented size limit", 415: "Unsupported Content-Type",
+                422: "Invalid request", 429: "Too many failed attempts", 500: "Internal error (with an id to report)"}

@@ -1,0 +1,105 @@
+"""Search routes: JSON, multipart upload and batch; all go through the micro-batcher."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from index.errors import IndexError_
+from retrieval.encoders.base import EncoderError
+from retrieval.engine import Engine, Query
+from retrieval.images import BadImage
+from server.batching import Pending
+from server.errors import ApiError, declared
+from server.request_checks import require_json
+from server.schemas import BatchSearchRequest, BatchSearchResponse, Hit, SearchRequest, SearchResponse
+from server.state import ServerState, state
+
+router = APIRouter()
+
+
+async def prepare(st: ServerState, eng: Engine, q: Query):
+    """Decode and preprocess outside the model thread; every failure here is the request's own."""
+    st.batcher.preparing += 1
+    try:
+        if q.image is None:  # text is only tokenised in the batched forward: nothing to offload
+            return eng.prepare_query(q, st.limits)
+        return await run_in_threadpool(eng.prepare_query, q, st.limits)
+    except BadImage as e:
+        raise ApiError(413 if e.code.startswith("limit") else 400, e.code, f"image: {e}") from None
+    except (EncoderError, ValueError) as e:
+        raise ApiError(400, "invalid_query", str(e)) from None
+    finally:
+        st.batcher.preparing -= 1
+
+
+def validate(st: ServerState, req: SearchRequest) -> None:
+    st.checks.k(req.k)
+    st.checks.query(req.text, req.image, req.instruction)
+    st.checks.filter(req.filter)
+    st.checks.modalities(req.modality)
+
+
+async def pending_for(st: ServerState, eng: Engine, req: SearchRequest) -> Pending:
+    image = st.checks.base64_image(req.image, "image") if req.image else None
+    prepared = await prepare(st, eng, Query(req.text, image, req.instruction))
+    return Pending(eng, prepared, req.k, st.checks.modalities(req.modality), req.filter, req.calibrated)
+
+
+async def run(st: ServerState, pendings: list[Pending]):
+    try:
+        return await st.batcher.run(pendings)
+    except (ValueError, IndexError_) as e:
+        raise ApiError(400, "invalid_search", str(e)) from None
+
+
+def response(eng: Engine, hits, t0: float) -> SearchResponse:
+    return SearchResponse(results=[Hit.of(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3),
+                          encoder_version=eng.version)
+
+
+@router.post("/v1/search", response_model=SearchResponse, responses=declared(400, 413, 415, 422),
+             dependencies=[Depends(require_json)])
+async def search(req: SearchRequest, st: ServerState = Depends(state)):
+    """Search with text, a base64 image, or both (fused), optionally with an instruction."""
+    t0 = time.perf_counter()
+    validate(st, req)
+    eng = st.engine
+    return response(eng, (await run(st, [await pending_for(st, eng, req)]))[0], t0)
+
+
+@router.post("/v1/search/image", response_model=SearchResponse, responses=declared(400, 413, 422))
+async def search_image(file: UploadFile = File(...), text: str | None = Form(None), k: int = Form(10),
+                       instruction: str | None = Form(None), modality: str | None = Form(None),
+                       calibrated: bool = Form(True), st: ServerState = Depends(state)):
+    """Search with an uploaded image file (multipart), optionally with text."""
+    t0 = time.perf_counter()
+    st.checks.k(k)
+    st.checks.text(text, "text")
+    st.checks.text(instruction, "instruction")
+    modalities = st.checks.modalities(modality)
+    data = await file.read(st.settings.max_image_bytes + 1)
+    if len(data) > st.settings.max_image_bytes:
+        raise ApiError(413, "limit_image_bytes",
+                       f"image is over the limit of {st.settings.max_image_bytes} bytes (max_image_bytes)")
+    eng = st.engine
+    prepared = await prepare(st, eng, Query(text, data, instruction))
+    return response(eng, (await run(st, [Pending(eng, prepared, k, modalities, None, calibrated)]))[0], t0)
+
+
+@router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=declared(400, 413, 415, 422),
+             dependencies=[Depends(require_json)])
+async def search_batch(req: BatchSearchRequest, st: ServerState = Depends(state)):
+    """Several queries in one request, encoded in one forward."""
+    t0 = time.perf_counter()
+    if not 1 <= len(req.queries) <= st.settings.max_batch_queries:
+        raise ApiError(422, "limit_batch_queries", f"a batch holds 1 to {st.settings.max_batch_queries} queries "
+                                                   f"(max_batch_queries), got {len(req.queries)}")
+    for q in req.queries:
+        validate(st, q)
+    eng = st.engine
+    pendings = [await pending_for(st, eng, q) for q in req.queries]
+    results = await run(st, pendings)
+    return BatchSearchResponse(results=[[Hit.of(h) for h in r] for r in results],
+                               took_ms=round((time.perf_counter() - t0) * 1000, 3), encoder_version=eng.version)
