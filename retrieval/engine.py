@@ -259,6 +259,11 @@ class Engine:
     def get(self, doc_id: str) -> DocRecord:
         return self.store.get(doc_id)
 
+    def image_path(self, doc: DocRecord) -> Path | None:
+        """Where a document's stored image is on this machine (uploads live inside the index)."""
+        ref = stored_item(self.store.path, doc).image
+        return Path(ref) if ref else None
+
     def checkpoint(self) -> None:
         with self.write_lock:
             self.store.save()

@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from retrieval.engine import Engine
 from retrieval.images import ImageLimits
 from server import admin_routes, document_routes, info_routes, search_routes
+from server.auth import Access
 from server.batching import QueryBatcher
 from server.errors import InternalErrors, install_error_handlers
 from server.metrics import Metrics
@@ -28,7 +29,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     metrics = Metrics()
     st = ServerState(engine=engine, settings=settings, metrics=metrics, batcher=QueryBatcher(settings, metrics),
                      checks=RequestChecks(settings),
-                     limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect))
+                     limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect),
+                     access=Access(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

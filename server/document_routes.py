@@ -1,24 +1,51 @@
 """Document routes: add (durable on 200), get, delete."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import functools
+import io
+
+from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response
 
 from index.document_rules import InvalidDocument
 from index.errors import IndexError_, NotFound
 from retrieval.encoders.base import EncoderError
-from retrieval.images import BadImage
+from retrieval.images import BadImage, open_image
 from retrieval.items import Item
+from server.auth import requires
 from server.errors import ApiError, declared
 from server.request_checks import require_json
 from server.schemas import Document, DocumentsAdded, DocumentsIn
 from server.state import ServerState, state
 
 router = APIRouter()
+MAX_THUMBNAIL = 1024
+CACHE = {"Cache-Control": "private, max-age=3600"}
 
 
-@router.post("/v1/documents", response_model=DocumentsAdded, responses=declared(400, 409, 413, 415, 422),
-             dependencies=[Depends(require_json)])
+def media_type(path: str) -> str:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return Image.MIME.get(img.format or "", "application/octet-stream")
+
+
+@functools.lru_cache(maxsize=512)
+def thumbnail(path: str, mtime_ns: int, size: int) -> bytes:
+    """JPEG with its longest side `size`; cached by path, modification time and size (a
+    results page asks for the same thumbnails again and again; 512 of them are a few MB)."""
+    from PIL import Image
+
+    img = open_image(path, min_side=size).copy()
+    img.thumbnail((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+@router.post("/v1/documents", response_model=DocumentsAdded, responses=declared(400, 401, 403, 409, 413, 415, 422, 429),
+             dependencies=[requires("write"), Depends(require_json)])
 async def add_documents(req: DocumentsIn, st: ServerState = Depends(state)):
     """Add or replace documents. Durable once this returns 200; a request with one bad document
     stores none of them."""
@@ -43,15 +70,38 @@ async def add_documents(req: DocumentsIn, st: ServerState = Depends(state)):
     return DocumentsAdded(added=added)
 
 
-@router.get("/v1/documents/{doc_id:path}", response_model=Document, responses=declared(404))
+@router.get("/v1/documents/{doc_id:path}/image", response_class=Response, dependencies=[requires("read")],
+            responses={**declared(401, 403, 404, 422, 429), 200: {"content": {"image/*": {}}, "description": "The image"}})
+async def document_image(doc_id: str, size: int | None = Query(None, ge=16, le=MAX_THUMBNAIL,
+                                                                description="Longest side of a JPEG thumbnail"),
+                         st: ServerState = Depends(state)):
+    """The stored image of a document, or a thumbnail of it (`?size=`)."""
+    try:
+        doc = await run_in_threadpool(st.engine.get, doc_id)
+    except NotFound as e:
+        raise ApiError(404, "not_found", str(e)) from None
+    path = st.engine.image_path(doc)
+    if path is None:
+        raise ApiError(404, "no_image", f"document {doc_id!r} has no image")
+    try:
+        if size is None:
+            return FileResponse(path, media_type=await run_in_threadpool(media_type, str(path)), headers=CACHE)
+        data = await run_in_threadpool(thumbnail, str(path), path.stat().st_mtime_ns, size)
+    except (OSError, BadImage):
+        raise ApiError(404, "image_missing", f"the image of document {doc_id!r} is missing or unreadable on the server") from None
+    return Response(data, media_type="image/jpeg", headers=CACHE)
+
+
+@router.get("/v1/documents/{doc_id:path}", response_model=Document, responses=declared(401, 403, 404, 429),
+            dependencies=[requires("read")])
 async def get_document(doc_id: str, st: ServerState = Depends(state)):
     try:
-        return Document(**(await run_in_threadpool(st.engine.get, doc_id)).to_dict())
+        return Document.of(await run_in_threadpool(st.engine.get, doc_id))
     except NotFound as e:
         raise ApiError(404, "not_found", str(e)) from None
 
 
-@router.delete("/v1/documents/{doc_id:path}", responses=declared(404))
+@router.delete("/v1/documents/{doc_id:path}", responses=declared(401, 403, 404, 429), dependencies=[requires("write")])
 async def delete_document(doc_id: str, st: ServerState = Depends(state)):
     gone = await run_in_threadpool(st.engine.delete, [doc_id])
     if not gone:

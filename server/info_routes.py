@@ -1,18 +1,37 @@
 """Index info, health and Prometheus metrics."""
 from __future__ import annotations
 
+import re
+from pathlib import PurePosixPath, PureWindowsPath
+
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from server.auth import requires
+from server.errors import declared
 from server.state import ServerState, state
 
 router = APIRouter()
 
 
-@router.get("/v1/index")
+def without_paths(value):
+    """The index info as clients see it: where files lie on the server is the server's business,
+    so absolute paths (the index folder, corpora, encoder folders) are cut to their last part."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items() if k != "path"}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return PurePosixPath(value).name
+    if isinstance(value, str) and re.match(r"^[A-Za-z]:[\\/]", value):
+        return PureWindowsPath(value).name
+    return value
+
+
+@router.get("/v1/index", dependencies=[requires("read")], responses=declared(401, 403, 429))
 async def index_info(st: ServerState = Depends(state)):
-    return await run_in_threadpool(st.engine.info)
+    return without_paths(await run_in_threadpool(st.engine.info))
 
 
 @router.get("/healthz")
@@ -20,6 +39,6 @@ async def healthz(st: ServerState = Depends(state)):
     return {"status": "ok", "documents": st.engine.store.count(), "encoder_version": st.engine.version}
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[requires("read")], responses=declared(401, 403, 429))
 async def prometheus(st: ServerState = Depends(state)):
     return Response(st.metrics.render(), media_type="text/plain; version=0.0.4")

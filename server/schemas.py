@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
@@ -28,6 +29,11 @@ class BatchSearchRequest(Strict):
     queries: list[SearchRequest]
 
 
+def image_url(doc) -> str | None:
+    """The server's own reference to a stored image, never where it lies on the server's disk."""
+    return f"/v1/documents/{quote(doc.id, safe='/')}/image" if doc.image else None
+
+
 class Hit(BaseModel):
     id: str
     score: float  # cosine; calibrated across modalities when `cosine` is set; cos + w * P(yes) when re-ranked
@@ -35,7 +41,7 @@ class Hit(BaseModel):
     rerank: dict[str, float] | None = None  # {"cosine", "p_yes"} behind a re-ranked score
     modality: str
     text: str | None = None
-    image: str | None = None
+    image: str | None = Field(None, description="URL path of the stored image (GET it, with ?size= for a thumbnail).")
     metadata: dict[str, Any] = {}
 
     @classmethod
@@ -43,7 +49,7 @@ class Hit(BaseModel):
         """From the engine's SearchHit."""
         d = h.doc
         return cls(id=d.id, score=round(h.score, 6), cosine=None if h.cosine is None else round(h.cosine, 6),
-                   rerank=h.details, modality=d.modality, text=d.text, image=d.image, metadata=d.metadata)
+                   rerank=h.details, modality=d.modality, text=d.text, image=image_url(d), metadata=d.metadata)
 
 
 class SearchResponse(BaseModel):
@@ -78,8 +84,12 @@ class Document(BaseModel):
     id: str
     modality: str
     text: str | None = None
-    image: str | None = None
+    image: str | None = Field(None, description="URL path of the stored image.")
     metadata: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, doc) -> "Document":
+        return cls(id=doc.id, modality=doc.modality, text=doc.text, image=image_url(doc), metadata=doc.metadata)
 
 
 class ErrorBody(BaseModel):

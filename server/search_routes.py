@@ -10,13 +10,14 @@ from index.errors import IndexError_
 from retrieval.encoders.base import EncoderError
 from retrieval.engine import Engine, Query
 from retrieval.images import BadImage
+from server.auth import requires
 from server.batching import Pending
 from server.errors import ApiError, declared
 from server.request_checks import require_json
 from server.schemas import BatchSearchRequest, BatchSearchResponse, Hit, SearchRequest, SearchResponse
 from server.state import ServerState, state
 
-router = APIRouter()
+router = APIRouter(dependencies=[requires("read")])
 
 
 async def prepare(st: ServerState, eng: Engine, q: Query):
@@ -59,7 +60,7 @@ def response(eng: Engine, hits, t0: float) -> SearchResponse:
                           encoder_version=eng.version)
 
 
-@router.post("/v1/search", response_model=SearchResponse, responses=declared(400, 413, 415, 422),
+@router.post("/v1/search", response_model=SearchResponse, responses=declared(400, 401, 403, 413, 415, 422, 429),
              dependencies=[Depends(require_json)])
 async def search(req: SearchRequest, st: ServerState = Depends(state)):
     """Search with text, a base64 image, or both (fused), optionally with an instruction."""
@@ -69,7 +70,7 @@ async def search(req: SearchRequest, st: ServerState = Depends(state)):
     return response(eng, (await run(st, [await pending_for(st, eng, req)]))[0], t0)
 
 
-@router.post("/v1/search/image", response_model=SearchResponse, responses=declared(400, 413, 422))
+@router.post("/v1/search/image", response_model=SearchResponse, responses=declared(400, 401, 403, 413, 422, 429))
 async def search_image(file: UploadFile = File(...), text: str | None = Form(None), k: int = Form(10),
                        instruction: str | None = Form(None), modality: str | None = Form(None),
                        calibrated: bool = Form(True), st: ServerState = Depends(state)):
@@ -88,7 +89,7 @@ async def search_image(file: UploadFile = File(...), text: str | None = Form(Non
     return response(eng, (await run(st, [Pending(eng, prepared, k, modalities, None, calibrated)]))[0], t0)
 
 
-@router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=declared(400, 413, 415, 422),
+@router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=declared(400, 401, 403, 413, 415, 422, 429),
              dependencies=[Depends(require_json)])
 async def search_batch(req: BatchSearchRequest, st: ServerState = Depends(state)):
     """Several queries in one request, encoded in one forward."""

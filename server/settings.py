@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.keys import KeyRing
+
 
 @dataclass
 class ServerSettings:
@@ -19,3 +21,8 @@ class ServerSettings:
     batch_max_wait_ms: float = 2.0
     # Admin endpoints are off unless a key is set; never printed, logged or returned.
     admin_key: str | None = field(default=None, repr=False)
+    keys: KeyRing | None = field(default=None, repr=False)  # from a key file (server/keys.py)
+    public_read: bool = False  # with keys configured: searches and reads need no key
+    auth_max_failures: int = 10  # wrong keys from one client within auth_window_s ...
+    auth_window_s: float = 60.0
+    auth_lockout_s: float = 60.0  # ... answer 429 for this long

@@ -3,6 +3,7 @@ metrics, the batcher and the request checks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -13,6 +14,9 @@ from server.metrics import Metrics
 from server.request_checks import RequestChecks
 from server.settings import ServerSettings
 
+if TYPE_CHECKING:
+    from server.auth import Access
+
 
 @dataclass
 class ServerState:
@@ -22,6 +26,7 @@ class ServerState:
     batcher: QueryBatcher
     checks: RequestChecks
     limits: ImageLimits
+    access: "Access"
 
 
 def state(request: Request) -> ServerState:

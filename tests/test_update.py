@@ -106,7 +106,7 @@ def test_encoder_swap_over_http_has_no_failed_requests(v1_index, tmp_path):
     engine = Engine.open(idx)
     assert engine.version == 1
     key = "s3cret-admin-key"
-    with BackgroundServer(create_app(engine, ServerSettings(admin_key=key))) as srv:
+    with BackgroundServer(create_app(engine, ServerSettings(admin_key=key, public_read=True))) as srv:
         url = srv.url
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.post("/v1/admin/encoder", json={"version": 2}).status_code == 401

@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -195,15 +197,55 @@ def cmd_serve(a) -> int:
             admin_key = open(a.admin_key_file).read().strip()
         except OSError as e:
             raise UserError(f"cannot read --admin-key-file: {e.strerror}") from None
+    keys, key_file = _serve_keys(a)
     settings = ServerSettings(micro_batching=not a.no_batching, batch_max_size=a.max_batch,
-                              batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k, admin_key=admin_key or None)
+                              batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k, admin_key=admin_key or None,
+                              keys=keys, public_read=a.public_read)
     eng = Engine.open(a.index_dir, a.encoder)
     _use_reranker(eng, a)
     app = create_app(eng, settings)
+    if keys or admin_key:
+        access = f"{len(keys) if keys else 0} API keys from {key_file}" if keys else "the admin key only"
+        print(f"access: {access}; writes need a write key, reads {'are public' if a.public_read else 'need a read key'}")
+    else:
+        print("access: no API key configured: anyone who can reach this port can search, add and delete "
+              "(make keys with `umr keys add --scope write`)")
     print(f"serving {a.index_dir} ({eng.store.count()} documents, encoder {eng.encoder.spec}) on "
           f"http://{a.host}:{a.port}  (OpenAPI docs at /docs)", flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     eng.close()
+    return 0
+
+
+def _serve_keys(a):
+    """The key ring `umr serve` uses: --key-file, else $UMR_KEY_FILE or the default file when it exists."""
+    from server.keys import KeyRing, default_key_file
+
+    path = Path(a.key_file) if a.key_file else default_key_file()
+    if not a.key_file and not path.exists():
+        return None, None
+    ring = KeyRing.load(path)
+    return (ring if len(ring) else None), path
+
+
+def cmd_keys(a) -> int:
+    from server.keys import add_key, default_key_file, list_keys, revoke_key
+
+    path = Path(a.file) if a.file else default_key_file()
+    if a.keys_command == "add":
+        key, entry = add_key(path, a.scope, a.name)
+        print(key)
+        print(f"added key {entry.name!r} (scope {entry.scope}) to {path}; this is the only time the key is shown",
+              file=sys.stderr)
+    elif a.keys_command == "revoke":
+        revoke_key(path, a.name)
+        print(f"revoked key {a.name!r} in {path}; a running server keeps its keys until restarted")
+    else:
+        entries = list_keys(path)
+        for e in entries:
+            print(f"{e.name}\t{e.scope}\t{time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}")
+        if not entries:
+            print(f"no keys in {path}", file=sys.stderr)
     return 0
 
 
@@ -496,8 +538,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-k", type=int, default=1000)
     sv.add_argument("--no-batching", action="store_true")
     sv.add_argument("--admin-key-file", help="file holding the admin API key (or set UMR_ADMIN_KEY)")
+    sv.add_argument("--key-file", help="API keys made by `umr keys add` (default: $UMR_KEY_FILE or "
+                                       "~/.config/umr/keys.json when it exists)")
+    sv.add_argument("--public-read", action="store_true", help="with keys configured, searches and reads need no key")
     _rerank_flags(sv)
     sv.set_defaults(fn=cmd_serve)
+
+    ks = sub.add_parser("keys", help="API keys for `umr serve`, with scopes read, write, admin (only hashes are stored)")
+    ksub = ks.add_subparsers(dest="keys_command", required=True)
+    ka = ksub.add_parser("add", help="make a key and print it (once)")
+    ka.add_argument("--scope", required=True, choices=["read", "write", "admin"])
+    ka.add_argument("--name", help="a name to revoke it by (default: SCOPE-N)")
+    kl = ksub.add_parser("list", help="names, scopes and dates of the keys (never the keys)")
+    kr = ksub.add_parser("revoke", help="remove a key by name")
+    kr.add_argument("name")
+    for kp in (ka, kl, kr):
+        kp.add_argument("--file", help="key file (default: $UMR_KEY_FILE or ~/.config/umr/keys.json)")
+    ks.set_defaults(fn=cmd_keys)
 
     t = sub.add_parser("train", help="train a LiT encoder: a staged recipe file, or one contrastive stage from flags")
     t.add_argument("recipe", nargs="?", help="RECIPE.yaml: stages run in order, each from the previous one's weights")
