@@ -10,6 +10,7 @@ import json
 import re
 import sqlite3
 import threading
+from urllib.parse import quote
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -69,12 +70,17 @@ def validate_filter(flt: dict | None) -> dict:
 
 
 class DocStore:
-    def __init__(self, path: str):
+    def __init__(self, path: str, read_only: bool = False):
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        if read_only:
+            self._db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, check_same_thread=False,
+                                       isolation_level=None)
+            self._db.execute("SELECT count(*) FROM meta").fetchone()  # fails now, not later, if damaged
+        else:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
         self.lock = threading.RLock()
 
     def close(self) -> None:
@@ -143,7 +149,48 @@ class DocStore:
         with self.lock:
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (key, value))
 
+    def compact(self, segment: int) -> int:
+        """Drop the segment's dead rows and number the live ones 0.. in their old order, in one
+        transaction; bumps the segment's epoch so FAISS checkpoints of the old numbering are
+        known stale. Returns the rows dropped."""
+        with self.lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                dead = cur.execute("SELECT count(*) FROM rows WHERE segment=? AND alive=0", (segment,)).fetchone()[0]
+                cur.execute("DROP TABLE IF EXISTS temp.remap")
+                cur.execute("CREATE TEMP TABLE remap(old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
+                cur.execute("INSERT INTO remap(old, new) SELECT row, ROW_NUMBER() OVER (ORDER BY row) - 1 "
+                            "FROM rows WHERE segment=? AND alive=1", (segment,))
+                cur.execute("DELETE FROM rows WHERE segment=? AND alive=0", (segment,))
+                # Through negative numbers, so no renumbered row collides with one not yet renumbered.
+                for table in ("rows", "docs"):
+                    cur.execute(f"UPDATE {table} SET row = -1 - (SELECT new FROM remap WHERE old = {table}.row) "
+                                "WHERE segment=?", (segment,))
+                    cur.execute(f"UPDATE {table} SET row = -1 - row WHERE segment=?", (segment,))
+                cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
+                            (f"epoch:{segment}", str(self.epoch(segment) + 1)))
+                cur.execute("DROP TABLE temp.remap")
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return int(dead)
+
+    def vacuum(self) -> None:
+        with self.lock:
+            self._db.execute("VACUUM")
+
+    def integrity_problems(self) -> list[str]:
+        with self.lock:
+            rows = [r[0] for r in self._db.execute("PRAGMA integrity_check").fetchall()]
+        return [] if rows == ["ok"] else rows
+
     # -- reads --------------------------------------------------------------------------
+    def epoch(self, segment: int) -> int:
+        """How many times the segment was compacted: the numbering its rows are in."""
+        return int(self.get_meta(f"epoch:{segment}", "0"))
+
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         with self.lock:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -183,6 +230,10 @@ class DocStore:
         with self.lock:
             r = self._db.execute("SELECT COALESCE(MAX(row)+1, 0) FROM rows WHERE segment=?", (segment,)).fetchone()
         return int(r[0])
+
+    def docs_in_segment(self, segment: int) -> int:
+        with self.lock:
+            return int(self._db.execute("SELECT count(*) FROM docs WHERE segment=?", (segment,)).fetchone()[0])
 
     def doc_count(self) -> int:
         with self.lock:

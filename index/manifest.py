@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 from index.atomic import atomic_write_json
@@ -30,6 +31,7 @@ def new_manifest(encoder: dict, index_request: dict) -> dict:
         "created": now(),
         "updated": now(),
         "state": "building",
+        "docstore_id": uuid.uuid4().hex,  # also in docs.sqlite: the two belong together (index/integrity.py)
         "encoder": encoder,
         "index_request": index_request,
         "segments": [{"id": 0, "encoder": encoder, "index": None, "faiss_file": None, "created": now()}],

@@ -12,7 +12,10 @@ previous checkpoint readable.
 """
 from __future__ import annotations
 
+import json
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -21,11 +24,15 @@ import numpy as np
 
 from index import modality_calibration as mc
 from index import merge_calibration as merge_cal
+from index import integrity
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
 from index.errors import IndexError_, IndexMismatch, NotFound
+from index.locks import WriterLock, manifest_lock
 from index.manifest import new_manifest, now, read_manifest, write_manifest
+
+log = logging.getLogger("umr.index")
 
 DOCSTORE = "docs.sqlite"
 # With this few candidates left after filtering, scoring them exactly beats a filtered ANN walk.
@@ -71,17 +78,28 @@ class Segment:
             self.codes = np.concatenate([self.codes, np.zeros(extra, dtype=np.uint8)])
 
 
+def same_manifest(a: dict | None, b: dict) -> bool:
+    strip = lambda m: {k: v for k, v in m.items() if k != "updated"}  # noqa: E731
+    return a is not None and json.loads(json.dumps(strip(a), sort_keys=True)) == json.loads(json.dumps(strip(b), sort_keys=True))
+
+
 class IndexStore:
     """Open with `IndexStore.open(dir)` or `IndexStore.create(dir, encoder_record, ...)`."""
 
-    def __init__(self, path: Path, manifest: dict, docs: DocStore):
+    def __init__(self, path: Path, manifest: dict, docs: DocStore, mode: str = "write", writer: WriterLock | None = None):
         self.path = path
         self.manifest = manifest
         self.docs = docs
+        self.mode = mode
+        self._writer = writer
         self.lock = threading.RLock()
+        self._checkpoint_lock = threading.Lock()
         self.segments: list[Segment] = []
         self._calibrations: dict[int, mc.ModalityCalibration] = {}
         self._merge_calibrations: dict[tuple[int, int], mc.ModalityCalibration] = {}
+        self.repairs: list[str] = []  # what opening found damaged and rebuilt (also logged)
+        self.rows_since_checkpoint = 0
+        self.dirty_since: float | None = None  # monotonic time of the first add after the last checkpoint
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -92,42 +110,76 @@ class IndexStore:
         if index_kind not in ("auto",) + vi.KINDS:
             raise ValueError(f"unknown index type {index_kind!r}: use auto, flat, hnsw or ivfpq")
         path.mkdir(parents=True, exist_ok=True)
-        manifest = new_manifest(encoder, {"kind": index_kind, "memory_budget": memory_budget})
-        docs = DocStore(str(path / DOCSTORE))
-        write_manifest(path, manifest)
-        store = cls(path, manifest, docs)
+        writer = WriterLock(path).acquire()
+        try:
+            manifest = new_manifest(encoder, {"kind": index_kind, "memory_budget": memory_budget})
+            docs = DocStore(str(path / DOCSTORE))
+            docs.set_meta(integrity.DOCSTORE_ID, manifest[integrity.DOCSTORE_ID])
+            write_manifest(path, manifest)
+        except BaseException:
+            writer.release()
+            raise
+        store = cls(path, manifest, docs, "write", writer)
         store.segments = [Segment(manifest["segments"][0])]
         return store
 
     @classmethod
-    def open(cls, path: str | Path) -> "IndexStore":
+    def open(cls, path: str | Path, mode: str = "write", repair: bool = False) -> "IndexStore":
+        """`mode` "write" takes the index's write lock (one writing process at a time);
+        "read" takes none and refuses every write. `repair` accepts the document store as the
+        truth where FAISS checkpoints disagree with it (`umr index verify --repair`)."""
+        if mode not in ("write", "read"):
+            raise ValueError(f"mode must be 'write' or 'read', got {mode!r}")
         path = Path(path)
         manifest = read_manifest(path)
-        docs = DocStore(str(path / DOCSTORE))
-        store = cls(path, manifest, docs)
-        for rec in manifest["segments"]:
-            store.segments.append(store._load_segment(rec))
-        return store
+        writer = WriterLock(path).acquire() if mode == "write" else None
+        try:
+            docs = integrity.open_docstore(path / DOCSTORE, manifest, read_only=mode == "read")
+            store = cls(path, manifest, docs, mode, writer)
+            for rec in manifest["segments"]:
+                store.segments.append(store._load_segment(rec, repair))
+            return store
+        except BaseException:
+            if writer is not None:
+                writer.release()
+            raise
 
-    def _load_segment(self, rec: dict) -> Segment:
+    def _load_segment(self, rec: dict, repair: bool = False) -> Segment:
         n_rows = self.docs.row_count(rec["id"])
         alive, codes = self.docs.row_state(rec["id"], n_rows)
         seg = Segment(rec, None, alive, codes)
         if rec.get("index") is None:
             return seg  # still building: vectors are only in the docstore
         faiss_file = self.path / rec["faiss_file"] if rec.get("faiss_file") else None
-        if faiss_file is not None and faiss_file.exists():
-            seg.faiss = vi.read_index(str(faiss_file))
-        else:
+        loaded, problem = integrity.load_checkpoint(faiss_file, rec, seg.dim, n_rows, self.docs.epoch(seg.id))
+        if problem == integrity.DOCSTORE_OLDER and not repair:
+            raise IndexError_(integrity.older_docstore_message(self.path, seg.id, n_rows, rec))
+        if loaded is None:
+            if problem:
+                self._repaired(f"segment {seg.id}: {problem}; rebuilt its FAISS index from the document store "
+                               f"({n_rows} rows)")
             self._build_faiss(seg)
+        else:
+            seg.faiss = loaded
         if seg.faiss.ntotal < n_rows:  # replay rows committed after the last checkpoint
             for _, vecs in self.docs.iter_vectors(seg.id, start=seg.faiss.ntotal):
                 seg.faiss.add(vecs)
             seg.dirty = True
         return seg
 
+    def _repaired(self, message: str) -> None:
+        self.repairs.append(message)
+        log.warning("%s: %s", self.path, message)
+
+    def _require_write(self, what: str) -> None:
+        if self.mode != "write":
+            raise IndexError_(f"{self.path} is open read-only here; cannot {what}")
+
     def close(self) -> None:
         self.docs.close()
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -178,6 +230,7 @@ class IndexStore:
             if d.id in seen:
                 raise ValueError(f"document id {d.id!r} appears twice in one batch")
             seen.add(d.id)
+        self._require_write("add documents")
         with self.lock:
             seg = self.active
             if len(docs) and vectors.shape[1] != seg.dim:
@@ -192,9 +245,13 @@ class IndexStore:
             if seg.faiss is not None and len(docs):
                 seg.faiss.add(vectors)
                 seg.dirty = True
+            self.rows_since_checkpoint += len(docs)
+            if self.dirty_since is None and len(docs):
+                self.dirty_since = time.monotonic()
         return len(docs)
 
     def delete(self, ids: list[str]) -> list[str]:
+        self._require_write("delete documents")
         with self.lock:
             gone = self.docs.delete(ids)
             for _, s_id, row in gone:
@@ -203,6 +260,7 @@ class IndexStore:
 
     def finalize(self) -> None:
         """Choose, train and fill the FAISS index of every segment still without one."""
+        self._require_write("finish the build")
         with self.lock:
             req = self.manifest["index_request"]
             for seg in self.segments:
@@ -242,6 +300,7 @@ class IndexStore:
 
         Older segments are never re-embedded; they are reached through their compensators.
         """
+        self._require_write("activate an encoder version")
         with self.lock:
             rec = self.version(version)
             self.manifest["active_version"] = version
@@ -272,7 +331,7 @@ class IndexStore:
         seg.faiss = index
         seg.dirty = True
 
-    def refresh_registrations(self) -> None:
+    def refresh_registrations(self) -> dict | None:
         """Merge encoder versions and compensators that another process (`umr update
         --no-activate` beside a running server) registered on disk, so that neither this
         process's next save nor its activation loses them."""
@@ -280,7 +339,7 @@ class IndexStore:
             try:
                 disk = read_manifest(self.path)
             except IndexError_:
-                return
+                return None
             known = {r["fingerprint"] for r in self.versions}
             for rec in disk.get("encoders", []):
                 if rec["fingerprint"] not in known:
@@ -292,19 +351,82 @@ class IndexStore:
                             mine = seg.record.setdefault("compensators", {}).setdefault(version, {})
                             for modality, comp in by_mod.items():
                                 mine.setdefault(modality, comp)
+            return disk
 
     def save(self) -> None:
-        """Checkpoint dirty FAISS indexes, then the manifest, each atomically."""
-        with self.lock:
-            self.refresh_registrations()
-            for seg in self.segments:
-                if seg.faiss is not None and seg.dirty:
+        """Checkpoint dirty FAISS indexes, then the manifest, each atomically, each FAISS file
+        with the checksum and row count it is checked against on open.
+
+        FAISS files are written outside the store lock, so searches go on meanwhile; callers
+        keep adds out (the engine holds its write lock, a build is one thread). Should one slip
+        in, the file holds more rows than recorded, and the next open rebuilds it."""
+        self._require_write("save")
+        with self._checkpoint_lock:
+            with self.lock:
+                todo = [(seg, int(seg.faiss.ntotal)) for seg in self.segments if seg.faiss is not None and seg.dirty]
+                for seg, _ in todo:
+                    seg.dirty = False
+                pending_rows, self.rows_since_checkpoint, self.dirty_since = self.rows_since_checkpoint, 0, None
+            written = {}
+            try:
+                for seg, rows in todo:
                     target = self.path / seg.record["faiss_file"]
                     atomic_write(target, lambda tmp, s=seg: vi.write_index(s.faiss, tmp))
-                    seg.record["rows_checkpointed"] = int(seg.faiss.ntotal)
-                    seg.dirty = False
-                seg.record["count"] = int(seg.alive.sum())
-            write_manifest(self.path, self.manifest)
+                    written[seg.id] = integrity.checkpoint_record(target, rows, self.docs.epoch(seg.id))
+            except BaseException:
+                with self.lock:
+                    for seg, _ in todo:
+                        seg.dirty = seg.dirty or seg.id not in written
+                    self.rows_since_checkpoint += pending_rows
+                raise
+            with self.lock, manifest_lock(self.path):
+                on_disk = self.refresh_registrations()
+                for seg in self.segments:
+                    if seg.id in written:
+                        seg.record[integrity.CHECKPOINT] = written[seg.id]
+                        seg.record["rows_checkpointed"] = written[seg.id]["rows"]
+                    seg.record["count"] = int(seg.alive.sum())
+                if written or not same_manifest(on_disk, self.manifest):  # nothing changed: write nothing
+                    write_manifest(self.path, self.manifest)
+
+    def save_registrations(self) -> None:
+        """Write only what `umr update --no-activate` adds (encoder versions, compensators,
+        history) into the manifest on disk, merged under the manifest lock: allowed read-only,
+        beside a running server, whose own segment records stay as it wrote them."""
+        with self.lock, manifest_lock(self.path):
+            disk = read_manifest(self.path)
+            known = {r["fingerprint"] for r in disk.get("encoders", [])}
+            disk.setdefault("encoders", []).extend(r for r in self.versions if r["fingerprint"] not in known)
+            for seg in self.segments:
+                for rec in disk.get("segments", []):
+                    if rec["id"] == seg.id:
+                        for version, by_mod in seg.record.get("compensators", {}).items():
+                            rec.setdefault("compensators", {}).setdefault(version, {}).update(by_mod)
+            history = disk.setdefault("history", [])
+            history.extend(e for e in self.manifest.get("history", []) if e not in history)
+            write_manifest(self.path, disk)
+
+    def compact(self) -> dict[int, int]:
+        """Drop dead rows (replaced and deleted documents) and their tombstones, segment by
+        segment, and rebuild those segments' FAISS indexes. Crash-safe: the document store
+        changes in one transaction that bumps the segment's epoch, and a FAISS checkpoint of an
+        older epoch is rebuilt on open. Returns rows dropped per segment."""
+        self._require_write("compact")
+        dropped = {}
+        with self.lock:
+            for seg in self.segments:
+                if seg.alive.all():
+                    continue
+                dropped[seg.id] = self.docs.compact(seg.id)
+                n_rows = self.docs.row_count(seg.id)
+                seg.alive, seg.codes = self.docs.row_state(seg.id, n_rows)
+                if seg.faiss is not None:
+                    self._build_faiss(seg)
+            self.record_event("compacted", rows=dropped)
+        self.save()
+        if dropped:
+            self.docs.vacuum()
+        return dropped
 
     def record_event(self, event: str, **details) -> None:
         with self.lock:

@@ -143,8 +143,9 @@ class Engine:
         return out
 
     @classmethod
-    def open(cls, path: str | Path, encoder: str | Encoder | None = None) -> "Engine":
-        store = IndexStore.open(path)
+    def open(cls, path: str | Path, encoder: str | Encoder | None = None, mode: str = "write") -> "Engine":
+        """`mode` "read" searches without the index's write lock (and refuses writes)."""
+        store = IndexStore.open(path, mode)
         try:
             if encoder is None:
                 encoder = load_recorded(store.version(store.active_version))

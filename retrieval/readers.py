@@ -47,8 +47,10 @@ def _problem(item: Item) -> str | None:
 
 
 def _json_objects(path: Path) -> Iterator[tuple[int, dict | Rejected]]:
-    """(line number, parsed object) per non-blank line; a line that is not an object is Rejected."""
-    with open(path, encoding="utf-8") as f:
+    """(line number, parsed object) per non-blank line; a line that is not an object is Rejected.
+    Bytes that are not UTF-8 reach the record as lone surrogates, which the document checks
+    reject for that record alone, instead of ending the whole read."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -64,7 +66,7 @@ def _json_objects(path: Path) -> Iterator[tuple[int, dict | Rejected]]:
 
 
 def _count_lines(path: Path) -> int:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return sum(1 for line in f if line.strip())
 
 
@@ -137,7 +139,9 @@ class FolderCorpus:
                     except UnicodeDecodeError:
                         yield Rejected(rel, f"caption {cap.name} is not UTF-8 text")
                         continue
-                yield Item(rel, text, str(p), {"path": rel})
+                item = Item(rel, text, str(p), {"path": rel})
+                problem = _problem(item)
+                yield Rejected(rel, problem) if problem else item
             elif p.suffix.lower() == ".txt" and p.with_suffix("") not in images:
                 try:
                     text = p.read_text(encoding="utf-8")
@@ -207,7 +211,7 @@ def open_corpus(path: str | Path, kind: str = "auto"):
         elif path.name.endswith("_cand_pool.jsonl"):
             kind = "mbeir"
         elif path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 first = next((line for line in f if line.strip()), "")
             kind = "mbeir" if '"did"' in first else "jsonl"
         else:

@@ -168,6 +168,6 @@ def commit(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, report
                        method=method, report=report["segments"], eval=report.get("eval"))
     if activate:
         store.activate(version)
-    else:
-        store.save()
+    else:  # registration only: allowed beside a running server, which holds the write lock
+        store.save_registrations()
     report["active_version"] = store.active_version

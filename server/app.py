@@ -16,6 +16,7 @@ from retrieval.images import ImageLimits
 from server import admin_routes, document_routes, info_routes, search_routes
 from server.auth import Access
 from server.batching import QueryBatcher
+from server.checkpoints import Checkpointer
 from server.errors import InternalErrors, install_error_handlers
 from server.metrics import Metrics
 from server.middleware import BodyLimit, RequestMetrics
@@ -32,16 +33,22 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                      limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_aspect),
                      access=Access(settings))
 
+    checkpointer = Checkpointer(st, settings.checkpoint_every_rows, settings.checkpoint_every_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await st.batcher.start()
+        checkpointer.start()
         yield
+        await checkpointer.stop()
         await st.batcher.stop()
-        await run_in_threadpool(st.engine.checkpoint)
+        if st.engine.store.mode == "write":
+            await run_in_threadpool(st.engine.checkpoint)
 
     app = FastAPI(title="umr", version="0.1.0", lifespan=lifespan,
                   description="Universal multimodal retrieval: search images, texts and image+text items.")
     app.state.umr = st
+    app.state.checkpointer = checkpointer
     install_error_handlers(app)
     # Added innermost first: metrics see every answer, the 500 catcher sits outside the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -41,6 +41,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400 and e.detail == "There was an error parsing the body":
+            return error_response(400, "invalid_body", "the request body cannot be parsed: send UTF-8 JSON "
+                                                       "(or, for uploads, multipart form data)")
         return error_response(e.status_code, "http_error", str(e.detail))
 
 
@@ -75,13 +78,14 @@ class InternalErrors:
 
 
 def declared(*statuses: int) -> dict:
-    """OpenAPI `responses` for the error statuses a route can answer (every route may answer 500)."""
+    """OpenAPI `responses` for the error statuses a route can answer (any route may answer 400
+    to a request it cannot parse, and 500)."""
     from server.schemas import ErrorBody
 
-    return {s: {"model": ErrorBody, "description": DESCRIPTIONS[s]} for s in sorted({*statuses, 500})}
+    return {s: {"model": ErrorBody, "description": DESCRIPTIONS[s]} for s in sorted({*statuses, 400, 500})}
 
 
-DESCRIPTIONS = {400: "Bad input (undecodable image or base64, invalid search)", 401: "Missing or wrong API key",
+DESCRIPTIONS = {400: "Bad input (unparsable body, undecodable image or base64, invalid search)", 401: "Missing or wrong API key",
                 403: "Not allowed", 404: "Not found", 409: "Conflicts with the index's state",
                 413: "Over a documented size limit", 415: "Unsupported Content-Type",
                 422: "Invalid request", 429: "Too many failed attempts", 500: "Internal error (with an id to report)"}

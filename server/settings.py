@@ -16,6 +16,10 @@ class ServerSettings:
     max_k: int = 1_000
     max_batch_queries: int = 64
     max_documents_per_request: int = 256
+    # A background FAISS checkpoint after this many added rows or this many seconds since the
+    # first add after the last one (0 and 0: only at shutdown); bounds the replay on restart.
+    checkpoint_every_rows: int = 10_000
+    checkpoint_every_s: float = 30.0
     micro_batching: bool = True
     batch_max_size: int = 32
     batch_max_wait_ms: float = 2.0

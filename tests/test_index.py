@@ -77,7 +77,7 @@ def test_adds_are_durable_before_any_save(tmp_path):
     store, _ = make(tmp_path)
     v = unit(np.random.default_rng(5), 1)
     store.add([DocRecord("late", "text", text="added after the last save")], v)
-    store.docs.close()  # crash: no save()
+    store.close()  # crash: no save() (closing only releases what a dead process's kernel would)
     again = IndexStore.open(tmp_path / "idx")
     assert again.search(v, k=1)[0][0].id == "late"
 
@@ -95,6 +95,7 @@ def test_crash_during_save_leaves_previous_checkpoint_readable(tmp_path, monkeyp
     with pytest.raises(OSError):
         store.save()
     monkeypatch.undo()
+    store.close()  # no save: as a crash
     again = IndexStore.open(tmp_path / "idx")
     assert again.count() == 201  # old checkpoint + replayed row
     assert again.search(vecs[:1], k=1)[0][0].id == "d0"

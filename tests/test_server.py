@@ -96,7 +96,7 @@ def test_documents_add_get_delete_and_search(served):
     # durable: a fresh open of the index directory (another process would see the same) has them
     from index import IndexStore
 
-    other = IndexStore.open(tmp / "idx")
+    other = IndexStore.open(tmp / "idx", "read")
     assert other.get("new/1").text.startswith("a brand new")
     other.close()
     assert client.delete("/v1/documents/new/1").status_code == 200

@@ -108,10 +108,44 @@ def cmd_index_delete(a) -> int:
     return 0 if not missing else 1
 
 
-def cmd_index_info(a) -> int:
+def cmd_index_verify(a) -> int:
+    from index.verify import verify
+
+    report = verify(a.index_dir, repair=a.repair)
+    if a.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif report.fatal:
+        print(f"umr: error: {report.fatal}", file=sys.stderr)
+    else:
+        for line in report.checked:
+            print(f"checked: {line}")
+        for line in report.repaired:
+            print(f"repaired: {line}")
+        for line in report.problems:
+            print(f"problem: {line}")
+        print(f"{a.index_dir}: " + ("ok" if report.ok else f"{len(report.problems)} problems; "
+                                    f"`umr index verify {a.index_dir} --repair` rebuilds FAISS from the document store"))
+    return 0 if report.ok else (2 if report.fatal else 1)
+
+
+def cmd_index_compact(a) -> int:
     from index.store import IndexStore
 
     store = IndexStore.open(a.index_dir)
+    try:
+        dropped = store.compact()
+    finally:
+        store.close()
+    total = sum(dropped.values())
+    print(f"compacted {a.index_dir}: dropped {total} dead rows" +
+          (" (" + ", ".join(f"segment {s}: {n}" for s, n in dropped.items()) + ")" if dropped else ""))
+    return 0
+
+
+def cmd_index_info(a) -> int:
+    from index.store import IndexStore
+
+    store = IndexStore.open(a.index_dir, "read")
     try:
         info = store.info()
     finally:
@@ -173,7 +207,7 @@ def cmd_search(a) -> int:
         if not sep:
             raise UserError(f"--filter takes KEY=VALUE, got {f!r}")
         flt[key] = value
-    eng = Engine.open(a.index_dir, a.encoder)
+    eng = Engine.open(a.index_dir, a.encoder, mode="read")
     try:
         _use_reranker(eng, a)
         hits = eng.search([Query(a.text, a.image, a.instruction)], a.k, parse_modalities(a.modality), flt or None,
@@ -200,7 +234,8 @@ def cmd_serve(a) -> int:
     keys, key_file = _serve_keys(a)
     settings = ServerSettings(micro_batching=not a.no_batching, batch_max_size=a.max_batch,
                               batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k, admin_key=admin_key or None,
-                              keys=keys, public_read=a.public_read)
+                              keys=keys, public_read=a.public_read, checkpoint_every_rows=a.checkpoint_rows,
+                              checkpoint_every_s=a.checkpoint_seconds)
     eng = Engine.open(a.index_dir, a.encoder)
     _use_reranker(eng, a)
     app = create_app(eng, settings)
@@ -332,7 +367,8 @@ def cmd_update(a) -> int:
     if a.reindex_sample and not (a.eval or a.eval_new):
         raise UserError("--reindex-sample compares on judged queries: give --eval QUERIES too")
     new = load_encoder(a.encoder)
-    store = IndexStore.open(a.index_dir)
+    # Registering only (--no-activate) needs no write lock: it is allowed beside a running server.
+    store = IndexStore.open(a.index_dir, "read" if a.no_activate else "write")
     try:
         if not store.ready:
             raise UserError(f"{a.index_dir} is not finished; complete its build first")
@@ -512,6 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("index_dir")
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(fn=cmd_index_info)
+    ve = ix.add_parser("verify", help="check every file of an index against the others (read-only unless --repair)")
+    ve.add_argument("index_dir")
+    ve.add_argument("--repair", action="store_true",
+                    help="rebuild FAISS checkpoints that disagree with the document store, from it")
+    ve.add_argument("--json", action="store_true")
+    ve.set_defaults(fn=cmd_index_verify)
+    co = ix.add_parser("compact", help="drop dead rows left by deleted and replaced documents, rebuild their FAISS")
+    co.add_argument("index_dir")
+    co.set_defaults(fn=cmd_index_compact)
 
     s = sub.add_parser("search", help="search an index from the command line")
     s.add_argument("index_dir")
@@ -541,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--key-file", help="API keys made by `umr keys add` (default: $UMR_KEY_FILE or "
                                        "~/.config/umr/keys.json when it exists)")
     sv.add_argument("--public-read", action="store_true", help="with keys configured, searches and reads need no key")
+    sv.add_argument("--checkpoint-rows", type=int, default=10_000,
+                    help="checkpoint FAISS in the background after this many added rows (0: never by count)")
+    sv.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                    help="... or this long after the first add since the last checkpoint (0: never by time)")
     _rerank_flags(sv)
     sv.set_defaults(fn=cmd_serve)
 

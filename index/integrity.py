@@ -1,0 +1,101 @@
+"""Index files that check themselves.
+
+The document store (docs.sqlite) is the truth: every document and vector. A FAISS file is a
+checkpoint of one segment's rows, recorded in the manifest with its size, SHA-256, row count and
+the segment's epoch (how often it was compacted). On open a checkpoint that fails any of these is
+rebuilt from the document store, with a message, instead of serving wrong scores or dropping
+rows. The document store itself cannot be rebuilt from anything: a missing, damaged or foreign
+one is refused with a one-line error that says what to do. The manifest and the document store
+carry the same random id, so a docs.sqlite from another index is never taken for this one's.
+"""
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+
+from index import vector_index as vi
+from index.atomic import file_sha256
+from index.docstore import DocStore
+from index.errors import IndexError_
+
+DOCSTORE_ID = "docstore_id"  # the key in the manifest and in the document store's meta table
+CHECKPOINT = "checkpoint"  # the key of a segment record's checkpoint facts
+DOCSTORE_OLDER = "the document store is older than this FAISS checkpoint"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def open_docstore(path: Path, manifest: dict, read_only: bool = False) -> DocStore:
+    if not path.exists():
+        raise IndexError_(f"{path} is missing: it holds every document and vector of this index (the FAISS files "
+                          "are only checkpoints of it); restore it from a backup")
+    try:
+        docs = DocStore(str(path), read_only=read_only)
+        stored = docs.get_meta(DOCSTORE_ID)
+    except sqlite3.DatabaseError as e:
+        raise IndexError_(f"{path} is damaged ({e}); restore it from a backup "
+                          f"(`umr index verify {path.parent}` says what else is intact)") from None
+    expected = manifest.get(DOCSTORE_ID)
+    if expected and stored != expected:
+        docs.close()
+        what = f"belongs to another index (id {stored})" if stored else "carries no index id"
+        raise IndexError_(f"{path} {what}; this index's manifest expects {expected}. Put back this index's own "
+                          "docs.sqlite, or open the folder it came from")
+    if not expected:  # an index made before ids: adopt one (written with the next save)
+        manifest[DOCSTORE_ID] = stored or new_id()
+        if not stored and not read_only:
+            docs.set_meta(DOCSTORE_ID, manifest[DOCSTORE_ID])
+    return docs
+
+
+def checkpoint_record(path: Path, rows: int, epoch: int) -> dict:
+    return {"rows": int(rows), "bytes": path.stat().st_size, "sha256": file_sha256(path), "epoch": int(epoch)}
+
+
+def checkpoint_problem(path: Path | None, record: dict) -> str | None:
+    """Why the FAISS file cannot be trusted before reading it, or None."""
+    ck = record.get(CHECKPOINT)
+    if path is None or not path.exists():
+        return "its FAISS checkpoint is missing" if ck else "it has no FAISS checkpoint yet"
+    if ck is None:
+        return None  # written by an older umr: checked by reading it
+    size = path.stat().st_size
+    if size != ck["bytes"]:
+        return f"its FAISS checkpoint is {size} bytes, {ck['bytes']} were written (truncated or replaced)"
+    if file_sha256(path) != ck["sha256"]:
+        return "its FAISS checkpoint fails its checksum (damaged, or another index's file)"
+    return None
+
+
+def load_checkpoint(path: Path | None, record: dict, dim: int, n_rows: int, epoch: int):
+    """(FAISS index, None) when the checkpoint can be used, else (None, why); the why is
+    DOCSTORE_OLDER when the checkpoint is sound but holds rows the document store lacks."""
+    problem = checkpoint_problem(path, record)
+    if problem:
+        return None, None if problem == "it has no FAISS checkpoint yet" else problem
+    ck = record.get(CHECKPOINT)
+    if ck is not None and ck.get("epoch", 0) != epoch:
+        return None, "the segment was compacted after its FAISS checkpoint"
+    try:
+        index = vi.read_index(str(path))
+    except Exception as e:  # noqa: BLE001 - FAISS raises RuntimeError with its C++ message
+        return None, f"its FAISS checkpoint cannot be read ({str(e).splitlines()[0][:120]})"
+    if index.d != dim:
+        return None, f"its FAISS checkpoint has dimension {index.d}, the segment {dim}"
+    if ck is not None and index.ntotal != ck["rows"]:
+        return None, f"its FAISS checkpoint holds {index.ntotal} rows, {ck['rows']} were recorded"
+    if index.ntotal > n_rows:
+        if ck is not None:
+            return None, DOCSTORE_OLDER
+        return None, f"its FAISS checkpoint holds {index.ntotal} rows, the document store {n_rows}"
+    return index, None
+
+
+def older_docstore_message(index_dir: Path, seg_id: int, n_rows: int, record: dict) -> str:
+    return (f"{index_dir}/docs.sqlite holds {n_rows} rows of segment {seg_id}, its FAISS checkpoint "
+            f"{record[CHECKPOINT]['rows']}: the document store is older than the rest of the index (restored from "
+            "an older backup?). Put back the matching docs.sqlite, or accept it as it is with "
+            f"`umr index verify {index_dir} --repair` (documents added after it was saved are then gone)")

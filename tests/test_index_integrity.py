@@ -1,0 +1,248 @@
+"""Index files that check themselves (issue 11, part 4): damaged or foreign files are found on
+open and rebuilt or refused with one line; one writer at a time; readers write nothing;
+background checkpoints; compaction. Real FAISS files and SQLite databases, damaged on disk."""
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_jsonl
+from index import IndexStore
+from index.docstore import DocRecord
+from index.errors import IndexError_
+from index.locks import IndexBusy
+from index.verify import verify
+
+DIM = 16
+
+
+def unit(rng, n):
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def encoder_record():
+    return {"spec": "test-vectors", "fingerprint": "f" * 16, "dim": DIM, "config": {}}
+
+
+def make(path, n=300, seed=0, kind="flat"):
+    store = IndexStore.create(path, encoder_record(), kind)
+    vecs = unit(np.random.default_rng(seed), n)
+    store.add([DocRecord(f"d{i}", "text", text=f"doc {i}") for i in range(n)], vecs)
+    store.finalize()
+    return store, vecs
+
+
+def top1_is_itself(store, vecs, ids=range(0, 300, 37)) -> bool:
+    hits = store.search(vecs[list(ids)], k=1)
+    return all(h[0].id == f"d{i}" and abs(h[0].score - 1.0) < 1e-4 for i, h in zip(ids, hits))
+
+
+FAISS = "segments/0/index.faiss"
+
+
+def test_random_bytes_in_a_faiss_file_are_found_and_rebuilt_from_the_document_store(tmp_path):
+    idx = tmp_path / "idx"
+    store, vecs = make(idx)
+    store.close()
+    size = (idx / FAISS).stat().st_size
+    with open(idx / FAISS, "r+b") as f:  # same size: only the checksum can tell
+        f.seek(size // 2)
+        f.write(os.urandom(4096))
+    report = verify(idx)
+    assert not report.ok and any("checksum" in p for p in report.problems)
+    r = run_cli("index", "verify", idx)
+    assert r.returncode == 1 and "checksum" in r.stdout
+    again = IndexStore.open(idx)  # a writer rebuilds it on open, with a message
+    assert any("checksum" in m and "rebuilt" in m for m in again.repairs)
+    assert top1_is_itself(again, vecs)
+    again.save()
+    again.close()
+    assert verify(idx).ok
+    r = run_cli("index", "verify", idx)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok")
+
+
+def test_truncated_and_foreign_faiss_files_are_rebuilt(tmp_path):
+    idx, other = tmp_path / "idx", tmp_path / "other"
+    store, vecs = make(idx)
+    store.close()
+    o, _ = make(other, n=400, seed=9)
+    o.close()
+    shutil.copy(other / FAISS, idx / FAISS)  # another index's checkpoint: more rows, other vectors
+    again = IndexStore.open(idx)
+    assert again.repairs and top1_is_itself(again, vecs)
+    fresh = unit(np.random.default_rng(77), 1)
+    again.add([DocRecord("fresh", "text", text="added after the repair")], fresh)
+    assert again.search(fresh, k=1)[0][0].id == "fresh"  # new documents are findable
+    again.close()
+    data = (idx / FAISS).read_bytes()
+    (idx / FAISS).write_bytes(data[: len(data) // 3])
+    r = run_cli("index", "verify", idx, "--repair")
+    assert r.returncode == 0 and "repaired: segment 0" in r.stdout and "bytes" in r.stdout, r.stdout + r.stderr
+    final = IndexStore.open(idx, "read")
+    assert not final.repairs and final.count() == 301 and top1_is_itself(final, vecs)
+    final.close()
+
+
+def test_a_missing_foreign_or_damaged_document_store_is_refused_in_one_line(tmp_path):
+    idx, other = tmp_path / "idx", tmp_path / "other"
+    make(idx)[0].close()
+    make(other, seed=3)[0].close()
+    backup = tmp_path / "docs.backup"
+    shutil.copy(idx / "docs.sqlite", backup)
+    for suffix in ("", "-wal", "-shm"):
+        if (idx / f"docs.sqlite{suffix}").exists():
+            os.remove(idx / f"docs.sqlite{suffix}")
+    with pytest.raises(IndexError_, match="docs.sqlite is missing"):
+        IndexStore.open(idx)
+    r = run_cli("index", "info", idx)
+    assert r.returncode == 2 and "is missing" in r.stderr and "Traceback" not in r.stderr
+    assert not (idx / "docs.sqlite").exists()  # refusing did not create an empty one
+    shutil.copy(other / "docs.sqlite", idx / "docs.sqlite")
+    with pytest.raises(IndexError_, match="belongs to another index"):
+        IndexStore.open(idx)
+    (idx / "docs.sqlite").write_bytes(b"not a database at all" * 100)
+    r = run_cli("search", idx, "anything", "--encoder", "tiny-clip")
+    assert r.returncode == 2 and "damaged" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    shutil.copy(backup, idx / "docs.sqlite")
+    assert verify(idx).ok
+
+
+def test_an_older_document_store_is_refused_unless_accepted_by_repair(tmp_path):
+    idx = tmp_path / "idx"
+    store, vecs = make(idx)
+    store.close()
+    shutil.copy(idx / "docs.sqlite", tmp_path / "old.sqlite")
+    store = IndexStore.open(idx)
+    store.add([DocRecord(f"n{i}", "text", text="later") for i in range(20)], unit(np.random.default_rng(1), 20))
+    store.save()
+    store.close()
+    for suffix in ("-wal", "-shm"):
+        if (idx / f"docs.sqlite{suffix}").exists():
+            os.remove(idx / f"docs.sqlite{suffix}")
+    shutil.copy(tmp_path / "old.sqlite", idx / "docs.sqlite")
+    with pytest.raises(IndexError_, match="older than the rest of the index"):
+        IndexStore.open(idx)
+    r = run_cli("index", "verify", idx)
+    assert r.returncode == 2 and "--repair" in r.stderr
+    assert verify(idx, repair=True).ok
+    again = IndexStore.open(idx, "read")
+    assert again.count() == 300 and top1_is_itself(again, vecs)
+    again.close()
+
+
+def test_one_writer_at_a_time_readers_need_no_lock(tmp_path, tiny):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
+    assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    writer = IndexStore.open(tmp_path / "idx")
+    with pytest.raises(IndexBusy, match=f"pid {os.getpid()}"):
+        IndexStore.open(tmp_path / "idx")
+    more = write_jsonl(tmp_path / "more.jsonl", [{"id": "m1", "text": "more"}])
+    r = run_cli("index", "add", tmp_path / "idx", more)
+    assert r.returncode == 2 and "open for writing by pid" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("search", tmp_path / "idx", "text number 3", "-k", "1")
+    assert r.returncode == 0 and "t3" in r.stdout  # a reader beside the writer
+    reader = IndexStore.open(tmp_path / "idx", "read")
+    with pytest.raises(IndexError_, match="read-only"):
+        reader.add([DocRecord("x", "text", text="x")], np.zeros((1, writer.segments[0].dim), np.float32))
+    reader.close()
+    writer.close()
+    assert run_cli("index", "add", tmp_path / "idx", more).returncode == 0  # the lock went with its holder
+
+
+def test_every_file_of_an_index_has_the_same_permissions(tmp_path):
+    make(tmp_path / "idx")[0].close()
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in (tmp_path / "idx").rglob("*") if p.is_file()}
+    assert "idx/manifest.json" in modes and f"idx/{FAISS}" in modes and "idx/docs.sqlite" in modes
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_serving_writes_nothing_it_only_reads_and_checkpoints_in_the_background(tmp_path, tiny):
+    from retrieval.engine import Engine
+    from server.app import create_app
+    from server.settings import ServerSettings
+    from umr.demo import BackgroundServer
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
+    assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    files = lambda: {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "idx").rglob("*")  # noqa: E731
+                     if p.is_file() and "docs.sqlite" not in p.name and not p.name.endswith(".lock")}
+    before = files()
+    engine = Engine.open(tmp_path / "idx")
+    with BackgroundServer(create_app(engine, ServerSettings(checkpoint_every_rows=5, checkpoint_every_s=0))) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        for q in ("text number 3", "text number 7"):
+            assert c.post("/v1/search", json={"text": q, "k": 2}).status_code == 200
+        assert files() == before  # searching wrote nothing
+        docs = [{"id": f"new{i}", "text": f"new text {i}"} for i in range(6)]
+        assert c.post("/v1/documents", json={"documents": docs}).status_code == 200
+        deadline = time.time() + 20
+        while time.time() < deadline and srv.server.config.app.state.checkpointer.done == 0:
+            time.sleep(0.1)
+        assert srv.server.config.app.state.checkpointer.done >= 1
+        manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+        assert manifest["segments"][0]["checkpoint"]["rows"] == 36
+    engine.close()
+    engine = Engine.open(tmp_path / "idx", mode="read")
+    assert engine.store.segments[0].faiss.ntotal == 36 and not engine.store.segments[0].dirty  # nothing to replay
+    engine.close()
+    after = files()
+    engine = Engine.open(tmp_path / "idx")
+    with BackgroundServer(create_app(engine)):
+        pass
+    engine.close()
+    assert files() == after  # a server that only started and stopped wrote nothing
+
+
+def test_compaction_drops_dead_rows_and_survives_a_crash_midway(tmp_path):
+    idx = tmp_path / "idx"
+    store, vecs = make(idx)
+    replaced = unit(np.random.default_rng(4), 50)
+    store.add([DocRecord(f"d{i}", "text", text=f"doc {i} again") for i in range(50)], replaced)  # 50 dead rows
+    store.delete([f"d{i}" for i in range(250, 260)])
+    store.save()
+    expected = [[h.id for h in hs] for hs in store.search(vecs[100:140], k=5)]
+    assert store.info()["segments"][0]["deleted_rows"] == 60
+    store.close()
+    r = run_cli("index", "compact", idx)
+    assert r.returncode == 0 and "dropped 60 dead rows" in r.stdout
+    store = IndexStore.open(idx, "read")
+    assert store.info()["segments"][0]["deleted_rows"] == 0 and store.count() == 290
+    assert [[h.id for h in hs] for hs in store.search(vecs[100:140], k=5)] == expected
+    assert store.search(replaced[:1], k=1)[0][0].id == "d0"
+    store.close()
+    assert verify(idx).ok
+    # A crash after the document store was compacted but before the FAISS checkpoint was saved.
+    store = IndexStore.open(idx)
+    store.delete(["d120"])
+    store.docs.compact(0)
+    store.close()
+    again = IndexStore.open(idx)
+    assert any("compacted after its FAISS checkpoint" in m for m in again.repairs)
+    assert again.search(vecs[121:122], k=1)[0][0].id == "d121" and again.count() == 289
+    again.close()
+
+
+def test_an_ivfpq_segment_compacts_and_repairs_too(tmp_path):
+    idx = tmp_path / "idx"
+    store = IndexStore.create(idx, encoder_record(), "ivfpq")
+    vecs = unit(np.random.default_rng(0), 10_000)
+    store.add([DocRecord(f"d{i}", "text", text=f"doc {i}") for i in range(10_000)], vecs)
+    store.finalize()
+    store.delete([f"d{i}" for i in range(0, 10_000, 3)])
+    assert store.compact() == {0: 3334}
+    kept = range(1, 600, 3)  # none of them deleted
+    hits = store.search(vecs[list(kept)], k=1)
+    assert np.mean([h[0].id == f"d{i}" for i, h in zip(kept, hits)]) > 0.9
+    assert all(int(h[0].id[1:]) % 3 for h in hits)  # no deleted document comes back
+    store.close()
+    assert verify(idx).ok
