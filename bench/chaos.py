@@ -213,6 +213,7 @@ def main():
     acks = {"adds": 0, "deletes": 0}
     reopen, starts, problems = [], [], []
     version = 0
+    completed = {"compaction": 0, "umr update": 0}
     t_start = time.perf_counter()
     for i in range(a.kills):
         kind = KINDS[0] if i % 4 in (0, 1) else KINDS[1 + (i // 4) % 2]
@@ -222,10 +223,11 @@ def main():
             acks["deletes"] += got["deletes"]
             starts.append(got["start_s"])
         elif kind == "compaction":
-            killed_command(index, rng, ["index", "compact", index])
+            completed[kind] += killed_command(index, rng, ["index", "compact", index])["finished before the kill"]
         else:
             version += 1
-            killed_command(index, rng, ["update", index, "--encoder", f"{ENCODER}:{version}", "--force"])
+            completed[kind] += killed_command(index, rng, ["update", index, "--encoder", f"{ENCODER}:{version}",
+                                                           "--force"])["finished before the kill"]
         found = verify_after(index, ledger, rng)
         reopen.append(found.get("reopen_s", float("nan")))
         t = totals[kind]
@@ -251,8 +253,9 @@ Compaction and `umr update` (activating `{ENCODER}:N`, a new segment each time i
 |---|---|---|---|---|---|
 {rows}
 
-Acknowledged over the run: {acks['adds']} adds, {acks['deletes']} deletes; {ledger.present.__len__()} documents
-expected at the end. Reopen after a kill (verify excluded): median {median(reopen):.2f} s, max {max(reopen):.2f} s;
+Acknowledged over the run: {acks['adds']} adds, {acks['deletes']} deletes; {len(ledger.present)} documents
+expected at the end. Finished before their kill: {completed['compaction']} compactions, {completed['umr update']}
+updates (the others were killed midway). Reopen after a kill (verify excluded): median {median(reopen):.2f} s, max {max(reopen):.2f} s;
 server start to healthy: median {median(starts):.1f} s.
 """ + ("\nProblems:\n" + "\n".join(f"- {p}" for p in problems[:20]) if problems else "")
     write_section("chaos", body)

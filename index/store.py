@@ -24,7 +24,7 @@ import numpy as np
 
 from index import modality_calibration as mc
 from index import merge_calibration as merge_cal
-from index import integrity
+from index import integrity, registry
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
@@ -203,16 +203,10 @@ class IndexStore:
         return int(self.manifest["active_version"])
 
     def version(self, v: int) -> dict:
-        for rec in self.versions:
-            if rec["version"] == v:
-                return rec
-        raise IndexError_(f"no encoder version {v} in {self.path}")
+        return registry.version(self.manifest, v, self.path)
 
     def version_of_fingerprint(self, fingerprint: str) -> int | None:
-        for rec in self.versions:
-            if rec["fingerprint"] == fingerprint:
-                return rec["version"]
-        return None
+        return registry.version_of_fingerprint(self.manifest, fingerprint)
 
     def count(self) -> int:
         return int(sum(s.alive.sum() for s in self.segments))
@@ -340,17 +334,7 @@ class IndexStore:
                 disk = read_manifest(self.path)
             except IndexError_:
                 return None
-            known = {r["fingerprint"] for r in self.versions}
-            for rec in disk.get("encoders", []):
-                if rec["fingerprint"] not in known:
-                    self.versions.append(rec)
-            for rec in disk.get("segments", []):
-                for seg in self.segments:
-                    if seg.id == rec["id"]:
-                        for version, by_mod in rec.get("compensators", {}).items():
-                            mine = seg.record.setdefault("compensators", {}).setdefault(version, {})
-                            for modality, comp in by_mod.items():
-                                mine.setdefault(modality, comp)
+            registry.merge(self.manifest, disk, prefer_source=False)
             return disk
 
     def save(self) -> None:
@@ -395,15 +379,7 @@ class IndexStore:
         beside a running server, whose own segment records stay as it wrote them."""
         with self.lock, manifest_lock(self.path):
             disk = read_manifest(self.path)
-            known = {r["fingerprint"] for r in disk.get("encoders", [])}
-            disk.setdefault("encoders", []).extend(r for r in self.versions if r["fingerprint"] not in known)
-            for seg in self.segments:
-                for rec in disk.get("segments", []):
-                    if rec["id"] == seg.id:
-                        for version, by_mod in seg.record.get("compensators", {}).items():
-                            rec.setdefault("compensators", {}).setdefault(version, {}).update(by_mod)
-            history = disk.setdefault("history", [])
-            history.extend(e for e in self.manifest.get("history", []) if e not in history)
+            registry.merge(disk, self.manifest, prefer_source=True, history=True)
             write_manifest(self.path, disk)
 
     def compact(self) -> dict[int, int]:

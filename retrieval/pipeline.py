@@ -6,13 +6,13 @@ committed batch when the same command is run again, and ends with every item exa
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from index.build_journal import BuildJournal
 from index.docstore import DocRecord
 from index.errors import IndexMismatch
 from index.store import IndexStore
@@ -74,7 +74,7 @@ def _chunks(it: Iterator, size: int) -> Iterator[list]:
 
 def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejected], report: BuildReport, *,
            start: int = 0, batch_size: int = 64, workers: int = 2, strict: bool = False,
-           progress=None, cursor_key: str | None = None) -> BuildReport:
+           progress=None, journal: BuildJournal | None = None) -> BuildReport:
     """Encode and store records from ordinal `start` on; bad records are counted, not fatal."""
     seen: set[str] = set()
 
@@ -107,7 +107,7 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
                 report.reject(bad)
         if good_items:
             # An id already stored came from an earlier record (the cursor never repeats one).
-            dupes = store.docs.has_ids([it.id for it in good_items]) if cursor_key else set()
+            dupes = journal.stored_ids([it.id for it in good_items]) if journal else set()
             if dupes:
                 keep = [i for i, it in enumerate(good_items) if it.id not in dupes]
                 for it in good_items:
@@ -121,9 +121,8 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
         docs = [DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata) for it in good_items]
         report.indexed += len(docs)  # counted before the commit so the saved report includes this batch
         meta = None
-        if cursor_key:
-            meta = {cursor_key: str(chunk[-1][0] + 1),
-                    f"{cursor_key}.report": json.dumps({k: v for k, v in report.to_dict().items() if k != "seconds"})}
+        if journal:
+            meta = journal.batch_meta(chunk[-1][0] + 1, report.to_dict())
         if docs or meta:
             store.add(docs, vectors if vectors is not None else [], meta=meta)
         if progress is not None:
@@ -150,7 +149,8 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
     source = {"corpus": str(corpus.resolve()), "format": reader.kind}
     if (out / "manifest.json").exists():
         store = IndexStore.open(out)
-        prev = store.manifest.get("build", {}).get("source")
+        journal = BuildJournal(store)
+        prev = journal.source
         if store.encoder["fingerprint"] != encoder.fingerprint:
             raise IndexMismatch(
                 f"{out} was started with encoder {store.encoder['spec']} (fingerprint {store.encoder['fingerprint']}), "
@@ -159,25 +159,24 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
         if prev and prev["corpus"] != source["corpus"]:
             raise IndexMismatch(f"{out} is being built from {prev['corpus']}; to add another corpus use `umr index add`")
         asked = {"kind": index_kind, "memory_budget": memory_budget}
-        if store.manifest["index_request"] != asked and not store.ready:
-            req = store.manifest["index_request"]
+        if journal.index_request != asked and not store.ready:
+            req = journal.index_request
             raise IndexMismatch(
                 f"{out} was started with --index {req['kind']} and memory budget {req['memory_budget']}; "
                 "resume it with the same flags, or choose a new --out"
             )
         if store.ready:
             report = BuildReport(str(corpus), already_complete=True, **{
-                k: v for k, v in store.manifest["build"].get("report", {}).items()
+                k: v for k, v in journal.record.get("report", {}).items()
                 if k in ("read", "indexed", "rejected", "rejections")})
             store.close()
             return report
     else:
         store = IndexStore.create(out, encoder.record(), index_kind, memory_budget)
-        store.manifest["build"] = {"source": source, "batch_size": batch_size}
-        store.save()
+        journal = BuildJournal(store)
+        journal.begin(source, batch_size)
     try:
-        start = int(store.docs.get_meta("build.cursor", "0"))
-        saved = json.loads(store.docs.get_meta("build.cursor.report", "null") or "null")
+        start, saved = journal.position()
         report = BuildReport(str(corpus), resumed_at=start)
         if saved:
             for k in ("read", "indexed", "rejected", "rejections"):
@@ -190,7 +189,7 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
         bar = _progress(total, start, progress, "indexing")
         try:
             ingest(store, encoder, reader, report, start=start, batch_size=batch_size, workers=workers,
-                   strict=strict, progress=bar, cursor_key="build.cursor")
+                   strict=strict, progress=bar, journal=journal)
         finally:
             if bar is not None:
                 bar.close()
@@ -198,8 +197,7 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
             raise ValueError(f"no valid items in {corpus} ({report.rejected} rejected); nothing to index")
         t0 = time.perf_counter()
         store.finalize()
-        store.manifest["build"]["report"] = report.to_dict()
-        store.manifest["build"]["finalize_seconds"] = round(time.perf_counter() - t0, 3)
+        journal.finish(report.to_dict(), time.perf_counter() - t0)
         store.record_event("built", documents=store.count(), rejected=report.rejected)
         store.save()
     finally:

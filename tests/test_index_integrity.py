@@ -4,7 +4,6 @@ background checkpoints; compaction. Real FAISS files and SQLite databases, damag
 import json
 import os
 import shutil
-import sqlite3
 import stat
 import time
 
