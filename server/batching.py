@@ -17,6 +17,7 @@ from retrieval.encoders.base import Prepared
 from retrieval.engine import Engine
 from server.metrics import Metrics
 from server.settings import ServerSettings
+from server.tasks import cancel
 
 log = logging.getLogger("umr.server")
 
@@ -49,12 +50,7 @@ class QueryBatcher:
             self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel(self._task)
         self.model_thread.shutdown(wait=True)
 
     async def run(self, items: list[Pending]) -> list[list]:

@@ -13,6 +13,8 @@ import time
 
 from fastapi.concurrency import run_in_threadpool
 
+from server.tasks import cancel
+
 log = logging.getLogger("umr.server")
 
 
@@ -46,9 +48,4 @@ class Checkpointer:
             self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel(self._task)

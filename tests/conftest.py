@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,35 @@ def run_cli(*args, env=None, timeout=300):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "umr.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=e)
+
+
+def png_bytes(size=(40, 30), color="red") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@contextmanager
+def served_index(tmp: Path, encoder, records, settings=None, images=()):
+    """An index of `records` (with `images`: (name, size, colour) PNGs beside them) built with
+    `encoder`, served by uvicorn on 127.0.0.1: yields (base URL, engine)."""
+    from PIL import Image
+
+    from retrieval.engine import Engine
+    from retrieval.pipeline import build_index
+    from server.app import create_app
+    from umr.demo import BackgroundServer
+
+    for name, size, colour in images:
+        Image.new("RGB", size, colour).save(tmp / name)
+    build_index(write_jsonl(tmp / "c.jsonl", records), encoder, tmp / "idx", progress=False)
+    engine = Engine.open(tmp / "idx")
+    try:
+        with BackgroundServer(create_app(engine, settings)) as srv:
+            yield srv.url, engine
+    finally:
+        engine.close()

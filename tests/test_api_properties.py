@@ -13,28 +13,17 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import status_code_conformance
 
-from conftest import write_jsonl
+from conftest import served_index
 from index.document_rules import InvalidDocument, check_document, metadata_json
-from retrieval.engine import Engine
-from retrieval.pipeline import build_index
 from retrieval.readers import JsonlCorpus, Rejected
-from server.app import create_app
-from umr.demo import BackgroundServer
 
 
 @pytest.fixture(scope="module")
 def served_schema(tmp_path_factory, tiny):
-    tmp = tmp_path_factory.mktemp("props")
-    from PIL import Image
-
-    Image.new("RGB", (32, 32), "green").save(tmp / "g.png")
     records = [{"id": f"t{i}", "text": f"document number {i}", "metadata": {"n": i}} for i in range(20)]
     records.append({"id": "g", "image": "g.png"})
-    build_index(write_jsonl(tmp / "c.jsonl", records), tiny, tmp / "idx", progress=False)
-    engine = Engine.open(tmp / "idx")
-    with BackgroundServer(create_app(engine)) as srv:
-        yield schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
-    engine.close()
+    with served_index(tmp_path_factory.mktemp("props"), tiny, records, images=[("g.png", (32, 32), "green")]) as (url, _):
+        yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
 def test_no_request_gets_a_5xx_or_an_undeclared_status(served_schema):

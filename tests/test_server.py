@@ -1,43 +1,27 @@
 """The HTTP service, served by uvicorn on 127.0.0.1 and spoken to over real sockets."""
 import base64
 import io
-import json
 import threading
 
 import httpx
 import pytest
 from PIL import Image
 
-from conftest import write_jsonl
-from retrieval.engine import Engine
-from retrieval.pipeline import build_index
-from server.app import create_app
+from conftest import png_bytes, served_index
 from server.settings import ServerSettings
-from umr.demo import BackgroundServer
-
-
-def png_bytes(size=(40, 30), color="red") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny):
     tmp = tmp_path_factory.mktemp("srv")
-    Image.new("RGB", (64, 64), "blue").save(tmp / "blue.png")
     records = [{"id": f"t{i}", "text": f"document number {i}", "metadata": {"group": "even" if i % 2 == 0 else "odd"}}
                for i in range(40)]
     records.append({"id": "blue", "image": "blue.png", "metadata": {"group": "img"}})
-    corpus = write_jsonl(tmp / "c.jsonl", records)
-    build_index(corpus, tiny, tmp / "idx", progress=False)
-    engine = Engine.open(tmp / "idx")
     settings = ServerSettings(max_k=100, max_text_chars=500, max_image_pixels=1_000_000, max_image_bytes=2_000_000,
                               max_body_bytes=4_000_000, max_batch_queries=8)
-    with BackgroundServer(create_app(engine, settings)) as srv:
-        with httpx.Client(base_url=srv.url, timeout=30) as client:
+    with served_index(tmp, tiny, records, settings, images=[("blue.png", (64, 64), "blue")]) as (url, _):
+        with httpx.Client(base_url=url, timeout=30) as client:
             yield client, tmp
-    engine.close()
 
 
 def assert_alive(client):

@@ -3,7 +3,6 @@
 Served by uvicorn on 127.0.0.1, spoken to over real sockets."""
 import asyncio
 import base64
-import io
 import json
 import logging
 import sqlite3
@@ -14,35 +13,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli, write_jsonl
+from conftest import png_bytes, run_cli, served_index, write_jsonl
 from retrieval.encoders.base import Prepared
 from retrieval.engine import Engine, Query
 from retrieval.items import Item
-from retrieval.pipeline import build_index
-from server.app import create_app
 from server.settings import ServerSettings
-from umr.demo import BackgroundServer
 
 
 def png(size, color="red") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
+    return png_bytes(size, color)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny):
     tmp = tmp_path_factory.mktemp("hyg")
-    Image.new("RGB", (64, 64), "blue").save(tmp / "blue.png")
     records = [{"id": f"t{i}", "text": f"document number {i}", "metadata": {"n": i}} for i in range(40)]
     records.append({"id": "blue", "image": "blue.png"})
-    build_index(write_jsonl(tmp / "c.jsonl", records), tiny, tmp / "idx", progress=False)
-    engine = Engine.open(tmp / "idx")
     settings = ServerSettings(max_body_bytes=2_000_000, max_image_bytes=1_000_000)
-    with BackgroundServer(create_app(engine, settings)) as srv:
-        with httpx.Client(base_url=srv.url, timeout=60) as client:
+    with served_index(tmp, tiny, records, settings, images=[("blue.png", (64, 64), "blue")]) as (url, engine):
+        with httpx.Client(base_url=url, timeout=60) as client:
             yield client, tmp, engine
-    engine.close()
 
 
 def post_raw(client, path, body: str):
@@ -248,3 +238,13 @@ def test_the_document_store_refuses_what_it_could_not_return(tmp_path):
     assert store.get("ok")[0].metadata == {"emoji": "\U0001F600", "n": 1.5}
     assert store.doc_count() == 1
     store.close()
+
+
+def test_reduced_jpeg_decoding_can_be_switched_off(tmp_path, monkeypatch):
+    from retrieval.images import open_image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)
+    assert open_image(tmp_path / "big.jpg", min_side=224).size == (300, 225)  # decoded at 1/4 in the DCT
+    monkeypatch.setenv("UMR_JPEG_DRAFT", "0")
+    assert open_image(tmp_path / "big.jpg", min_side=224).size == (1200, 900)
