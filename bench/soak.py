@@ -50,9 +50,6 @@ def main():
     texts = [" ".join(rng.choice(words) for _ in range(5)) + f" {i}" for i in range(2000)]
     corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     assert umr("index", "build", corpus, "--encoder", ENCODER, "--out", index, "--no-progress").wait(timeout=900) == 0
-    for v in range(1, a.swaps + 1):  # versions to swap to, registered beforehand as `--no-activate`
-        p = umr("update", index, "--encoder", f"{ENCODER}:{v}", "--no-activate", "--force")
-        assert p.wait(timeout=900) == 0, p.stderr.read()
     port = free_port()
     server = umr("serve", index, "--host", "127.0.0.1", "--port", port, env={**os.environ, "UMR_ADMIN_KEY": ADMIN_KEY})
     url = f"http://127.0.0.1:{port}"
@@ -69,6 +66,7 @@ def main():
     lat: dict[str, list[float]] = {"search": [], "add": [], "delete": [], "swap": []}
     statuses: dict[int, int] = {}
     rss: list[tuple[float, float]] = []
+    failures: list[str] = []
     t_end = time.time() + a.minutes * 60
 
     def record(kind, status, seconds):
@@ -106,13 +104,23 @@ def main():
                 time.sleep(0.01)
 
     def admin():
+        """Registers the next version beside the running server (`umr update --no-activate`,
+        calibrated on every segment, the newest included), then activates it over HTTP."""
         with httpx.Client(base_url=url, timeout=120, headers=headers) as c:
             for v in range(2, a.swaps + 2):
-                if stop.wait((t_end - time.time()) / (a.swaps + 2 - v + 1)):
+                if stop.wait(max(0.0, (t_end - time.time()) / (a.swaps + 2 - v + 1) - 10)):
                     return
+                p = umr("update", index, "--encoder", f"{ENCODER}:{v - 1}", "--no-activate", "--force")
+                if p.wait(timeout=300) != 0:
+                    with lock:
+                        failures.append(f"umr update for version {v}: {p.stderr.read()[-300:]}")
+                    continue
                 t0 = time.perf_counter()
                 resp = c.post("/v1/admin/encoder", json={"version": v})
                 record("swap", resp.status_code, time.perf_counter() - t0)
+                if resp.status_code != 200:
+                    with lock:
+                        failures.append(f"swap to {v}: {resp.status_code} {resp.text[:300]}")
 
     threads = [threading.Thread(target=searcher, args=(i,)) for i in range(a.searchers)]
     threads += [threading.Thread(target=writer), threading.Thread(target=admin)]
@@ -137,7 +145,8 @@ def main():
     body = f"""## Soak: mixed load for {a.minutes:g} min (`bench/soak.py`)
 
 {machine()}; `umr serve` with `{ENCODER}` over 2,000 texts, {a.searchers} searchers, one writer (adds of 4
-documents, deletes), {a.swaps} encoder swaps to versions registered beforehand with `umr update --no-activate`.
+documents, deletes), {a.swaps} encoder swaps, each to a version registered during the run with `umr update
+--no-activate` beside the server (calibrated on every segment, the ones earlier swaps created included).
 
 | requests | count | per s | p50 ms | p99 ms |
 |---|---|---|---|---|
@@ -146,7 +155,7 @@ documents, deletes), {a.swaps} encoder swaps to versions registered beforehand w
 5xx: **{five}**; 4xx: {other or 'none'}. Server RSS after warm-up (from {elapsed / 4:.0f} s): {min(warm):.0f} to
 {max(warm):.0f} MB, {warm[-1] - warm[0]:+.0f} MB from the start of that window to the end (median
 {median(warm):.0f} MB); at start {rss[0][1]:.0f} MB.
-"""
+""" + ("\nFailures: " + "; ".join(failures) if failures else "")
     write_section("soak", body)
 
 

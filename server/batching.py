@@ -1,8 +1,9 @@
 """Micro-batching: concurrent queries share one encoder forward and one index search call.
 
-The model runs on one dedicated thread, so the event loop never blocks on it. A batch starts
-as soon as the model thread is free; it waits up to `max_wait` only while other requests are
-still being decoded and about to join, so a lone query pays no batching delay.
+The model runs on one dedicated thread, so the event loop never blocks on it; index searches
+run on another, so one batch is searched while the next is encoded. A batch starts as soon as
+the model thread is free; it waits up to `max_wait` only while other requests are still being
+decoded and about to join, so a lone query pays no batching delay.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from retrieval.encoders.base import Prepared
 from retrieval.engine import Engine
@@ -38,6 +41,8 @@ class QueryBatcher:
         self.settings = settings
         self.metrics = metrics
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="umr-model")
+        self.search_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="umr-search")
+        self._searching: asyncio.Future | None = None
         self.queue: asyncio.Queue[Pending] | None = None
         self.preparing = 0  # requests decoding their input, about to enqueue
         self._arrived: asyncio.Event | None = None
@@ -51,7 +56,10 @@ class QueryBatcher:
 
     async def stop(self) -> None:
         await cancel(self._task)
+        if self._searching is not None:
+            await asyncio.gather(self._searching, return_exceptions=True)
         self.model_thread.shutdown(wait=True)
+        self.search_thread.shutdown(wait=True)
 
     async def run(self, items: list[Pending]) -> list[list]:
         loop = asyncio.get_running_loop()
@@ -81,23 +89,38 @@ class QueryBatcher:
                 except asyncio.TimeoutError:
                     pass
             try:
-                results = await loop.run_in_executor(self.model_thread, self._execute, batch)
+                encoded = await loop.run_in_executor(self.model_thread, self._encode, batch)
             except Exception as e:
-                if len(batch) == 1:
-                    self._settle(batch[0], error=e)
-                    continue
-                # One member's failure must not fail the others: each is rerun on its own, so
-                # only the one that raised gets the error.
-                log.warning("a batch of %d failed (%s: %s); rerunning its queries one by one",
-                            len(batch), e.__class__.__name__, str(e)[:200])
-                for p in batch:
-                    try:
-                        self._settle(p, (await loop.run_in_executor(self.model_thread, self._execute, [p]))[0])
-                    except Exception as member_error:  # noqa: BLE001 - handed to that request alone
-                        self._settle(p, error=member_error)
+                await self._isolate(batch, e)
                 continue
-            for p, r in zip(batch, results):
-                self._settle(p, r)
+            # The search runs on its own thread while the next batch is encoded: on two cores
+            # one forward at a time left a core idle during every search.
+            self._searching = asyncio.ensure_future(self._finish(batch, encoded))
+
+    async def _finish(self, batch: list[Pending], encoded) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.search_thread, self._search, batch, encoded)
+        except Exception as e:
+            await self._isolate(batch, e)
+            return
+        for p, r in zip(batch, results):
+            self._settle(p, r)
+
+    async def _isolate(self, batch: list[Pending], error: Exception) -> None:
+        """One member's failure must not fail the others: each is rerun on its own, so only the
+        one that raised gets the error."""
+        if len(batch) == 1:
+            self._settle(batch[0], error=error)
+            return
+        log.warning("a batch of %d failed (%s: %s); rerunning its queries one by one",
+                    len(batch), error.__class__.__name__, str(error)[:200])
+        loop = asyncio.get_running_loop()
+        for p in batch:
+            try:
+                self._settle(p, (await loop.run_in_executor(self.model_thread, self._execute, [p]))[0])
+            except Exception as member_error:  # noqa: BLE001 - handed to that request alone
+                self._settle(p, error=member_error)
 
     @staticmethod
     def _settle(p: Pending, result=None, error: BaseException | None = None) -> None:
@@ -109,17 +132,27 @@ class QueryBatcher:
             p.future.set_result(result)
 
     def _execute(self, batch: list[Pending]) -> list[list]:
-        results: list[list] = [None] * len(batch)
+        return self._search(batch, self._encode(batch))
+
+    def _encode(self, batch: list[Pending]) -> list[tuple[list[int], np.ndarray]]:
+        """Per engine in the batch (around an encoder swap a batch may span two): its members
+        and their query vectors, from one forward."""
         by_engine: dict[int, list[int]] = {}
-        for i, p in enumerate(batch):  # around an encoder swap a batch may span two engines
+        for i, p in enumerate(batch):
             by_engine.setdefault(id(p.engine), []).append(i)
+        out = []
         for members in by_engine.values():
-            engine = batch[members[0]].engine
             t0 = time.perf_counter()
-            vectors = engine.embed([batch[i].prepared for i in members])
-            t1 = time.perf_counter()
-            self.metrics.encode.observe(t1 - t0)
+            out.append((members, batch[members[0]].engine.embed([batch[i].prepared for i in members])))
+            self.metrics.encode.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(members))
+        return out
+
+    def _search(self, batch: list[Pending], encoded) -> list[list]:
+        results: list[list] = [None] * len(batch)
+        for members, vectors in encoded:
+            t1 = time.perf_counter()
+            engine = batch[members[0]].engine
             groups: dict[str, list[int]] = {}
             for j, i in enumerate(members):
                 p = batch[i]

@@ -47,9 +47,10 @@ class Hit(BaseModel):
     @classmethod
     def of(cls, h) -> "Hit":
         """From the engine's SearchHit."""
-        d = h.doc
-        return cls(id=d.id, score=round(h.score, 6), cosine=None if h.cosine is None else round(h.cosine, 6),
-                   rerank=h.details, modality=d.modality, text=d.text, image=image_url(d), metadata=d.metadata)
+        d = h.doc  # the engine's own values, checked when stored: built without validating them again
+        return cls.model_construct(id=d.id, score=round(h.score, 6),
+                                   cosine=None if h.cosine is None else round(h.cosine, 6), rerank=h.details,
+                                   modality=d.modality, text=d.text, image=image_url(d), metadata=d.metadata)
 
 
 class SearchResponse(BaseModel):

@@ -5,6 +5,7 @@ import time
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from index.errors import IndexError_
 from retrieval.encoders.base import EncoderError
@@ -55,9 +56,16 @@ async def run(st: ServerState, pendings: list[Pending]):
         raise ApiError(400, "invalid_search", str(e)) from None
 
 
-def response(eng: Engine, hits, t0: float) -> SearchResponse:
-    return SearchResponse(results=[Hit.of(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3),
-                          encoder_version=eng.version)
+def json_response(model) -> Response:
+    """The model serialised by pydantic-core directly: returning the model itself would have
+    FastAPI validate every hit again against the response model (documented, not re-checked)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def response(eng: Engine, hits, t0: float) -> Response:
+    return json_response(SearchResponse.model_construct(
+        results=[Hit.of(h) for h in hits], took_ms=round((time.perf_counter() - t0) * 1000, 3),
+        encoder_version=eng.version))
 
 
 @router.post("/v1/search", response_model=SearchResponse, responses=declared(400, 401, 403, 413, 415, 422, 429),
@@ -102,5 +110,6 @@ async def search_batch(req: BatchSearchRequest, st: ServerState = Depends(state)
     eng = st.engine
     pendings = [await pending_for(st, eng, q) for q in req.queries]
     results = await run(st, pendings)
-    return BatchSearchResponse(results=[[Hit.of(h) for h in r] for r in results],
-                               took_ms=round((time.perf_counter() - t0) * 1000, 3), encoder_version=eng.version)
+    return json_response(BatchSearchResponse.model_construct(
+        results=[[Hit.of(h) for h in r] for r in results], took_ms=round((time.perf_counter() - t0) * 1000, 3),
+        encoder_version=eng.version))
