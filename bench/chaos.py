@@ -131,13 +131,34 @@ def http_writes(index: Path, ledger: Ledger, rng: random.Random, round_no: int) 
     return {"start_s": started, **acks}
 
 
-def killed_command(index: Path, rng: random.Random, args: list) -> dict:
+class KillClock:
+    """When to kill a command: uniform over 1.25 x its expected run time, which is learned as
+    the index grows (a run that finished tells its time; a kill says it takes longer than
+    that), so kills land early, late (in the commit and the activation) and sometimes after
+    the end."""
+
+    def __init__(self, guess_s: float = 4.0):
+        self.expected = guess_s
+
+    def pick(self, rng: random.Random) -> float:
+        return rng.uniform(0.05, 1.25 * self.expected)
+
+    def learn(self, elapsed: float, finished: bool) -> None:
+        self.expected = elapsed if finished else max(self.expected, elapsed * 1.2)
+
+
+def killed_command(index: Path, rng: random.Random, args: list, clock: KillClock) -> dict:
+    t0 = time.perf_counter()
     proc = umr(*args)
-    time.sleep(rng.uniform(0.05, 4.0))
+    deadline = t0 + clock.pick(rng)
+    while time.perf_counter() < deadline and proc.poll() is None:
+        time.sleep(0.01)
     finished = proc.poll() is not None
+    elapsed = time.perf_counter() - t0
     if not finished:
         proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    clock.learn(elapsed, finished)
     return {"finished before the kill": finished, "rc": proc.returncode}
 
 
@@ -214,6 +235,7 @@ def main():
     reopen, starts, problems = [], [], []
     version = 0
     completed = {"compaction": 0, "umr update": 0}
+    clocks = {"compaction": KillClock(), "umr update": KillClock()}
     t_start = time.perf_counter()
     for i in range(a.kills):
         kind = KINDS[0] if i % 4 in (0, 1) else KINDS[1 + (i // 4) % 2]
@@ -223,11 +245,12 @@ def main():
             acks["deletes"] += got["deletes"]
             starts.append(got["start_s"])
         elif kind == "compaction":
-            completed[kind] += killed_command(index, rng, ["index", "compact", index])["finished before the kill"]
+            completed[kind] += killed_command(index, rng, ["index", "compact", index],
+                                              clocks[kind])["finished before the kill"]
         else:
             version += 1
             completed[kind] += killed_command(index, rng, ["update", index, "--encoder", f"{ENCODER}:{version}",
-                                                           "--force"])["finished before the kill"]
+                                                           "--force"], clocks[kind])["finished before the kill"]
         found = verify_after(index, ledger, rng)
         reopen.append(found.get("reopen_s", float("nan")))
         t = totals[kind]
@@ -247,7 +270,8 @@ def main():
 here), 300 documents to start. Each kill is followed by `umr index verify` (read-only) and a writer's reopen, then
 every acknowledged write is checked. HTTP writes: two clients adding 1-8 documents per request (a fifth of them
 replacing a live one) and deleting, with background checkpoints every 15 rows or 0.5 s, killed after 0.2-2.5 s.
-Compaction and `umr update` (activating `{ENCODER}:N`, a new segment each time it completes) killed after 0.05-4 s.
+Compaction and `umr update` (activating `{ENCODER}:N`, a new segment each time it completes) killed at a uniform
+time over 1.25x their run time as learned during the run (so some finish first).
 
 | killed during | kills | acknowledged writes lost | deletes undone | search disagrees with store | damaged files found |
 |---|---|---|---|---|---|

@@ -51,6 +51,24 @@ def open_docstore(path: Path, manifest: dict, read_only: bool = False) -> DocSto
     return docs
 
 
+def checkpoint_name(seg_id: int) -> str:
+    return f"segments/{seg_id}/index.{uuid.uuid4().hex[:12]}.faiss"
+
+
+def unrecorded_checkpoints(index_dir: Path, manifest: dict) -> list[str]:
+    recorded = {rec.get("faiss_file") for rec in manifest["segments"]}
+    found = [p.relative_to(index_dir).as_posix() for p in (index_dir / "segments").glob("*/index*.faiss")]
+    return [f for f in found if f not in recorded]
+
+
+def remove_checkpoints(index_dir: Path, names: list[str]) -> None:
+    for name in names:
+        try:
+            (index_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def checkpoint_record(path: Path, rows: int, epoch: int) -> dict:
     return {"rows": int(rows), "bytes": path.stat().st_size, "sha256": file_sha256(path), "epoch": int(epoch)}
 

@@ -3,7 +3,7 @@
 Layout:
     manifest.json              what built it, index choice per segment, history
     docs.sqlite                documents, vectors, tombstones, build cursor (WAL, fsync'd)
-    segments/<id>/index.faiss  checkpoint of a segment's FAISS index
+    segments/<id>/index.<token>.faiss  the checkpoint of a segment's FAISS index the manifest names
 
 Adds are durable when their SQLite transaction commits. FAISS files are checkpoints written
 atomically by `save()`; on open, any rows newer than a checkpoint are replayed into FAISS, so
@@ -138,6 +138,8 @@ class IndexStore:
             store = cls(path, manifest, docs, mode, writer)
             for rec in manifest["segments"]:
                 store.segments.append(store._load_segment(rec, repair))
+            if mode == "write":  # files of checkpoints a crash wrote but never recorded
+                integrity.remove_checkpoints(path, integrity.unrecorded_checkpoints(path, manifest))
             return store
         except BaseException:
             if writer is not None:
@@ -354,24 +356,31 @@ class IndexStore:
             written = {}
             try:
                 for seg, rows in todo:
-                    target = self.path / seg.record["faiss_file"]
-                    atomic_write(target, lambda tmp, s=seg: vi.write_index(s.faiss, tmp))
-                    written[seg.id] = integrity.checkpoint_record(target, rows, self.docs.epoch(seg.id))
+                    # A new name per checkpoint, recorded by the manifest written after it: a crash
+                    # in between leaves the manifest naming the previous file, still there and sound.
+                    name = integrity.checkpoint_name(seg.id)
+                    atomic_write(self.path / name, lambda tmp, s=seg: vi.write_index(s.faiss, tmp))
+                    written[seg.id] = (name, integrity.checkpoint_record(self.path / name, rows, self.docs.epoch(seg.id)))
             except BaseException:
                 with self.lock:
                     for seg, _ in todo:
                         seg.dirty = seg.dirty or seg.id not in written
                     self.rows_since_checkpoint += pending_rows
                 raise
+            replaced = []
             with self.lock, manifest_lock(self.path):
                 on_disk = self.refresh_registrations()
                 for seg in self.segments:
                     if seg.id in written:
-                        seg.record[integrity.CHECKPOINT] = written[seg.id]
-                        seg.record["rows_checkpointed"] = written[seg.id]["rows"]
+                        name, record = written[seg.id]
+                        replaced.append(seg.record.get("faiss_file"))
+                        seg.record["faiss_file"] = name
+                        seg.record[integrity.CHECKPOINT] = record
+                        seg.record["rows_checkpointed"] = record["rows"]
                     seg.record["count"] = int(seg.alive.sum())
                 if written or not same_manifest(on_disk, self.manifest):  # nothing changed: write nothing
                     write_manifest(self.path, self.manifest)
+            integrity.remove_checkpoints(self.path, [r for r in replaced if r])
 
     def save_registrations(self) -> None:
         """Write only what `umr update --no-activate` adds (encoder versions, compensators,

@@ -43,15 +43,17 @@ def top1_is_itself(store, vecs, ids=range(0, 300, 37)) -> bool:
     return all(h[0].id == f"d{i}" and abs(h[0].score - 1.0) < 1e-4 for i, h in zip(ids, hits))
 
 
-FAISS = "segments/0/index.faiss"
+def checkpoint(idx, seg=0):
+    """The FAISS file the manifest names for a segment (a new name per checkpoint)."""
+    return idx / json.loads((idx / "manifest.json").read_text())["segments"][seg]["faiss_file"]
 
 
 def test_random_bytes_in_a_faiss_file_are_found_and_rebuilt_from_the_document_store(tmp_path):
     idx = tmp_path / "idx"
     store, vecs = make(idx)
     store.close()
-    size = (idx / FAISS).stat().st_size
-    with open(idx / FAISS, "r+b") as f:  # same size: only the checksum can tell
+    size = checkpoint(idx).stat().st_size
+    with open(checkpoint(idx), "r+b") as f:  # same size: only the checksum can tell
         f.seek(size // 2)
         f.write(os.urandom(4096))
     report = verify(idx)
@@ -74,15 +76,15 @@ def test_truncated_and_foreign_faiss_files_are_rebuilt(tmp_path):
     store.close()
     o, _ = make(other, n=400, seed=9)
     o.close()
-    shutil.copy(other / FAISS, idx / FAISS)  # another index's checkpoint: more rows, other vectors
+    shutil.copy(checkpoint(other), checkpoint(idx))  # another index's checkpoint: more rows, other vectors
     again = IndexStore.open(idx)
     assert again.repairs and top1_is_itself(again, vecs)
     fresh = unit(np.random.default_rng(77), 1)
     again.add([DocRecord("fresh", "text", text="added after the repair")], fresh)
     assert again.search(fresh, k=1)[0][0].id == "fresh"  # new documents are findable
     again.close()
-    data = (idx / FAISS).read_bytes()
-    (idx / FAISS).write_bytes(data[: len(data) // 3])
+    data = checkpoint(idx).read_bytes()
+    checkpoint(idx).write_bytes(data[: len(data) // 3])
     r = run_cli("index", "verify", idx, "--repair")
     assert r.returncode == 0 and "repaired: segment 0" in r.stdout and "bytes" in r.stdout, r.stdout + r.stderr
     final = IndexStore.open(idx, "read")
@@ -161,7 +163,8 @@ def test_every_file_of_an_index_has_the_same_permissions(tmp_path):
     make(tmp_path / "idx")[0].close()
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
              for p in (tmp_path / "idx").rglob("*") if p.is_file()}
-    assert "idx/manifest.json" in modes and f"idx/{FAISS}" in modes and "idx/docs.sqlite" in modes
+    faiss = checkpoint(tmp_path / "idx").relative_to(tmp_path).as_posix()
+    assert "idx/manifest.json" in modes and faiss in modes and "idx/docs.sqlite" in modes
     assert len(set(modes.values())) == 1, modes
 
 
@@ -229,6 +232,34 @@ def test_compaction_drops_dead_rows_and_survives_a_crash_midway(tmp_path):
     assert any("compacted after its FAISS checkpoint" in m for m in again.repairs)
     assert again.search(vecs[121:122], k=1)[0][0].id == "d121" and again.count() == 289
     again.close()
+
+
+def test_a_crash_between_a_checkpoint_and_its_manifest_leaves_the_recorded_one_sound(tmp_path, monkeypatch):
+    """The new FAISS file is written under a new name; the manifest written after it names it.
+    Killed in between, the manifest still names the previous file, which is still there."""
+    from index import manifest as manifest_module
+
+    idx = tmp_path / "idx"
+    store, vecs = make(idx)
+    before = checkpoint(idx)
+    store.add([DocRecord("late", "text", text="late")], unit(np.random.default_rng(8), 1))
+
+    def crash(*_):
+        raise OSError("killed before the manifest was written")
+
+    monkeypatch.setattr("index.store.write_manifest", crash)
+    with pytest.raises(OSError):
+        store.save()
+    monkeypatch.setattr("index.store.write_manifest", manifest_module.write_manifest)
+    store.close()
+    assert checkpoint(idx) == before and before.exists()
+    assert len(list((idx / "segments" / "0").glob("index*.faiss"))) == 2  # the unrecorded one
+    again = IndexStore.open(idx)
+    assert not again.repairs and again.count() == 301 and top1_is_itself(again, vecs)
+    assert list((idx / "segments" / "0").glob("index*.faiss")) == [before]  # the writer cleared it
+    again.save()
+    again.close()
+    assert checkpoint(idx) != before and not before.exists() and verify(idx).ok
 
 
 def test_an_ivfpq_segment_compacts_and_repairs_too(tmp_path):
