@@ -149,10 +149,11 @@ class DocStore:
         with self.lock:
             self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (key, value))
 
-    def compact(self, segment: int) -> int:
+    def compact(self, segment: int, checkpoint: dict | None = None) -> int:
         """Drop the segment's dead rows and number the live ones 0.. in their old order, in one
         transaction; bumps the segment's epoch so FAISS checkpoints of the old numbering are
-        known stale. Returns the rows dropped."""
+        known stale, and records `checkpoint` (the one of the new numbering, already written)
+        in the same transaction. Returns the rows dropped."""
         with self.lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -170,6 +171,9 @@ class DocStore:
                     cur.execute(f"UPDATE {table} SET row = -1 - row WHERE segment=?", (segment,))
                 cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
                             (f"epoch:{segment}", str(self.epoch(segment) + 1)))
+                if checkpoint is not None:
+                    cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
+                                (f"checkpoint:{segment}", json.dumps(checkpoint)))
                 cur.execute("DROP TABLE temp.remap")
                 cur.execute("COMMIT")
             except BaseException:
@@ -187,6 +191,11 @@ class DocStore:
         return [] if rows == ["ok"] else rows
 
     # -- reads --------------------------------------------------------------------------
+    def pending_checkpoint(self, segment: int) -> dict | None:
+        """The FAISS checkpoint the segment's last compaction recorded with its renumbering."""
+        raw = self.get_meta(f"checkpoint:{segment}")
+        return json.loads(raw) if raw else None
+
     def epoch(self, segment: int) -> int:
         """How many times the segment was compacted: the numbering its rows are in."""
         return int(self.get_meta(f"epoch:{segment}", "0"))

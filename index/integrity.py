@@ -69,6 +69,23 @@ def remove_checkpoints(index_dir: Path, names: list[str]) -> None:
             pass
 
 
+def adopt_pending(record: dict, pending: dict) -> None:
+    """Make a segment record name the checkpoint a compaction wrote (and its document store
+    recorded in the same transaction as the renumbering)."""
+    record["faiss_file"] = pending["faiss_file"]
+    record[CHECKPOINT] = {k: v for k, v in pending.items() if k != "faiss_file"}
+    record["rows_checkpointed"] = pending["rows"]
+
+
+def adopt_recorded_compaction(record: dict, pending: dict | None, epoch: int) -> None:
+    """A compaction killed after its transaction but before the manifest named its checkpoint:
+    the document store knows the checkpoint of its epoch, so the record takes it (and the next
+    save writes it down) instead of rebuilding."""
+    ck = record.get(CHECKPOINT)
+    if pending and pending.get("epoch") == epoch and (ck is None or ck.get("epoch", 0) != epoch):
+        adopt_pending(record, pending)
+
+
 def checkpoint_record(path: Path, rows: int, epoch: int) -> dict:
     return {"rows": int(rows), "bytes": path.stat().st_size, "sha256": file_sha256(path), "epoch": int(epoch)}
 

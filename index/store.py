@@ -99,7 +99,8 @@ class IndexStore:
         self._merge_calibrations: dict[tuple[int, int], mc.ModalityCalibration] = {}
         self.repairs: list[str] = []  # what opening found damaged and rebuilt (also logged)
         self.rows_since_checkpoint = 0
-        self.dirty_since: float | None = None  # monotonic time of the first add after the last checkpoint
+        self.dirty_since: float | None = None
+        self._stale_files: list[str] = []  # checkpoints to delete once the manifest no longer names them  # monotonic time of the first add after the last checkpoint
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -152,8 +153,10 @@ class IndexStore:
         seg = Segment(rec, None, alive, codes)
         if rec.get("index") is None:
             return seg  # still building: vectors are only in the docstore
+        epoch = self.docs.epoch(seg.id)
+        integrity.adopt_recorded_compaction(rec, self.docs.pending_checkpoint(seg.id), epoch)
         faiss_file = self.path / rec["faiss_file"] if rec.get("faiss_file") else None
-        loaded, problem = integrity.load_checkpoint(faiss_file, rec, seg.dim, n_rows, self.docs.epoch(seg.id))
+        loaded, problem = integrity.load_checkpoint(faiss_file, rec, seg.dim, n_rows, epoch)
         if problem == integrity.DOCSTORE_OLDER and not repair:
             raise IndexError_(integrity.older_docstore_message(self.path, seg.id, n_rows, rec))
         if loaded is None:
@@ -317,15 +320,25 @@ class IndexStore:
             return self.active
 
     def _build_faiss(self, seg: Segment) -> None:
+        seg.faiss = self._faiss_of_rows(seg, None)
+        seg.dirty = True
+
+    def _faiss_of_rows(self, seg: Segment, rows: np.ndarray | None):
+        """A FAISS index of the segment's rows `rows` (all of them: None), in that order,
+        trained (IVF/PQ) on an equal share of each modality among them."""
         choice = seg.choice
         index = vi.new_index(choice, seg.dim)
+        codes = seg.codes if rows is None else seg.codes[rows]
         if vi.needs_training(index):
-            rows = vi.balanced_sample(seg.codes, size=max(50_000, 64 * choice.params.get("nlist", 1)))
-            index.train(self.docs.vectors_at(seg.id, rows))
-        for _, vecs in self.docs.iter_vectors(seg.id):
-            index.add(vecs)
-        seg.faiss = index
-        seg.dirty = True
+            sample = vi.balanced_sample(codes, size=max(50_000, 64 * choice.params.get("nlist", 1)))
+            index.train(self.docs.vectors_at(seg.id, sample if rows is None else rows[sample]))
+        if rows is None:
+            for _, vecs in self.docs.iter_vectors(seg.id):
+                index.add(vecs)
+        else:
+            for start in range(0, len(rows), 8192):
+                index.add(self.docs.vectors_at(seg.id, rows[start:start + 8192]))
+        return index
 
     def refresh_registrations(self) -> dict | None:
         """Merge encoder versions and compensators that another process (`umr update
@@ -380,7 +393,8 @@ class IndexStore:
                     seg.record["count"] = int(seg.alive.sum())
                 if written or not same_manifest(on_disk, self.manifest):  # nothing changed: write nothing
                     write_manifest(self.path, self.manifest)
-            integrity.remove_checkpoints(self.path, [r for r in replaced if r])
+            stale, self._stale_files = [*replaced, *self._stale_files], []
+            integrity.remove_checkpoints(self.path, [r for r in stale if r])
 
     def save_registrations(self) -> None:
         """Write only what `umr update --no-activate` adds (encoder versions, compensators,
@@ -393,20 +407,33 @@ class IndexStore:
 
     def compact(self) -> dict[int, int]:
         """Drop dead rows (replaced and deleted documents) and their tombstones, segment by
-        segment, and rebuild those segments' FAISS indexes. Crash-safe: the document store
-        changes in one transaction that bumps the segment's epoch, and a FAISS checkpoint of an
-        older epoch is rebuilt on open. Returns rows dropped per segment."""
+        segment. For each, the FAISS index of its live rows is written first, under a new name;
+        then one document-store transaction renumbers the rows, bumps the segment's epoch and
+        records that checkpoint; then the manifest names it. Killed before the transaction,
+        nothing changed; after it, the next open takes the checkpoint the transaction recorded.
+        Returns rows dropped per segment."""
         self._require_write("compact")
         dropped = {}
         with self.lock:
             for seg in self.segments:
                 if seg.alive.all():
                     continue
-                dropped[seg.id] = self.docs.compact(seg.id)
-                n_rows = self.docs.row_count(seg.id)
-                seg.alive, seg.codes = self.docs.row_state(seg.id, n_rows)
+                live = np.flatnonzero(seg.alive)
+                epoch = self.docs.epoch(seg.id) + 1
+                pending = None
                 if seg.faiss is not None:
-                    self._build_faiss(seg)
+                    index = self._faiss_of_rows(seg, live)
+                    name = integrity.checkpoint_name(seg.id)
+                    atomic_write(self.path / name, lambda tmp, i=index: vi.write_index(i, tmp))
+                    pending = {"faiss_file": name, **integrity.checkpoint_record(self.path / name, len(live), epoch)}
+                dropped[seg.id] = self.docs.compact(seg.id, pending)
+                seg.alive, seg.codes = self.docs.row_state(seg.id, self.docs.row_count(seg.id))
+                if pending is not None:
+                    old_file = seg.record.get("faiss_file")
+                    seg.faiss = index
+                    integrity.adopt_pending(seg.record, pending)
+                    seg.dirty = False
+                    self._stale_files.append(old_file)
             self.record_event("compacted", rows=dropped)
         self.save()
         if dropped:

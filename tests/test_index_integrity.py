@@ -234,6 +234,31 @@ def test_compaction_drops_dead_rows_and_survives_a_crash_midway(tmp_path):
     again.close()
 
 
+def test_a_compaction_killed_after_its_transaction_keeps_its_checkpoint(tmp_path, monkeypatch):
+    """The compacted FAISS file is written before the renumbering commits, and recorded by that
+    transaction; killed before the manifest names it, the next open takes it, rebuilding nothing."""
+    idx = tmp_path / "idx"
+    store, vecs = make(idx)
+    store.delete([f"d{i}" for i in range(0, 300, 5)])
+    store.save()
+
+    def killed(self):
+        raise OSError("killed before the manifest was written")
+
+    monkeypatch.setattr(IndexStore, "save", killed)
+    with pytest.raises(OSError):
+        store.compact()
+    monkeypatch.undo()
+    store.close()
+    again = IndexStore.open(idx)
+    assert not again.repairs and again.count() == 240
+    assert again.info()["segments"][0]["deleted_rows"] == 0
+    assert top1_is_itself(again, vecs, ids=[1, 2, 3, 4, 6, 299])
+    again.save()
+    again.close()
+    assert verify(idx).ok and len(list((idx / "segments" / "0").glob("index*.faiss"))) == 1
+
+
 def test_a_crash_between_a_checkpoint_and_its_manifest_leaves_the_recorded_one_sound(tmp_path, monkeypatch):
     """The new FAISS file is written under a new name; the manifest written after it names it.
     Killed in between, the manifest still names the previous file, which is still there."""
