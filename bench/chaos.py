@@ -45,13 +45,44 @@ def free_port() -> int:
 
 class Ledger:
     """What the server acknowledged: the last text of every id added, the ids deleted after
-    their last add, and the ids whose outcome is unknown (in flight at a kill)."""
+    their last add, and the ids whose state is unknown: requests in flight (at a kill, say),
+    and ids two requests changed at overlapping times (the server may have applied them in
+    either order), until a later request on the id alone settles it."""
 
     def __init__(self):
         self.present: dict[str, str] = {}
         self.deleted: set[str] = set()
-        self.unknown: set[str] = set()
+        self.in_flight: dict[str, int] = {}
+        self.overlapped: set[str] = set()
+        self.touched: dict[str, int] = {}
         self.lock = threading.Lock()
+
+    @property
+    def unknown(self) -> set[str]:
+        return {i for i, n in self.in_flight.items() if n} | self.overlapped
+
+    def start(self, ids) -> dict:
+        """Begin a request on `ids`; returns its tokens for `done`."""
+        tokens = {}
+        for i in ids:
+            n = self.in_flight.get(i, 0)
+            self.touched[i] = self.touched.get(i, 0) + 1
+            tokens[i] = (self.touched[i], n == 0)
+            self.in_flight[i] = n + 1
+        return tokens
+
+    def done(self, tokens: dict, applied) -> None:
+        """`applied`: the acknowledged effect to record per id, or None when the request failed.
+        A request no other one on the same id overlapped settles that id; one that overlapped
+        leaves it unknown."""
+        for i, (touch, was_idle) in tokens.items():
+            self.in_flight[i] -= 1
+            alone = was_idle and self.touched[i] == touch
+            if not alone:
+                self.overlapped.add(i)
+            elif applied is not None:
+                self.overlapped.discard(i)
+                applied(i)
 
 
 def http_writes(index: Path, ledger: Ledger, rng: random.Random, round_no: int) -> dict:
@@ -87,37 +118,39 @@ def http_writes(index: Path, ledger: Ledger, rng: random.Random, round_no: int) 
                     if live and rng.random() < 0.3:
                         victim = rng.choice(live)
                         with ledger.lock:
-                            ledger.unknown.add(victim)
+                            tokens = ledger.start([victim])
                         try:
                             r = cw.delete(f"/v1/documents/{victim}")
                         except httpx.TransportError:
                             return  # killed: the victim's fate is unknown
+
+                        def deleted(i):
+                            ledger.present.pop(i, None)
+                            ledger.deleted.add(i)
+
                         with ledger.lock:
-                            if r.status_code == 200:
-                                ledger.present.pop(victim, None)
-                                ledger.deleted.add(victim)
-                                acks["deletes"] += 1
-                            ledger.unknown.discard(victim)
+                            acks["deletes"] += r.status_code == 200
+                            ledger.done(tokens, deleted if r.status_code == 200 else None)
                         continue
                     ids = [f"r{round_no}-w{w}-{n}-{j}" for j in range(rng.randint(1, 8))]
                     if live and rng.random() < 0.2:
                         ids[0] = rng.choice(live)  # a replacement: leaves a dead row behind
                     docs = [{"id": i, "text": f"chaos text {i} {rng.random():.6f}"} for i in ids]
                     with ledger.lock:
-                        ledger.unknown.update(ids)
+                        tokens = ledger.start(ids)
                     try:
                         r = cw.post("/v1/documents", json={"documents": docs})
                     except httpx.TransportError:
                         return
+                    texts = {d["id"]: d["text"] for d in docs}
+
+                    def added(i):
+                        ledger.present[i] = texts[i]
+                        ledger.deleted.discard(i)
+
                     with ledger.lock:
-                        if r.status_code == 200:
-                            for d in docs:
-                                ledger.present[d["id"]] = d["text"]
-                                ledger.deleted.discard(d["id"])
-                            acks["adds"] += len(docs)
-                        else:
-                            acks["errors"] += 1
-                        ledger.unknown.difference_update(ids)
+                        acks["adds" if r.status_code == 200 else "errors"] += len(docs) if r.status_code == 200 else 1
+                        ledger.done(tokens, added if r.status_code == 200 else None)
 
         threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
         for t in threads:
@@ -128,6 +161,11 @@ def http_writes(index: Path, ledger: Ledger, rng: random.Random, round_no: int) 
         for t in threads:
             t.join(timeout=30)
     proc.wait(timeout=30)
+    with ledger.lock:  # requests cut off by the kill: their ids stay unknown until a later one settles them
+        for i, n in ledger.in_flight.items():
+            if n:
+                ledger.overlapped.add(i)
+                ledger.in_flight[i] = 0
     return {"start_s": started, **acks}
 
 
@@ -184,15 +222,18 @@ def verify_after(index: Path, ledger: Ledger, rng: random.Random) -> dict:
         if store.repairs:
             out["corrupt"] += 1
             out["problems"].append("; ".join(store.repairs)[:300])
+        unknown = ledger.unknown
         for doc_id, text in ledger.present.items():
-            if doc_id in ledger.unknown:
+            if doc_id in unknown:
                 continue
             try:
-                if store.get(doc_id).text != text:
-                    out["lost"] += 1
+                got = store.get(doc_id).text
             except NotFound:
+                got = None
+            if got != text:
                 out["lost"] += 1
-        for doc_id in ledger.deleted - ledger.unknown:
+                out["problems"].append(f"acknowledged {doc_id!r} = {text!r}, stored {got!r}")
+        for doc_id in ledger.deleted - unknown:
             try:
                 store.get(doc_id)
                 out["resurrected"] += 1
@@ -204,11 +245,11 @@ def verify_after(index: Path, ledger: Ledger, rng: random.Random) -> dict:
         for d in rng.sample(docs, min(40, len(docs))):
             _, seg_id, row = store.docs.get(d.id)
             vec = store.docs.vectors_at(seg_id, np.array([row]))
-            hits = store.search({seg_id: vec}, k=10)[0]
+            hits = store.search({s.id: vec for s in store.segments}, k=10)[0]  # cosines <= 1: its own row leads
             own = [h.score for h in hits if h.id == d.id]
             if not own or own[0] < hits[0].score - 1e-5:
                 out["inconsistent"] += 1
-            if any(h.id in ledger.deleted and h.id not in ledger.unknown for h in hits):
+            if any(h.id in ledger.deleted and h.id not in unknown for h in hits):
                 out["resurrected"] += 1
         out["documents"] = store.count()
     finally:
