@@ -107,14 +107,16 @@ def main():
         """Registers the next version beside the running server (`umr update --no-activate`,
         calibrated on every segment, the newest included), then activates it over HTTP."""
         with httpx.Client(base_url=url, timeout=120, headers=headers) as c:
-            for v in range(2, a.swaps + 2):
-                if stop.wait(max(0.0, (t_end - time.time()) / (a.swaps + 2 - v + 1) - 10)):
+            for n in range(1, a.swaps + 1):
+                if stop.wait(max(0.0, (t_end - time.time()) / (a.swaps - n + 2) - 10)):
                     return
-                p = umr("update", index, "--encoder", f"{ENCODER}:{v - 1}", "--no-activate", "--force")
-                if p.wait(timeout=300) != 0:
+                p = umr("update", index, "--encoder", f"{ENCODER}:{n}", "--no-activate", "--force", "--json")
+                out, err = p.communicate(timeout=300)
+                if p.returncode != 0:
                     with lock:
-                        failures.append(f"umr update for version {v}: {p.stderr.read()[-300:]}")
+                        failures.append(f"umr update with {ENCODER}:{n}: {err.strip().splitlines()[-1][:300]}")
                     continue
+                v = json.loads(out)["version"]
                 t0 = time.perf_counter()
                 resp = c.post("/v1/admin/encoder", json={"version": v})
                 record("swap", resp.status_code, time.perf_counter() - t0)
@@ -152,7 +154,8 @@ documents, deletes), {a.swaps} encoder swaps, each to a version registered durin
 |---|---|---|---|---|
 {rows}
 
-5xx: **{five}**; 4xx: {other or 'none'}. Server RSS after warm-up (from {elapsed / 4:.0f} s): {min(warm):.0f} to
+5xx: **{five}**; 4xx: {other or 'none'} (a 409 is an add embedded by the version a swap just replaced: refused,
+to be sent again, never stored in the wrong segment). Server RSS after warm-up (from {elapsed / 4:.0f} s): {min(warm):.0f} to
 {max(warm):.0f} MB, {warm[-1] - warm[0]:+.0f} MB from the start of that window to the end (median
 {median(warm):.0f} MB); at start {rss[0][1]:.0f} MB.
 """ + ("\nFailures: " + "; ".join(failures) if failures else "")

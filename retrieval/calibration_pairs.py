@@ -49,7 +49,12 @@ def corpus_pairs(store: IndexStore, seg: Segment, new: Encoder, per_modality: in
     for modality, docs in by_mod.items():
         if len(docs) > per_modality:
             docs = [docs[i] for i in sorted(rng.choice(len(docs), per_modality, replace=False))]
+        # Beside a running server a document may be deleted, or replaced into a newer segment,
+        # between the listing and here: only those still in this segment pair up.
         found = {d.id: store.docs.get(d.id) for d in docs}
+        docs = [d for d in docs if found[d.id] is not None and found[d.id][1] == seg.id]
+        if not docs:
+            continue
         rows = np.array([found[d.id][2] for d in docs])
         old = store.docs.vectors_at(seg.id, rows)
         items[modality] = [stored_item(store.path, d) for d in docs]

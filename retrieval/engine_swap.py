@@ -50,3 +50,7 @@ def activate(old: Engine, new: Engine, publish) -> None:
     with old.write_lock:
         old.store.activate(new.version)
         publish(new)
+    if old.encoder is not new.encoder:  # requests still on the old engine keep it until they finish
+        from retrieval.encoders.registry import release
+
+        release(old.encoder)

@@ -132,6 +132,14 @@ def load_encoder(spec: str, cache: bool = True) -> Encoder:
     return enc
 
 
+def release(encoder: Encoder) -> None:
+    """Drop the process's shared reference to a loaded encoder (e.g. one a server swapped
+    away from), so its weights are freed once nothing else uses it."""
+    with _lock:
+        for spec in [s for s, e in _cache.items() if e is encoder]:
+            del _cache[spec]
+
+
 def load_recorded(record: dict) -> Encoder:
     """The encoder an index recorded (`spec` and `fingerprint`). A built-in named by its bare
     name may have moved on to a newer version since; then the pinned version whose fingerprint
