@@ -75,8 +75,9 @@ def in_process(engine, queries, concurrency, requests):
     return {"latencies_ms": lat, "wall_s": time.perf_counter() - t0, "errors": 0}
 
 
-def serve(idx: Path, port: int, batching: bool) -> subprocess.Popen:
+def serve(idx: Path, port: int, batching: bool, read_only: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "umr.cli", "serve", str(idx), "--port", str(port)] + ([] if batching else ["--no-batching"])
+    cmd += ["--read-only"] if read_only else []  # the second server beside the first, which holds the write lock
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -125,14 +126,14 @@ def main():
     print(f"built {N_VECTORS} vectors in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     bodies = tmp / "bodies.jsonl"
     bodies.write_text("".join(json.dumps({"text": q, "k": K}) + "\n" for q in queries))
-    engine = Engine.open(idx, enc)
+    engine = Engine.open(idx, enc, mode="read")  # `umr serve` holds the write lock beside it
     in_process(engine, queries, 1, 20)  # warm-up
     levels = (1, 8, 32)
     results = {m: {c: [] for c in levels} for m in ("in-process", "HTTP, micro-batching", "HTTP, no batching")}
     servers = {}
     try:
         servers["HTTP, micro-batching"] = (serve(idx, args.port, True), args.port)
-        servers["HTTP, no batching"] = (serve(idx, args.port + 1, False), args.port + 1)
+        servers["HTTP, no batching"] = (serve(idx, args.port + 1, False, read_only=True), args.port + 1)
         for _, port in servers.values():
             http(port, str(bodies), 4, 40)  # warm-up
         for r in range(args.repeats):

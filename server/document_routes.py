@@ -44,11 +44,18 @@ def thumbnail(path: str, mtime_ns: int, size: int) -> bytes:
     return buf.getvalue()
 
 
+def refuse_if_read_only(st: ServerState) -> None:
+    if st.engine.store.mode != "write":
+        raise ApiError(403, "read_only", "this server serves its index read-only (umr serve --read-only): "
+                                         "send writes to the server that holds the index's write lock")
+
+
 @router.post("/v1/documents", response_model=DocumentsAdded, responses=declared(400, 401, 403, 409, 413, 415, 422, 429),
              dependencies=[requires("write"), Depends(require_json)])
 async def add_documents(req: DocumentsIn, st: ServerState = Depends(state)):
     """Add or replace documents. Durable once this returns 200; a request with one bad document
     stores none of them."""
+    refuse_if_read_only(st)
     limit = st.settings.max_documents_per_request
     if not 1 <= len(req.documents) <= limit:
         raise ApiError(422, "limit_documents", f"send 1 to {limit} documents per request (max_documents_per_request)")
@@ -103,6 +110,7 @@ async def get_document(doc_id: str, st: ServerState = Depends(state)):
 
 @router.delete("/v1/documents/{doc_id:path}", responses=declared(401, 403, 404, 429), dependencies=[requires("write")])
 async def delete_document(doc_id: str, st: ServerState = Depends(state)):
+    refuse_if_read_only(st)
     gone = await run_in_threadpool(st.engine.delete, [doc_id])
     if not gone:
         raise ApiError(404, "not_found", f"no document with id {doc_id!r}")

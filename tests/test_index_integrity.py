@@ -301,3 +301,22 @@ def test_an_ivfpq_segment_compacts_and_repairs_too(tmp_path):
     assert all(int(h[0].id[1:]) % 3 for h in hits)  # no deleted document comes back
     store.close()
     assert verify(idx).ok
+
+
+def test_a_read_only_server_beside_the_writer_answers_searches_and_refuses_writes(tmp_path, tiny):
+    from retrieval.engine import Engine
+    from server.app import create_app
+    from umr.demo import BackgroundServer
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
+    assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    writer = Engine.open(tmp_path / "idx")
+    reader = Engine.open(tmp_path / "idx", mode="read")
+    with BackgroundServer(create_app(reader)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.post("/v1/search", json={"text": "text number 4", "k": 1}).json()["results"][0]["id"] == "t4"
+        r = c.post("/v1/documents", json={"documents": [{"id": "x", "text": "x"}]})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "read_only"
+        assert c.delete("/v1/documents/t4").status_code == 403
+    reader.close()
+    assert writer.store.count() == 30
+    writer.close()

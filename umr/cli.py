@@ -236,7 +236,7 @@ def cmd_serve(a) -> int:
                               batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k, admin_key=admin_key or None,
                               keys=keys, public_read=a.public_read, checkpoint_every_rows=a.checkpoint_rows,
                               checkpoint_every_s=a.checkpoint_seconds)
-    eng = Engine.open(a.index_dir, a.encoder)
+    eng = Engine.open(a.index_dir, a.encoder, mode="read" if a.read_only else "write")
     _use_reranker(eng, a)
     app = create_app(eng, settings)
     if keys or admin_key:
@@ -586,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--key-file", help="API keys made by `umr keys add` (default: $UMR_KEY_FILE or "
                                        "~/.config/umr/keys.json when it exists)")
     sv.add_argument("--public-read", action="store_true", help="with keys configured, searches and reads need no key")
+    sv.add_argument("--read-only", action="store_true",
+                    help="serve searches only: take no write lock, write nothing, refuse adds and deletes "
+                         "(beside another server or a build of the same index)")
     sv.add_argument("--checkpoint-rows", type=int, default=10_000,
                     help="checkpoint FAISS in the background after this many added rows (0: never by count)")
     sv.add_argument("--checkpoint-seconds", type=float, default=30.0,
