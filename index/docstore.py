@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from index.document_rules import check_document, metadata_json
+from index.document_rules import check_document
 
 MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
 CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
@@ -96,14 +96,13 @@ class DocStore:
         One transaction: either every doc (and the meta cursor) lands or none does.
         """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        for doc in docs:
-            check_document(doc.id, doc.text, doc.metadata, doc.image)
+        blobs = [check_document(doc.id, doc.text, doc.metadata, doc.image) for doc in docs]
         replaced: list[tuple[int, int]] = []
         with self.lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                for i, (doc, vec) in enumerate(zip(docs, vectors)):
+                for i, (doc, vec, blob) in enumerate(zip(docs, vectors, blobs)):
                     old = cur.execute("SELECT segment, row FROM docs WHERE id=?", (doc.id,)).fetchone()
                     if old is not None:
                         cur.execute("DELETE FROM docs WHERE id=?", (doc.id,))
@@ -112,7 +111,7 @@ class DocStore:
                     row = first_row + i
                     cur.execute(
                         "INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
-                        (doc.id, segment, row, doc.modality, doc.text, doc.image, metadata_json(doc.metadata)),
+                        (doc.id, segment, row, doc.modality, doc.text, doc.image, blob),
                     )
                     cur.execute(
                         "INSERT INTO rows(segment, row, modality, alive, vec) VALUES(?,?,?,1,?)",

@@ -83,8 +83,9 @@ def metadata_json(metadata) -> str:
     return blob
 
 
-def check_document(doc_id, text, metadata, image: str | None = None) -> None:
-    """Raise InvalidDocument unless the document can be stored and served back unchanged."""
+def check_document(doc_id, text, metadata, image: str | None = None) -> str:
+    """The metadata as stored (see metadata_json); raises InvalidDocument unless the document
+    can be stored and served back unchanged."""
     if not isinstance(doc_id, str) or not doc_id:
         raise InvalidDocument("every document needs a non-empty string id")
     if len(doc_id) > MAX_ID_CHARS:
@@ -93,6 +94,6 @@ def check_document(doc_id, text, metadata, image: str | None = None) -> None:
     check_text(text, f"document {doc_id[:80]!r} text")
     check_text(image, f"document {doc_id[:80]!r} image reference")
     try:
-        metadata_json(metadata)
+        return metadata_json(metadata)
     except InvalidDocument as e:
         raise InvalidDocument(f"document {doc_id[:80]!r}: {e}") from None

@@ -59,8 +59,9 @@ class RequestChecks:
         except ValueError as e:
             raise ApiError(422, "invalid_filter", str(e)) from None
         for key, value in flt.items():
-            if isinstance(value, str) and unicode_problem(value):
-                raise ApiError(422, "invalid_filter", f"filter value for {key!r} {unicode_problem(value)}")
+            problem = unicode_problem(value) if isinstance(value, str) else None
+            if problem:
+                raise ApiError(422, "invalid_filter", f"filter value for {key!r} {problem}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ApiError(422, "invalid_filter", f"filter value for {key!r} is {value}: not a JSON number")
         return flt

@@ -36,17 +36,18 @@ async def prepare(st: ServerState, eng: Engine, q: Query):
         st.batcher.preparing -= 1
 
 
-def validate(st: ServerState, req: SearchRequest) -> None:
+def validate(st: ServerState, req: SearchRequest) -> list[str] | None:
+    """Everything about the query that needs no decoding; returns its document modalities."""
     st.checks.k(req.k)
     st.checks.query(req.text, req.image, req.instruction)
     st.checks.filter(req.filter)
-    st.checks.modalities(req.modality)
+    return st.checks.modalities(req.modality)
 
 
-async def pending_for(st: ServerState, eng: Engine, req: SearchRequest) -> Pending:
+async def pending_for(st: ServerState, eng: Engine, req: SearchRequest, modalities: list[str] | None) -> Pending:
     image = st.checks.base64_image(req.image, "image") if req.image else None
     prepared = await prepare(st, eng, Query(req.text, image, req.instruction))
-    return Pending(eng, prepared, req.k, st.checks.modalities(req.modality), req.filter, req.calibrated)
+    return Pending(eng, prepared, req.k, modalities, req.filter, req.calibrated)
 
 
 async def run(st: ServerState, pendings: list[Pending]):
@@ -73,9 +74,9 @@ def response(eng: Engine, hits, t0: float) -> Response:
 async def search(req: SearchRequest, st: ServerState = Depends(state)):
     """Search with text, a base64 image, or both (fused), optionally with an instruction."""
     t0 = time.perf_counter()
-    validate(st, req)
+    modalities = validate(st, req)
     eng = st.engine
-    return response(eng, (await run(st, [await pending_for(st, eng, req)]))[0], t0)
+    return response(eng, (await run(st, [await pending_for(st, eng, req, modalities)]))[0], t0)
 
 
 @router.post("/v1/search/image", response_model=SearchResponse, responses=declared(400, 401, 403, 413, 422, 429))
@@ -105,10 +106,9 @@ async def search_batch(req: BatchSearchRequest, st: ServerState = Depends(state)
     if not 1 <= len(req.queries) <= st.settings.max_batch_queries:
         raise ApiError(422, "limit_batch_queries", f"a batch holds 1 to {st.settings.max_batch_queries} queries "
                                                    f"(max_batch_queries), got {len(req.queries)}")
-    for q in req.queries:
-        validate(st, q)
+    modalities = [validate(st, q) for q in req.queries]  # all checked before any image is decoded
     eng = st.engine
-    pendings = [await pending_for(st, eng, q) for q in req.queries]
+    pendings = [await pending_for(st, eng, q, m) for q, m in zip(req.queries, modalities)]
     results = await run(st, pendings)
     return json_response(BatchSearchResponse.model_construct(
         results=[[Hit.of(h) for h in r] for r in results], took_ms=round((time.perf_counter() - t0) * 1000, 3),
