@@ -1,6 +1,7 @@
 """A small HTTP/1.1 keep-alive load generator on raw asyncio sockets (run as its own process).
 
-Each of C connections sends POST requests back to back; latencies are measured per request.
+Each of C connections sends POST requests back to back; latencies are measured per request
+(a server that closes the connection after each answer is reconnected to, inside the timing).
 Bounded by a request count and a time limit, and only ever talks to 127.0.0.1.
 Prints JSON: {"latencies_ms": [...], "wall_s": ..., "errors": n}.
 """
@@ -12,8 +13,32 @@ import json
 import time
 
 
+REQUEST_TIMEOUT_S = 30  # a request the server never answers is an error, not a hung benchmark
+
+
+async def exchange(reader, writer, request: bytes) -> tuple[bytes, bool]:
+    """Send one request, read its answer: (status line, whether the server closes)."""
+    writer.write(request)
+    await writer.drain()
+    status = await reader.readline()
+    length, close = 0, False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name = line.lower()
+        if name.startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+        elif name.startswith(b"connection:") and b"close" in name:
+            close = True
+    await reader.readexactly(length)
+    return status, close
+
+
 async def connection(port: int, path: str, bodies: list[bytes], todo: list[int], lat: list[float], errors: list, deadline: float):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    """One client: requests back to back on a keep-alive connection, reconnecting (inside the
+    timed request) whenever the server answers `Connection: close`, as Werkzeug's does."""
+    reader = writer = None
     try:
         while todo and time.perf_counter() < deadline:
             i = todo.pop()
@@ -21,22 +46,25 @@ async def connection(port: int, path: str, bodies: list[bytes], todo: list[int],
             head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n").encode()
             t0 = time.perf_counter()
-            writer.write(head + body)
-            await writer.drain()
-            status = await reader.readline()
-            length = 0
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b""):
-                    break
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), REQUEST_TIMEOUT_S)
+                status, close = await asyncio.wait_for(exchange(reader, writer, head + body), REQUEST_TIMEOUT_S)
+            except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError) as e:
+                errors.append(f"{e.__class__.__name__} after {time.perf_counter() - t0:.1f}s")
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                continue
+            if close:
+                writer.close()
+                reader = writer = None
             lat.append((time.perf_counter() - t0) * 1000)
             if b" 200 " not in status:
                 errors.append(status.decode().strip())
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 async def run(port, path, bodies, concurrency, requests, max_seconds):

@@ -22,7 +22,7 @@ class ServerSettings:
     checkpoint_every_s: float = 30.0
     micro_batching: bool = True
     batch_max_size: int = 32
-    batch_max_wait_ms: float = 2.0
+    batch_max_wait_ms: float = 5.0
     # Admin endpoints are off unless a key is set; never printed, logged or returned.
     admin_key: str | None = field(default=None, repr=False)
     keys: KeyRing | None = field(default=None, repr=False)  # from a key file (server/keys.py)

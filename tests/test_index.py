@@ -173,6 +173,11 @@ def test_exact_topk_matches_brute_force_across_chunks_and_masks():
     np.testing.assert_allclose(s, np.take_along_axis(ref, truth, 1), rtol=1e-5)
     s, i = vi.exact_topk(q, x[:5], 10)  # fewer rows than k
     assert i.shape == (7, 5) and (i >= 0).all()
+    dup = np.repeat(x[:1], 40, axis=0)  # equal scores come back in row order, whatever top-k left
+    s, i = vi.exact_topk(q[:2], np.concatenate([x[1:3], dup]), 12, chunk=16)
+    assert all(list(row[row >= 2]) == sorted(row[row >= 2]) for row in i)
+    s, i = vi.exact_topk(q[:0], x, 5)
+    assert s.shape == i.shape == (0, 5)
 
 
 def test_ivfpq_refine_restores_recall(tmp_path):

@@ -158,9 +158,16 @@ def test_bad_document_is_refused_whole_and_nothing_is_lost(served):
     assert client.get("/v1/documents/t1").status_code == 200
 
 
+def batch_size_totals(client) -> tuple[float, float]:
+    lines = [line.split() for line in client.get("/metrics").text.splitlines() if line.startswith("umr_batch_size_")]
+    got = {name: float(value) for name, *_, value in lines}
+    return got["umr_batch_size_sum"], got["umr_batch_size_count"]
+
+
 def test_concurrent_queries_are_micro_batched(served):
     client, _ = served
     url = str(client.base_url)
+    queries_before, batches_before = batch_size_totals(client)
     errors, results = [], {}
 
     def worker(i):
@@ -187,3 +194,6 @@ def test_concurrent_queries_are_micro_batched(served):
             le = line.split('le="')[1].split('"')[0]
             counts[le] = float(line.split()[-1])
     assert counts["1.0"] < counts["+Inf"], "no forward ever held more than one query"
+    queries, batches = batch_size_totals(client)
+    # 16 closed-loop clients: batches wait for the clients just answered instead of splitting in halves
+    assert (queries - queries_before) / (batches - batches_before) >= 4

@@ -579,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--encoder")
     sv.add_argument("--max-batch", type=int, default=32, help="most queries per encoder forward")
-    sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="longest wait for the clients of the last batch to come back (a lone client never waits)")
     sv.add_argument("--max-k", type=int, default=1000)
     sv.add_argument("--no-batching", action="store_true")
     sv.add_argument("--admin-key-file", help="file holding the admin API key (or set UMR_ADMIN_KEY)")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from retrieval.encoders import packing
 from retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
 from retrieval.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
 
@@ -64,9 +65,25 @@ class TextTower:
 
     @torch.inference_mode()
     def features(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
-        """Mean-pooled, L2-normalised sentence embeddings (the all-MiniLM recipe)."""
+        """Mean-pooled, L2-normalised sentence embeddings (the all-MiniLM recipe); batches of
+        several texts are packed rather than padded (retrieval/encoders/packing.py)."""
+        if len(texts) >= packing.MIN_TEXTS and self.packs:
+            ids = self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
+            pooled = packing.packed_mean_pool(self.model, ids, self.tokenizer.pad_token_id or 0)
+        else:
+            pooled = self.padded_mean_pool(texts, max_tokens)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    @torch.inference_mode()
+    def padded_mean_pool(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-        return torch.nn.functional.normalize(mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"]), dim=-1)
+        return mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])
+
+    @property
+    def packs(self) -> bool:
+        if not hasattr(self, "_packs"):
+            self._packs = packing.check(self.model, self.tokenizer, self.padded_mean_pool)
+        return self._packs
 
     def cached_features(self, texts: list[str], max_tokens: int = MAX_TOKENS, batch_size: int = 256,
                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
