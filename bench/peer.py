@@ -193,7 +193,7 @@ def main():
 `umr serve` and `clip-retrieval back` (2.45.0, its own virtual environment) on the same open_clip ViT-B-32
 checkpoint (random weights, as safetensors) and the same 1,000 flickr8k-1k image vectors, exact search, k={K};
 real Flickr8k captions as text queries; both servers up at once on 127.0.0.1 and measured in turns by
-bench/loadgen.py (keep-alive connections, its own process); {args.repeats} rounds of {args.requests} requests at
+bench/loadgen.py (its own process; keep-alive where the server allows it: Werkzeug closes every connection); {args.repeats} rounds of {args.requests} requests at
 concurrency {c} ({args.requests // 2} at 1), medians; {machine()}.
 The two return the same images: {sum(shared) / len(shared):.1%} of the top {K} shared over {len(shared)} queries.
 

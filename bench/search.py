@@ -128,6 +128,16 @@ def paired_gap(engine, queries, port, bodies_file, blocks: int, per_block: int =
     return gaps
 
 
+def refused_round_trip(port: int, tmp: Path, requests: int = 200) -> float:
+    """p50 of a search refused after validation (k=0 -> 422): the HTTP stack with no model work."""
+    bad = tmp / "refused.jsonl"
+    bad.write_text(json.dumps({"text": "a dog", "k": 0}) + "\n")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--bodies", str(bad),
+                          "--concurrency", "1", "--requests", str(requests), "--max-seconds", "60"],
+                         capture_output=True, text=True, timeout=120)
+    return percentile(json.loads(out.stdout)["latencies_ms"], 50)
+
+
 def baseline_checkout(rev: str, tmp: Path) -> Path:
     where = tmp / f"baseline-{rev}"
     subprocess.run(["git", "worktree", "add", "--detach", str(where), rev], cwd=ROOT, check=True,
@@ -173,7 +183,7 @@ def main():
         modes.append(base_name)
     results = {m: {c: [] for c in levels} for m in modes}
     servers = {}
-    gaps, ceilings = [], []
+    gaps, ceilings, floors = [], [], []
     worktree = None
     try:
         servers["HTTP, micro-batching"] = (serve(idx, args.port, True), args.port)
@@ -186,6 +196,7 @@ def main():
         for r in range(args.repeats):
             ceilings.append(ceiling(engine, queries))
             gaps += paired_gap(engine, queries, args.port, str(bodies), blocks=5)
+            floors.append(refused_round_trip(args.port, tmp))
             for c in levels:
                 n = args.requests if c > 1 else args.requests // 2
                 results["in-process"][c].append(in_process(engine, queries, c, n))
@@ -229,6 +240,8 @@ and load generator in separate processes on 127.0.0.1; both sides with `umr serv
 
 **HTTP p50 minus in-process p50 at concurrency 1: {gap:.2f} ms** (target <= 1 ms; median of {len(gaps)} paired
 blocks of 30 requests, in-process and HTTP alternating; quartiles {percentile(gaps, 25):.2f} / {percentile(gaps, 75):.2f} ms).
+The HTTP stack alone (uvicorn, middlewares, FastAPI, validation, the load generator), timed on a search refused
+after validation (k=0, 422): p50 {median(floors):.2f} ms.
 **Micro-batching at concurrency 32: {served:.1f} QPS, p99 {table[("HTTP, micro-batching", 32)][1]:.0f} ms**; the ceiling
 on this machine (encode + search of full batches of 32 back to back, in process) is {top:.1f} QPS, so the server
 delivers {served / top:.0%} of it. Against no batching: {speedup:.2f}x.{versus}

@@ -94,8 +94,8 @@ def presented_key(authorization: str | None, x_api_key: str | None) -> str | Non
 def requires(needed: str):
     """A route dependency: the request must carry a key allowing `needed` (see Access)."""
 
-    def dependency(request: Request, st: ServerState = Depends(state), authorization: str | None = Header(None),
-                   x_api_key: str | None = Header(None)) -> None:
+    async def dependency(request: Request, st: ServerState = Depends(state), authorization: str | None = Header(None),
+                         x_api_key: str | None = Header(None)) -> None:
         client = request.client.host if request.client else "unknown"
         st.access.check(needed, presented_key(authorization, x_api_key), client)
 

@@ -20,7 +20,7 @@ _DATA_URL = re.compile(r"^data:[\w.+\-]+/[\w.+\-]+(;[\w\-]+=[\w\-.]+)*;base64,",
 _WHITESPACE = re.compile(rb"\s+")
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, got {ctype or 'none'!r}")
