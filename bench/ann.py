@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, median, write_section  # noqa: E402
+from bench.common import machine, numpy_topk, timed, write_section  # noqa: E402
 
 DIM = 384
 K = 10
@@ -30,22 +30,6 @@ def clustered(n, rng, centers, noise=0.6):
         x = c + noise * rng.standard_normal((m, DIM)).astype(np.float32) / np.sqrt(DIM)
         out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
-
-
-def numpy_topk(q, x, k):
-    scores = q @ x.T
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.take_along_axis(scores, top, 1).argsort(axis=1)[:, ::-1]
-    return np.take_along_axis(top, order, 1)
-
-
-def timed(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return median(times), out
 
 
 def recall(found, truth):

@@ -1,11 +1,16 @@
 """Helpers shared by the benchmarks: data paths, medians, and the docs/benchmarks.md writer."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +31,52 @@ def percentile(xs, p: float) -> float:
         return float("nan")
     i = min(len(xs) - 1, max(0, int(round(p / 100 * (len(xs) - 1)))))
     return xs[i]
+
+
+def timed(fn, repeats):
+    """(median seconds of `repeats` calls, the last call's result)."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return median(times), out
+
+
+def numpy_topk(q, x, k):
+    """Exact top-k ids by numpy's GEMM + argpartition: the reference umr's exact_topk is timed against."""
+    import numpy as np
+
+    scores = q @ x.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(scores, top, 1).argsort(axis=1)[:, ::-1]
+    return np.take_along_axis(top, order, 1)
+
+
+def run_loadgen(port: int, bodies, concurrency: int, requests: int, path: str = "/v1/search",
+                max_seconds: float = 120) -> dict:
+    """bench/loadgen.py in its own process against 127.0.0.1:port; its JSON result."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--path", path,
+                          "--bodies", str(bodies), "--concurrency", str(concurrency), "--requests", str(requests),
+                          "--max-seconds", str(max_seconds)], capture_output=True, text=True, timeout=2 * max_seconds + 60)
+    return json.loads(out.stdout)
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Return once `url` answers (any HTTP status); raise if the server exits or never does."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server at {url} did not start: " + proc.stderr.read().decode()[-2000:])
 
 
 def machine() -> str:

@@ -4,9 +4,10 @@
                 it replaced) and FAISS IndexFlatIP.search, over 100,000 x 384 unit vectors
   text forward  lit-base's MiniLM with texts packed into shared rows (retrieval/encoders/
                 packing.py) against the padded batch, on real Flickr8k captions
-Each pair runs back to back in this process with `umr serve`'s thread settings; medians of
-REPEATS timings. The top-k answers and the vectors are checked equal before timing.
-Run: python bench/kernels.py [--repeats 7]
+The ways of each kernel take turns within every repeat, in this process, with `umr serve`'s
+thread settings; medians of REPEATS timings. The top-k answers and the vectors are checked
+equal before timing.
+Run: python bench/kernels.py [--repeats 15]
 """
 from __future__ import annotations
 
@@ -14,37 +15,28 @@ import argparse
 import csv
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from umr.cli import SERVE_ENV  # noqa: E402
 
 os.environ.update(SERVE_ENV)
-from bench.common import DATA, machine, median, write_section  # noqa: E402
+from bench.common import DATA, machine, median, numpy_topk, timed, write_section  # noqa: E402
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    out = []
+def alternating(fns, repeats: int) -> list[float]:
+    """Median ms of each function, timed in turn within every repeat so the machine's drift
+    falls on all of them alike."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000)
-    return median(out)
-
-
-def numpy_topk(q, x, k):
-    import numpy as np
-
-    s = q @ x.T
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    return part
+        for i, fn in enumerate(fns):
+            times[i].append(1000 * timed(fn, 1)[0])
+    return [median(t) for t in times]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     import faiss
     import numpy as np
@@ -64,9 +56,8 @@ def main():
         mine = exact_topk(q, x, 10)[1]
         assert (np.sort(mine, 1) == np.sort(numpy_topk(q, x, 10), 1)).all()
         assert (np.sort(mine, 1) == np.sort(flat.search(q, 10)[1], 1)).all()
-        t_mine = timed(lambda: exact_topk(q, x, 10), args.repeats)
-        t_np = timed(lambda: numpy_topk(q, x, 10), args.repeats)
-        t_faiss = timed(lambda: flat.search(q, 10), args.repeats)
+        t_mine, t_np, t_faiss = alternating(
+            [lambda: exact_topk(q, x, 10), lambda: numpy_topk(q, x, 10), lambda: flat.search(q, 10)], args.repeats)
         rows.append(f"| exact top-10 of 100,000 x 384 | {nq} queries | {t_mine:.1f} | numpy {t_np:.1f} ({t_np / t_mine:.2f}x), "
                     f"FAISS IndexFlatIP {t_faiss:.1f} ({t_faiss / t_mine:.2f}x) |")
     tower = TextTower()
@@ -78,13 +69,12 @@ def main():
         padded = lambda: torch.nn.functional.normalize(tower.padded_mean_pool(texts), dim=-1)  # noqa: E731
         gap = float((tower.features(texts) - padded()).abs().max())
         assert gap < 1e-5
-        t_packed = timed(lambda: tower.features(texts), args.repeats)
-        t_padded = timed(padded, args.repeats)
+        t_packed, t_padded = alternating([lambda: tower.features(texts), padded], args.repeats)
         rows.append(f"| MiniLM forward, packed rows | {n} captions | {t_packed:.1f} | padded {t_padded:.1f} "
                     f"({t_padded / t_packed:.2f}x); largest difference {gap:.1e} |")
     body = f"""## Search kernels (`bench/kernels.py`)
 
-Medians of {args.repeats} timings, the two ways back to back in one process with `umr serve`'s thread settings;
+Medians of {args.repeats} timings, the ways taking turns within every repeat, in one process, with `umr serve`'s thread settings;
 answers checked equal first (same top-10 ids; vectors within 1e-5); {machine()}.
 
 | kernel | batch | umr ms | the alternative ms (its time / umr's) |

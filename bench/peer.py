@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DATA, ROOT, machine, median, percentile, write_section  # noqa: E402
+from bench.common import DATA, ROOT, machine, median, percentile, run_loadgen, wait_until_up, write_section  # noqa: E402
 
 PEER_PYTHON = Path.home() / ".cache" / "umr" / "peer-clip-retrieval" / "bin" / "python"
 K = 10
@@ -67,22 +67,6 @@ def build(tmp: Path, checkpoint: Path) -> tuple[Path, list[str]]:
     return idx, ids
 
 
-def wait_up(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server at {url} did not start")
-
-
 def post(port: int, path: str, body: dict) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
@@ -97,10 +81,7 @@ def cpu_seconds(pid: int) -> float:
 
 def load(port: int, path: str, bodies: Path, concurrency: int, requests: int, pid: int) -> dict:
     c0 = cpu_seconds(pid)
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--path", path,
-                          "--bodies", str(bodies), "--concurrency", str(concurrency), "--requests", str(requests),
-                          "--max-seconds", "180"], capture_output=True, text=True, timeout=400)
-    res = json.loads(out.stdout)
+    res = run_loadgen(port, bodies, concurrency, requests, path, max_seconds=180)
     if res["errors"]:  # counted and reported: a peer's failures are part of the comparison
         print(f"port {port}: {res['errors']} failed requests, first {res['first_error']}", file=sys.stderr)
     res["cpu_ms_per_request"] = (cpu_seconds(pid) - c0) * 1000 / len(res["latencies_ms"])
@@ -148,8 +129,8 @@ def main():
     levels = (1, args.concurrency)
     results = {name: {c: [] for c in levels} for name in servers}
     try:
-        wait_up(f"http://127.0.0.1:{umr_port}/healthz", servers["umr"][0])
-        wait_up(f"http://127.0.0.1:{peer_port}/indices-list", servers["clip-retrieval 2.45"][0])
+        wait_until_up(f"http://127.0.0.1:{umr_port}/healthz", servers["umr"][0], 300)
+        wait_until_up(f"http://127.0.0.1:{peer_port}/indices-list", servers["clip-retrieval 2.45"][0], 300)
         shared = []
         for q in queries[:50]:
             mine = [h["id"] for h in post(umr_port, "/v1/search", {"text": q, "k": K})["results"]]

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from umr.cli import SERVE_ENV  # noqa: E402
 
 os.environ.update(SERVE_ENV)  # the in-process engine runs with the same thread settings as `umr serve`
-from bench.common import DATA, ROOT, machine, median, percentile, write_section  # noqa: E402
+from bench.common import DATA, ROOT, machine, median, percentile, run_loadgen, wait_until_up, write_section  # noqa: E402
 
 N_VECTORS = 100_000
 K = 10
@@ -87,22 +86,12 @@ def serve(idx: Path, port: int, batching: bool, read_only: bool = False, code: P
     # `python -m` puts the working directory first on sys.path: a baseline runs its own code.
     proc = subprocess.Popen(cmd, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(code)})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start: " + proc.stderr.read().decode()[-2000:])
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)
+    return proc
 
 
 def http(port, bodies_file, concurrency, requests):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--bodies", bodies_file,
-                          "--concurrency", str(concurrency), "--requests", str(requests), "--max-seconds", "120"],
-                         capture_output=True, text=True, timeout=300)
-    res = json.loads(out.stdout)
+    res = run_loadgen(port, bodies_file, concurrency, requests)
     if res["errors"]:
         raise RuntimeError(f"{res['errors']} failed requests: {res['first_error']}")
     return res
@@ -132,10 +121,7 @@ def refused_round_trip(port: int, tmp: Path, requests: int = 200) -> float:
     """p50 of a search refused after validation (k=0 -> 422): the HTTP stack with no model work."""
     bad = tmp / "refused.jsonl"
     bad.write_text(json.dumps({"text": "a dog", "k": 0}) + "\n")
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--bodies", str(bad),
-                          "--concurrency", "1", "--requests", str(requests), "--max-seconds", "60"],
-                         capture_output=True, text=True, timeout=120)
-    return percentile(json.loads(out.stdout)["latencies_ms"], 50)
+    return percentile(run_loadgen(port, bad, 1, requests, max_seconds=60)["latencies_ms"], 50)
 
 
 def baseline_checkout(rev: str, tmp: Path) -> Path:

@@ -79,8 +79,10 @@ class Segment:
 
 
 def same_manifest(a: dict | None, b: dict) -> bool:
-    strip = lambda m: {k: v for k, v in m.items() if k != "updated"}  # noqa: E731
-    return a is not None and json.loads(json.dumps(strip(a), sort_keys=True)) == json.loads(json.dumps(strip(b), sort_keys=True))
+    """Equal as written to disk (JSON), its `updated` time aside."""
+    def as_written(m: dict) -> str:
+        return json.dumps({k: v for k, v in m.items() if k != "updated"}, sort_keys=True)
+    return a is not None and as_written(a) == as_written(b)
 
 
 class IndexStore:
@@ -99,8 +101,8 @@ class IndexStore:
         self._merge_calibrations: dict[tuple[int, int], mc.ModalityCalibration] = {}
         self.repairs: list[str] = []  # what opening found damaged and rebuilt (also logged)
         self.rows_since_checkpoint = 0
-        self.dirty_since: float | None = None
-        self._stale_files: list[str] = []  # checkpoints to delete once the manifest no longer names them  # monotonic time of the first add after the last checkpoint
+        self.dirty_since: float | None = None  # monotonic time of the first add after the last checkpoint
+        self._stale_files: list[str] = []  # checkpoints to delete once the manifest no longer names them
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod

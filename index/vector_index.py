@@ -192,9 +192,9 @@ def exact_topk(q: np.ndarray, xb: np.ndarray, k: int, allowed: np.ndarray | None
     """Exact inner-product top-k by matrix products over chunks of the database.
 
     torch's GEMM and top-k, both on every core and without copying `xb`: for batches of 8-32
-    queries 2-2.4x faster than numpy's GEMM + single-threaded argpartition and 4-9x faster than
-    IndexFlatIP.search on the 2-core machines here; a lone query costs about the same either
-    way (docs/benchmarks.md, section kernels). `allowed` masks rows out (deletes, filters).
+    queries about 1.8x faster than numpy's GEMM + single-threaded argpartition and 3-7x faster
+    than IndexFlatIP.search on the 2-core machines here; a lone query costs about the same
+    either way (docs/benchmarks.md, section kernels). `allowed` masks rows out (deletes, filters).
     """
     import torch
 

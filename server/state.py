@@ -31,5 +31,6 @@ class ServerState:
 
 async def state(request: Request) -> ServerState:
     """Route dependencies are coroutines: FastAPI runs a plain `def` one on a worker thread, a
-    thread hop per dependency per request (measured: most of the HTTP overhead at concurrency 1)."""
+    thread hop per dependency per request (a search refused after validation took 1.6 ms with
+    three of them, 0.73 ms without)."""
     return request.app.state.umr

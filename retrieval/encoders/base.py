@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from index.atomic import file_sha256
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item
 
@@ -57,11 +58,7 @@ def sha256_file(path: str | Path, _cache: dict = {}) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _cache[key] = h.hexdigest()
+        _cache[key] = file_sha256(path)
     return _cache[key]
 
 

@@ -5,7 +5,7 @@ Padding a batch to its longest text spends most of the forward on padding when l
 cost per token, padding or not. Texts are packed first-fit into rows of ROW_TOKENS, each token
 attends only to its own text (a block-diagonal mask), positions restart per text, and the
 mean pool runs per text. The answer is the padded forward's to float rounding (1e-7); on the
-2-core machines here a batch of 32 captions runs 1.3x faster, 256 2.2x (docs/benchmarks.md,
+2-core machines here a batch of 32 captions runs 1.4x faster, 256 1.9x (docs/benchmarks.md,
 section kernels).
 
 It calls the model's embedding and layer modules directly, so it depends on how a transformers
