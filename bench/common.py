@@ -54,11 +54,11 @@ def numpy_topk(q, x, k):
 
 
 def run_loadgen(port: int, bodies, concurrency: int, requests: int, path: str = "/v1/search",
-                max_seconds: float = 120) -> dict:
+                max_seconds: float = 120, took: bool = False) -> dict:
     """bench/loadgen.py in its own process against 127.0.0.1:port; its JSON result."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "loadgen.py"), "--port", str(port), "--path", path,
                           "--bodies", str(bodies), "--concurrency", str(concurrency), "--requests", str(requests),
-                          "--max-seconds", str(max_seconds)], capture_output=True, text=True, timeout=2 * max_seconds + 60)
+                          "--max-seconds", str(max_seconds)] + (["--took"] if took else []), capture_output=True, text=True, timeout=2 * max_seconds + 60)
     return json.loads(out.stdout)
 
 

@@ -3,7 +3,9 @@
 Each of C connections sends POST requests back to back; latencies are measured per request
 (a server that closes the connection after each answer is reconnected to, inside the timing).
 Bounded by a request count and a time limit, and only ever talks to 127.0.0.1.
-Prints JSON: {"latencies_ms": [...], "wall_s": ..., "errors": n}.
+Prints JSON: {"latencies_ms": [...], "wall_s": ..., "errors": n}; with --took also "took_ms": the
+server's own `took_ms` of each answer (read after the request is timed), to split a latency into
+the time inside the route and the time outside it.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import time
 REQUEST_TIMEOUT_S = 30  # a request the server never answers is an error, not a hung benchmark
 
 
-async def exchange(reader, writer, request: bytes) -> tuple[bytes, bool]:
-    """Send one request, read its answer: (status line, whether the server closes)."""
+async def exchange(reader, writer, request: bytes) -> tuple[bytes, bool, bytes]:
+    """Send one request, read its answer: (status line, whether the server closes, body)."""
     writer.write(request)
     await writer.drain()
     status = await reader.readline()
@@ -31,11 +33,11 @@ async def exchange(reader, writer, request: bytes) -> tuple[bytes, bool]:
             length = int(line.split(b":")[1])
         elif name.startswith(b"connection:") and b"close" in name:
             close = True
-    await reader.readexactly(length)
-    return status, close
+    return status, close, await reader.readexactly(length)
 
 
-async def connection(port: int, path: str, bodies: list[bytes], todo: list[int], lat: list[float], errors: list, deadline: float):
+async def connection(port: int, path: str, bodies: list[bytes], todo: list[int], lat: list[float], errors: list,
+                     deadline: float, took: list[float] | None):
     """One client: requests back to back on a keep-alive connection, reconnecting (inside the
     timed request) whenever the server answers `Connection: close`, as Werkzeug's does."""
     reader = writer = None
@@ -49,7 +51,7 @@ async def connection(port: int, path: str, bodies: list[bytes], todo: list[int],
             try:
                 if writer is None:
                     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), REQUEST_TIMEOUT_S)
-                status, close = await asyncio.wait_for(exchange(reader, writer, head + body), REQUEST_TIMEOUT_S)
+                status, close, answer = await asyncio.wait_for(exchange(reader, writer, head + body), REQUEST_TIMEOUT_S)
             except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError) as e:
                 errors.append(f"{e.__class__.__name__} after {time.perf_counter() - t0:.1f}s")
                 if writer is not None:
@@ -62,19 +64,25 @@ async def connection(port: int, path: str, bodies: list[bytes], todo: list[int],
             lat.append((time.perf_counter() - t0) * 1000)
             if b" 200 " not in status:
                 errors.append(status.decode().strip())
+            if took is not None:
+                took.append(json.loads(answer).get("took_ms", float("nan")) if b" 200 " in status else float("nan"))
     finally:
         if writer is not None:
             writer.close()
 
 
-async def run(port, path, bodies, concurrency, requests, max_seconds):
+async def run(port, path, bodies, concurrency, requests, max_seconds, with_took: bool = False):
     todo = list(range(requests))
     lat: list[float] = []
     errors: list = []
+    took: list[float] | None = [] if with_took else None
     deadline = time.perf_counter() + max_seconds
     t0 = time.perf_counter()
-    await asyncio.gather(*(connection(port, path, bodies, todo, lat, errors, deadline) for _ in range(concurrency)))
-    return {"latencies_ms": lat, "wall_s": time.perf_counter() - t0, "errors": len(errors), "first_error": errors[:1]}
+    await asyncio.gather(*(connection(port, path, bodies, todo, lat, errors, deadline, took) for _ in range(concurrency)))
+    out = {"latencies_ms": lat, "wall_s": time.perf_counter() - t0, "errors": len(errors), "first_error": errors[:1]}
+    if took is not None:
+        out["took_ms"] = took
+    return out
 
 
 def main():
@@ -85,9 +93,10 @@ def main():
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--max-seconds", type=float, default=60)
+    ap.add_argument("--took", action="store_true", help="also report the took_ms of each answer")
     a = ap.parse_args()
     bodies = [line.encode() for line in open(a.bodies).read().splitlines() if line.strip()]
-    print(json.dumps(asyncio.run(run(a.port, a.path, bodies, a.concurrency, a.requests, a.max_seconds))))
+    print(json.dumps(asyncio.run(run(a.port, a.path, bodies, a.concurrency, a.requests, a.max_seconds, a.took))))
 
 
 if __name__ == "__main__":

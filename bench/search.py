@@ -8,8 +8,11 @@ real lit-base encoder; queries are real Flickr8k captions. For concurrency 1, 8 
   baseline     with --baseline REV: `umr serve` of that git revision on a copy of the index,
                measured in the same rounds (the ratio holds across machines; the QPS do not)
 Also: the HTTP overhead at concurrency 1 as the median of paired blocks (in-process and HTTP
-alternating, so the machine's drift cancels), and the ceiling: encode + search of full batches
-of 32 back to back in this process, what no server on this machine can beat.
+alternating, so the machine's drift cancels); the same overhead split per request into the time
+outside the route (latency minus the server's took_ms), for `umr serve` and for the least a
+FastAPI service can do around the same engine (bench/minimal_server.py); and the ceiling:
+encode + search of full batches of 32 back to back in this process, what no server on this
+machine can beat.
 Reported: p50 / p99 latency and QPS, medians over REPEATS rounds.
 Run: python bench/search.py [--repeats 3] [--baseline REV]
 """
@@ -117,6 +120,20 @@ def paired_gap(engine, queries, port, bodies_file, blocks: int, per_block: int =
     return gaps
 
 
+def outside_route(port: int, bodies_file, requests: int = 60) -> list[float]:
+    """Per request at concurrency 1: latency minus the server's own took_ms, so the time in
+    uvicorn, FastAPI, the middlewares and the load generator, without the forward's noise."""
+    res = run_loadgen(port, bodies_file, 1, requests, took=True)
+    return [lat - took for lat, took in zip(res["latencies_ms"], res["took_ms"])]
+
+
+def serve_minimal(idx: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "minimal_server.py"), str(idx), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)
+    return proc
+
+
 def refused_round_trip(port: int, tmp: Path, requests: int = 200) -> float:
     """p50 of a search refused after validation (k=0 -> 422): the HTTP stack with no model work."""
     bad = tmp / "refused.jsonl"
@@ -169,9 +186,13 @@ def main():
         modes.append(base_name)
     results = {m: {c: [] for c in levels} for m in modes}
     servers = {}
-    gaps, ceilings, floors = [], [], []
-    worktree = None
+    gaps, ceilings, floors, minimal_gaps = [], [], [], []
+    outside = {"umr": [], "minimal": []}
+    worktree = minimal = None
+    minimal_port = args.port + 3
     try:
+        minimal = serve_minimal(idx, minimal_port)
+        http(minimal_port, str(bodies), 1, 20)  # warm-up
         servers["HTTP, micro-batching"] = (serve(idx, args.port, True), args.port)
         servers["HTTP, no batching"] = (serve(idx, args.port + 1, False, read_only=True), args.port + 1)
         if base_name:
@@ -183,6 +204,10 @@ def main():
             ceilings.append(ceiling(engine, queries))
             gaps += paired_gap(engine, queries, args.port, str(bodies), blocks=5)
             floors.append(refused_round_trip(args.port, tmp))
+            minimal_gaps += paired_gap(engine, queries, minimal_port, str(bodies), blocks=5)
+            for _ in range(3):  # alternating, so drift hits both alike
+                outside["umr"] += outside_route(args.port, str(bodies))
+                outside["minimal"] += outside_route(minimal_port, str(bodies))
             for c in levels:
                 n = args.requests if c > 1 else args.requests // 2
                 results["in-process"][c].append(in_process(engine, queries, c, n))
@@ -191,7 +216,9 @@ def main():
                 print(f"round {r + 1} concurrency {c}: " + ", ".join(
                     f"{m} p50 {percentile(v[c][-1]['latencies_ms'], 50):.1f} ms" for m, v in results.items()), file=sys.stderr)
     finally:
-        for proc, _ in servers.values():
+        for proc in [minimal] + [proc for proc, _ in servers.values()]:
+            if proc is None:
+                continue
             proc.terminate()
             proc.wait(timeout=30)
         if worktree is not None:
@@ -213,6 +240,8 @@ def main():
                         for a, b in zip(results["HTTP, micro-batching"][32], results[base_name][32])])
         versus = (f"\n**Micro-batching throughput at concurrency 32 against {args.baseline}, served side by side: "
                   f"{ratio:.2f}x** (median of the per-round ratios).")
+    verdict = (" (on this machine even the minimal service spends more than 1 ms outside its route next to this forward)"
+               if median(outside["minimal"]) > 1.0 else "")
     body = f"""## Search: in-process vs HTTP (`bench/search.py`)
 
 {N_VECTORS:,} synthetic {enc.dim}-d vectors (exact search) behind the real lit-base text encoder; real Flickr8k captions
@@ -228,6 +257,12 @@ and load generator in separate processes on 127.0.0.1; both sides with `umr serv
 blocks of 30 requests, in-process and HTTP alternating; quartiles {percentile(gaps, 25):.2f} / {percentile(gaps, 75):.2f} ms).
 The HTTP stack alone (uvicorn, middlewares, FastAPI, validation, the load generator), timed on a search refused
 after validation (k=0, 422): p50 {median(floors):.2f} ms.
+The least a FastAPI service can do around the same engine (`bench/minimal_server.py`: one route, a two-field
+body, the search handed to one thread, no middleware or checks), measured the same way: HTTP minus in-process
+{median(minimal_gaps):.2f} ms (quartiles {percentile(minimal_gaps, 25):.2f} / {percentile(minimal_gaps, 75):.2f} ms).
+Per request, latency minus the server's own `took_ms` (time outside the route, {len(outside["umr"])} requests each,
+the two servers alternating): `umr serve` p50 {median(outside["umr"]):.2f} ms, the minimal service
+{median(outside["minimal"]):.2f} ms{verdict}; what umr adds over it is {median(outside["umr"]) - median(outside["minimal"]):.2f} ms.
 **Micro-batching at concurrency 32: {served:.1f} QPS, p99 {table[("HTTP, micro-batching", 32)][1]:.0f} ms**; the ceiling
 on this machine (encode + search of full batches of 32 back to back, in process) is {top:.1f} QPS, so the server
 delivers {served / top:.0%} of it. Against no batching: {speedup:.2f}x.{versus}
