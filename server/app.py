@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from retrieval.engine import Engine
 from retrieval.images import ImageLimits
-from server import admin_routes, document_routes, info_routes, search_routes
+from server import admin_routes, document_routes, info_routes, page_routes, search_routes
 from server.auth import Access
 from server.batching import QueryBatcher
 from server.checkpoints import Checkpointer
@@ -54,6 +54,6 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InternalErrors)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    for module in (search_routes, document_routes, admin_routes, info_routes):
+    for module in (search_routes, document_routes, admin_routes, info_routes, page_routes):
         app.include_router(module.router)
     return app

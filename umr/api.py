@@ -1,0 +1,204 @@
+"""umr as a library: `umr.Index` and `umr.load_encoder`, over the same engine the CLI and the
+server call, so an index built here is served by `umr serve` and the other way round.
+
+Typed at the edge (Hit, Document), plain values inside. Errors are the engine's own: ValueError
+subclasses with a message that says what to do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from retrieval.encoders import Encoder
+from retrieval.encoders import load_encoder as _load_encoder
+from retrieval.engine import Engine, Query
+from retrieval.items import Item, parse_modalities
+
+DEFAULT_ENCODER = "lit-base"
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    modality: str  # "image", "text" or "image,text"
+    text: str | None = None
+    image: Path | None = None  # where the stored image lies (inside the index for uploaded bytes)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit(Document):
+    score: float = 0.0  # what the ranking used: calibrated across modalities, or re-ranked
+    cosine: float | None = None  # the raw cosine behind a calibrated score
+    rerank: dict[str, float] | None = None  # {"cosine", "p_yes"} behind a re-ranked score
+
+
+class EncoderHandle:
+    """An encoder loaded from a spec (`lit-base`, `openclip:ViT-B-32`, a trained folder ...)."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+
+    @property
+    def spec(self) -> str:
+        return self.encoder.spec
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def encode(self, texts: Iterable[str] | None = None, images: Iterable[Any] | None = None, *,
+               role: str = "query", instruction: str | None = None):
+        """Unit vectors (numpy, one row per input): texts, images (paths, bytes or PIL images),
+        or both paired row by row (fused image+text). `role` is "query" or "document"."""
+        texts = list(texts) if texts is not None else None
+        images = list(images) if images is not None else None
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise ValueError(f"texts and images are paired row by row: got {len(texts)} texts and {len(images)} images")
+        n = len(texts if texts is not None else images or [])
+        if n == 0:
+            raise ValueError("give texts, images or both (at least one)")
+        items = [Item(None, texts[i] if texts is not None else None, images[i] if images is not None else None)
+                 for i in range(n)]
+        return self.encoder.encode(items, role=role, instruction=instruction)
+
+
+def load_encoder(spec: str) -> EncoderHandle:
+    return EncoderHandle(_load_encoder(spec))
+
+
+def _encoder(encoder: str | EncoderHandle | Encoder | None) -> Encoder | None:
+    if isinstance(encoder, EncoderHandle):
+        return encoder.encoder
+    if isinstance(encoder, str):
+        return _load_encoder(encoder)
+    return encoder
+
+
+def _document(store_path: Path, doc) -> dict:
+    image = None
+    if doc.image:
+        image = Path(doc.image) if Path(doc.image).is_absolute() else store_path / doc.image
+    return {"id": doc.id, "modality": doc.modality, "text": doc.text, "image": image, "metadata": dict(doc.metadata)}
+
+
+class Index:
+    """An open index. Use as a context manager, or call close(): it holds the write lock unless
+    opened with `read_only=True` (searching beside a running `umr serve` needs read_only)."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    @classmethod
+    def build(cls, corpus: str | Path, encoder: str | EncoderHandle = DEFAULT_ENCODER, out: str | Path | None = None, *,
+              index_kind: str = "auto", batch_size: int = 64, memory_budget: int | None = None,
+              progress: bool = False) -> "Index":
+        """Read `corpus` (JSONL, an image folder with captions, an M-BEIR pool), encode it and
+        write the index to `out`; returns it open for writing. Run again on an unfinished `out`,
+        it resumes where the build stopped."""
+        from retrieval.pipeline import build_index
+
+        if out is None:
+            raise ValueError("Index.build needs out=FOLDER, where the index is written")
+        enc = _encoder(encoder)
+        build_index(corpus, enc, out, index_kind=index_kind, batch_size=batch_size, memory_budget=memory_budget,
+                    progress=progress)
+        return cls(Engine.open(out, enc))
+
+    @classmethod
+    def open(cls, path: str | Path, encoder: str | EncoderHandle | None = None, *, read_only: bool = False) -> "Index":
+        """`encoder` defaults to the index's active query encoder."""
+        return cls(Engine.open(path, _encoder(encoder), mode="read" if read_only else "write"))
+
+    @property
+    def engine(self) -> Engine:
+        """The engine underneath, for what this class does not wrap."""
+        return self._engine
+
+    @property
+    def path(self) -> Path:
+        return Path(self._engine.store.path)
+
+    @property
+    def encoder(self) -> EncoderHandle:
+        return EncoderHandle(self._engine.encoder)
+
+    def __len__(self) -> int:
+        return self._engine.store.count()
+
+    def info(self) -> dict:
+        return self._engine.info()
+
+    def search(self, text: str | None = None, image: Any = None, *, k: int = 10, modality: str | list[str] | None = None,
+               filter: Mapping[str, str | int | float | bool] | None = None, instruction: str | None = None,
+               calibrated: bool = True) -> list[Hit]:
+        """The k best documents for a text, an image (path, bytes or PIL image) or both fused.
+        `modality` keeps only documents of those modalities; `filter` is metadata equality."""
+        if text is None and image is None:
+            raise ValueError("search needs text=, image= or both")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k is a positive integer, got {k!r}")
+        hits = self._engine.search([Query(text, image, instruction)], k, parse_modalities(modality),
+                                   dict(filter) if filter else None, calibrated=calibrated)[0]
+        return [Hit(**_document(self.path, h.doc), score=float(h.score),
+                    cosine=None if h.cosine is None else float(h.cosine), rerank=h.details) for h in hits]
+
+    def get(self, doc_id: str) -> Document:
+        """Raises KeyError for an id that is not in the index."""
+        return Document(**_document(self.path, self._engine.get(doc_id)))
+
+    def add(self, documents: Iterable[Mapping[str, Any] | Item]) -> list[str]:
+        """Add or replace documents: {"id", "text", "image" (path or bytes), "metadata"}. All or
+        nothing: a bad document raises before any is stored. Durable on return."""
+        items = []
+        for d in documents:
+            if isinstance(d, Item):
+                items.append(d)
+                continue
+            unknown = set(d) - {"id", "text", "image", "metadata"}
+            if unknown:
+                raise ValueError(f"unknown document field(s) {sorted(unknown)}: documents have id, text, image, metadata")
+            items.append(Item(d.get("id"), d.get("text"), d.get("image"), dict(d.get("metadata") or {})))
+        if not items:
+            return []
+        return self._engine.add(items)
+
+    def delete(self, ids: Iterable[str]) -> list[str]:
+        """The ids that were there and are now deleted."""
+        return self._engine.delete(list(ids))
+
+    def update(self, encoder: str | EncoderHandle, *, calibration: list[str] | None = None, method: str = "auto",
+               sample: int | None = None, activate: bool = True, eval: str | Path | None = None,
+               force: bool = False) -> dict:
+        """Register a new encoder without re-indexing (query-drift compensation, as
+        `umr update`): `calibration` query files, `sample` calibration pairs per modality, `eval`
+        judged queries to compare on. With `activate`, this Index then queries with it.
+        Returns the report `umr update --json` prints; raises UpdateRefused (a ValueError) when
+        the compensated encoder would serve worse than the old one, unless `force`."""
+        from retrieval.update import fit_update
+
+        new = _encoder(encoder)
+        kwargs = {"per_modality": sample} if sample is not None else {}
+        report = fit_update(self._engine.store, new, calibration, method, activate=activate,
+                            eval_path=str(eval) if eval else None, force=force, **kwargs)
+        if activate and report.get("active_version") == report.get("version"):
+            path = self.path
+            self._engine.close()
+            self._engine = Engine.open(path, new)
+        return report
+
+    def checkpoint(self) -> None:
+        self._engine.checkpoint()
+
+    def close(self) -> None:
+        self._engine.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"umr.Index({str(self.path)!r}, {len(self)} documents, encoder {self._engine.encoder.spec})"
