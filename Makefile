@@ -13,10 +13,10 @@ demo:
 	@V=$$(scripts/venv.sh) && "$$V/bin/umr" demo
 
 test:
-	@scripts/browser.sh && V=$$(scripts/venv.sh) && "$$V/bin/python" -m pytest -q tests
+	@scripts/browser.sh && V=$$(scripts/venv.sh) && "$$V/bin/ruff" check . && "$$V/bin/python" -m pytest -q tests
 
 test-fast:
-	@V=$$(scripts/venv.sh) && "$$V/bin/python" -m pytest -q -m "not slow" tests
+	@V=$$(scripts/venv.sh) && "$$V/bin/ruff" check . && "$$V/bin/python" -m pytest -q -m "not slow" tests
 
 bench:
 	@V=$$(scripts/venv.sh) && for b in bench/*.py; do \

@@ -83,6 +83,14 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
 
 
+def figure(name: str, draw, *args, **kwargs) -> str:
+    """Draw a figure with `draw(*args, out=PATH, **kwargs)` (umr.plots) into docs/figures/NAME.png,
+    beside the tables; returns the Markdown that shows it."""
+    path = DOC.parent / "figures" / f"{name}.png"
+    draw(*args, out=path, **kwargs)
+    return f"![{name}](figures/{name}.png)"
+
+
 def write_section(name: str, body: str) -> None:
     """Replace the section `name` of docs/benchmarks.md (between markers), keeping the others."""
     DOC.parent.mkdir(exist_ok=True)

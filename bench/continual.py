@@ -156,13 +156,13 @@ def run_v1(v1_spec: str, setup: Setup, distill: bool = True, merged_too: bool = 
     e = Engine.open(idx)
     variants["umr update, no calibration flags (generic queries), chosen"] = old_scores(e, setup, ideal)
     e.close()
-    out["kinds (default)"] = report["eval"]["recall@5"]
+    out["kinds (default)"] = report["eval"]["hit_rate@5"]
     idx2, report2, _ = updated(base, tmp / "photos-captions", v2, calibration=["corpus", str(setup.captions_file)],
                               eval_path=str(setup.old_q_file))
     e = Engine.open(idx2)
     variants["--calibration corpus + 2,000 real captions, chosen"] = old_scores(e, setup, ideal)
     e.close()
-    out["kinds (captions)"] = report2["eval"]["recall@5"]
+    out["kinds (captions)"] = report2["eval"]["hit_rate@5"]
     e = Engine.open(build(photos, v2, tmp / "photos-v2"))
     variants["v2 re-indexed"] = old_scores(e, setup, ideal)
     e.close()

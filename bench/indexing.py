@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DATA, machine, median, write_section  # noqa: E402
+from bench.common import DATA, figure, machine, median, write_section  # noqa: E402
+from umr.plots import bars  # noqa: E402
 
 BATCH = 64
 
@@ -68,6 +69,10 @@ lit-base over {len(images)} flickr8k-1k images, batch {BATCH}, {args.repeats} al
 
 **Ratio build / raw forward: {ratio:.3f}** (median of per-run ratios; target >= 0.9). For reference, GUIDE section 8 measured
 clip-retrieval at 0.69 of its raw forward in steady state and 0.50 end to end.
+
+{figure("indexing", bars, {"lit-base, items/s": {"raw forward (ceiling)": median(raw), "umr index build, end to end": median(build),
+                                                 "umr index build, encoding loop": median(steady)}},
+        ylabel="items/s (median)", title="Indexing against the encoder's raw forward")}
 """
     write_section("indexing", body)
 

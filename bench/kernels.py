@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from umr.cli import SERVE_ENV  # noqa: E402
 
 os.environ.update(SERVE_ENV)
-from bench.common import DATA, machine, median, numpy_topk, timed, write_section  # noqa: E402
+from bench.common import DATA, figure, machine, median, numpy_topk, timed, write_section  # noqa: E402
+from umr.plots import bars  # noqa: E402
 
 
 def alternating(fns, repeats: int) -> list[float]:
@@ -51,6 +52,7 @@ def main():
     flat = faiss.IndexFlatIP(384)
     flat.add(x)
     rows = []
+    times = {}
     for nq in (1, 8, 32):
         q = np.ascontiguousarray(x[rng.choice(len(x), nq)] + 0.05 * rng.standard_normal((nq, 384)).astype(np.float32))
         mine = exact_topk(q, x, 10)[1]
@@ -58,6 +60,7 @@ def main():
         assert (np.sort(mine, 1) == np.sort(flat.search(q, 10)[1], 1)).all()
         t_mine, t_np, t_faiss = alternating(
             [lambda: exact_topk(q, x, 10), lambda: numpy_topk(q, x, 10), lambda: flat.search(q, 10)], args.repeats)
+        times[f"top-10, {nq} queries"] = {"umr (torch GEMM + topk)": t_mine, "numpy": t_np, "FAISS IndexFlatIP": t_faiss}
         rows.append(f"| exact top-10 of 100,000 x 384 | {nq} queries | {t_mine:.1f} | numpy {t_np:.1f} ({t_np / t_mine:.2f}x), "
                     f"FAISS IndexFlatIP {t_faiss:.1f} ({t_faiss / t_mine:.2f}x) |")
     tower = TextTower()
@@ -70,6 +73,7 @@ def main():
         gap = float((tower.features(texts) - padded()).abs().max())
         assert gap < 1e-5
         t_packed, t_padded = alternating([lambda: tower.features(texts), padded], args.repeats)
+        times[f"MiniLM, {n} captions"] = {"umr (packed rows)": t_packed, "padded": t_padded}
         rows.append(f"| MiniLM forward, packed rows | {n} captions | {t_packed:.1f} | padded {t_padded:.1f} "
                     f"({t_padded / t_packed:.2f}x); largest difference {gap:.1e} |")
     body = f"""## Search kernels (`bench/kernels.py`)
@@ -80,6 +84,8 @@ answers checked equal first (same top-10 ids; vectors within 1e-5); {machine()}.
 | kernel | batch | umr ms | the alternative ms (its time / umr's) |
 |---|---|---|---|
 {chr(10).join(rows)}
+
+{figure("kernels", bars, times, ylabel="ms (median)", title="Search kernels: umr against the alternatives")}
 """
     write_section("kernels", body)
 

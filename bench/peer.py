@@ -25,7 +25,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DATA, ROOT, machine, median, percentile, run_loadgen, wait_until_up, write_section  # noqa: E402
+from bench.common import DATA, ROOT, figure, machine, median, percentile, run_loadgen, wait_until_up, write_section  # noqa: E402
+from umr.plots import bars  # noqa: E402
 
 PEER_PYTHON = Path.home() / ".cache" / "umr" / "peer-clip-retrieval" / "bin" / "python"
 K = 10
@@ -184,6 +185,10 @@ The two return the same images: {sum(shared) / len(shared):.1%} of the top {K} s
 
 **umr / clip-retrieval throughput at concurrency {c}: {qps_ratio:.2f}x** (median of the per-round ratios; target > 1),
 at {cpu_ratio:.2f}x its CPU per request.
+
+{figure("peer", bars, {**{f"QPS, concurrency {lvl}": {name: table[(name, lvl)][2] for name in results} for lvl in levels},
+                       **{f"server CPU ms per request, concurrency {lvl}": {name: table[(name, lvl)][3] for name in results}
+                          for lvl in levels}}, ylabel="median", title="umr against clip-retrieval 2.45, side by side")}
 """
     write_section("peer", body)
 

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from umr.cli import SERVE_ENV  # noqa: E402
 
 os.environ.update(SERVE_ENV)  # the in-process engine runs with the same thread settings as `umr serve`
-from bench.common import DATA, ROOT, machine, median, percentile, run_loadgen, wait_until_up, write_section  # noqa: E402
+from bench.common import DATA, ROOT, figure, machine, median, percentile, run_loadgen, wait_until_up, write_section  # noqa: E402
+from umr.plots import bars  # noqa: E402
 
 N_VECTORS = 100_000
 K = 10
@@ -266,6 +267,9 @@ the two servers alternating): `umr serve` p50 {median(outside["umr"]):.2f} ms, t
 **Micro-batching at concurrency 32: {served:.1f} QPS, p99 {table[("HTTP, micro-batching", 32)][1]:.0f} ms**; the ceiling
 on this machine (encode + search of full batches of 32 back to back, in process) is {top:.1f} QPS, so the server
 delivers {served / top:.0%} of it. Against no batching: {speedup:.2f}x.{versus}
+
+{figure("search", bars, {f"concurrency {c}": {m: table[(m, c)][2] for m in modes} for c in levels}, ylabel="QPS",
+        title="Search throughput by concurrency (medians)")}
 """
     write_section("search", body)
 

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from index.document_rules import check_document
+from index.errors import InvalidArgument
 
 MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
 CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
@@ -63,9 +64,9 @@ def validate_filter(flt: dict | None) -> dict:
     flt = flt or {}
     for key, value in flt.items():
         if not _FILTER_KEY.match(key):
-            raise ValueError(f"filter key {key!r} must be 1-64 letters, digits, '_', '.' or '-'")
+            raise InvalidArgument(f"filter key {key!r} must be 1-64 letters, digits, '_', '.' or '-'")
         if not isinstance(value, (str, int, float, bool)) or value is None:
-            raise ValueError(f"filter value for {key!r} must be a string, number or boolean (equality only)")
+            raise InvalidArgument(f"filter value for {key!r} must be a string, number or boolean (equality only)")
     return flt
 
 

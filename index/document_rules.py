@@ -12,12 +12,14 @@ import json
 import math
 import unicodedata
 
+from index.errors import InvalidArgument
+
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 64 * 1024  # serialised; returned with every hit, so kept small
 MAX_METADATA_DEPTH = 32  # nesting of objects and lists below the metadata object itself
 
 
-class InvalidDocument(ValueError):
+class InvalidDocument(InvalidArgument):
     """The document would be stored but could not be served back; the message says why."""
 
 

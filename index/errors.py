@@ -1,7 +1,20 @@
-"""Errors of the storage layer, each carrying a message a user can act on."""
+"""Errors umr raises on purpose, each carrying a message a user can act on.
+
+Everything here derives from UmrError: the CLI prints such an error as one line and exits 2,
+while anything else is a bug and keeps its traceback. InvalidArgument is also a ValueError, so
+callers that catch ValueError keep working.
+"""
 
 
-class IndexError_(Exception):
+class UmrError(Exception):
+    """Raised on purpose: the message says what is wrong and what to do."""
+
+
+class InvalidArgument(UmrError, ValueError):
+    """A value given to umr (a file's content, an option, a parameter) cannot work."""
+
+
+class IndexError_(UmrError):
     """Base error for anything wrong with an index directory (named to avoid the builtin)."""
 
 

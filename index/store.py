@@ -28,7 +28,7 @@ from index import integrity, registry
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
-from index.errors import IndexError_, IndexMismatch, NotFound
+from index.errors import IndexError_, IndexMismatch, InvalidArgument, NotFound
 from index.locks import WriterLock, manifest_lock
 from index.manifest import new_manifest, now, read_manifest, write_manifest
 
@@ -111,7 +111,7 @@ class IndexStore:
         if (path / "manifest.json").exists():
             raise IndexError_(f"{path} already holds an index; open it, or choose another --out")
         if index_kind not in ("auto",) + vi.KINDS:
-            raise ValueError(f"unknown index type {index_kind!r}: use auto, flat, hnsw or ivfpq")
+            raise InvalidArgument(f"unknown index type {index_kind!r}: use auto, flat, hnsw or ivfpq")
         path.mkdir(parents=True, exist_ok=True)
         writer = WriterLock(path).acquire()
         try:
@@ -132,7 +132,7 @@ class IndexStore:
         "read" takes none and refuses every write. `repair` accepts the document store as the
         truth where FAISS checkpoints disagree with it (`umr index verify --repair`)."""
         if mode not in ("write", "read"):
-            raise ValueError(f"mode must be 'write' or 'read', got {mode!r}")
+            raise InvalidArgument(f"mode must be 'write' or 'read', got {mode!r}")
         path = Path(path)
         manifest = read_manifest(path)
         writer = WriterLock(path).acquire() if mode == "write" else None
@@ -143,6 +143,8 @@ class IndexStore:
                 store.segments.append(store._load_segment(rec, repair))
             if mode == "write":  # files of checkpoints a crash wrote but never recorded
                 integrity.remove_checkpoints(path, integrity.unrecorded_checkpoints(path, manifest))
+            log.info("opened %s for %s: %d documents in %d segment(s)", path, "writing" if mode == "write" else "reading",
+                     store.count(), len(store.segments))
             return store
         except BaseException:
             if writer is not None:
@@ -169,6 +171,8 @@ class IndexStore:
         else:
             seg.faiss = loaded
         if seg.faiss.ntotal < n_rows:  # replay rows committed after the last checkpoint
+            log.info("segment %d: replaying %d rows committed after its last checkpoint", seg.id,
+                     n_rows - seg.faiss.ntotal, extra={"segment": seg.id})
             for _, vecs in self.docs.iter_vectors(seg.id, start=seg.faiss.ntotal):
                 seg.faiss.add(vecs)
             seg.dirty = True
@@ -223,13 +227,13 @@ class IndexStore:
         """Store docs in the active segment; durable on return. Same id replaces the old doc."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(docs) != len(vectors):
-            raise ValueError(f"{len(docs)} documents but {len(vectors)} vectors")
+            raise InvalidArgument(f"{len(docs)} documents but {len(vectors)} vectors")
         seen: set[str] = set()
         for d in docs:
             if d.modality not in MODALITY_CODES:
-                raise ValueError(f"document {d.id!r}: unknown modality {d.modality!r}")
+                raise InvalidArgument(f"document {d.id!r}: unknown modality {d.modality!r}")
             if d.id in seen:
-                raise ValueError(f"document id {d.id!r} appears twice in one batch")
+                raise InvalidArgument(f"document id {d.id!r} appears twice in one batch")
             seen.add(d.id)
         self._require_write("add documents")
         with self.lock:
@@ -276,6 +280,8 @@ class IndexStore:
                     )
                 seg.record["index"] = choice.to_dict()
                 seg.record["faiss_file"] = f"segments/{seg.id}/index.faiss"
+                log.info("segment %d: %s index over %d vectors (%s)", seg.id, choice.kind, n, choice.reason,
+                         extra={"segment": seg.id})
                 self._build_faiss(seg)
             for seg in self.segments:
                 self.calibration(seg)  # fitted at build time and kept in the manifest
@@ -376,6 +382,8 @@ class IndexStore:
                     name = integrity.checkpoint_name(seg.id)
                     atomic_write(self.path / name, lambda tmp, s=seg: vi.write_index(s.faiss, tmp))
                     written[seg.id] = (name, integrity.checkpoint_record(self.path / name, rows, self.docs.epoch(seg.id)))
+                    log.info("segment %d: checkpoint of %d rows written to %s", seg.id, rows, name,
+                             extra={"segment": seg.id})
             except BaseException:
                 with self.lock:
                     for seg, _ in todo:
@@ -440,6 +448,7 @@ class IndexStore:
         self.save()
         if dropped:
             self.docs.vacuum()
+        log.info("compacted %s: dropped %d dead rows", self.path, sum(dropped.values()))
         return dropped
 
     def record_event(self, event: str, **details) -> None:
@@ -569,10 +578,10 @@ class IndexStore:
         if not self.ready:
             raise IndexError_(f"the index at {self.path} is not finished; re-run its `umr index build` command to complete it")
         if k < 1:
-            raise ValueError("k must be at least 1")
+            raise InvalidArgument("k must be at least 1")
         for m in modalities or []:
             if m not in MODALITY_CODES:
-                raise ValueError(f"unknown modality {m!r}: use image, text or image,text")
+                raise InvalidArgument(f"unknown modality {m!r}: use image, text or image,text")
         validate_filter(flt)
         with self.lock:
             n_queries = len(next(iter(queries.values()))) if isinstance(queries, Mapping) else len(queries)

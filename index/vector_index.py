@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
+from index.errors import InvalidArgument
+
 KINDS = ("flat", "hnsw", "ivfpq")
 HNSW_M = 32
 # Below this many vectors an exact scan is fast enough that approximation buys nothing.
@@ -31,7 +33,7 @@ def parse_bytes(text: str | int | None) -> int | None:
             return int(float(s[:-1]) * mult[s[-1]])
         return int(float(s))
     except ValueError:
-        raise ValueError(f"cannot read memory size {text!r}: use a number of bytes or e.g. 512M, 4G") from None
+        raise InvalidArgument(f"cannot read memory size {text!r}: use a number of bytes or e.g. 512M, 4G") from None
 
 
 @dataclass
@@ -49,7 +51,7 @@ class IndexChoice:
             return f"HNSW{self.params['M']},Flat"
         if self.kind == "ivfpq":
             return f"IVF{self.params['nlist']},PQ{self.params['m']}x8"
-        raise ValueError(f"unknown index kind {self.kind!r}")
+        raise InvalidArgument(f"unknown index kind {self.kind!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,14 +74,14 @@ def estimated_bytes(kind: str, n: int, dim: int, params: dict | None = None) -> 
         m = params.get("m", 32)
         nlist = params.get("nlist", 1024)
         return n * (m + 8) + nlist * dim * 4 + 256 * dim * 4
-    raise ValueError(f"unknown index kind {kind!r}")
+    raise InvalidArgument(f"unknown index kind {kind!r}")
 
 
 def _ivfpq_params(n: int, dim: int, budget: int | None) -> dict:
     nlist = int(min(max(16, 4 * math.sqrt(max(n, 1))), max(16, n // 39), 65536))
     candidates = [m for m in PQ_SUBQUANTIZERS if dim % m == 0 and m <= dim]
     if not candidates:
-        raise ValueError(f"no PQ sub-quantizer count divides dimension {dim}")
+        raise InvalidArgument(f"no PQ sub-quantizer count divides dimension {dim}")
     m = candidates[-1]
     for c in candidates:  # largest code that fits: best recall within the budget
         if budget is None or estimated_bytes("ivfpq", n, dim, {"m": c, "nlist": nlist}) <= budget:
@@ -97,7 +99,7 @@ def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) 
     per query time) while it fits, then IVF-PQ (compressed codes) sized to the budget.
     """
     if kind not in ("auto",) + KINDS:
-        raise ValueError(f"unknown index type {kind!r}: use auto, flat, hnsw or ivfpq")
+        raise InvalidArgument(f"unknown index type {kind!r}: use auto, flat, hnsw or ivfpq")
     hnsw = {"M": HNSW_M, "efConstruction": 80, "efSearch": 128}
     if kind == "flat":
         return IndexChoice("flat", {}, "requested")
@@ -115,7 +117,7 @@ def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) 
     params = _ivfpq_params(n, dim, memory_budget)
     need = estimated_bytes("ivfpq", n, dim, params)
     if need > memory_budget:
-        raise ValueError(
+        raise InvalidArgument(
             f"no index fits {n} vectors of dimension {dim} in {memory_budget} bytes; "
             f"the smallest (IVF-PQ, m={params['m']}) needs about {need} bytes: raise --memory-budget"
         )
@@ -136,7 +138,7 @@ def new_index(choice: IndexChoice, dim: int) -> faiss.Index:
         idx = faiss.IndexIVFPQ(quantizer, dim, p["nlist"], p["m"], 8, faiss.METRIC_INNER_PRODUCT)
         idx.nprobe = p.get("nprobe", 16)
         return idx
-    raise ValueError(f"unknown index kind {choice.kind!r}")
+    raise InvalidArgument(f"unknown index kind {choice.kind!r}")
 
 
 def needs_training(index: faiss.Index) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index.errors import InvalidArgument
 from index.store import IndexStore, Segment
 from retrieval.encoders import Encoder, load_recorded
 from retrieval.generic_queries import generic_queries
@@ -93,7 +94,7 @@ def segment_encoder(seg: Segment) -> Encoder:
     """The encoder a segment was embedded with, refusing one whose weights have changed since."""
     enc = load_recorded(seg.record["encoder"])
     if enc.fingerprint != seg.record["encoder"]["fingerprint"]:
-        raise ValueError(f"segment {seg.id}'s encoder {seg.record['encoder']['spec']} no longer loads "
+        raise InvalidArgument(f"segment {seg.id}'s encoder {seg.record['encoder']['spec']} no longer loads "
                          "with the same weights; calibrate from the corpus instead")
     return enc
 
@@ -179,7 +180,7 @@ class SegmentPairs:
 def check_sources(calibration: list[str]) -> None:
     for src in calibration:
         if src not in ("corpus", "passages", "generic") and not Path(src).is_file():
-            raise ValueError(f"--calibration {src}: not a file, and not one of corpus, passages, generic")
+            raise InvalidArgument(f"--calibration {src}: not a file, and not one of corpus, passages, generic")
 
 
 def segment_pairs(store: IndexStore, seg: Segment, new: Encoder, calibration: list[str], default: bool,
@@ -197,7 +198,7 @@ def segment_pairs(store: IndexStore, seg: Segment, new: Encoder, calibration: li
                 old_state["encoder"], old_state["error"] = None, str(e)
         if old_state["encoder"] is None:
             if not default:
-                raise ValueError(old_state["error"])
+                raise InvalidArgument(old_state["error"])
             got.notes.append(f"{why} skipped: {old_state['error']}")
         return old_state["encoder"]
 

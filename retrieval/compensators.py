@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from index.errors import InvalidArgument
+
 KINDS = ("identity", "mean", "kernel", "linear", "orthogonal", "mlp")
 
 
@@ -41,7 +43,7 @@ class Compensator:
     def check_dims(self, new: np.ndarray, old: np.ndarray) -> None:
         """For the shifts and rotations, which map within one space."""
         if np.shape(new)[1] != np.shape(old)[1]:
-            raise ValueError(f"{self.kind} compensation needs encoders of the same dimension "
+            raise InvalidArgument(f"{self.kind} compensation needs encoders of the same dimension "
                              f"(new {np.shape(new)[1]}, old {np.shape(old)[1]}): use linear or mlp")
 
     def _map(self, q: np.ndarray) -> np.ndarray:
@@ -203,7 +205,7 @@ _CLASSES = {c.kind: c for c in (Identity, MeanShift, KernelShift, Linear, Orthog
 
 def make(kind: str, **params) -> Compensator:
     if kind not in _CLASSES:
-        raise ValueError(f"unknown compensator {kind!r}: use {', '.join(KINDS)}")
+        raise InvalidArgument(f"unknown compensator {kind!r}: use {', '.join(KINDS)}")
     return _CLASSES[kind](**params)
 
 
@@ -244,7 +246,7 @@ def select(new: np.ndarray, old: np.ndarray, corpus: np.ndarray, kinds=KINDS, ho
                       "cosine_to_old": float(np.mean(np.sum(mapped * _unit(old[test]), 1)))})
     scored = [r for r in table if "skipped" not in r]
     if not scored:
-        raise ValueError("no compensator applies: " + "; ".join(f"{r['kind']}: {r['skipped']}" for r in table))
+        raise InvalidArgument("no compensator applies: " + "; ".join(f"{r['kind']}: {r['skipped']}" for r in table))
     top = max(r[f"agreement@{k}"] for r in scored)
     near = [r for r in scored if r[f"agreement@{k}"] >= top - tolerance]
     best = min(near, key=lambda r: SIMPLEST_FIRST.index(r["kind"]))

@@ -15,7 +15,7 @@ import numpy as np
 
 from index import modality_calibration as mc
 from index.docstore import DocRecord
-from index.errors import IndexMismatch
+from index.errors import IndexMismatch, InvalidArgument
 from index.store import IndexStore, SearchHit
 from retrieval.encoders import Encoder, load_encoder, load_recorded
 from retrieval.encoders.base import Prepared
@@ -195,9 +195,9 @@ class Engine:
         """Retrieve `depth` candidates, re-rank them with cos + weight * P(yes)."""
         # The query's image reaches the re-ranker as the encoder prepared it.
         if not reranker.accepts(self.encoder):
-            raise ValueError(f"a {reranker.kind} re-ranker {reranker.needs}; this index queries with {self.encoder.spec}")
+            raise InvalidArgument(f"a {reranker.kind} re-ranker {reranker.needs}; this index queries with {self.encoder.spec}")
         if depth < 1:
-            raise ValueError("--rerank takes the number of candidates to re-rank (at least 1)")
+            raise InvalidArgument("--rerank takes the number of candidates to re-rank (at least 1)")
         self.reranker, self.rerank_depth, self.rerank_weight = reranker, depth, weight
 
     def search_prepared(self, prepared: list[Prepared], vectors: np.ndarray, k: int, modalities: list[str] | None = None,
@@ -237,7 +237,7 @@ class Engine:
             )
         for it in items:
             if not it.id:
-                raise ValueError("every document needs an id")
+                raise InvalidArgument("every document needs an id")
         prepared = [self.encoder.prepare(it, "document", limits=limits) for it in items]
         vectors = self.embed(prepared)
         docs = []

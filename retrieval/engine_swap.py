@@ -6,8 +6,12 @@ before it, embedded by the old version, or after it, by the new one.
 """
 from __future__ import annotations
 
+import logging
+
 from index.errors import IndexError_
 from retrieval.engine import Engine
+
+log = logging.getLogger("umr.retrieval")
 
 
 class SwapRefused(IndexError_):
@@ -50,6 +54,8 @@ def activate(old: Engine, new: Engine, publish) -> None:
     with old.write_lock:
         old.store.activate(new.version)
         publish(new)
+    log.info("encoder version %d (%s) is active; it was %d (%s)", new.version, new.encoder.spec, old.version,
+             old.encoder.spec, extra={"version": new.version})
     if old.encoder is not new.encoder:  # requests still on the old engine keep it until they finish
         from retrieval.encoders.registry import release
 

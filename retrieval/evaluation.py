@@ -8,20 +8,29 @@ from pathlib import Path
 
 import numpy as np
 
+from index.errors import InvalidArgument
 from retrieval.encoders.base import Encoder
 from retrieval.items import Item
 from retrieval.mbeir import target_modality
-from retrieval.metrics import summarize
+from retrieval.metrics import curve, summarize
 from retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
 
 KS = (1, 5, 10)
+CURVE_DEPTH = 100  # k = 1..100 for the curves `umr eval --plot` draws
+
+
+def _with_curves(res: dict, runs, qrels, depth: int | None) -> dict:
+    if depth:
+        ks = list(range(1, depth + 1))
+        res["curve"] = {"k": ks, "hit_rate": curve(runs, qrels, "hit_rate", ks), "recall": curve(runs, qrels, "recall", ks)}
+    return res
 
 
 def _encode_all(encoder: Encoder, items: list[Item], role: str, instruction=None, batch_size: int = 64) -> np.ndarray:
     try:
         return encoder.encode(items, role, instruction, batch_size)
     except (ValueError, OSError) as e:
-        raise ValueError(f"cannot encode the evaluation data: {e}") from None
+        raise InvalidArgument(f"cannot encode the evaluation data: {e}") from None
 
 
 def _rank(q: np.ndarray, c: np.ndarray, ids: list[str], k: int) -> list[list[str]]:
@@ -73,9 +82,12 @@ def read_mbeir_qrels(path: Path) -> dict[str, dict[str, float]]:
 
 
 def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", tasks: list[int] | None = None,
-                   local: bool = True, instruction: str | None = None, calibrated: bool = True) -> dict:
-    """Recall@1/5/10 (hit rate), nDCG@10 and MRR@10 per task.
+                   local: bool = True, instruction: str | None = None, calibrated: bool = True,
+                   curves: bool = False) -> dict:
+    """Hit rate@1/5/10 (what M-BEIR calls Recall@k), recall@1/5/10, nDCG@10 and MRR@10 per task
+    (retrieval/metrics.py says how each is defined).
 
+    With `curves`, each task also gets hit rate and recall at k = 1..100 (`curve`).
     Local: candidates restricted to the task's target modality (the modality of its positives).
     Global: the whole mixed pool of every task of the split, ranked as an index ranks it: by
     scores calibrated across modalities (fitted on the pool itself), or with `calibrated=False`
@@ -95,6 +107,7 @@ def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", task
 
         cal = fit_dense(cvec, cmod)
     results = {}
+    depth = max(KS + ((CURVE_DEPTH,) if curves else ()))
     for task in sorted(query_files):
         if tasks and task not in tasks:
             continue
@@ -117,17 +130,18 @@ def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", task
         qmods = [it.modality for it in items]
         if cal is not None and all(cal.covers(m, sorted(set(cmod.tolist()))) for m in set(qmods)):
             pool_desc = "global (calibrated across modalities)"
-            ranked = _rank_calibrated(qvec, qmods, cvec, cmod, cids, max(KS), cal)
+            ranked = _rank_calibrated(qvec, qmods, cvec, cmod, cids, depth, cal)
         else:
-            ranked = _rank(qvec, cvec[mask], ids, max(KS))
+            ranked = _rank(qvec, cvec[mask], ids, depth)
         runs = dict(zip([q["qid"] for q in qs], ranked))
-        res = summarize(runs, qrels, KS)
+        res = _with_curves(summarize(runs, qrels, KS), runs, qrels, CURVE_DEPTH if curves else None)
         res.update({"pool": pool_desc, "candidates": int(mask.sum()), "query_file": query_files[task].name})
         results[f"task{task}"] = res
     return {"encoder": encoder.spec, "fingerprint": encoder.fingerprint, "split": split, "tasks": results}
 
 
-def evaluate_beir(encoder: Encoder, root: str | Path, split: str = "test", instruction: str | None = None) -> dict:
+def evaluate_beir(encoder: Encoder, root: str | Path, split: str = "test", instruction: str | None = None,
+                  curves: bool = False) -> dict:
     root = Path(root)
     corpus = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines() if line.strip()]
     queries = {json.loads(line)["_id"]: json.loads(line)["text"] for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()}
@@ -143,17 +157,17 @@ def evaluate_beir(encoder: Encoder, root: str | Path, split: str = "test", instr
     dvec = _encode_all(encoder, docs, "document")
     qids = [q for q in queries if q in qrels]
     qvec = _encode_all(encoder, [Item(q, queries[q]) for q in qids], "query", instruction)
-    runs = dict(zip(qids, _rank(qvec, dvec, [d.id for d in docs], 100)))
-    res = summarize(runs, qrels, (1, 5, 10, 100))
+    runs = dict(zip(qids, _rank(qvec, dvec, [d.id for d in docs], max(100, CURVE_DEPTH))))
+    res = _with_curves(summarize(runs, qrels, (1, 5, 10, 100)), runs, qrels, CURVE_DEPTH if curves else None)
     res.update({"candidates": len(docs), "empty_documents_skipped": len(empty)})
     return {"encoder": encoder.spec, "fingerprint": encoder.fingerprint, "split": split, "tasks": {"beir": res}}
 
 
 def format_table(result: dict) -> str:
     lines = [f"encoder {result['encoder']} ({result['fingerprint']}), split {result['split']}"]
-    cols = ["recall@1", "recall@5", "recall@10", "ndcg@10", "mrr@10"]
-    lines.append(f"{'task':<8}{'queries':>8}  {'pool':<18}" + "".join(f"{c:>11}" for c in cols))
+    cols = ["hit_rate@1", "hit_rate@5", "hit_rate@10", "recall@10", "ndcg@10", "mrr@10"]
+    lines.append(f"{'task':<8}{'queries':>8}  {'pool':<18}" + "".join(f"{c:>12}" for c in cols))
     for task, r in result["tasks"].items():
         lines.append(f"{task:<8}{r['queries']:>8}  {r.get('pool', str(r.get('candidates'))):<18}"
-                     + "".join(f"{r.get(c, float('nan')):>11.4f}" for c in cols))
+                     + "".join(f"{r.get(c, float('nan')):>12.4f}" for c in cols))
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from index.atomic import atomic_write
+from index.errors import InvalidArgument
 
 SHARD_ROWS = 2048
 SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}  # rows per shard: a killed run keeps all but the last few hundred items
@@ -95,9 +96,9 @@ class FeatureCache:
                     rows = f.get_slice("rows")
                     shape, dtype = rows.get_shape(), rows.get_dtype()
                 if keys.ndim != 2 or keys.shape[1] != 32 or list(shape) != [len(keys), self.dim]:
-                    raise ValueError(f"keys {keys.shape}, rows {shape}, expected rows of {self.dim}")
+                    raise InvalidArgument(f"keys {keys.shape}, rows {shape}, expected rows of {self.dim}")
                 if SAFETENSORS_DTYPES.get(dtype) != self.dtype:
-                    raise ValueError(f"rows of {dtype}, expected {self.dtype.name}")
+                    raise InvalidArgument(f"rows of {dtype}, expected {self.dtype.name}")
             except Exception as e:  # a damaged or foreign file costs a recomputation, never a crash
                 warnings.warn(f"feature cache: skipping unreadable shard {shard.name} ({e})", stacklevel=2)
                 continue
@@ -140,7 +141,7 @@ class FeatureCache:
             return
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape != (len(keys), self.dim):
-            raise ValueError(f"feature cache: {rows.shape} rows for {len(keys)} keys of dim {self.dim}")
+            raise InvalidArgument(f"feature cache: {rows.shape} rows for {len(keys)} keys of dim {self.dim}")
         shard = self.folder / f"{uuid.uuid4().hex}.safetensors"
         tensors = {"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32).copy(), "rows": rows}
         atomic_write(shard, lambda tmp: save_file(tensors, tmp))

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from index.errors import InvalidArgument
 
-class BadImage(ValueError):
+
+class BadImage(InvalidArgument):
     """The image is missing, unreadable, or over a limit; the message says which, `code` names it."""
 
     def __init__(self, message: str, code: str = "invalid_image"):

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from index.errors import InvalidArgument
+
 MODALITIES = ("image", "text", "image,text")
 
 
@@ -27,7 +29,7 @@ class Item:
             return "image"
         if has_text:
             return "text"
-        raise ValueError(f"item {self.id!r} has neither text nor image")
+        raise InvalidArgument(f"item {self.id!r} has neither text nor image")
 
     def image_ref(self) -> str | None:
         """How the document store remembers the image: its absolute path when it has one."""
@@ -45,7 +47,7 @@ def parse_modalities(text: str | list[str] | None) -> list[str] | None:
     for p in parts:
         p = p.strip().replace("+", ",").replace(" ", "")
         if p not in MODALITIES:
-            raise ValueError(f"unknown modality {p!r}: use image, text or image,text (several joined by |)")
+            raise InvalidArgument(f"unknown modality {p!r}: use image, text or image,text (several joined by |)")
         out.append(p)
     return out
 

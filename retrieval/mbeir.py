@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index.errors import InvalidArgument
 from retrieval.items import Item
 from retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
 
@@ -45,17 +46,17 @@ def read_queries(path: str | Path, image_root: str | Path | None = None) -> list
             rec = json.loads(line)
             qid = str(rec["qid"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{lineno}: not an M-BEIR query line (needs JSON with qid)") from None
+            raise InvalidArgument(f"{path}:{lineno}: not an M-BEIR query line (needs JSON with qid)") from None
         img = rec.get("query_img_path")
         item = Item(qid, rec.get("query_txt"), str(root / img) if img else None)
         try:
             item.modality
         except ValueError:
-            raise ValueError(f"{path}:{lineno}: query {qid} has neither query_txt nor query_img_path") from None
+            raise InvalidArgument(f"{path}:{lineno}: query {qid} has neither query_txt nor query_img_path") from None
         out.append(MbeirQuery(qid, item, [str(d) for d in rec.get("pos_cand_list") or []],
                               [str(d) for d in rec.get("neg_cand_list") or []], rec.get("task_id"), rec))
     if not out:
-        raise ValueError(f"no queries in {path}")
+        raise InvalidArgument(f"no queries in {path}")
     return out
 
 
@@ -65,10 +66,10 @@ def read_pool(path: str | Path, image_root: str | Path | None = None) -> dict[st
     pool = {}
     for rec in MbeirPoolCorpus(path, image_root):
         if isinstance(rec, Rejected):
-            raise ValueError(f"{path}: candidate {rec.id}: {rec.reason}")
+            raise InvalidArgument(f"{path}: candidate {rec.id}: {rec.reason}")
         pool[rec.id] = rec
     if not pool:
-        raise ValueError(f"no candidates in {path}")
+        raise InvalidArgument(f"no candidates in {path}")
     return pool
 
 
@@ -92,7 +93,7 @@ class Instructions:
                     key = (row[3].strip(), _modality(row[0]), _modality(row[1]))
                     self.variants[key] = [v.strip() for v in row[4:] if v.strip()]
         if not self.variants:
-            raise ValueError(f"{path}: no instructions (expected a TSV: query modality, candidate modality, "
+            raise InvalidArgument(f"{path}: no instructions (expected a TSV: query modality, candidate modality, "
                              "dataset, dataset id, variants...)")
 
     def pick(self, dataset_id: str, query_modality: str, cand_modality: str, rng: np.random.Generator | None = None) -> str | None:

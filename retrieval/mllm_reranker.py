@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from index.errors import InvalidArgument
 from retrieval.encoders.mllm import ADAPTER_FILE, MllmEncoder
 from retrieval.items import Item
 
@@ -40,7 +41,7 @@ class MllmReranker:
         self.yes_id = tok.encode("Yes", add_special_tokens=False)[0]
         self.no_id = tok.encode("No", add_special_tokens=False)[0]
         if self.yes_id == self.no_id:
-            raise ValueError(f"{encoder.base}: 'Yes' and 'No' start with the same token; no Yes/No head")
+            raise InvalidArgument(f"{encoder.base}: 'Yes' and 'No' start with the same token; no Yes/No head")
 
     @classmethod
     def fresh(cls, base: str | Path, lora_r: int = 8, lora_alpha: int = 16) -> "MllmReranker":

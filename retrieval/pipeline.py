@@ -6,7 +6,7 @@ committed batch when the same command is run again, and ends with every item exa
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,18 +14,21 @@ from typing import Iterable, Iterator
 
 from index.build_journal import BuildJournal
 from index.docstore import DocRecord
-from index.errors import IndexMismatch
+from index.errors import IndexMismatch, InvalidArgument
 from index.store import IndexStore
 from retrieval.encoders.base import Encoder
 from retrieval.images import BadImage
 from retrieval.items import Item
 from retrieval.prefetch import prefetch_batches
+from retrieval.progress import bar as progress_bar
 from retrieval.readers import Rejected, open_corpus
+
+log = logging.getLogger("umr.retrieval")
 
 MAX_REPORTED = 1000
 
 
-class StrictError(ValueError):
+class StrictError(InvalidArgument):
     """A bad record under --strict."""
 
 
@@ -131,15 +134,6 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
     return report
 
 
-def _progress(total: int | None, initial: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="item", desc=desc, file=sys.stderr, dynamic_ncols=True,
-                smoothing=0.1)
-
-
 def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_kind: str = "auto",
                 memory_budget: int | None = None, batch_size: int = 64, workers: int = 2, strict: bool = False,
                 corpus_format: str = "auto", progress: bool = True) -> BuildReport:
@@ -178,6 +172,8 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
     try:
         start, saved = journal.position()
         report = BuildReport(str(corpus), resumed_at=start)
+        log.info("building %s from %s (%s) with %s%s", out, corpus, reader.kind, encoder.spec,
+                 f", resuming after item {start}" if start else "")
         if saved:
             for k in ("read", "indexed", "rejected", "rejections"):
                 setattr(report, k, saved[k])
@@ -186,7 +182,7 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
             total = len(reader)
         except (OSError, TypeError):
             pass
-        bar = _progress(total, start, progress, "indexing")
+        bar = progress_bar(total, "indexing", progress, initial=start)
         try:
             ingest(store, encoder, reader, report, start=start, batch_size=batch_size, workers=workers,
                    strict=strict, progress=bar, journal=journal)
@@ -194,12 +190,13 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
             if bar is not None:
                 bar.close()
         if store.count() == 0:
-            raise ValueError(f"no valid items in {corpus} ({report.rejected} rejected); nothing to index")
+            raise InvalidArgument(f"no valid items in {corpus} ({report.rejected} rejected); nothing to index")
         t0 = time.perf_counter()
         store.finalize()
         journal.finish(report.to_dict(), time.perf_counter() - t0)
         store.record_event("built", documents=store.count(), rejected=report.rejected)
         store.save()
+        log.info("built %s: %d indexed, %d rejected", out, report.indexed, report.rejected)
     finally:
         store.close()
     return report
@@ -210,7 +207,7 @@ def add_to_index(store: IndexStore, encoder: Encoder, corpus: str | Path, *, bat
     """Add a corpus to a finished index without rebuilding it; same ids replace old documents."""
     reader = open_corpus(corpus, corpus_format)
     report = BuildReport(str(corpus))
-    bar = _progress(None, 0, progress, "adding")
+    bar = progress_bar(None, "adding", progress)
     try:
         ingest(store, encoder, reader, report, batch_size=batch_size, workers=workers, strict=strict, progress=bar)
     finally:

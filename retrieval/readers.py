@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from index.document_rules import InvalidDocument, check_document, has_visible_text
+from index.errors import InvalidArgument
 from retrieval.items import MODALITIES, Item
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -215,8 +216,8 @@ def open_corpus(path: str | Path, kind: str = "auto"):
                 first = next((line for line in f if line.strip()), "")
             kind = "mbeir" if '"did"' in first else "jsonl"
         else:
-            raise ValueError(f"cannot tell the format of {path}: use a .jsonl file, an M-BEIR pool or a folder (or --format)")
+            raise InvalidArgument(f"cannot tell the format of {path}: use a .jsonl file, an M-BEIR pool or a folder (or --format)")
     readers = {"jsonl": JsonlCorpus, "folder": FolderCorpus, "mbeir": MbeirPoolCorpus}
     if kind not in readers:
-        raise ValueError(f"unknown corpus format {kind!r}: use jsonl, folder or mbeir")
+        raise InvalidArgument(f"unknown corpus format {kind!r}: use jsonl, folder or mbeir")
     return readers[kind](path)

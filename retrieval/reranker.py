@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from index.errors import InvalidArgument
 from retrieval.encoders import towers
 from retrieval.items import Item
 
@@ -215,7 +216,7 @@ class LitReranker:
             raise FileNotFoundError(f"{directory} is not a umr re-ranker (no {CONFIG_FILE}); train one with `umr reranker train`")
         cfg = json.loads((directory / CONFIG_FILE).read_text())
         if cfg.get("type") != "lit-cross" or cfg.get("text_tower") != towers.TEXT_TOWER:
-            raise ValueError(f"{directory}: a {cfg.get('type')!r} re-ranker over {cfg.get('text_tower')}, "
+            raise InvalidArgument(f"{directory}: a {cfg.get('type')!r} re-ranker over {cfg.get('text_tower')}, "
                              f"this umr has lit-cross over {towers.TEXT_TOWER}")
         model = CrossScorer(CrossConfig(**cfg["config"]))
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))

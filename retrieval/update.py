@@ -8,10 +8,12 @@ refused where the index answered it before, or that retrieves worse than the old
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
+from index.errors import InvalidArgument
 from index.store import IndexStore, Segment
 from retrieval import compensators as cp
 from retrieval.calibration_pairs import DEFAULT_CALIBRATION, MIN_PAIRS, QUERY_MODALITIES, check_sources, segment_pairs
@@ -19,10 +21,12 @@ from retrieval.encoders import Encoder, load_recorded
 from retrieval.reference_queries import write_references
 from retrieval.update_eval import describe_interval, evaluate_variants, uncovered_eval_modalities
 
+log = logging.getLogger("umr.retrieval")
+
 CORPUS_SAMPLE_FOR_AGREEMENT = 20_000
 
 
-class UpdateRefused(ValueError):
+class UpdateRefused(InvalidArgument):
     """The update would make the index worse (a lost query modality, or worse retrieval on
     --eval beyond the noise); nothing was changed."""
 
@@ -83,6 +87,8 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
             pairs_of[(seg.id, modality)] = (n_vecs, o_vecs)
             seg_report["modalities"][modality] = {"status": "ok", "chosen": comp.kind, "pairs": int(len(n_vecs)),
                                                   "sources": got.sources[modality], "comparison": table}
+            log.info("segment %d, %s queries: %s compensator from %d calibration pairs", seg.id, modality, comp.kind,
+                     len(n_vecs), extra={"segment": seg.id})
         report["segments"].append(seg_report)
     if activate and not force:
         lost = lost_modalities(store, new, report["segments"])
@@ -97,11 +103,11 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
                                 "calibration data; add --calibration QUERIES.jsonl with queries of that kind, or --force")
     if eval_path:
         report["eval"] = evaluate_variants(store, new, fitted, pairs_of, eval_path, reindex_sample=reindex_sample)
-        r = report["eval"]["recall@5"]
+        r = report["eval"]["hit_rate@5"]
         cmp = report["eval"]["chosen against old"]
         if cmp["interval95"][1] < 0 and not force:  # worse beyond what the choice of queries explains
             figures = ", ".join(f"{k} {v:.3f}" for k, v in r.items())
-            raise UpdateRefused(f"not activated: with the chosen compensators Recall@5 on {eval_path} is "
+            raise UpdateRefused(f"not activated: with the chosen compensators hit rate@5 on {eval_path} is "
                                 f"{r['chosen']:.3f}, below the old encoder's {r['old encoders']:.3f} beyond the noise "
                                 f"({describe_interval(cmp)}; {figures}); use --force to register it anyway")
     if eval_new_path:
@@ -112,11 +118,14 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
 
         queries = {label: path for label, path in (("old-domain", eval_path), ("new-domain", eval_new_path)) if path}
         if not queries:
-            raise ValueError("--eval-docs scores the --eval and --eval-new queries: give at least one of them")
+            raise InvalidArgument("--eval-docs scores the --eval and --eval-new queries: give at least one of them")
         report["preview"] = preview(store, new, lambda copy: commit(copy, new, fitted, pairs_of, {"segments": []},
                                                                     calibration, method, True), eval_docs, queries)
     commit(store, new, fitted, pairs_of, report, calibration, method, activate)
     report["seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("registered %s as encoder version %d (%s) in %.1f s", new.spec, report["version"],
+             "active" if report["active_version"] == report["version"] else "not active", report["seconds"],
+             extra={"version": report["version"]})
     return report
 
 

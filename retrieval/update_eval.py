@@ -1,4 +1,4 @@
-"""What `umr update --eval` measures before anything is written: Recall@k of the whole index
+"""What `umr update --eval` measures before anything is written: hit rate@k (M-BEIR's Recall@k) of the whole index
 for the old encoders, the new one uncompensated, each compensator kind, the chosen ones, and
 the new encoder re-indexed on a sample, with a paired interval for the chosen against the old.
 """
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index.errors import InvalidArgument
 from index.store import IndexStore
 from retrieval import compensators as cp
 from retrieval.encoders import Encoder, load_recorded
@@ -32,7 +33,7 @@ def read_eval_queries(path: str) -> tuple[list[Item], list[set[str]]]:
         items.append(Item(None, text, str(root / img) if img else None))
         relevant.append(set(map(str, rel)))
     if not items:
-        raise ValueError(f"no queries in {path}")
+        raise InvalidArgument(f"no queries in {path}")
     return items, relevant
 
 
@@ -75,7 +76,7 @@ def describe_interval(cmp: dict) -> str:
 
 def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, eval_path: str, k: int = 5,
                       reindex_sample: int | None = None) -> dict:
-    """Recall@k of the whole index for the old encoders, the new one uncompensated, each
+    """Hit rate@k of the whole index for the old encoders, the new one uncompensated, each
     compensator kind, and the chosen compensators: the comparison `umr update` prints."""
     items, relevant = read_eval_queries(eval_path)
     mods = np.array([it.modality for it in items])
@@ -86,9 +87,9 @@ def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: d
             enc = load_recorded(seg.record["encoder"])
             old_q[seg.id] = enc.encode(items, role="query")
     segs = [s for s in store.segments if len(s.alive)]
-    out = {"queries": len(items), f"recall@{k}": {},
+    out = {"queries": len(items), f"hit_rate@{k}": {},
            "judged_in_index": sum(any(store.docs.get(d) is not None for d in rel) for rel in relevant)}
-    r = out[f"recall@{k}"]
+    r = out[f"hit_rate@{k}"]
     old_hits = _hits(store, old_q, relevant, k)
     r["old encoders"] = float(old_hits.mean())
     if all(s.dim == new.dim for s in segs):

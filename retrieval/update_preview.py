@@ -41,9 +41,9 @@ def _recall(engine: Engine, path: str, k: int) -> float:
 
 def preview(store: IndexStore, new: Encoder, apply_update: Callable[[IndexStore], None], corpus: str,
             queries: dict[str, str], k: int = 5) -> dict:
-    """Recall@k per query file (label -> path) with `corpus` added, without and with the update."""
+    """Hit rate@k per query file (label -> path) with `corpus` added, without and with the update."""
     old = load_recorded(store.version(store.active_version))
-    out = {"documents": str(corpus), f"recall@{k}": {}}
+    out = {"documents": str(corpus), f"hit_rate@{k}": {}}
     with tempfile.TemporaryDirectory(prefix="umr-update-preview-") as tmp:
         for label, encoder, update in (("keep the old encoder", old, False), ("update", new, True)):
             copy = IndexStore.open(copy_index(store.path, Path(tmp) / label.replace(" ", "-")))
@@ -56,7 +56,7 @@ def preview(store: IndexStore, new: Encoder, apply_update: Callable[[IndexStore]
             out["added"] = added.indexed
             engine = Engine.open(Path(tmp) / label.replace(" ", "-"))
             try:
-                out[f"recall@{k}"][label] = {name: _recall(engine, path, k) for name, path in queries.items()}
+                out[f"hit_rate@{k}"][label] = {name: _recall(engine, path, k) for name, path in queries.items()}
             finally:
                 engine.close()
     return out

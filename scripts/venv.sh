@@ -6,14 +6,15 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=${UMR_VENV_ROOT:-$HOME/.cache/umr}
-key=$( (cat "$here/pyproject.toml"; python3 --version) | sha256sum | cut -c1-12)
+key=$( (cat "$here/pyproject.toml" "$here/constraints.txt"; python3 --version) | sha256sum | cut -c1-12)
 venv=${UMR_VENV:-$root/venv-$key}
 mkdir -p "$root"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" >&2
   "$venv/bin/pip" install -q --upgrade pip >&2
 fi
-# torch and torchvision first: the only pair that imports here, taken from local disk.
-"$venv/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 >&2
-"$venv/bin/pip" install -q -e "$here[test]" >&2
+# torch and torchvision first: the only pair that imports here, taken from local disk; the
+# constraints keep every later install on that pair.
+"$venv/bin/pip" install -q -c "$here/constraints.txt" torch torchvision >&2
+"$venv/bin/pip" install -q -c "$here/constraints.txt" -e "$here[test,mllm]" >&2
 echo "$venv"

@@ -19,7 +19,7 @@ from server.batching import QueryBatcher
 from server.checkpoints import Checkpointer
 from server.errors import InternalErrors, install_error_handlers
 from server.metrics import Metrics
-from server.middleware import BodyLimit, RequestMetrics
+from server.middleware import BodyLimit, RequestObserver
 from server.request_checks import RequestChecks
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -50,10 +50,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.state.umr = st
     app.state.checkpointer = checkpointer
     install_error_handlers(app)
-    # Added innermost first: metrics see every answer, the 500 catcher sits outside the body limit.
+    # Added innermost first: the observer (request id, metrics, log) sees every answer, the 500
+    # catcher sits outside the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InternalErrors)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestObserver, metrics=metrics)
     for module in (search_routes, document_routes, admin_routes, info_routes, page_routes):
         app.include_router(module.router)
     return app

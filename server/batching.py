@@ -1,6 +1,8 @@
 """Micro-batching: concurrent queries share one encoder forward and one index search call.
 
-One dedicated thread encodes and searches a batch, so the event loop never blocks on it; the
+One dedicated thread encodes and searches each batch of searches, so the event loop never
+blocks on it (what does not go through here runs on the event loop's worker threads: adds embed
+their documents there, and with --no-batching each search runs there on its own); the
 forward and the search each use every core, so the earlier second stage (search on its own
 thread beside the next forward) only split the load into two half-size batches: at concurrency
 32 it averaged 11-13 queries per forward against 27 now, at more CPU per query. A batch starts

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.request_log import current_id
+
 log = logging.getLogger("umr.server")
 
 
@@ -68,7 +70,7 @@ class InternalErrors:
         try:
             await self.app(scope, receive, tracked)
         except Exception:
-            error_id = uuid.uuid4().hex[:12]
+            error_id = current_id.get() or uuid.uuid4().hex[:12]  # the request's own id when it has one
             log.exception("internal error %s on %s %s", error_id, scope.get("method"), scope.get("path"))
             if started:  # the answer is half sent: all that is left is to cut it short
                 raise

@@ -15,11 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from index.errors import InvalidArgument
+
 SCOPES = ("read", "write", "admin")
 PREFIX = "umr_"
 
 
-class KeyFileError(ValueError):
+class KeyFileError(InvalidArgument):
     """The key file is missing, unreadable or malformed; the message says which."""
 
 

@@ -1,10 +1,12 @@
-"""Pure ASGI middlewares (no extra task per request): the body size limit and request metrics."""
+"""Pure ASGI middlewares (no extra task per request): the body size limit, and the request
+observer (id, metrics, log line)."""
 from __future__ import annotations
 
 import time
 
 from server.errors import error_response
 from server.metrics import Metrics
+from server.request_log import current_id, log_request, request_id
 
 
 class BodyTooLarge(Exception):
@@ -60,8 +62,9 @@ class BodyLimit:
                 await self.too_large(None)(scope, receive, send)
 
 
-class RequestMetrics:
-    """Count and time requests by route."""
+class RequestObserver:
+    """Outermost: gives the request its id (sent back as X-Request-ID and on every log record made
+    meanwhile), then counts, times and logs it by route."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -69,6 +72,8 @@ class RequestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        rid = request_id(scope)
+        token = current_id.set(rid)
         t0 = time.perf_counter()
         status = 500
 
@@ -76,12 +81,16 @@ class RequestMetrics:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            seconds = time.perf_counter() - t0
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.latency.labels(endpoint).observe(seconds)
+            log_request(scope, rid, status, seconds)
+            current_id.reset(token)

@@ -25,7 +25,10 @@ async def prepare(st: ServerState, eng: Engine, q: Query):
     """Decode and preprocess outside the model thread; every failure here is the request's own."""
     st.batcher.preparing += 1
     try:
-        if q.image is None:  # text is only tokenised in the batched forward: nothing to offload
+        if q.image is None:
+            # Text is prepared on the event loop: the tower encoders only check it here and
+            # tokenise in the batched forward; the MLLM encoder applies its chat template and
+            # tokenises here, work on at most max_text_chars that is not worth a thread hop.
             return eng.prepare_query(q, st.limits)
         return await run_in_threadpool(eng.prepare_query, q, st.limits)
     except BadImage as e:

@@ -1,6 +1,5 @@
 """The dependency direction index <- retrieval <- {training, server} <- CLI (GUIDE section 2)."""
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

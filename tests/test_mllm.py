@@ -116,7 +116,7 @@ def test_lora_trains_saves_and_reloads_to_identical_embeddings(base, photos, tmp
 
 @pytest.mark.slow
 def test_recipe_index_search_and_yes_no_reranker_end_to_end(base, photos, tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"image": img, "text": c} for img, caps in photos for c in caps])
+    write_jsonl(tmp_path / "pairs.jsonl", [{"image": img, "text": c} for img, caps in photos for c in caps])
     (tmp_path / "recipe.yaml").write_text(f"""
 encoder: hf-mllm:{base}
 out: run
@@ -208,7 +208,7 @@ out: ../runs/x
 stages:
   - {{name: s, data: {{pairs: {pairs}}}, trainable: lora, lora_r: 0}}
 """)
-    with pytest.raises(RecipeError, match=r"stage 1 \(s\): lora_r and lora_alpha must be at least 1"):
+    with pytest.raises(RecipeError, match=r"stage 1 \(s\): lora_r must be at least 1, got 0"):
         load_recipe(tmp_path / "recipes" / "r.yaml")
     (tmp_path / "recipes" / "r.yaml").write_text((tmp_path / "recipes" / "r.yaml").read_text().replace("lora_r: 0", "lora_r: 4"))
     recipe = load_recipe(tmp_path / "recipes" / "r.yaml")

@@ -43,14 +43,19 @@ stages:
 @pytest.mark.parametrize("body, message", [
     ("stages: []\nout: o", "at least one stage"),
     ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}, lerning_rate: 1}", "unknown key(s) lerning_rate"),
-    ("out: o\nstages:\n  - {name: a, data: {pairs: missing.jsonl}}", "pairs"),
+    ("out: o\nstages:\n  - {name: a, data: {pairs: missing.jsonl}}", "stage 1 (a): data.pairs "),
+    ("out: o\nstages:\n  - {name: a, data: {pairs: missing.jsonl}}", "missing.jsonl does not exist"),
+    ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl, kind: triples}}", "data.kind must be one of image-caption, caption-caption"),
+    ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}, batch_size: 1}", "stage 1 (a): batch_size must be at least 2, got 1"),
+    ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl, pears: 1}}", "unknown key(s) pears (allowed: caption_template"),
+    ("out: o\nstages:\n  - {name: 'a b', data: {pairs: p.jsonl}}", "needs a `name` of letters"),
     ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}, loss: triplet}", "loss must be one of"),
     ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}, hard_negatives: 5}", "hard_negatives needs data.queries"),
     ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}, loss: kl}", "loss kl needs data.queries"),
     ("out: o\nstages:\n  - {name: a, data: {queries: p.jsonl}}", "needs data.pool"),
     ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}}\n  - {name: a, data: {pairs: p.jsonl}}", "unique"),
     ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}, continual: {weight: 1}}", "teacher"),
-    ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}, epochs: many}", "stage 1 (a)"),
+    ("out: o\nstages:\n  - {name: a, data: {pairs: p.jsonl}, epochs: many}", "stage 1 (a): epochs must be an integer, got 'many'"),
     ("out: [unclosed", "not valid YAML"),
 ])
 def test_bad_recipes_name_the_problem(tmp_path, body, message):
@@ -143,8 +148,8 @@ stages:
     s2 = json.loads((tmp_path / "run" / "02-images" / "stage.json").read_text())
     assert s1["status"] == s2["status"] == "done"
     assert s2["start"] == str(tmp_path / "run" / "01-text") and s2["start_fingerprint"] == s1["fingerprint"]
-    assert s2["eval"]["tasks"]["task0"]["recall@5"] > s1["eval"]["tasks"]["task0"]["recall@5"]
-    assert s2["eval"]["tasks"]["task0"]["recall@5"] > 0.2  # chance: 0.025
+    assert s2["eval"]["tasks"]["task0"]["hit_rate@5"] > s1["eval"]["tasks"]["task0"]["hit_rate@5"]
+    assert s2["eval"]["tasks"]["task0"]["hit_rate@5"] > 0.2  # chance: 0.025
     assert not (tmp_path / "run" / "02-images" / "checkpoint.safetensors").exists()
     prov = json.loads((tmp_path / "run" / "02-images" / "umr_encoder.json").read_text())["provenance"]
     assert prov["data"]["continual"] == {"teacher": str(tmp_path / "run" / "01-text"), "weight": 0.5}
@@ -187,7 +192,7 @@ stages:
     s2 = json.loads((tmp_path / "run" / "02-images" / "stage.json").read_text())
     prov = json.loads((tmp_path / "run" / "03-hard" / "umr_encoder.json").read_text())["provenance"]
     assert prov["data"]["examples"] == 1000 and prov["data"]["negatives"] >= 3000
-    assert s3["eval"]["tasks"]["task0"]["recall@5"] > 0.2 and s3["start_fingerprint"] == s2["fingerprint"]
+    assert s3["eval"]["tasks"]["task0"]["hit_rate@5"] > 0.2 and s3["start_fingerprint"] == s2["fingerprint"]
 
 
 def test_the_shipped_example_recipe_parses(flickr):

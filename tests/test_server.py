@@ -186,7 +186,8 @@ def test_concurrent_queries_are_micro_batched(served):
     for t in threads:
         t.join(timeout=60)
     assert not errors and len(results) == 80
-    assert all(len({results[(i, j)] for j in range(5)}) == 1 for i in range(16))  # batching never mixes answers up
+    # Each query's own document (the same text, cosine 1) comes back to it: batching never mixes answers up.
+    assert all(results[(i, j)] == f"t{i}" for i in range(16) for j in range(5)), results
     text = client.get("/metrics").text
     counts = {}
     for line in text.splitlines():

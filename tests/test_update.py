@@ -177,14 +177,21 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     # the same weights under another name: compensation is near the identity, so it passes
     ckpt = tmp_path / "same.pt"
     torch.save(tiny.model.state_dict(), ckpt)
+    plot = tmp_path / "update.png"
     r = run_cli("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--reindex-sample", "200",
-                "--calibration", "corpus", "--calibration", images, "--json")
+                "--calibration", "corpus", "--calibration", images, "--json", "--plot", plot)
     assert r.returncode == 0, r.stderr
+    # The comparison as bars: one colour per variant (five or more here), the chosen one outlined.
+    from test_cli_behaviour import colour_pixels
+    from umr.plots import COLOURS
+
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(colour_pixels(plot, c) > 200 for c in COLOURS[:5])
     sample = json.loads(r.stdout)["eval"]["reindex_sample"]
     assert sample["documents"] == 300  # 100 judged + 200 others
     # same weights: re-embedding reproduces the stored vectors, so both agree on the sample
     assert sample["new encoder re-indexed on the sample"] == pytest.approx(sample["old encoders on the sample"])
-    ev = json.loads(r.stdout)["eval"]["recall@5"]
+    ev = json.loads(r.stdout)["eval"]["hit_rate@5"]
     assert ev["chosen"] >= ev["old encoders"] and {"mean", "linear", "mlp", "new, uncompensated"} <= set(ev)
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries, "--force", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["active_version"] == 3
@@ -307,7 +314,7 @@ def test_eval_docs_previews_both_futures_on_copies_and_leaves_the_index_as_it_wa
     assert r.returncode == 0, r.stderr
     preview = json.loads(r.stdout)["preview"]
     assert preview["added"] == 40
-    keep, update = preview["recall@5"]["keep the old encoder"], preview["recall@5"]["update"]
+    keep, update = preview["hit_rate@5"]["keep the old encoder"], preview["hit_rate@5"]["update"]
     assert set(keep) == set(update) == {"old-domain", "new-domain"}
     assert update["new-domain"] >= 0.9 and keep["new-domain"] >= 0.9  # the new documents are found in both futures
     assert update["old-domain"] >= 0.5  # old documents through the compensator, merged with the new segment

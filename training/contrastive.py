@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from index.errors import InvalidArgument
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.lit import LitEncoder
 from training import checkpoints, distributed
@@ -159,11 +160,11 @@ def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example],
     if cfg.loss in ("kl", "margin-mse"):
         examples = [ex for ex in examples if ex.teacher_items is not None and len(ex.teacher_items) >= 2]
         if not examples:
-            raise ValueError(f"loss {cfg.loss} needs teacher lists (`umr reranker score` output); the data has none")
+            raise InvalidArgument(f"loss {cfg.loss} needs teacher lists (`umr reranker score` output); the data has none")
     if cfg.hard_negatives and not any(len(ex.negatives) for ex in examples):
-        raise ValueError("hard_negatives is set but no query has mined negatives: run `umr mine` and train on its output")
+        raise InvalidArgument("hard_negatives is set but no query has mined negatives: run `umr mine` and train on its output")
     if len(examples) < 2:
-        raise ValueError(f"training needs at least 2 examples, got {len(examples)}")
+        raise InvalidArgument(f"training needs at least 2 examples, got {len(examples)}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     trainee = trainee or trainee_for(encoder, bank)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from index.errors import InvalidArgument
 from retrieval.encoders.base import with_instruction
 from retrieval.encoders.lit import LitHeads
 from retrieval.encoders.tower_encoder import TowerEncoder
@@ -48,7 +49,7 @@ class FeatureBank:
         t = self.texts.setdefault(text, len(self.texts)) if text else -1
         i = self.images.setdefault(str(image), len(self.images)) if image else -1
         if t < 0 and i < 0:
-            raise ValueError("a training item needs a text or an image")
+            raise InvalidArgument("a training item needs a text or an image")
         key = (t, i)
         if key not in self._items:
             self._items[key] = len(self.item_text)
@@ -80,7 +81,7 @@ class FeatureBank:
                 new_i = encoder.image.cached_features(images[have_i:],
                                                       progress=progress and (lambda n: progress("images", n)))
             except ValueError as e:
-                raise ValueError(f"training {e}") from None
+                raise InvalidArgument(f"training {e}") from None
             self.image_feats = torch.cat(([self.image_feats] if have_i else []) + [new_i])
 
     def _computed(self) -> tuple[int, int]:
@@ -165,7 +166,7 @@ def mbeir_examples(queries: list[MbeirQuery], pool: dict[str, Item], bank: Featu
             stats["teacher lists"] += 1
         out.append(ex)
     if not out:
-        raise ValueError("no training query has a positive in the pool: check that --pool matches the queries")
+        raise InvalidArgument("no training query has a positive in the pool: check that --pool matches the queries")
     return out, stats
 
 

@@ -17,6 +17,7 @@ from index.vector_index import exact_topk
 from retrieval.encoders import Encoder
 from retrieval.items import Item
 from retrieval.mbeir import Instructions, MbeirQuery, target_modality
+from retrieval.progress import bar, encode_with_bar
 
 
 @dataclass(frozen=True)
@@ -30,22 +31,24 @@ class MiningConfig:
 
 
 def retrieve(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item], top: int, local: bool = True,
-             instructions: Instructions | None = None, batch_size: int = 64):
+             instructions: Instructions | None = None, batch_size: int = 64, progress: bool = False):
     """Yields (query, query vector, [(did, cosine)] best first, {did: cosine} of its positives)
-    over each task's local pool (its positives' modality) or the whole pool."""
+    over each task's local pool (its positives' modality) or the whole pool. With `progress`,
+    bars on stderr for the pool, the queries and the search."""
     dids = list(pool)
     items = [pool[d] for d in dids]
-    cvec = encoder.encode(items, role="document", batch_size=batch_size)
+    cvec = encode_with_bar(encoder, items, "embedding the pool", progress, batch_size, role="document")
     modality_of = {d: it.modality for d, it in zip(dids, items)}
     cmod = np.array([modality_of[d] for d in dids])
     by_task: dict = {}
     for q in queries:
         by_task.setdefault(q.task_id, []).append(q)
-    for qs in by_task.values():
+    for task, qs in by_task.items():
         target = target_modality((d for q in qs for d in q.positives), modality_of) if local else None
         cols = np.flatnonzero(cmod == target) if target else np.arange(len(dids))
-        qvec = encode_queries(encoder, qs, lambda q: _instruction(q, target, instructions), batch_size)
-        scores, idx = exact_topk(qvec, cvec[cols], min(top, len(cols)))
+        qvec = encode_queries(encoder, qs, lambda q: _instruction(q, target, instructions), batch_size,
+                              f"embedding task {task} queries" if progress else None)
+        scores, idx = search_with_bar(qvec, cvec[cols], min(top, len(cols)), f"searching task {task}", progress)
         col_of = {dids[c]: c for c in cols}
         for q, qv, sc, ix in zip(qs, qvec, scores, idx):
             pos = {d: float(cvec[col_of[d]] @ qv) for d in q.positives if d in col_of}
@@ -53,11 +56,12 @@ def retrieve(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item],
 
 
 def mine(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item], cfg: MiningConfig,
-         instructions: Instructions | None = None, batch_size: int = 64) -> tuple[list[dict], dict]:
-    """(M-BEIR query records with neg_cand_list and the scores, statistics)."""
+         instructions: Instructions | None = None, batch_size: int = 64, progress: bool = False) -> tuple[list[dict], dict]:
+    """(M-BEIR query records with neg_cand_list and the scores, statistics); `progress`: bars
+    on stderr while the pool and the queries are embedded and searched."""
     rng = np.random.default_rng(cfg.seed)
     out, stats = [], Counter()
-    for q, _, ranked, pos in retrieve(encoder, queries, pool, cfg.top, cfg.local, instructions, batch_size):
+    for q, _, ranked, pos in retrieve(encoder, queries, pool, cfg.top, cfg.local, instructions, batch_size, progress):
         positives = set(q.positives)
         pos_score = max(pos.values()) if pos else None
         negs = []
@@ -96,16 +100,33 @@ def portable(q: MbeirQuery) -> dict:
     return rec
 
 
-def encode_queries(encoder: Encoder, queries: list[MbeirQuery], instruction_of, batch_size: int = 64) -> np.ndarray:
-    """Queries grouped by their instruction, so each group encodes in full batches."""
+def encode_queries(encoder: Encoder, queries: list[MbeirQuery], instruction_of, batch_size: int = 64,
+                   desc: str | None = None) -> np.ndarray:
+    """Queries grouped by their instruction, so each group encodes in full batches; a bar
+    named `desc` when given."""
     groups: dict = {}
     for i, q in enumerate(queries):
         groups.setdefault(instruction_of(q), []).append(i)
     out = np.zeros((len(queries), encoder.dim), dtype=np.float32)
     for instruction, rows in groups.items():
-        out[rows] = encoder.encode([queries[i].item for i in rows], role="query", instruction=instruction,
-                                   batch_size=batch_size)
+        out[rows] = encode_with_bar(encoder, [queries[i].item for i in rows], desc or "", desc is not None, batch_size,
+                                    role="query", instruction=instruction)
     return out
+
+
+def search_with_bar(qvec: np.ndarray, cvec: np.ndarray, k: int, desc: str, enabled: bool, step: int = 256):
+    """exact_topk in slices of queries, advancing a bar (the same answer as one call)."""
+    progress = bar(len(qvec), desc, enabled, unit="query")
+    if progress is None:
+        return exact_topk(qvec, cvec, k)
+    try:
+        parts = []
+        for i in range(0, len(qvec), step):
+            parts.append(exact_topk(qvec[i:i + step], cvec, k))
+            progress.update(len(qvec[i:i + step]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    finally:
+        progress.close()
 
 
 def _instruction(q: MbeirQuery, target: str | None, instructions: Instructions | None) -> str | None:

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from index.errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -22,7 +24,7 @@ def read_class_folder(path: str | Path, template: str = "a photo of a {label}") 
     pairs = [Pair(str(p), template.format(label=p.parent.name.replace("_", " ").replace("-", " ")))
              for p in sorted(path.glob("*/*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not pairs:
-        raise ValueError(f"{path} holds no class folders with images (expected {path}/CLASS/IMAGE.jpg)")
+        raise InvalidArgument(f"{path} holds no class folders with images (expected {path}/CLASS/IMAGE.jpg)")
     return pairs
 
 
@@ -40,26 +42,26 @@ def read_pairs(path: str | Path, images_dir: str | Path | None = None, split: st
                 if line.strip():
                     rec = json.loads(line)
                     if not rec.get("image") or not rec.get("text"):
-                        raise ValueError(f"{path}:{lineno}: a pair needs both image and text")
+                        raise InvalidArgument(f"{path}:{lineno}: a pair needs both image and text")
                     pairs.append(Pair(str(images_dir / rec["image"]), rec["text"]))
     else:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
             header = next(reader)
             if [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
-                raise ValueError(f"{path}: expected a CSV with header 'image,caption'")
+                raise InvalidArgument(f"{path}: expected a CSV with header 'image,caption'")
             for row in reader:
                 if len(row) >= 2 and row[1].strip():
                     pairs.append(Pair(str(images_dir / row[0]), ",".join(row[1:]).strip()))
     if split:
         split_file, _, name = split.rpartition(":")
         if not split_file:
-            raise ValueError("--split takes SPLIT.json:NAME, e.g. split.json:train")
+            raise InvalidArgument("--split takes SPLIT.json:NAME, e.g. split.json:train")
         names = json.loads(Path(split_file).read_text())
         if name not in names:
-            raise ValueError(f"{split_file} has no split {name!r} (it has {', '.join(names)})")
+            raise InvalidArgument(f"{split_file} has no split {name!r} (it has {', '.join(names)})")
         keep = set(names[name])
         pairs = [p for p in pairs if Path(p.image).name in keep]
     if not pairs:
-        raise ValueError(f"no pairs read from {path}" + (f" for split {split}" if split else ""))
+        raise InvalidArgument(f"no pairs read from {path}" + (f" for split {split}" if split else ""))
     return pairs

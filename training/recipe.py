@@ -3,7 +3,9 @@
 
 Relative paths in a recipe are resolved against the recipe file's folder, so a recipe runs the
 same from any working directory. Unknown keys are errors: a misspelt `lerning_rate` silently
-ignored would train something other than what the user wrote.
+ignored would train something other than what the user wrote. The YAML is validated by pydantic
+models (types, ranges, choices; YAML's `1e-4`, a string, is read as the number) and turned into
+the frozen dataclasses the runner uses; errors name the stage and the key.
 """
 from __future__ import annotations
 
@@ -13,15 +15,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-LOSSES = ("infonce", "kl", "margin-mse")
-SCHEDULES = ("onecycle", "cosine", "constant")
-TRAINABLE = ("heads", "text-head", "image-head", "lora")
-DATA_KINDS = ("image-caption", "caption-caption")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from index.errors import InvalidArgument
 
 
-class RecipeError(ValueError):
+class RecipeError(InvalidArgument):
     """A recipe that cannot run as written; the message names the stage and key."""
 
 
@@ -50,7 +51,7 @@ class Stage:
     name: str
     data: StageData
     loss: str = "infonce"
-    temperature: float = 0.05  # initial temperature when the stage resets it; null keeps the encoder's
+    temperature: float | None = None  # reset the temperature to this; None keeps the encoder's (fresh heads: 0.05)
     learn_temperature: bool = True
     symmetric: bool = True
     hard_negatives: int = 0  # mined negatives per query added to the in-batch ones
@@ -86,35 +87,76 @@ class Recipe:
         return Path(self.out) if self.flat else Path(self.out) / f"{i + 1:02d}-{self.stages[i].name}"
 
 
-def _check_keys(where: str, got: dict, cls) -> None:
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(got) - allowed)
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-_FLOATS = {"temperature", "lr", "weight_decay"}
-_INTS = {"hard_negatives", "epochs", "steps", "batch_size", "seed", "lora_r", "lora_alpha"}
-_BOOLS = {"learn_temperature", "symmetric"}
+class _DataIn(_Strict):
+    pairs: str | None = None
+    split: str | None = None
+    images: str | None = None
+    caption_template: str = "a photo of a {label}"
+    kind: Literal["image-caption", "caption-caption"] = "image-caption"
+    queries: str | list[str] = []
+    pool: str | list[str] = []
+    instructions: str | None = None
 
 
-def _typed(where: str, key: str, value):
-    """YAML reads `1e-4` as a string and `epochs: many` as a string too: convert or refuse."""
-    if value is None and key in ("steps", "temperature"):
-        return None
-    try:
-        if key in _FLOATS and not isinstance(value, bool):
-            return float(value)
-        if key in _INTS and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if key in _BOOLS and isinstance(value, bool):
-            return value
-        if key not in _FLOATS | _INTS | _BOOLS:
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    kind = "a number" if key in _FLOATS else "an integer" if key in _INTS else "true or false"
-    raise RecipeError(f"{where}: {key} must be {kind}, got {value!r}")
+class _ContinualIn(_Strict):
+    teacher: str
+    weight: float = Field(1.0, ge=0)
+
+
+class _StageIn(_Strict):
+    """A stage as written: pydantic checks types, ranges and choices; what spans keys is
+    checked after (see _stage)."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    data: _DataIn
+    loss: Literal["infonce", "kl", "margin-mse"] = "infonce"
+    temperature: float | None = Field(None, gt=0)
+    learn_temperature: bool = True
+    symmetric: bool = True
+    hard_negatives: int = Field(0, ge=0)
+    trainable: Literal["heads", "text-head", "image-head", "lora"] = "heads"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    epochs: int = Field(30, ge=1)
+    steps: int | None = Field(None, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    batch_size: int = Field(128, ge=2, description="at least 2: the other rows are the in-batch negatives")
+    weight_decay: float = Field(0.5, ge=0)
+    seed: int = 0
+    continual: _ContinualIn | None = None
+    eval: str | None = None
+
+
+def _problem(err: dict, model: type[BaseModel]) -> str:
+    """One pydantic error as a recipe author reads it: the key, then what it must be."""
+    loc = [str(x) for x in err["loc"] if not isinstance(x, int)]
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _DataIn if loc[:1] == ["data"] else _ContinualIn if loc[:1] == ["continual"] else model
+        return f"unknown key(s) {loc[-1]} (allowed: {', '.join(sorted(owner.model_fields))})"
+    if kind == "literal_error":
+        return f"{key} must be one of {err['ctx']['expected'].replace(' or ', ', ').replace(chr(39), '')}"
+    if kind == "missing":
+        return {"name": "needs a `name` of letters, digits, - and _", "data": "needs `data:` with at least `pairs:`",
+                "continual.teacher": "`continual:` takes {teacher: PREVIOUS_ENCODER, weight: λ}"}.get(key, f"needs `{key}`")
+    if kind == "string_pattern_mismatch" and key == "name":
+        return "needs a `name` of letters, digits, - and _"
+    if kind in ("model_type", "dict_type"):
+        return {"data": "needs `data:` with at least `pairs:`",
+                "continual": "`continual:` takes {teacher: PREVIOUS_ENCODER, weight: λ}"}.get(key, f"{key} must be a mapping")
+    got, ctx = err.get("input"), err.get("ctx", {})
+    must = {"greater_than_equal": f"at least {ctx.get('ge')}", "greater_than": f"above {ctx.get('gt')}",
+            "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+            "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+            "bool_type": "true or false", "string_type": "a string"}.get(kind)
+    if must:
+        return f"{key} must be {must}, got {got!r}"
+    return f"{key}: {err['msg'][0].lower() + err['msg'][1:]}, got {got!r}"
 
 
 def _resolve(base: Path, value: str | None) -> str | None:
@@ -147,47 +189,30 @@ def _stage(i: int, raw: Any, base: Path, defaults: dict) -> Stage:
         raise RecipeError(f"{where}: expected a mapping of settings, got {type(raw).__name__}")
     raw = {**defaults, **raw}
     where = f"stage {i + 1} ({raw.get('name', '?')})"
-    _check_keys(where, raw, Stage)
-    if "name" not in raw or not str(raw["name"]).replace("-", "").replace("_", "").isalnum():
-        raise RecipeError(f"{where}: needs a `name` of letters, digits, - and _")
-    data = raw.get("data")
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: needs `data:` with at least `pairs:`")
-    _check_keys(f"{where} data", data, StageData)
-    listed = {k: tuple(_resolve(base, v) for v in ([data[k]] if isinstance(data[k], str) else data[k]))
-              for k in ("queries", "pool") if data.get(k)}
-    data = StageData(**{**data, **listed, **{k: _resolve(base, data.get(k)) for k in
-                                             ("pairs", "split", "images", "instructions")}})
-    cont = raw.get("continual")
-    if cont is not None:
-        if not isinstance(cont, dict) or "teacher" not in cont:
-            raise RecipeError(f"{where}: `continual:` takes {{teacher: PREVIOUS_ENCODER, weight: λ}}")
-        _check_keys(f"{where} continual", cont, Continual)
-        cont = Continual(teacher=_encoder_spec(base, str(cont["teacher"])), weight=float(cont.get("weight", 1.0)))
-    typed = {k: _typed(where, k, v) for k, v in raw.items() if k not in ("data", "continual", "eval")}
-    stage = Stage(**{**typed, "data": data, "continual": cont, "eval": _resolve(base, raw.get("eval"))})
-    checks = [(stage.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
-              (stage.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
-              (stage.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}"),
-              (data.kind in DATA_KINDS, f"data.kind must be one of {', '.join(DATA_KINDS)}"),
-              (bool(data.pairs) != bool(data.queries), "data needs `pairs` or `queries` (M-BEIR), not both"),
+    try:
+        given = _StageIn.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"{where}: {_problem(e.errors()[0], _StageIn)}") from None
+    d = given.data
+    listed = {k: tuple(_resolve(base, v) for v in ([getattr(d, k)] if isinstance(getattr(d, k), str) else getattr(d, k)))
+              for k in ("queries", "pool")}
+    data = StageData(**{**d.model_dump(), **listed, **{k: _resolve(base, getattr(d, k)) for k in
+                                                       ("pairs", "split", "images", "instructions")}})
+    cont = None
+    if given.continual is not None:
+        cont = Continual(teacher=_encoder_spec(base, given.continual.teacher), weight=given.continual.weight)
+    stage = Stage(**{**given.model_dump(exclude={"data", "continual", "eval"}), "data": data, "continual": cont,
+                     "eval": _resolve(base, given.eval)})
+    checks = [(bool(data.pairs) != bool(data.queries), "data needs `pairs` or `queries` (M-BEIR), not both"),
               (not data.queries or data.pool, "data.queries needs data.pool (the M-BEIR candidate pool)"),
               (data.kind == "image-caption" or data.pairs, "data.kind applies to pairs only"),
-              (stage.epochs >= 1, "epochs must be at least 1"),
-              (stage.steps is None or stage.steps >= 1, "steps must be at least 1"),
-              (stage.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives)"),
-              (stage.lr > 0, "lr must be positive"),
-              (stage.temperature is None or stage.temperature > 0, "temperature must be positive"),
-              (stage.hard_negatives >= 0, "hard_negatives must be >= 0"),
-              (stage.lora_r >= 1 and stage.lora_alpha >= 1, "lora_r and lora_alpha must be at least 1"),
               (stage.hard_negatives == 0 or data.queries, "hard_negatives needs data.queries from `umr mine`"),
-              (stage.loss == "infonce" or data.queries, f"loss {stage.loss} needs data.queries from `umr reranker score`"),
-              (stage.continual is None or stage.continual.weight >= 0, "continual.weight must be >= 0")]
+              (stage.loss == "infonce" or data.queries, f"loss {stage.loss} needs data.queries from `umr reranker score`")]
     for ok, message in checks:
         if not ok:
             raise RecipeError(f"{where}: {message}")
-    for key, value in [("pairs", data.pairs), ("instructions", data.instructions), ("eval", stage.eval)] + \
-            [("queries", q) for q in data.queries] + [("pool", p) for p in data.pool]:
+    for key, value in [("data.pairs", data.pairs), ("data.instructions", data.instructions), ("eval", stage.eval)] + \
+            [("data.queries", q) for q in data.queries] + [("data.pool", p) for p in data.pool]:
         if value and not Path(value).exists():
             raise RecipeError(f"{where}: {key} {value} does not exist")
     return stage

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from index.errors import InvalidArgument
 from retrieval.encoders import Encoder
 from retrieval.items import Item
 from retrieval.mbeir import Instructions, MbeirQuery
@@ -36,7 +37,7 @@ def train_reranker(reranker, queries: list[MbeirQuery], pool: dict[str, Item], c
                    log: Callable[[dict], None] | None = None) -> list[dict]:
     usable = [q for q in queries if any(d in pool for d in q.positives) and any(d in pool for d in q.negatives)]
     if len(usable) < 2:
-        raise ValueError("the re-ranker trains on queries with positives and mined negatives in the pool "
+        raise InvalidArgument("the re-ranker trains on queries with positives and mined negatives in the pool "
                          f"({len(usable)} have both): give it `umr mine` output")
     reranker.prepare_training([q.item for q in usable], "queries")
     reranker.prepare_training([pool[d] for d in {d for q in usable for d in q.positives + q.negatives if d in pool}],

@@ -8,6 +8,7 @@ checkpoint; editing a stage invalidates it and every stage after it (their start
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict
@@ -26,6 +27,8 @@ from training.contrastive import ContrastiveConfig, save_trained, train_examples
 from training.examples import Example, FeatureBank, compute_with_progress, mbeir_examples, pair_examples
 from training.pairs import read_pairs
 from training.recipe import Recipe, RecipeError, Stage
+
+logger = logging.getLogger("umr.training")
 
 STAGE_FILE = "stage.json"
 
@@ -90,6 +93,8 @@ def run_stage(recipe: Recipe, i: int, start: str, bank: FeatureBank, log: Callab
         log(f"stage {i + 1}/{len(recipe.stages)} {stage.name}: already done ({out}), reusing it")
         return done
     pending = out / STAGE_FILE
+    logger.info("stage %d/%d %s: training %s from %s (rank %d)", i + 1, len(recipe.stages), stage.name, stage.trainable,
+                start, distributed.world()[0])
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if pending.exists() and json.loads(pending.read_text()).get("digest") != digest:
@@ -131,6 +136,7 @@ def run_stage(recipe: Recipe, i: int, start: str, bank: FeatureBank, log: Callab
             rec["eval"] = evaluate(enc, stage.eval)
         atomic_write_json(pending, rec)
         checkpoints.clear(out)
+        logger.info("stage %d/%d %s: saved to %s", i + 1, len(recipe.stages), stage.name, out)
     distributed.barrier()  # the next stage starts from this folder on every rank
     return rec
 

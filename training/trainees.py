@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from index.errors import InvalidArgument
 from retrieval.encoders import towers
 from retrieval.encoders.base import Encoder, Prepared
 from retrieval.encoders.concept import ConceptEncoder
@@ -26,7 +27,7 @@ class LitTrainee:
 
     def parameters(self, trainable: str, learn_temperature: bool) -> list[torch.nn.Parameter]:
         if trainable not in LIT_TRAINABLE:
-            raise ValueError(f"trainable {trainable!r} does not apply to a LiT encoder "
+            raise InvalidArgument(f"trainable {trainable!r} does not apply to a LiT encoder "
                              f"(use {', '.join(LIT_TRAINABLE)}); lora is for hf-mllm encoders")
         frozen = LIT_TRAINABLE[trainable]
         params = []
@@ -63,7 +64,7 @@ class ConceptTrainee:
 
     def parameters(self, trainable: str, learn_temperature: bool) -> list[torch.nn.Parameter]:
         if trainable not in ("heads", "image-head"):
-            raise ValueError(f"trainable {trainable!r} does not apply to a {encoder_kind(self.encoder)} encoder: its "
+            raise InvalidArgument(f"trainable {trainable!r} does not apply to a {encoder_kind(self.encoder)} encoder: its "
                              "texts are MiniLM's own vectors and only the image map trains (heads or image-head)")
         params = list(self.encoder.parts.image_map.parameters())
         self.logit_scale.requires_grad_(learn_temperature)
@@ -109,7 +110,7 @@ class MllmTrainee:
 
     def parameters(self, trainable: str, learn_temperature: bool) -> list[torch.nn.Parameter]:
         if trainable != "lora":
-            raise ValueError(f"trainable {trainable!r} does not apply to an hf-mllm encoder: use lora")
+            raise InvalidArgument(f"trainable {trainable!r} does not apply to an hf-mllm encoder: use lora")
         params = self.encoder.trainable_parameters(learn_temperature)
         for p in params:
             p.requires_grad_(True)
@@ -152,5 +153,5 @@ def trainee_for(encoder: Encoder, bank: FeatureBank) -> LitTrainee | ConceptTrai
         return ConceptTrainee(encoder, bank)
     if isinstance(encoder, MllmEncoder):
         return MllmTrainee(encoder, bank)
-    raise ValueError(f"{encoder.spec} cannot be trained: recipes train LiT encoders (lit-base, lit-init, "
+    raise InvalidArgument(f"{encoder.spec} cannot be trained: recipes train LiT encoders (lit-base, lit-init, "
                      "lit-concept-init, a folder `umr train` saved) and hf-mllm encoders")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from index.errors import InvalidArgument
 from retrieval.encoders import Encoder
 from retrieval.encoders import load_encoder as _load_encoder
 from retrieval.engine import Engine, Query
@@ -55,10 +56,10 @@ class EncoderHandle:
         texts = list(texts) if texts is not None else None
         images = list(images) if images is not None else None
         if texts is not None and images is not None and len(texts) != len(images):
-            raise ValueError(f"texts and images are paired row by row: got {len(texts)} texts and {len(images)} images")
+            raise InvalidArgument(f"texts and images are paired row by row: got {len(texts)} texts and {len(images)} images")
         n = len(texts if texts is not None else images or [])
         if n == 0:
-            raise ValueError("give texts, images or both (at least one)")
+            raise InvalidArgument("give texts, images or both (at least one)")
         items = [Item(None, texts[i] if texts is not None else None, images[i] if images is not None else None)
                  for i in range(n)]
         return self.encoder.encode(items, role=role, instruction=instruction)
@@ -100,7 +101,7 @@ class Index:
         from retrieval.pipeline import build_index
 
         if out is None:
-            raise ValueError("Index.build needs out=FOLDER, where the index is written")
+            raise InvalidArgument("Index.build needs out=FOLDER, where the index is written")
         enc = _encoder(encoder)
         build_index(corpus, enc, out, index_kind=index_kind, batch_size=batch_size, memory_budget=memory_budget,
                     progress=progress)
@@ -136,9 +137,9 @@ class Index:
         """The k best documents for a text, an image (path, bytes or PIL image) or both fused.
         `modality` keeps only documents of those modalities; `filter` is metadata equality."""
         if text is None and image is None:
-            raise ValueError("search needs text=, image= or both")
+            raise InvalidArgument("search needs text=, image= or both")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k is a positive integer, got {k!r}")
+            raise InvalidArgument(f"k is a positive integer, got {k!r}")
         hits = self._engine.search([Query(text, image, instruction)], k, parse_modalities(modality),
                                    dict(filter) if filter else None, calibrated=calibrated)[0]
         return [Hit(**_document(self.path, h.doc), score=float(h.score),
@@ -158,7 +159,7 @@ class Index:
                 continue
             unknown = set(d) - {"id", "text", "image", "metadata"}
             if unknown:
-                raise ValueError(f"unknown document field(s) {sorted(unknown)}: documents have id, text, image, metadata")
+                raise InvalidArgument(f"unknown document field(s) {sorted(unknown)}: documents have id, text, image, metadata")
             items.append(Item(d.get("id"), d.get("text"), d.get("image"), dict(d.get("metadata") or {})))
         if not items:
             return []

@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from umr import __version__
+from umr.logs import LEVELS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,13 +24,34 @@ SERVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 class UserError(Exception):
-    pass
+    """A command line that cannot work; printed as one line."""
 
 
-def _quiet_libraries() -> None:
-    import logging
+def _number(kind, low: float, low_ok: bool, high: float | None = None, what: str = ""):
+    """An argparse type: `kind` within bounds, refused with a one-line message otherwise."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or (value < low if low_ok else value <= low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return value
 
-    logging.getLogger().setLevel(logging.ERROR)
+    return parse
+
+
+positive_int = _number(int, 0, False, what="give a whole number of at least 1")
+count_or_zero = _number(int, 0, True, what="give 0 or more")
+positive_float = _number(float, 0.0, False, what="give a number above 0")
+float_or_zero = _number(float, 0.0, True, what="give 0 or more")
+fraction = _number(float, 0.0, False, 1.0, what="give a share above 0 and at most 1")
+port_number = _number(int, 0, True, 65535, what="ports are 0 (pick a free one) to 65535")
+_guard_fraction = _number(float, 0.0, False, 1.5, what="a fraction of the positive's score, e.g. 0.95 (at most 1.5), or none")
+
+
+def guard_value(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "0") else _guard_fraction(text)
 
 
 def _print_hits(hits, as_json: bool) -> None:
@@ -191,26 +215,22 @@ def _use_reranker(eng, a) -> None:
 
 def _rerank_flags(parser) -> None:
     parser.add_argument("--reranker", help="a re-ranker from `umr reranker train`")
-    parser.add_argument("--rerank", type=int, metavar="K", help="re-rank the top K with cos + w * P(yes)")
-    parser.add_argument("--rerank-weight", type=float, default=1.0, help="w in cos + w * P(yes)")
+    parser.add_argument("--rerank", type=positive_int, metavar="K", help="re-rank the top K with cos + w * P(yes)")
+    parser.add_argument("--rerank-weight", type=float_or_zero, default=1.0, help="w in cos + w * P(yes)")
 
 
 def cmd_search(a) -> int:
     from retrieval.engine import Engine, Query
+    from retrieval.filters import parse_filter
     from retrieval.items import parse_modalities
 
     if not a.text and not a.image:
         raise UserError("give a query text, --image PATH, or both")
-    flt = {}
-    for f in a.filter or []:
-        key, sep, value = f.partition("=")
-        if not sep:
-            raise UserError(f"--filter takes KEY=VALUE, got {f!r}")
-        flt[key] = value
+    flt = parse_filter(a.filter)
     eng = Engine.open(a.index_dir, a.encoder, mode="read")
     try:
         _use_reranker(eng, a)
-        hits = eng.search([Query(a.text, a.image, a.instruction)], a.k, parse_modalities(a.modality), flt or None,
+        hits = eng.search([Query(a.text, a.image, a.instruction)], a.k, parse_modalities(a.modality), flt,
                           calibrated=not a.no_calibration)[0]
     finally:
         eng.close()
@@ -247,7 +267,10 @@ def cmd_serve(a) -> int:
               "(make keys with `umr keys add --scope write`)")
     print(f"serving {a.index_dir} ({eng.store.count()} documents, encoder {eng.encoder.spec}) on "
           f"http://{a.host}:{a.port}  (OpenAPI docs at /docs)", flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    from server.request_log import install_filter
+
+    install_filter()  # every log line made while a request is handled carries its id
+    uvicorn.run(app, host=a.host, port=a.port, log_config=None, access_log=False)
     eng.close()
     return 0
 
@@ -334,28 +357,57 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _task_ids(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise UserError(f"--task takes task ids separated by commas, e.g. 0,3; got {text!r}") from None
+
+
 def cmd_eval(a) -> int:
     from retrieval.encoders import load_encoder
     from retrieval.evaluation import evaluate_beir, evaluate_mbeir, format_table
 
     if not a.encoder and not a.index_dir:
-        raise UserError("give --encoder SPEC or an index directory whose encoder to evaluate")
+        raise UserError("give --encoder SPEC (repeatable) or an index directory whose encoder to evaluate")
     if bool(a.mbeir) == bool(a.beir):
         raise UserError("give exactly one of --mbeir DIR or --beir DIR")
+    if a.plot and not a.plot.lower().endswith(".png"):
+        raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {a.plot}")
+    tasks = _task_ids(a.task)
     if a.encoder:
-        enc = load_encoder(a.encoder)
+        encoders = [load_encoder(spec) for spec in dict.fromkeys(a.encoder)]
     else:
         from index.manifest import read_manifest
         from retrieval.encoders import load_recorded
 
-        enc = load_recorded(read_manifest(a.index_dir)["encoder"])
-    if a.mbeir:
-        tasks = [int(t) for t in a.task.split(",")] if a.task else None
-        res = evaluate_mbeir(enc, a.mbeir, a.split, tasks, local=not a.global_pool, instruction=a.instruction,
-                             calibrated=not a.no_calibration)
-    else:
-        res = evaluate_beir(enc, a.beir, a.split, instruction=a.instruction)
-    print(json.dumps(res, indent=2) if a.json else format_table(res))
+        encoders = [load_recorded(read_manifest(a.index_dir)["encoder"])]
+    results = []
+    for enc in encoders:
+        if a.mbeir:
+            res = evaluate_mbeir(enc, a.mbeir, a.split, tasks, local=not a.global_pool, instruction=a.instruction,
+                                 calibrated=not a.no_calibration, curves=bool(a.plot))
+        else:
+            res = evaluate_beir(enc, a.beir, a.split, instruction=a.instruction, curves=bool(a.plot))
+        results.append(res)
+        if not a.json:
+            print(format_table(res), flush=True)
+    if a.plot:
+        from umr.plots import recall_curves
+
+        metric = "hit_rate" if a.mbeir else "recall"
+        curves = {r["encoder"]: {task: (t["curve"]["k"], t["curve"][metric]) for task, t in r["tasks"].items()}
+                  for r in results}
+        where = f"{a.mbeir or a.beir} ({a.split}{', global pool' if a.global_pool else ''})"
+        recall_curves(curves, a.plot, "hit rate@k (M-BEIR's Recall@k)" if a.mbeir else "recall@k", where)
+        print(f"wrote {a.plot}", file=sys.stderr)
+    if a.json:
+        for r in results:  # the curves are in the figure; the JSON keeps the table's figures
+            for t in r["tasks"].values():
+                t.pop("curve", None)
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
 
@@ -366,6 +418,10 @@ def cmd_update(a) -> int:
 
     if a.reindex_sample and not (a.eval or a.eval_new):
         raise UserError("--reindex-sample compares on judged queries: give --eval QUERIES too")
+    if a.plot and not (a.eval or a.eval_new):
+        raise UserError("--plot draws the --eval comparison: give --eval QUERIES too")
+    if a.plot and not a.plot.lower().endswith(".png"):
+        raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {a.plot}")
     new = load_encoder(a.encoder)
     # Registering only (--no-activate) needs no write lock: it is allowed beside a running server.
     store = IndexStore.open(a.index_dir, "read" if a.no_activate else "write")
@@ -377,6 +433,8 @@ def cmd_update(a) -> int:
                             eval_docs=a.eval_docs)
     finally:
         store.close()
+    if a.plot:
+        _plot_update(report, new.spec, a.plot)
     if a.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -395,8 +453,8 @@ def cmd_update(a) -> int:
                   f"from {r['pairs']} pairs ({', '.join(r['sources'])}); agreement@10 on held-out pairs: {cols}")
     if "preview" in report:
         pv = report["preview"]
-        print(f"  with the {pv['added']} documents of {a.eval_docs} added (on copies of the index), Recall@5:")
-        for variant, by_set in pv["recall@5"].items():
+        print(f"  with the {pv['added']} documents of {a.eval_docs} added (on copies of the index), hit rate@5:")
+        for variant, by_set in pv["hit_rate@5"].items():
             print(f"    {variant}: " + ", ".join(f"{name} queries {v:.3f}" for name, v in by_set.items()))
     for key, path, label in (("eval", a.eval, "old-domain queries"), ("eval_new", a.eval_new, "new-domain queries")):
         if key not in report:
@@ -406,14 +464,36 @@ def cmd_update(a) -> int:
             print(f"  {path}: none of the {ev['queries']} {label}' relevant documents are in the index yet"
                   + ("" if a.eval_docs else "; --eval-docs CORPUS scores them with the documents added"))
             continue
-        print(f"  Recall@5 on {path} ({ev['queries']} {label}): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in ev["recall@5"].items()))
+        print(f"  hit rate@5 on {path} ({ev['queries']} {label}): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ev["hit_rate@5"].items()))
         print(f"    chosen against the old encoders: {describe_interval(ev['chosen against old'])}")
         if "reindex_sample" in ev:
             rs = ev["reindex_sample"]
             print(f"    on a sample of {rs['documents']} documents: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in rs.items() if k != "documents"))
     return 0
+
+
+def _plot_update(report: dict, spec: str, out: str) -> None:
+    """The comparison `--eval` prints, as bars: per query set, every variant's hit rate@5."""
+    from umr.plots import bars
+
+    groups = {}
+    for key, label in (("eval", "old-domain queries (--eval)"), ("eval_new", "new-domain queries (--eval-new)")):
+        ev = report.get(key)
+        if not ev or not ev["judged_in_index"]:
+            continue
+        groups[f"{label}, {ev['queries']}"] = dict(ev["hit_rate@5"])
+        if "reindex_sample" in ev:
+            rs = ev["reindex_sample"]
+            groups[f"{label} on a sample of {rs['documents']} documents"] = {
+                "old encoders": rs["old encoders on the sample"], "re-indexed with the new encoder": rs["new encoder re-indexed on the sample"]}
+    if not groups:
+        raise UserError("--plot: none of the --eval queries' relevant documents are in the index, so there is nothing to draw")
+    name = spec if len(spec) <= 60 else "..." + spec[-57:]
+    bars(groups, out, "hit rate@5", f"umr update --encoder {name}: with and without compensation", highlight="chosen",
+         ylim=(0, 1.05))
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def _window(value: str | None) -> tuple[int, int] | None:
@@ -434,15 +514,13 @@ def cmd_mine(a) -> int:
     from retrieval.encoders import load_encoder
     from training.mining import MiningConfig, mine
 
-    guard = None if str(a.guard).lower() in ("none", "off", "0") else float(a.guard)
-    if guard is not None and not 0 < guard <= 1.5:
-        raise UserError("--guard is a fraction of the positive's score, e.g. 0.95 (or 'none')")
+    guard = a.guard
     if a.top < 1 or (a.keep is not None and a.keep < 1):
         raise UserError("--top and --keep must be at least 1")
     cfg = MiningConfig(top=a.top, keep=a.keep, window=_window(a.window), guard=guard, local=not a.global_pool, seed=a.seed)
     queries, pool, instructions = _mbeir_inputs(a)
     enc = load_encoder(a.encoder)
-    records, stats = mine(enc, queries, pool, cfg, instructions)
+    records, stats = mine(enc, queries, pool, cfg, instructions, progress=not a.no_progress)
     atomic_write_bytes(a.out, "".join(json.dumps(r) + "\n" for r in records).encode())
     print(f"wrote {a.out}: {stats.get('negatives', 0)} negatives for {stats.get('queries', 0)} queries "
           f"({'local' if cfg.local else 'global'} pool of {len(pool)}, top {cfg.top}, guard {guard})")
@@ -515,13 +593,20 @@ def cmd_demo(a) -> int:
 
 def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "folder", "mbeir"])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--no-progress", action="store_true")
 
 
+class Parser(argparse.ArgumentParser):
+    """A bad command line gets one line naming the problem and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="umr", description="Universal multimodal retrieval.")
+    p = Parser(prog="umr", description="Universal multimodal retrieval.")
     sub = p.add_subparsers(dest="command", required=True)
 
     ix = sub.add_parser("index", help="build and maintain indexes").add_subparsers(dest="index_command", required=True)
@@ -532,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
     b.add_argument("--memory-budget", help="e.g. 2G; --index auto picks an index that fits")
     _ingest_args(b)
-    b.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    b.add_argument("--workers", type=positive_int, default=2, help="image decoding threads")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_index_build)
     ad = ix.add_parser("add", help="add a corpus to an index without rebuilding it")
@@ -564,8 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", help="query image path (with TEXT: an image+text query)")
     s.add_argument("--modality", help="only results of: image, text, image,text (join several with |)")
     s.add_argument("--instruction")
-    s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata equality; repeatable")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata equality, repeatable; numbers and true/false are typed (year=2020), quotes keep a string (name=\"2020\")")
+    s.add_argument("-k", type=positive_int, default=10)
     s.add_argument("--encoder", help="query encoder (default: the index's)")
     s.add_argument("--no-calibration", action="store_true",
                    help="rank by raw cosine even over documents of several modalities (default: calibrated scores)")
@@ -576,12 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve an index over HTTP")
     sv.add_argument("index_dir")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=port_number, default=8000)
     sv.add_argument("--encoder")
-    sv.add_argument("--max-batch", type=int, default=32, help="most queries per encoder forward")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+    sv.add_argument("--max-batch", type=positive_int, default=32, help="most queries per encoder forward")
+    sv.add_argument("--max-wait-ms", type=float_or_zero, default=5.0,
                     help="longest wait for the clients of the last batch to come back (a lone client never waits)")
-    sv.add_argument("--max-k", type=int, default=1000)
+    sv.add_argument("--max-k", type=positive_int, default=1000)
     sv.add_argument("--no-batching", action="store_true")
     sv.add_argument("--admin-key-file", help="file holding the admin API key (or set UMR_ADMIN_KEY)")
     sv.add_argument("--key-file", help="API keys made by `umr keys add` (default: $UMR_KEY_FILE or "
@@ -590,9 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--read-only", action="store_true",
                     help="serve searches only: take no write lock, write nothing, refuse adds and deletes "
                          "(beside another server or a build of the same index)")
-    sv.add_argument("--checkpoint-rows", type=int, default=10_000,
+    sv.add_argument("--checkpoint-rows", type=count_or_zero, default=10_000,
                     help="checkpoint FAISS in the background after this many added rows (0: never by count)")
-    sv.add_argument("--checkpoint-seconds", type=float, default=30.0,
+    sv.add_argument("--checkpoint-seconds", type=float_or_zero, default=30.0,
                     help="... or this long after the first add since the last checkpoint (0: never by time)")
     _rerank_flags(sv)
     sv.set_defaults(fn=cmd_serve)
@@ -616,21 +701,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV 'image,caption', JSONL {image, text}, or a folder of class folders (captioned by class name)")
     t.add_argument("--caption-template", default="a photo of a {label}", help="caption for class folders")
     t.add_argument("--teacher", help="continual learning: the previous encoder, kept close by embedding distillation")
-    t.add_argument("--distill-weight", type=float, default=1.0, help="weight λ of the distillation term (with --teacher)")
+    t.add_argument("--distill-weight", type=float_or_zero, default=1.0, help="weight λ of the distillation term (with --teacher)")
     t.add_argument("--images", help="folder the image names are relative to (default: images/ beside --pairs)")
     t.add_argument("--split", help="SPLIT.json:NAME, e.g. split.json:train")
     t.add_argument("--encoder", default="lit-init:256:0", help="starting point (lit-init:DIM:SEED, lit-base, a directory)")
     t.add_argument("--out", help="output folder (overrides the recipe's `out:`)")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.5)
+    t.add_argument("--epochs", type=positive_int, default=30)
+    t.add_argument("--batch-size", type=positive_int, default=128)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
+    t.add_argument("--weight-decay", type=float_or_zero, default=0.5)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="Recall@1/5/10, nDCG@10, MRR@10 on M-BEIR or BEIR data")
+    e = sub.add_parser("eval", help="hit rate@1/5/10 (M-BEIR's Recall@k), recall@10, nDCG@10, MRR@10 on M-BEIR or BEIR data")
     e.add_argument("index_dir", nargs="?", help="evaluate this index's encoder")
-    e.add_argument("--encoder")
+    e.add_argument("--encoder", action="append", help="an encoder spec; repeat it to compare encoders side by side")
     e.add_argument("--mbeir", help="M-BEIR folder (query/, cand_pool/, qrels/)")
     e.add_argument("--beir", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     e.add_argument("--split", default="test")
@@ -642,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --global: rank the mixed pool by raw cosine (default: calibrated across modalities)")
     e.add_argument("--instruction")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--plot", metavar="FILE.png",
+                   help="Recall@k curves (k = 1..100) per task, one line per --encoder, as a PNG")
     e.set_defaults(fn=cmd_eval)
 
     u = sub.add_parser("update", help="put a new encoder in front of an index without re-indexing it")
@@ -653,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "JSONL of queries; repeatable; default: corpus and passages, and generic where the index holds "
                         "no texts")
     u.add_argument("--method", default="auto", choices=["auto", "identity", "mean", "kernel", "linear", "orthogonal", "mlp"])
-    u.add_argument("--sample", type=int, default=2000, help="calibration pairs per modality and source")
+    u.add_argument("--sample", type=positive_int, default=2000, help="calibration pairs per modality and source")
     u.add_argument("--eval", help="queries with judgements (M-BEIR query JSONL, or {text, image, relevant}); "
                                  "activation is refused if the compensated new encoder retrieves worse than the old")
     u.add_argument("--eval-new", metavar="QUERIES",
@@ -663,11 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeping the old encoder and updating, on temporary copies of the index")
     u.add_argument("--force", action="store_true",
                    help="activate even when --eval says it is worse, or a query modality the index answers would be refused")
-    u.add_argument("--reindex-sample", type=int, metavar="N",
+    u.add_argument("--reindex-sample", type=positive_int, metavar="N",
                    help="with --eval: also re-embed the judged documents plus N others with the new encoder")
     u.add_argument("--no-activate", action="store_true",
                    help="register and fit only; a running server activates it with POST /v1/admin/encoder")
     u.add_argument("--json", action="store_true")
+    u.add_argument("--plot", metavar="FILE.png", help="the --eval comparison as a bar chart (PNG)")
     u.set_defaults(fn=cmd_update)
 
     m = sub.add_parser("mine", help="hard negatives for training queries: M-BEIR query lines with neg_cand_list")
@@ -675,15 +763,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--queries", required=True, nargs="+", help="M-BEIR query JSONL file(s) with pos_cand_list")
     m.add_argument("--pool", required=True, nargs="+", help="M-BEIR candidate pool JSONL file(s)")
     m.add_argument("--out", required=True, help="output JSONL (the queries with neg_cand_list filled)")
-    m.add_argument("--top", type=int, default=100, help="candidates retrieved per query")
-    m.add_argument("--keep", type=int, default=5, help="negatives kept per query (in rank order; random within --window)")
+    m.add_argument("--top", type=positive_int, default=100, help="candidates retrieved per query")
+    m.add_argument("--keep", type=positive_int, default=5, help="negatives kept per query (in rank order; random within --window)")
     m.add_argument("--window", help="FIRST:LAST: take negatives from these ranks only (after positives are dropped)")
-    m.add_argument("--guard", default="0.95",
+    m.add_argument("--guard", type=guard_value, default=0.95,
                    help="drop candidates scoring above this fraction of the positive's score (likely false negatives); 'none' turns it off")
     m.add_argument("--global", dest="global_pool", action="store_true",
                    help="search the whole pool, not only the modality of each task's positives")
     m.add_argument("--instructions", help="M-BEIR query_instructions.tsv: instructions prefixed to the queries")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     m.set_defaults(fn=cmd_mine)
 
     rr = sub.add_parser("reranker", help="the cross-encoder re-ranker: train it, score teacher lists")
@@ -694,22 +783,22 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--queries", required=True, nargs="+", help="M-BEIR query JSONL file(s)")
         x.add_argument("--pool", required=True, nargs="+", help="M-BEIR candidate pool JSONL file(s)")
         x.add_argument("--out", required=True)
-    rt.add_argument("--epochs", type=int, default=4)
-    rt.add_argument("--batch-size", type=int, default=64)
-    rt.add_argument("--lr", type=float, default=3e-4)
+    rt.add_argument("--epochs", type=positive_int, default=4)
+    rt.add_argument("--batch-size", type=positive_int, default=64)
+    rt.add_argument("--lr", type=positive_float, default=3e-4)
     rt.add_argument("--backbone", default="lit-cross",
                     help="lit-cross (a small transformer over the lit towers' states) or hf-mllm:PATH (Yes/No)")
-    rt.add_argument("--lora-r", type=int, default=8, help="hf-mllm: LoRA rank")
-    rt.add_argument("--lora-alpha", type=int, default=16, help="hf-mllm: LoRA alpha")
-    rt.add_argument("--dim", type=int, default=128, help="lit-cross: width of the cross transformer")
-    rt.add_argument("--layers", type=int, default=2, help="lit-cross: layers")
+    rt.add_argument("--lora-r", type=positive_int, default=8, help="hf-mllm: LoRA rank")
+    rt.add_argument("--lora-alpha", type=positive_int, default=16, help="hf-mllm: LoRA alpha")
+    rt.add_argument("--dim", type=positive_int, default=128, help="lit-cross: width of the cross transformer")
+    rt.add_argument("--layers", type=positive_int, default=2, help="lit-cross: layers")
     rt.add_argument("--seed", type=int, default=0)
     rt.set_defaults(fn=cmd_reranker_train)
     rs.add_argument("--reranker", required=True)
     rs.add_argument("--encoder", required=True, help="the student whose top candidates are scored")
-    rs.add_argument("--top", type=int, default=50)
-    rs.add_argument("--weight", type=float, default=1.0, help="w in cos + w * P(yes)")
-    rs.add_argument("--fraction", type=float, default=0.1, help="share of the queries, per task")
+    rs.add_argument("--top", type=positive_int, default=50)
+    rs.add_argument("--weight", type=float_or_zero, default=1.0, help="w in cos + w * P(yes)")
+    rs.add_argument("--fraction", type=fraction, default=0.1, help="share of the queries, per task")
     rs.add_argument("--seed", type=int, default=42)
     rs.add_argument("--global", dest="global_pool", action="store_true")
     rs.add_argument("--instructions")
@@ -717,9 +806,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="index the bundled sample corpus, serve it, query it over HTTP")
     d.add_argument("--out", default=None, help="index directory (default: a temporary one)")
-    d.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    d.add_argument("--port", type=port_number, default=0, help="0 picks a free port")
     d.set_defaults(fn=cmd_demo)
+    for leaf in _leaf_parsers(p):
+        leaf.add_argument("--log-level", choices=LEVELS, default="warning",
+                          help="umr's log messages on stderr from this level (default: warning; info logs each HTTP request)")
+        leaf.add_argument("--log-format", choices=("text", "json"), default="text",
+                          help="json: one object per line, with the request id on every line a request caused")
     return p
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+        return
+    for choice in dict.fromkeys(subs[0].choices.values()):  # aliases share a parser
+        yield from _leaf_parsers(choice)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -727,22 +830,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         for key, value in SERVE_ENV.items():
             os.environ.setdefault(key, value)
-    _quiet_libraries()
-    from index.errors import IndexError_
-    from retrieval.encoders.base import EncoderError
-    from retrieval.images import BadImage
-    from retrieval.pipeline import StrictError
-    from retrieval.update import UpdateRefused
+    from umr import logs
+
+    logs.configure(args.log_level, args.log_format)
+    from index.errors import UmrError
 
     try:
         return args.fn(args)
-    except (UserError, IndexError_, EncoderError, BadImage, StrictError, UpdateRefused, FileNotFoundError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        print(f"umr: error: {msg}", file=sys.stderr)
+    except (UserError, UmrError) as e:  # raised on purpose: the message is for the user
+        print(f"umr: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or the network: the user's to fix, not a bug
+        print(f"umr: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("umr: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: show where, and ask for the report
+        import traceback
+
+        traceback.print_exc()
+        print(f"umr: internal error (umr {__version__}, `umr {args.command}`): this is a bug in umr, not in your input. "
+              "Please report it with the traceback above.", file=sys.stderr)
+        return 70
+
+
+def one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else e.__class__.__name__
 
 
 if __name__ == "__main__":

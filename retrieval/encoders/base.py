@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from index.atomic import file_sha256
+from index.errors import InvalidArgument
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item
 
@@ -31,7 +32,7 @@ def quiet_transformers() -> None:
         pass
 
 
-class EncoderError(ValueError):
+class EncoderError(InvalidArgument):
     """An encoder spec cannot be resolved or loaded; the message says what to give instead."""
 
 
@@ -64,7 +65,7 @@ def sha256_file(path: str | Path, _cache: dict = {}) -> str:
 
 def check_role(role: str) -> None:
     if role not in ("document", "query"):
-        raise ValueError("role must be 'document' or 'query'")
+        raise InvalidArgument("role must be 'document' or 'query'")
 
 
 def fuse(n: int, dim: int, img_idx: list[int], img: torch.Tensor | None, txt_idx: list[int],
@@ -157,7 +158,7 @@ class Encoder(ABC):
                 raise EncoderError(f"encoder {self.spec} embeds images only; item {item.id!r} is text")
             text = None
         if text is None and image is None:
-            raise ValueError(f"item {item.id!r} has neither text nor image")
+            raise InvalidArgument(f"item {item.id!r} has neither text nor image")
         return Prepared(text, image)
 
     @torch.inference_mode()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from index.errors import InvalidArgument
+
 KNN = 5
 PERCENTILE = 5.0  # the centre: 95% of the training photos pass at least halfway
 WIDTH = 0.03  # cosine units from half open to 73% open
@@ -49,7 +51,7 @@ def pick_anchors(feats: torch.Tensor, limit: int = MAX_ANCHORS, seed: int = 0) -
 def fit_center(anchors: torch.Tensor, knn: int = KNN, percentile: float = PERCENTILE) -> float:
     """The closeness below which only `percentile`% of the training photos fall."""
     if len(anchors) <= knn:
-        raise ValueError(f"the domain gate needs more than {knn} distinct training photos, got {len(anchors)}")
+        raise InvalidArgument(f"the domain gate needs more than {knn} distinct training photos, got {len(anchors)}")
     return float(torch.quantile(closeness(anchors, anchors, knn, leave_one_out=True), percentile / 100))
 
 

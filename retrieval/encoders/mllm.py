@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from index.errors import InvalidArgument
 from retrieval.encoders.base import Encoder, EncoderError, Prepared, l2_normalize, quiet_transformers, sha256_file
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item
@@ -126,7 +127,11 @@ class MllmEncoder(Encoder):
         rank starts from the same weights."""
         if self.lora is not None:
             raise EncoderError(f"{self.spec} already has a LoRA adapter (r={self.lora['r']}); stages continue it")
-        from peft import LoraConfig, inject_adapter_in_model
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise EncoderError("training or loading LoRA adapters on hf-mllm encoders needs peft: "
+                               "pip install 'umr[mllm]'") from None
 
         targets = list(targets or LORA_TARGETS)
         with torch.random.fork_rng(devices=[]):
@@ -220,7 +225,7 @@ class MllmEncoder(Encoder):
             image = item.image if isinstance(item.image, torch.Tensor) else \
                 self.preprocess_image(open_image(item.image, limits, min_side=self.image_size))
         if text is None and image is None:
-            raise ValueError(f"item {item.id!r} has neither text nor image")
+            raise InvalidArgument(f"item {item.id!r} has neither text nor image")
         return Prepared(text, image)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
@@ -259,7 +264,7 @@ class MllmEncoder(Encoder):
     def inputs(self, texts: list[str], images: list[torch.Tensor]) -> dict:
         batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         if batch["input_ids"].shape[1] > self.max_tokens:
-            raise ValueError(f"an item renders to {batch['input_ids'].shape[1]} tokens, over max_tokens "
+            raise InvalidArgument(f"an item renders to {batch['input_ids'].shape[1]} tokens, over max_tokens "
                              f"{self.max_tokens}; shorten the text or lower the image budget")
         return {k: v.to(self.device) for k, v in batch.items()}
 

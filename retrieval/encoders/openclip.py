@@ -19,7 +19,6 @@ TINY_NAME = "umr-tiny"
 
 
 def register_tiny() -> None:
-    import open_clip
     from open_clip.factory import _MODEL_CONFIGS
 
     if TINY_NAME not in _MODEL_CONFIGS:
@@ -91,7 +90,7 @@ class OpenClipEncoder(Encoder):
         for k, v in sorted(model.state_dict().items()):
             h.update(k.encode())
             h.update(v.numpy().tobytes())
-        return cls(model, preprocess, open_clip.get_tokenizer(TINY_NAME), f"tiny-clip" + (f":{seed}" if seed else ""),
+        return cls(model, preprocess, open_clip.get_tokenizer(TINY_NAME), "tiny-clip" + (f":{seed}" if seed else ""),
                    TINY_NAME, h.hexdigest())
 
     def config(self) -> dict:

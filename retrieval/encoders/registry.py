@@ -75,31 +75,39 @@ def _load_folder(path: Path, spec: str) -> Encoder:
     raise EncoderError(f"{path}: unknown encoder type {kind!r}")
 
 
+def _numbers(spec: str, form: str, defaults: tuple[int, ...]) -> tuple[int, ...]:
+    """The integers after the name in `name:A:B`, each defaulting; a malformed spec is refused
+    with the form it should have."""
+    given = spec.split(":")[1:]
+    if len(given) > len(defaults) or not all(g.isdigit() for g in given):
+        raise EncoderError(f"malformed encoder spec {spec!r}: the form is {form}, with whole numbers (e.g. "
+                           f"{form.split('[')[0]}:{':'.join(str(d) for d in defaults)})")
+    return tuple(int(g) for g in given) + defaults[len(given):]
+
+
 def _load(spec: str) -> Encoder:
     if spec.split("@", 1)[0] in BUILTIN_VERSIONS:
         return _load_folder(_builtin_folder(spec), spec)
-    if spec.startswith("lit-init"):
+    if spec == "lit-init" or spec.startswith("lit-init:"):
         from retrieval.encoders.lit import LitEncoder
 
-        parts = spec.split(":")
-        dim = int(parts[1]) if len(parts) > 1 else 256
-        seed = int(parts[2]) if len(parts) > 2 else 0
+        dim, seed = _numbers(spec, "lit-init[:DIM[:SEED]]", (256, 0))
+        if dim < 1:
+            raise EncoderError(f"{spec!r}: DIM in lit-init[:DIM[:SEED]] is the width of the heads, at least 1")
         return LitEncoder.fresh(dim, seed, spec)
     if spec == "lit-concept-init" or spec.startswith("lit-concept-init:"):
         from retrieval.encoders.concept import ConceptEncoder
 
-        seed = spec.split(":")[1] if ":" in spec else "0"
-        if not seed.isdigit():
-            raise EncoderError(f"{spec!r}: the seed after lit-concept-init: must be an integer")
-        return ConceptEncoder.fresh(int(seed), spec)
+        (seed,) = _numbers(spec, "lit-concept-init[:SEED]", (0,))
+        return ConceptEncoder.fresh(seed, spec)
     if spec.startswith("openclip:"):
         from retrieval.encoders.openclip import OpenClipEncoder
 
         return OpenClipEncoder.from_spec(spec)
-    if spec.startswith("tiny-clip"):
+    if spec == "tiny-clip" or spec.startswith("tiny-clip:"):
         from retrieval.encoders.openclip import OpenClipEncoder
 
-        seed = int(spec.split(":")[1]) if ":" in spec else 0
+        (seed,) = _numbers(spec, "tiny-clip[:SEED]", (0,))
         return OpenClipEncoder.tiny(seed)
     if spec.startswith("hf-text:"):
         from retrieval.encoders.hf_text import HfTextEncoder

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from index.errors import InvalidArgument
 from retrieval.encoders import towers
 from retrieval.encoders.base import Encoder, EncoderError, check_role, fuse
 from retrieval.items import Item
@@ -86,7 +87,7 @@ class TowerEncoder(Encoder):
             if role == "query":
                 text = self.with_instruction(text, instruction)
             if text is None and it.image is None:
-                raise ValueError(f"item {it.id!r} has neither text nor image")
+                raise InvalidArgument(f"item {it.id!r} has neither text nor image")
             if text is not None:
                 txt_idx.append(r)
                 texts.append(text)

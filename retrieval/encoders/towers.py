@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from index.errors import InvalidArgument
 from retrieval.encoders import packing
 from retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
 from retrieval.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
@@ -182,7 +183,7 @@ class ImageTower:
             for chunk, tensors in prefetch_batches(chunks, lambda i: prep(sources[i]), workers):
                 for i, t in zip(chunk, tensors):
                     if isinstance(t, Exception):
-                        raise ValueError(f"image {sources[i] if isinstance(sources[i], (str, Path)) else i}: {t}")
+                        raise InvalidArgument(f"image {sources[i] if isinstance(sources[i], (str, Path)) else i}: {t}")
                 yield chunk, forward(torch.stack(tensors)).numpy()
 
         keys = [_content_key(s) for s in sources]
@@ -210,7 +211,7 @@ def _content_key(source) -> bytes | None:
     try:
         return file_key(source)
     except OSError as e:
-        raise ValueError(f"image {source}: cannot read it ({e.strerror or e})") from None
+        raise InvalidArgument(f"image {source}: cannot read it ({e.strerror or e})") from None
 
 
 @lru_cache(maxsize=1)
