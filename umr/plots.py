@@ -64,6 +64,25 @@ def recall_curves(curves: Mapping[str, Mapping[str, tuple[Sequence[int], Sequenc
     return _save(fig, out)
 
 
+def over_time(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], out: str | Path, xlabel: str, ylabel: str,
+              title: str | None = None) -> Path:
+    """Lines on a linear time axis: series[label] = (xs, ys)."""
+    plt = _pyplot()
+    if not series:
+        raise InvalidArgument("nothing to plot: no series")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for colour, (label, (xs, ys)) in zip(COLOURS * 4, series.items()):
+        ax.plot(xs, ys, color=colour, label=label, linewidth=1.6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def bars(groups: Mapping[str, Mapping[str, float]], out: str | Path, ylabel: str, title: str | None = None,
          highlight: str | None = None, ylim: tuple[float, float] | None = None) -> Path:
     """One panel per group, one bar per label: groups[group][label] = value, the value on each
