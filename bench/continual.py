@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DATA, machine, median, write_section  # noqa: E402
+from bench.common import DATA, figure, machine, median, write_section  # noqa: E402
+from umr.plots import bars  # noqa: E402
 
 FLICKR = DATA / "flickr8k-1k"
 CLOTHING = DATA / "clothing-small"
@@ -220,12 +221,12 @@ def fmt(x: float) -> str:
     return "n/a" if x != x else f"{x:.3f}"
 
 
-def section(r: dict) -> str:
+def section(r: dict, n: int) -> str:
     v1_r5, _ = r["v1 alone"]
     lines = [f"### v1 = `{r['v1']}` ({r['dims'][0]}-d), v2 = `umr train --pairs clothing-small/train --encoder "
              f"{r['v1']} {r['v2']}` ({r['dims'][1]}-d)", "",
              "**1. Photo-only index** (200 flickr8k-1k test photos), old queries = their 1,000 captions:", "",
-             "| | R@5 | agreement@10 with v1 |", "|---|---|---|",
+             "| | hit rate@5 | agreement@10 with v1 |", "|---|---|---|",
              f"| v1 (the index as built) | {v1_r5:.3f} | 1.000 |"]
     unc = r.get("v2 uncompensated")
     if unc:
@@ -233,7 +234,7 @@ def section(r: dict) -> str:
     for label, (r5, agree) in r["variants"].items():
         lines.append(f"| {label} | {r5:.3f} | {fmt(agree)} |")
     lines.append("")
-    lines.append("Every compensator kind, R@5 (`--eval`): default calibration " + ", ".join(
+    lines.append("Every compensator kind, hit rate@5 (`--eval`): default calibration " + ", ".join(
         f"{k} {v:.3f}" for k, v in r["kinds (default)"].items()) + "; with the captions file " + ", ".join(
         f"{k} {v:.3f}" for k, v in r["kinds (captions)"].items()) + ".")
     if unc:
@@ -241,19 +242,25 @@ def section(r: dict) -> str:
         ref = r["variants"]["--calibration corpus + 2,000 real captions, chosen"]
         gap_r5, gap_ag = v1_r5 - unc[0], 1 - unc[1]
         rec = lambda got, base, gap: f"{(got - base) / gap:.0%}" if gap > 0 else "no gap"  # noqa: E731
-        lines.append(f"Gap recovered by the default: R@5 {rec(chosen[0], unc[0], gap_r5)} "
+        lines.append(f"Gap recovered by the default: hit rate@5 {rec(chosen[0], unc[0], gap_r5)} "
                      f"(of {gap_r5:+.3f}, {round(gap_r5 * 1000)} queries), agreement@10 "
-                     f"{rec(chosen[1], unc[1], gap_ag)}; with the real captions: R@5 {rec(ref[0], unc[0], gap_r5)}, "
+                     f"{rec(chosen[1], unc[1], gap_ag)}; with the real captions: hit rate@5 {rec(ref[0], unc[0], gap_r5)}, "
                      f"agreement@10 {rec(ref[1], unc[1], gap_ag)}.")
     cmp = r["default report"]["eval"]["chosen against old"]
     lo, hi = cmp["interval95"]
     lines.append(f"Chosen: {', '.join(f'{m} {c}' for m, c in r['chosen'].items())}; the `--eval` guard measured "
                  f"{cmp['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] against v1 (activated). "
                  f"`umr update` took {r['update seconds (median of 3)']:.1f} s (median of 3, with `--eval`).")
+    photo_only = {"v1 (the index as built)": (v1_r5, 1.0), **({"v2 uncompensated": unc} if unc else {}), **r["variants"]}
+    lines += ["", figure(f"continual-{n}", bars, {
+        "photo-only index, hit rate@5": {k: v[0] for k, v in photo_only.items()},
+        "agreement@10 with v1": {k: v[1] for k, v in photo_only.items() if v[1] == v[1]},
+        "every compensator, default calibration (hit rate@5)": dict(r["kinds (default)"])},
+        ylabel="score", ylim=(0, 1.05), title=f"v1 = {r['v1']}, v2 {r['v2']}")]
     if "merged" not in r:
         return "\n".join(lines)
     lines += ["", "**2. Merged search**: the update above, then clothing photos added (embedded by v2 in the new "
-              "segment). Old queries R@5; new queries (80 class-name queries) precision@10:", ""]
+              "segment). Old queries hit rate@5; new queries (80 class-name queries) precision@10:", ""]
     for name, rows in r["merged"].items():
         new_alone = rows["new photos alone (v2)"][1]
         lines += [f"*{name}:*", "", "| | old queries | x old alone | new queries | x new alone |", "|---|---|---|---|---|",
@@ -264,7 +271,7 @@ def section(r: dict) -> str:
                 lines.append(f"| {label} | {o:.3f} | {o / v1_r5:.2f} | {n:.3f} | {n / new_alone:.2f} |")
         lines.append("")
     s = r["same domain"]
-    lines.append("**3. Same-domain growth** (100 photos by v1, the other 100 added after the update), old queries R@5: "
+    lines.append("**3. Same-domain growth** (100 photos by v1, the other 100 added after the update), old queries hit rate@5: "
                  + ", ".join(f"{k} {v:.3f}" for k, v in s.items()) + ".")
     return "\n".join(lines)
 
@@ -277,12 +284,12 @@ def main():
                run_v1("lit-base", setup)]
     body = f"""## Continual updates without re-indexing (`bench/continual.py`)
 
-Image-text setting, {machine()}; whole run {time.perf_counter() - t0:.0f} s. Recall@5 is a hit rate (a relevant
-photo in the top 5). The merged tables are what issue 10 asks of merged search: old queries >= 0.95 x the old index
+Image-text setting, {machine()}; whole run {time.perf_counter() - t0:.0f} s. Hit rate@5 (M-BEIR's Recall@5): a relevant
+photo in the top 5. The merged tables are what issue 10 asks of merged search: old queries >= 0.95 x the old index
 alone and new queries >= 0.95 x the new photos alone, both at once. Quality figures are deterministic (seeded);
 only the times vary between runs.
 
-""" + "\n\n".join(section(r) for r in results)
+""" + "\n\n".join(section(r, i + 1) for i, r in enumerate(results))
     write_section("continual", body)
     shutil.rmtree(tmp, ignore_errors=True)
 
