@@ -84,14 +84,19 @@ def in_process(engine, queries, concurrency, requests):
     return {"latencies_ms": lat, "wall_s": time.perf_counter() - t0, "errors": 0}
 
 
-def serve(idx: Path, port: int, batching: bool, read_only: bool = False, code: Path = ROOT) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "umr.cli", "serve", str(idx), "--port", str(port)] + ([] if batching else ["--no-batching"])
-    cmd += ["--read-only"] if read_only else []  # the second server beside the first, which holds the write lock
+def start(cmd: list[str], port: int, code: Path = ROOT) -> subprocess.Popen:
+    """A server process, returned once it answers /healthz."""
     # `python -m` puts the working directory first on sys.path: a baseline runs its own code.
     proc = subprocess.Popen(cmd, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(code)})
     wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)
     return proc
+
+
+def serve(idx: Path, port: int, batching: bool, read_only: bool = False, code: Path = ROOT) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "umr.cli", "serve", str(idx), "--port", str(port)] + ([] if batching else ["--no-batching"])
+    cmd += ["--read-only"] if read_only else []  # the second server beside the first, which holds the write lock
+    return start(cmd, port, code)
 
 
 def http(port, bodies_file, concurrency, requests):
@@ -129,10 +134,7 @@ def outside_route(port: int, bodies_file, requests: int = 60) -> list[float]:
 
 
 def serve_minimal(idx: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "minimal_server.py"), str(idx), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)
-    return proc
+    return start([sys.executable, str(ROOT / "bench" / "minimal_server.py"), str(idx), str(port)], port)
 
 
 def refused_round_trip(port: int, tmp: Path, requests: int = 200) -> float:

@@ -17,7 +17,7 @@ from index.vector_index import exact_topk
 from retrieval.encoders import Encoder
 from retrieval.items import Item
 from retrieval.mbeir import Instructions, MbeirQuery, target_modality
-from retrieval.progress import bar, encode_with_bar
+from retrieval.progress import encode_with_bar, in_slices
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ def retrieve(encoder: Encoder, queries: list[MbeirQuery], pool: dict[str, Item],
         cols = np.flatnonzero(cmod == target) if target else np.arange(len(dids))
         qvec = encode_queries(encoder, qs, lambda q: _instruction(q, target, instructions), batch_size,
                               f"embedding task {task} queries" if progress else None)
-        scores, idx = search_with_bar(qvec, cvec[cols], min(top, len(cols)), f"searching task {task}", progress)
+        pool_vecs, k = cvec[cols], min(top, len(cols))
+        scores, idx = in_slices(lambda part: exact_topk(part, pool_vecs, k), qvec, 256, f"searching task {task}",
+                                progress, unit="query")
         col_of = {dids[c]: c for c in cols}
         for q, qv, sc, ix in zip(qs, qvec, scores, idx):
             pos = {d: float(cvec[col_of[d]] @ qv) for d in q.positives if d in col_of}
@@ -112,21 +114,6 @@ def encode_queries(encoder: Encoder, queries: list[MbeirQuery], instruction_of, 
         out[rows] = encode_with_bar(encoder, [queries[i].item for i in rows], desc or "", desc is not None, batch_size,
                                     role="query", instruction=instruction)
     return out
-
-
-def search_with_bar(qvec: np.ndarray, cvec: np.ndarray, k: int, desc: str, enabled: bool, step: int = 256):
-    """exact_topk in slices of queries, advancing a bar (the same answer as one call)."""
-    progress = bar(len(qvec), desc, enabled, unit="query")
-    if progress is None:
-        return exact_topk(qvec, cvec, k)
-    try:
-        parts = []
-        for i in range(0, len(qvec), step):
-            parts.append(exact_topk(qvec[i:i + step], cvec, k))
-            progress.update(len(qvec[i:i + step]))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    finally:
-        progress.close()
 
 
 def _instruction(q: MbeirQuery, target: str | None, instructions: Instructions | None) -> str | None:

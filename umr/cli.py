@@ -357,13 +357,12 @@ def cmd_train(a) -> int:
     return 0
 
 
-def _task_ids(text: str | None) -> list[int] | None:
-    if not text:
-        return None
+def task_ids(text: str) -> list[int]:
+    """An argparse type: task ids separated by commas."""
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise UserError(f"--task takes task ids separated by commas, e.g. 0,3; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--task takes task ids separated by commas, e.g. 0,3; got {text!r}") from None
 
 
 def cmd_eval(a) -> int:
@@ -376,7 +375,7 @@ def cmd_eval(a) -> int:
         raise UserError("give exactly one of --mbeir DIR or --beir DIR")
     if a.plot and not a.plot.lower().endswith(".png"):
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {a.plot}")
-    tasks = _task_ids(a.task)
+    tasks = a.task
     if a.encoder:
         encoders = [load_encoder(spec) for spec in dict.fromkeys(a.encoder)]
     else:
@@ -719,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mbeir", help="M-BEIR folder (query/, cand_pool/, qrels/)")
     e.add_argument("--beir", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     e.add_argument("--split", default="test")
-    e.add_argument("--task", help="task ids, e.g. 0,3 (default: all)")
+    e.add_argument("--task", type=task_ids, help="task ids, e.g. 0,3 (default: all)")
     g = e.add_mutually_exclusive_group()
     g.add_argument("--local", action="store_true", help="candidates of the task's target modality (default)")
     g.add_argument("--global", dest="global_pool", action="store_true", help="search the whole mixed pool")
@@ -837,10 +836,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (UserError, UmrError) as e:  # raised on purpose: the message is for the user
-        print(f"umr: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file or the network: the user's to fix, not a bug
+    except (UserError, UmrError, OSError) as e:  # raised on purpose, or a file's or the network's: the user's to fix
         print(f"umr: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
