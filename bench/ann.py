@@ -1,4 +1,4 @@
-"""Exact search against numpy brute force, and HNSW / IVF-PQ against exact, at 1M x 384.
+"""Exact search against numpy brute force and FAISS's flat index, and HNSW / IVF-PQ against exact, at 1M x 384.
 
 Vectors are synthetic but clustered (a mixture of 4,096 directions with noise), which is how
 real embeddings behave and where ANN indexes are meant to work; queries are fresh draws from
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, numpy_topk, timed, write_section  # noqa: E402
+from bench.common import figure, machine, numpy_topk, timed, write_section  # noqa: E402
+from umr.plots import lines  # noqa: E402
 
 DIM = 384
 K = 10
@@ -80,7 +81,7 @@ def main():
     flat_mem = f"{x.nbytes / 2**20:.0f} MB"
     rows.append(("numpy brute force (q @ X.T, argpartition), 200 queries", "-", 1.0, len(sub) / t_np, flat_mem))
     rows.append(("FAISS IndexFlatIP.search, 200 queries", "-", same_faiss, len(sub) / t_faiss, flat_mem))
-    rows.append(("umr exact (chunked GEMM over the FAISS flat storage)", "-", same_umr, len(q) / t_umr, flat_mem))
+    rows.append(("umr exact (torch GEMM + top-k in chunks over the FAISS flat storage)", "-", same_umr, len(q) / t_umr, flat_mem))
     log(f"exact: umr {len(q) / t_umr:.0f} qps, numpy {len(sub) / t_np:.0f} qps, faiss {len(sub) / t_faiss:.0f} qps")
 
     hnsw_choice = vi.choose_index("hnsw", a.n, DIM)
@@ -89,8 +90,9 @@ def main():
     hnsw.add(x)
     build_hnsw = time.perf_counter() - t0
     log(f"hnsw built in {build_hnsw:.0f}s")
-    rows += sweep(hnsw, hnsw_choice, "efSearch", (32, 64, 128, 256), lambda v: faiss.SearchParametersHNSW(efSearch=v),
-                  build_hnsw, q, truth, a)
+    hnsw_rows = sweep(hnsw, hnsw_choice, "efSearch", (32, 64, 128, 256), lambda v: faiss.SearchParametersHNSW(efSearch=v),
+                      build_hnsw, q, truth, a)
+    rows += hnsw_rows
     del hnsw
 
     pq_choice = vi.choose_index("auto", a.n, DIM, memory_budget=128 << 20)
@@ -103,8 +105,10 @@ def main():
     ivf.add(x)
     build_ivf = time.perf_counter() - t0
     log(f"ivfpq {pq_choice.factory_string()} built in {build_ivf:.0f}s")
-    rows += sweep(ivf, pq_choice, "nprobe", (8, 32, 64, 128), lambda v: faiss.SearchParametersIVF(nprobe=v),
-                  build_ivf, q, truth, a)
+    ivf_rows = sweep(ivf, pq_choice, "nprobe", (8, 32, 64, 128), lambda v: faiss.SearchParametersIVF(nprobe=v),
+                     build_ivf, q, truth, a)
+    rows += ivf_rows
+    refined_rows = []
     # What umr serves for IVF-PQ: the top k*refine by PQ codes, re-scored with exact vectors read
     # from disk (umr keeps them in its document store; here a memory-mapped .npy stands in).
     stored = Path(tempfile.mkdtemp(prefix="umr-ann-")) / "vectors.npy"
@@ -124,11 +128,19 @@ def main():
             return out
 
         t, ids = timed(refined, a.repeats)
-        rows.append((f"{pq_choice.factory_string()} nprobe={nprobe} + exact re-rank of top {K * refine} (umr default)"
+        refined_rows.append((f"{pq_choice.factory_string()} nprobe={nprobe} + exact re-rank of top {K * refine} (umr default)"
                      if nprobe == pq_choice.params["nprobe"] else
                      f"{pq_choice.factory_string()} nprobe={nprobe} + exact re-rank of top {K * refine}",
                      f"{build_ivf:.0f}", recall(ids, truth), len(q) / t,
                      f"{vi.estimated_bytes('ivfpq', a.n, DIM, pq_choice.params) / 2**20:.0f} MB + vectors on disk"))
+    rows += refined_rows
+    curve = lambda rs: ([r[2] for r in rs], [r[3] for r in rs])  # noqa: E731  (recall, QPS) per measured setting
+    plot = figure("ann", lines, {**{name: curve([row]) for name, row in zip(("numpy exact", "FAISS IndexFlatIP", "umr exact"), rows)},
+                                 f"{hnsw_choice.factory_string()}, efSearch 32-256": curve(hnsw_rows),
+                                 f"{pq_choice.factory_string()}, nprobe 8-128": curve(ivf_rows),
+                                 f"{pq_choice.factory_string()} + exact re-rank (umr)": curve(refined_rows)},
+                  xlabel="recall@10 against exact search", ylabel="queries/s (log)", logy=True, markers=True,
+                  title=f"Recall against throughput at {a.n:,} x {DIM}")
     table = "\n".join(f"| {n} | {b} | {r:.3f} | {qps:,.0f} | {mem} |" for n, b, r, qps, mem in rows)
     body = f"""## Exact and approximate search at {a.n:,} x {DIM} (`bench/ann.py`)
 
@@ -142,9 +154,12 @@ IVF-PQ is what `--index auto --memory-budget 128M` picks ({pq_choice.reason}). {
 
 umr's exact search returns the same top-10 as numpy brute force on {same_umr:.1%} of queries (FAISS's IndexFlatIP: {same_faiss:.1%})
 at {(len(q) / t_umr) / (len(sub) / t_np):.2f}x numpy's throughput and {(len(q) / t_umr) / (len(sub) / t_faiss):.1f}x IndexFlatIP's: on these 2-core
-machines FAISS's bundled OpenBLAS is the slower GEMM, so umr scores flat segments with numpy over FAISS's own storage.
+machines FAISS's bundled OpenBLAS is the slower GEMM, so umr scores flat segments with torch's GEMM and top-k over
+FAISS's own storage.
 IVF-PQ alone is limited by code precision on this tightly clustered data (recall flat in nprobe); re-ranking its
 top {K * refine} with the exact vectors is what `umr` does for IVF-PQ segments.
+
+{plot}
 """
     write_section("ann", body)
 

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, write_section  # noqa: E402
+from bench.common import figure, machine, write_section  # noqa: E402
 from bench.recipe import FLICKR, M, log, recall  # noqa: E402
+from umr.plots import bars  # noqa: E402
 
 TEXT_TOKENS = 40
 TOP_LR_SCALE = 0.3
@@ -196,6 +197,13 @@ def main():
     gain = {v: {d: np.mean([r[f"{d} R@5"] for r in results[v]]) - np.mean([r[f"{d} R@5"] for r in results["heads"]])
                 for d in ("t2i", "i2t")} for v in variants}
     best = max(variants, key=lambda v: min(gain[v].values()))
+    def r5(stat, direction):
+        return {v: float(stat([r[f"{direction} R@5"] for r in results[v]])) for v in variants}
+
+    plot = figure("capacity", bars, {"text -> image": r5(np.mean, "t2i"), "image -> text": r5(np.mean, "i2t")},
+                  errors={"text -> image": r5(np.std, "t2i"), "image -> text": r5(np.std, "i2t")},
+                  ylabel=f"Recall@5, mean ± std over {args.seeds} seeds", highlight="heads",
+                  title="Stage (a) with more of the model trainable (flickr8k-1k test split)")
     body = f"""## Trainable capacity beyond the heads (`bench/capacity.py`)
 
 Stage (a) of the recipe (30 epochs, lr 1e-3 one-cycle, batch 128, weight decay 0.5, symmetric InfoNCE, fresh 256-d
@@ -209,9 +217,10 @@ mean ± std over {args.seeds} seeds. {machine()}; whole run {time.perf_counter()
 
 Recall@5 over heads only: {", ".join(f"{v} {gain[v]['t2i']:+.3f} / {gain[v]['i2t']:+.3f}" for v in variants if v != "heads")}
 (text->image / image->text). Largest gain in the worse direction: {best}.
+
+{plot}
 """
     write_section("capacity", body)
-    print(body)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT, machine, median, write_section  # noqa: E402
+from bench.common import ROOT, figure, machine, median, write_section  # noqa: E402
+from umr.plots import lines  # noqa: E402
 
 ENCODER = "tiny-clip"
 KINDS = ("http writes", "compaction", "umr update")
@@ -223,6 +224,7 @@ def verify_after(index: Path, ledger: Ledger, rng: random.Random) -> dict:
             out["corrupt"] += 1
             out["problems"].append("; ".join(store.repairs)[:300])
         unknown = ledger.unknown
+        out["expected"] = len(ledger.present.keys() - unknown)
         for doc_id, text in ledger.present.items():
             if doc_id in unknown:
                 continue
@@ -274,6 +276,8 @@ def main():
     totals = {k: {"kills": 0, "lost": 0, "resurrected": 0, "inconsistent": 0, "corrupt": 0} for k in KINDS}
     acks = {"adds": 0, "deletes": 0}
     reopen, starts, problems = [], [], []
+    counts = {"acknowledged (a kill's writes in flight excluded)": [], "of those, found after the reopen": [],
+              "documents in the index": []}
     version = 0
     completed = {"compaction": 0, "umr update": 0}
     clocks = {"compaction": KillClock(), "umr update": KillClock()}
@@ -294,6 +298,9 @@ def main():
                                                            "--force"], clocks[kind])["finished before the kill"]
         found = verify_after(index, ledger, rng)
         reopen.append(found.get("reopen_s", float("nan")))
+        for series, value in zip(counts.values(), (found.get("expected", 0), found.get("expected", 0) - found["lost"],
+                                                   found.get("documents", 0))):
+            series.append(value)
         t = totals[kind]
         t["kills"] += 1
         for key in ("lost", "resurrected", "inconsistent", "corrupt"):
@@ -322,6 +329,9 @@ Acknowledged over the run: {acks['adds']} adds, {acks['deletes']} deletes; {len(
 expected at the end. Finished before their kill: {completed['compaction']} compactions, {completed['umr update']}
 updates (the others were killed midway). Reopen after a kill (verify excluded): median {median(reopen):.2f} s, max {max(reopen):.2f} s;
 server start to healthy: median {median(starts):.1f} s.
+
+{figure("chaos", lines, {name: (list(range(1, len(v) + 1)), v) for name, v in counts.items()}, xlabel="kill",
+        ylabel="documents", title="Documents after each SIGKILL", overlaid=True)}
 """ + ("\nProblems:\n" + "\n".join(f"- {p}" for p in problems[:20]) if problems else "")
     write_section("chaos", body)
 

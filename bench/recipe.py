@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DATA, machine, write_section  # noqa: E402
+from bench.common import DATA, figure, machine, write_section  # noqa: E402
+from umr.plots import bars  # noqa: E402
 
 FLICKR = DATA / "flickr8k-1k"
 M = FLICKR / "mbeir"
@@ -197,6 +198,16 @@ def main():
              for d in ("t2i", "i2t")}
     best = {d: np.mean([r[f"{d} R@5"] for r in results["d: without distillation"]]) - np.mean([r[f"{d} R@5"] for r in results["a"]])
             for d in ("t2i", "i2t")}
+    short = {"a": "(a) baseline", "b": "(b) + hard negatives", "c": "(c) + distillation", "d: text + images": "(d) stages 1-2",
+             "d: without distillation": "(d) stages 1-3", "d": "(d) all stages", "e": "(e) + re-rank"}
+
+    def r5(stat, direction):
+        return {short[key]: float(stat([r[f"{direction} R@5"] for r in results[key]])) for key in short}
+
+    plot = figure("recipe", bars, {"text -> image": r5(np.mean, "t2i"), "image -> text": r5(np.mean, "i2t")},
+                  errors={"text -> image": r5(np.std, "t2i"), "image -> text": r5(np.std, "i2t")},
+                  ylabel=f"Recall@5, mean ± std over {args.seeds} seeds", highlight=short["d"],
+                  title="What each part of the training recipe buys (flickr8k-1k test split)")
     body = f"""## What each part of the training recipe buys (`bench/recipe.py`)
 
 lit towers (locked), 256-d heads, flickr8k-1k fixed split: trained on the 800 train photos, tested on the 200 test
@@ -218,9 +229,10 @@ the test split (text head only, 5 epochs). (e) re-ranks the top {args.rerank_dep
 
 (d) - (a) in Recall@5: text->image {delta['t2i']:+.3f}, image->text {delta['i2t']:+.3f} (target: +0.05 both ways);
 without the distillation stage: {best['t2i']:+.3f} / {best['i2t']:+.3f}.
+
+{plot}
 """
     write_section("recipe", body)
-    print(body)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.chaos import free_port, umr  # noqa: E402
 from bench.common import figure, machine, median, percentile, write_section  # noqa: E402
-from umr.plots import bars, over_time  # noqa: E402
+from umr.plots import bars, lines  # noqa: E402
 
 ENCODER = "tiny-clip"
 ADMIN_KEY = "soak-admin-key-" + "x" * 20
@@ -162,7 +162,7 @@ to be sent again, never stored in the wrong segment). Server RSS after warm-up (
 
 {figure("soak-latency", bars, {f"{p}th percentile": {k: ms(v, p) for k, v in lat.items() if v} for p in (50, 99)},
         ylabel="ms", title=f"Soak: latency by request kind over {a.minutes:g} min")}
-{figure("soak-rss", over_time, {"server RSS": ([s for s, _ in rss], [m for _, m in rss])}, xlabel="seconds",
+{figure("soak-rss", lines, {"server RSS": ([s for s, _ in rss], [m for _, m in rss])}, xlabel="seconds",
         ylabel="MB", title="Soak: the server's resident memory")}
 """ + ("\nFailures: " + "; ".join(failures) if failures else "")
     write_section("soak", body)

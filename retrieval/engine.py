@@ -274,4 +274,7 @@ class Engine:
         out["query_encoder"] = {"spec": self.encoder.spec, "fingerprint": self.encoder.fingerprint, "version": self.version,
                                 "compensators": {str(seg_id): {m: c.kind for m, c in comps.items()}
                                                  for seg_id, comps in self.compensators.items()}}
+        # Clients (the search page) say when scores are cos + w * P(yes) rather than cosines.
+        out["reranker"] = None if self.reranker is None else {
+            "kind": self.reranker.kind, "path": self.reranker.path, "depth": self.rerank_depth, "weight": self.rerank_weight}
         return out

@@ -178,3 +178,42 @@ def test_search_page_with_keys(photos, browser):
                                " return i && i.complete && i.naturalWidth > 0; }")
         assert thumbnail_loaded(card)  # fetched with the key: a plain <img src> could not send it
         page.close()
+
+
+def test_search_page_shows_the_rerank_detail(photos, browser):
+    """When the server re-ranks, the header says so and each re-ranked card shows the cosine and
+    P(yes) behind its score, as the API returned them; cards below the depth show their cosine."""
+    from retrieval.reranker import CrossConfig, LitReranker
+
+    folder, engine, found = photos
+    depth, weight = 5, 0.5
+    # The seeded scorer `umr reranker train` starts from: untrained, it still gives every candidate
+    # its own P(yes), which is all the page has to show.
+    engine.use_reranker(LitReranker.fresh(CrossConfig(seed=0)), depth, weight)
+    try:
+        with BackgroundServer(create_app(engine)) as srv:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(srv.url + "/")
+            page.wait_for_function("() => document.getElementById('index-info').textContent.includes('re-ranking')")
+            assert f"re-ranking the top {depth} (cosine + {weight} × P(yes))" in page.locator("#index-info").text_content()
+            caption = next(iter(found.values()))
+            page.fill("#text", caption)
+            with page.expect_response(lambda r: r.url.endswith("/v1/search")) as answered:
+                page.click("#search")
+            results = answered.value.json()["results"]
+            page.wait_for_function("() => document.getElementById('status').textContent.includes('results in')")
+            cards = page.locator("#results article.hit")
+            assert cards.count() == len(results) == 12
+            for i, hit in enumerate(results):
+                text = cards.nth(i).text_content()
+                assert cards.nth(i).get_attribute("data-id") == hit["id"]
+                if i < depth:
+                    r = hit["rerank"]
+                    assert r and hit["score"] == pytest.approx(r["cosine"] + weight * r["p_yes"], abs=1e-5)
+                    assert (f"score {hit['score']:.4f} (re-ranked: cosine {r['cosine']:.4f}, P(yes) {r['p_yes']:.3f})"
+                            in text), text
+                else:
+                    assert hit["rerank"] is None and f"score {hit['score']:.4f}" in text and "re-ranked" not in text
+            page.close()
+    finally:
+        engine.reranker = None

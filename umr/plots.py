@@ -64,18 +64,25 @@ def recall_curves(curves: Mapping[str, Mapping[str, tuple[Sequence[int], Sequenc
     return _save(fig, out)
 
 
-def over_time(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], out: str | Path, xlabel: str, ylabel: str,
-              title: str | None = None) -> Path:
-    """Lines on a linear time axis: series[label] = (xs, ys)."""
+def lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], out: str | Path, xlabel: str, ylabel: str,
+          title: str | None = None, logy: bool = False, markers: bool = False, overlaid: bool = False) -> Path:
+    """One line per series on shared axes, series[label] = (xs, ys): a quantity over time, or a
+    trade-off curve (`markers` shows each measured point; a one-point series is a point).
+    `overlaid`: series expected to coincide are drawn widest first, then narrower and dashed, so
+    that each stays visible where they agree."""
     plt = _pyplot()
     if not series:
         raise InvalidArgument("nothing to plot: no series")
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    for colour, (label, (xs, ys)) in zip(COLOURS * 4, series.items()):
-        ax.plot(xs, ys, color=colour, label=label, linewidth=1.6)
+    for i, (colour, (label, (xs, ys))) in enumerate(zip(COLOURS * 4, series.items())):
+        width, style = (max(1.0, 4.5 - 1.5 * i), ("-", "--", ":", "-.")[i % 4]) if overlaid else (1.6, "-")
+        ax.plot(xs, ys, color=colour, label=label, linewidth=width, linestyle=style,
+                marker="o" if markers or len(xs) == 1 else None, markersize=4)
+    if logy:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
@@ -84,9 +91,11 @@ def over_time(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], out
 
 
 def bars(groups: Mapping[str, Mapping[str, float]], out: str | Path, ylabel: str, title: str | None = None,
-         highlight: str | None = None, ylim: tuple[float, float] | None = None) -> Path:
+         highlight: str | None = None, ylim: tuple[float, float] | None = None,
+         errors: Mapping[str, Mapping[str, float]] | None = None) -> Path:
     """One panel per group, one bar per label: groups[group][label] = value, the value on each
-    bar; a label keeps its colour across panels; `highlight` outlines that label's bars."""
+    bar; a label keeps its colour across panels; `highlight` outlines that label's bars;
+    errors[group][label] (a std over seeds, say) draws a whisker of that half-length."""
     plt = _pyplot()
     labels = list(dict.fromkeys(label for by_label in groups.values() for label in by_label))
     if not labels:
@@ -99,7 +108,8 @@ def bars(groups: Mapping[str, Mapping[str, float]], out: str | Path, ylabel: str
         names = list(by_label)
         drawn = ax.bar(range(len(names)), [by_label[n] for n in names], 0.8, color=[colour[n] for n in names],
                        edgecolor=["black" if n == highlight else "none" for n in names],
-                       linewidth=[2.5 if n == highlight else 0 for n in names])
+                       linewidth=[2.5 if n == highlight else 0 for n in names],
+                       yerr=[errors[group][n] for n in names] if errors else None, capsize=3 if errors else 0)
         ax.bar_label(drawn, fmt="%.3f" if max(abs(by_label[n]) for n in names) < 10 else "%.1f", fontsize=7, padding=2)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)

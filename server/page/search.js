@@ -57,7 +57,8 @@ async function loadInfo() {
     const enc = info.query_encoder || {};
     const versions = (info.encoders || []).length;
     $("index-info").textContent = `${info.documents} documents · query encoder ${enc.spec || "?"} · ` +
-      `encoder version ${info.active_version} active (${versions} registered) · ${info.segments.length} segment(s)`;
+      `encoder version ${info.active_version} active (${versions} registered) · ${info.segments.length} segment(s)` +
+      (info.reranker ? ` · re-ranking the top ${info.reranker.depth} (cosine + ${info.reranker.weight} × P(yes))` : "");
   } catch (e) {
     $("index-info").textContent = e.status === 401 || e.status === 403
       ? "this server needs an API key: enter it on the right" : "index information unavailable";
