@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -37,6 +39,18 @@ log = logging.getLogger("umr.index")
 DOCSTORE = "docs.sqlite"
 # With this few candidates left after filtering, scoring them exactly beats a filtered ANN walk.
 EXACT_FILTER_ROWS = 4096
+# Threads that search the segments of one query batch side by side (1: one after the other).
+SEGMENT_THREADS = max(1, min(8, os.cpu_count() or 1))
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _segment_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=SEGMENT_THREADS, thread_name_prefix="umr-segment")
+        return _POOL
 
 
 @dataclass
@@ -591,7 +605,9 @@ class IndexStore:
             qmods = np.array(query_modalities) if query_modalities else np.array([None] * n_queries)
             merged = merge_cal.merge_rows(merge, searched, qmods, modalities, self.present_modalities) if merge else {}
             plain = np.flatnonzero(~np.isin(qmods, list(groups)))
-            for seg in searched:  # an empty segment (a new version's before its first add) is skipped
+            def hits_of(seg: Segment) -> list[tuple[int, list]]:
+                """(query number, its candidates) from one segment."""
+                found = []
                 if isinstance(queries, Mapping) and seg.id not in queries:
                     raise IndexMismatch(f"no query vectors for segment {seg.id}")
                 q = queries[seg.id] if isinstance(queries, Mapping) else queries
@@ -613,17 +629,31 @@ class IndexStore:
                         on_merge |= here
                     for j, qi in enumerate(plain):
                         cos = raw[j] if on_merge[j] else [None] * len(raw[j])
-                        per_query[qi].extend((float(s), seg.id, int(r), None if c is None else float(c))
-                                             for s, c, r in zip(scores[j], cos, rows[j]) if r >= 0)
+                        found.append((qi, [(float(s), seg.id, int(r), None if c is None else float(c))
+                                           for s, c, r in zip(scores[j], cos, rows[j]) if r >= 0]))
                 for qm, wanted in groups.items():
                     idx = np.flatnonzero(qmods == qm)
-                    cal = self.calibration(seg)
+                    cal = calibrations[seg.id]
                     for dm in dict(wanted)[seg]:
                         raw, rows = self._search_segment(seg, q[idx], k, [dm], flt)
                         scores = cal.apply(raw, qm, dm)
                         for j, qi in enumerate(idx):
-                            per_query[qi].extend((float(s), seg.id, int(r), float(c))
-                                                 for s, c, r in zip(scores[j], raw[j], rows[j]) if r >= 0)
+                            found.append((qi, [(float(s), seg.id, int(r), float(c))
+                                               for s, c, r in zip(scores[j], raw[j], rows[j]) if r >= 0]))
+                return found
+
+            # Fitted (and cached) here: calibration() takes the store lock, which this thread holds.
+            calibrations = {seg.id: self.calibration(seg) for seg in searched} if groups else {}
+            # Segments (encoder versions, shards) are searched side by side: FAISS and torch
+            # release the GIL, so an index of many segments costs about its largest one.
+            # An empty segment (a new version's before its first add) is not searched.
+            if len(searched) > 1 and SEGMENT_THREADS > 1:
+                per_segment = list(_segment_pool().map(hits_of, searched))
+            else:
+                per_segment = [hits_of(seg) for seg in searched]
+            for found in per_segment:
+                for qi, candidates in found:
+                    per_query[qi].extend(candidates)
             results = []
             for hits in per_query:
                 hits.sort(key=lambda h: -h[0])

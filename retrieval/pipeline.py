@@ -42,6 +42,7 @@ class BuildReport:
     resumed_at: int = 0
     seconds: float = 0.0
     already_complete: bool = False
+    ray: dict | None = None  # what the Ray cluster did (distributed_build.RayBuildStats), when one built it
 
     @property
     def items_per_s(self) -> float:
@@ -55,7 +56,8 @@ class BuildReport:
     def to_dict(self) -> dict:
         return {"corpus": self.corpus, "read": self.read, "indexed": self.indexed, "rejected": self.rejected,
                 "rejections": self.rejections, "resumed_at": self.resumed_at, "seconds": round(self.seconds, 3),
-                "items_per_s": round(self.items_per_s, 2), "already_complete": self.already_complete}
+                "items_per_s": round(self.items_per_s, 2), "already_complete": self.already_complete,
+                **({"ray": self.ray} if self.ray else {})}
 
 
 def _numbered(records: Iterable[Item | Rejected], start: int) -> Iterator[tuple[int, Item | Rejected]]:
@@ -75,6 +77,55 @@ def _chunks(it: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
+def accept(rows: list[tuple[int, Item | Rejected, str | None]], report: BuildReport, seen: set[str],
+           journal: BuildJournal | None, strict: bool) -> list[int]:
+    """Which rows of one batch are indexed: rows are (ordinal, record, why it cannot be
+    embedded or None), in corpus order; the others are counted as rejected in `report`.
+    An id seen earlier in this run, or already stored by an earlier run, is a duplicate: the
+    first record with an id wins, as the cursor never repeats one."""
+    kept = []
+    for i, (_, rec, problem) in enumerate(rows):
+        report.read += 1
+        if isinstance(rec, Rejected):
+            bad = rec
+        elif problem is not None:
+            bad = Rejected(rec.id, problem)
+        elif rec.id in seen:
+            bad = Rejected(rec.id, "duplicate id in the corpus")
+        else:
+            bad = None
+            seen.add(rec.id)
+            kept.append(i)
+        if bad is not None:
+            if strict:
+                raise StrictError(f"bad record {bad.id}: {bad.reason}")
+            report.reject(bad)
+    stored = journal.stored_ids([rows[i][1].id for i in kept]) if journal and kept else set()
+    for i in kept:
+        if rows[i][1].id in stored:
+            if strict:
+                raise StrictError(f"bad record {rows[i][1].id}: duplicate id in the corpus")
+            report.reject(Rejected(rows[i][1].id, "duplicate id in the corpus"))
+    return [i for i in kept if rows[i][1].id not in stored]
+
+
+def commit(store: IndexStore, items: list[Item], vectors, report: BuildReport, journal: BuildJournal | None,
+           next_ordinal: int) -> None:
+    """Store one batch's documents and vectors with the corpus cursor in one transaction."""
+    docs = [DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata) for it in items]
+    report.indexed += len(docs)  # counted before the commit so the saved report includes this batch
+    meta = journal.batch_meta(next_ordinal, report.to_dict()) if journal else None
+    if docs or meta:
+        store.add(docs, vectors if vectors is not None else [], meta=meta)
+
+
+def problem_of(prepared) -> str | None:
+    """Why an item could not be prepared, as a build reports it."""
+    if not isinstance(prepared, Exception):
+        return None
+    return str(prepared) if isinstance(prepared, (BadImage, ValueError)) else f"{prepared.__class__.__name__}: {prepared}"
+
+
 def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejected], report: BuildReport, *,
            start: int = 0, batch_size: int = 64, workers: int = 2, strict: bool = False,
            progress=None, journal: BuildJournal | None = None) -> BuildReport:
@@ -89,45 +140,11 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
 
     t0 = time.perf_counter()
     for chunk, prepared in prefetch_batches(_chunks(_numbered(records, start), batch_size), prepare, workers):
-        good_items, good_prep = [], []
-        for (ordinal, rec), prep in zip(chunk, prepared):
-            report.read += 1
-            if isinstance(rec, Rejected):
-                bad = rec
-            elif isinstance(prep, Exception):
-                reason = str(prep) if isinstance(prep, (BadImage, ValueError)) else f"{prep.__class__.__name__}: {prep}"
-                bad = Rejected(rec.id, reason)
-            elif rec.id in seen:
-                bad = Rejected(rec.id, "duplicate id in the corpus")
-            else:
-                bad = None
-                seen.add(rec.id)
-                good_items.append(rec)
-                good_prep.append(prep)
-            if bad is not None:
-                if strict:
-                    raise StrictError(f"bad record {bad.id}: {bad.reason}")
-                report.reject(bad)
-        if good_items:
-            # An id already stored came from an earlier record (the cursor never repeats one).
-            dupes = journal.stored_ids([it.id for it in good_items]) if journal else set()
-            if dupes:
-                keep = [i for i, it in enumerate(good_items) if it.id not in dupes]
-                for it in good_items:
-                    if it.id in dupes:
-                        if strict:
-                            raise StrictError(f"bad record {it.id}: duplicate id in the corpus")
-                        report.reject(Rejected(it.id, "duplicate id in the corpus"))
-                good_items = [good_items[i] for i in keep]
-                good_prep = [good_prep[i] for i in keep]
-        vectors = encoder.embed(good_prep) if good_prep else None
-        docs = [DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata) for it in good_items]
-        report.indexed += len(docs)  # counted before the commit so the saved report includes this batch
-        meta = None
-        if journal:
-            meta = journal.batch_meta(chunk[-1][0] + 1, report.to_dict())
-        if docs or meta:
-            store.add(docs, vectors if vectors is not None else [], meta=meta)
+        rows = [(ordinal, rec, None if isinstance(rec, Rejected) else problem_of(prep))
+                for (ordinal, rec), prep in zip(chunk, prepared)]
+        kept = accept(rows, report, seen, journal, strict)
+        vectors = encoder.embed([prepared[i] for i in kept]) if kept else None
+        commit(store, [chunk[i][1] for i in kept], vectors, report, journal, chunk[-1][0] + 1)
         if progress is not None:
             progress.update(len(chunk))
     report.seconds += time.perf_counter() - t0
@@ -136,31 +153,76 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
 
 def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_kind: str = "auto",
                 memory_budget: int | None = None, batch_size: int = 64, workers: int = 2, strict: bool = False,
-                corpus_format: str = "auto", progress: bool = True) -> BuildReport:
+                corpus_format: str = "auto", progress: bool = True, ray: str | None = None,
+                shard_size: int = 4096) -> BuildReport:
+    """Build (or resume building) the index at `out`. `ray`: encode on that Ray cluster ("auto"
+    or a head node's address) in shards of `shard_size` records (retrieval/distributed_build.py)."""
     corpus = Path(corpus)
     reader = open_corpus(corpus, corpus_format)
+    if ray:  # before anything is written: a cluster that cannot be reached leaves no half-made index
+        from retrieval.distributed_build import connect
+
+        connect(ray)
+
+    def run(store, journal, report, start, bar):
+        if ray:
+            from retrieval.distributed_build import ray_ingest
+
+            t0 = time.perf_counter()
+            report.ray = ray_ingest(store, encoder, reader, report, start=start, address=ray, shard_size=shard_size,
+                                    batch_size=batch_size, strict=strict, journal=journal, progress=bar).to_dict()
+            report.seconds += time.perf_counter() - t0
+        else:
+            ingest(store, encoder, reader, report, start=start, batch_size=batch_size, workers=workers,
+                   strict=strict, progress=bar, journal=journal)
+
+    report = run_build(out, encoder, {"corpus": str(corpus.resolve()), "format": reader.kind}, str(corpus),
+                       _length(reader), run, index_kind=index_kind, memory_budget=memory_budget,
+                       batch_size=batch_size, progress=progress)
+    if ray:
+        from retrieval.distributed_build import remove_shards
+
+        remove_shards(Path(out))
+    return report
+
+
+def _length(reader) -> int | None:
+    try:
+        return len(reader)
+    except (OSError, TypeError):
+        return None
+
+
+def run_build(out: str | Path, encoder: Encoder, source: dict, label: str, total: int | None, run, *,
+              index_kind: str, memory_budget: int | None, batch_size: int, progress: bool) -> BuildReport:
+    """What every kind of build shares: create the index or resume it (checking that the same
+    build is resumed), `run(store, journal, report, start, bar)` from the cursor, then train and
+    fill FAISS, record the report and save. `source` identifies what is being indexed."""
     out = Path(out)
-    source = {"corpus": str(corpus.resolve()), "format": reader.kind}
     if (out / "manifest.json").exists():
         store = IndexStore.open(out)
         journal = BuildJournal(store)
         prev = journal.source
         if store.encoder["fingerprint"] != encoder.fingerprint:
+            store.close()
             raise IndexMismatch(
                 f"{out} was started with encoder {store.encoder['spec']} (fingerprint {store.encoder['fingerprint']}), "
                 f"not {encoder.spec} ({encoder.fingerprint}); re-run with --encoder {store.encoder['spec']} or choose a new --out"
             )
-        if prev and prev["corpus"] != source["corpus"]:
-            raise IndexMismatch(f"{out} is being built from {prev['corpus']}; to add another corpus use `umr index add`")
+        if prev and prev != source:
+            store.close()
+            raise IndexMismatch(f"{out} is being built from {prev.get('corpus') or prev}; to add another corpus use "
+                                "`umr index add`, or choose a new --out")
         asked = {"kind": index_kind, "memory_budget": memory_budget}
         if journal.index_request != asked and not store.ready:
             req = journal.index_request
+            store.close()
             raise IndexMismatch(
                 f"{out} was started with --index {req['kind']} and memory budget {req['memory_budget']}; "
                 "resume it with the same flags, or choose a new --out"
             )
         if store.ready:
-            report = BuildReport(str(corpus), already_complete=True, **{
+            report = BuildReport(label, already_complete=True, **{
                 k: v for k, v in journal.record.get("report", {}).items()
                 if k in ("read", "indexed", "rejected", "rejections")})
             store.close()
@@ -171,26 +233,20 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
         journal.begin(source, batch_size)
     try:
         start, saved = journal.position()
-        report = BuildReport(str(corpus), resumed_at=start)
-        log.info("building %s from %s (%s) with %s%s", out, corpus, reader.kind, encoder.spec,
+        report = BuildReport(label, resumed_at=start)
+        log.info("building %s from %s (%s) with %s%s", out, label, source.get("format"), encoder.spec,
                  f", resuming after item {start}" if start else "")
         if saved:
             for k in ("read", "indexed", "rejected", "rejections"):
                 setattr(report, k, saved[k])
-        total = None
-        try:
-            total = len(reader)
-        except (OSError, TypeError):
-            pass
         bar = progress_bar(total, "indexing", progress, initial=start)
         try:
-            ingest(store, encoder, reader, report, start=start, batch_size=batch_size, workers=workers,
-                   strict=strict, progress=bar, journal=journal)
+            run(store, journal, report, start, bar)
         finally:
             if bar is not None:
                 bar.close()
         if store.count() == 0:
-            raise InvalidArgument(f"no valid items in {corpus} ({report.rejected} rejected); nothing to index")
+            raise InvalidArgument(f"no valid items in {label} ({report.rejected} rejected); nothing to index")
         t0 = time.perf_counter()
         store.finalize()
         journal.finish(report.to_dict(), time.perf_counter() - t0)

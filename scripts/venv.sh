@@ -16,5 +16,5 @@ fi
 # torch and torchvision first: the only pair that imports here, taken from local disk; the
 # constraints keep every later install on that pair.
 "$venv/bin/pip" install -q -c "$here/constraints.txt" torch torchvision >&2
-"$venv/bin/pip" install -q -c "$here/constraints.txt" -e "$here[test,mllm]" >&2
+"$venv/bin/pip" install -q -c "$here/constraints.txt" -e "$here[test,mllm,distributed]" >&2
 echo "$venv"

@@ -199,3 +199,46 @@ def test_ivfpq_refine_restores_recall(tmp_path):
     store.segments[0].record["index"]["params"]["refine"] = 1
     raw = recall()
     assert refined >= 0.9 and refined > raw + 0.1, (refined, raw)
+
+
+def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monkeypatch):
+    """Three segments (three encoder versions of one dimension, raw cosines merged): searched on
+    the segment threads, the answers are exactly those of searching them one after another."""
+    import threading
+
+    import index.store as store_module
+
+    store, vecs = make(tmp_path, n=300, kind="hnsw")
+    rng = np.random.default_rng(1)
+    everything = {f"d{i}": v for i, v in enumerate(vecs)}
+    for version in (2, 3):
+        v = store.register_version({**ENC, "fingerprint": f"{version}" * 16})
+        store.activate(v)
+        new = unit(rng, 150)
+        store.add([DocRecord(f"v{version}-{i}", "text", text="x") for i in range(150)], new)
+        everything.update({f"v{version}-{i}": x for i, x in enumerate(new)})
+    store.delete(["d3", "v2-7"])
+    for gone in ("d3", "v2-7"):
+        everything.pop(gone)
+    assert len([s for s in store.segments if s.faiss.ntotal]) == 3
+    q = unit(rng, 16)
+
+    threads = set()
+    real = store_module.IndexStore._search_segment
+
+    def watched(self, seg, *args):
+        threads.add(threading.current_thread().name)
+        return real(self, seg, *args)
+
+    monkeypatch.setattr(store_module.IndexStore, "_search_segment", watched)
+    side_by_side = store.search(q, k=10)
+    assert any(name.startswith("umr-segment") for name in threads), threads
+    monkeypatch.setattr(store_module, "SEGMENT_THREADS", 1)
+    threads.clear()
+    one_by_one = store.search(q, k=10, modalities=None)
+    assert threads == {threading.current_thread().name}
+    assert [[(h.id, h.score) for h in hits] for hits in side_by_side] == [[(h.id, h.score) for h in hits] for hits in one_by_one]
+    ids = np.array(list(everything))
+    truth = np.argsort(-(q @ np.stack(list(everything.values())).T), axis=1)[:, :10]
+    assert sum(len({h.id for h in hits} & set(ids[t])) for hits, t in zip(side_by_side, truth)) >= 0.95 * 160
+    store.close()

@@ -79,12 +79,27 @@ def _print_hits(hits, as_json: bool) -> None:
 def cmd_index_build(a) -> int:
     from index.vector_index import parse_bytes
     from retrieval.encoders import load_encoder
-    from retrieval.pipeline import build_index
 
+    if bool(a.vectors) != bool(a.ids):
+        raise UserError("--vectors and --ids go together: the embeddings and one id per row")
+    if a.vectors and (a.corpus or a.ray):
+        raise UserError("--vectors builds from precomputed embeddings: give no corpus and no --ray")
+    if not a.vectors and not a.corpus:
+        raise UserError("give a corpus to index (or --vectors EMB.npy --ids IDS.jsonl)")
     enc = load_encoder(a.encoder)
-    report = build_index(a.corpus, enc, a.out, index_kind=a.index, memory_budget=parse_bytes(a.memory_budget),
-                         batch_size=a.batch_size, workers=a.workers, strict=a.strict, corpus_format=a.format,
-                         progress=not a.no_progress and not a.json)
+    progress = not a.no_progress and not a.json
+    if a.vectors:
+        from retrieval.vector_import import build_from_vectors
+
+        report = build_from_vectors(a.vectors, a.ids, enc, a.out, modality=a.modality, index_kind=a.index,
+                                    memory_budget=parse_bytes(a.memory_budget), batch_size=a.batch_size or 65536,
+                                    strict=a.strict, progress=progress)
+    else:
+        from retrieval.pipeline import build_index
+
+        report = build_index(a.corpus, enc, a.out, index_kind=a.index, memory_budget=parse_bytes(a.memory_budget),
+                             batch_size=a.batch_size or 64, workers=a.workers, strict=a.strict, corpus_format=a.format,
+                             progress=progress, ray=a.ray, shard_size=a.shard_size)
     if a.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -94,6 +109,10 @@ def cmd_index_build(a) -> int:
     resumed = f", resumed at record {report.resumed_at}" if report.resumed_at else ""
     print(f"indexed {report.indexed} items into {a.out} ({report.items_per_s:.1f} items/s{resumed}); "
           f"{report.rejected} bad records skipped")
+    if report.ray:
+        r = report.ray
+        print(f"ray: {r['shards']} shards ({r['shards_encoded']} encoded, {r['shards_reused']} reused from an earlier run) "
+              f"on {r['actors']} model actor(s); encode {r['encode_s']:.1f}s, merge {r['merge_s']:.1f}s")
     for r in report.rejections[:20]:
         print(f"  skipped {r['id']}: {r['reason']}")
     if report.rejected > 20:
@@ -107,7 +126,7 @@ def cmd_index_add(a) -> int:
 
     eng = Engine.open(a.index_dir)
     try:
-        report = add_to_index(eng.store, eng.encoder, a.corpus, batch_size=a.batch_size, strict=a.strict,
+        report = add_to_index(eng.store, eng.encoder, a.corpus, batch_size=a.batch_size or 64, strict=a.strict,
                               corpus_format=a.format, progress=not a.no_progress)
     finally:
         eng.close()
@@ -592,7 +611,7 @@ def cmd_demo(a) -> int:
 
 def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "folder", "mbeir"])
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, help="items per batch (default 64; 65536 with --vectors)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--no-progress", action="store_true")
 
@@ -610,13 +629,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ix = sub.add_parser("index", help="build and maintain indexes").add_subparsers(dest="index_command", required=True)
     b = ix.add_parser("build", help="index a corpus (JSONL, image folder, M-BEIR pool); resumable")
-    b.add_argument("corpus")
+    b.add_argument("corpus", nargs="?", help="JSONL, image folder or M-BEIR pool (or --vectors and --ids)")
     b.add_argument("--encoder", default="lit-base")
+    b.add_argument("--vectors", metavar="EMB.npy", help="precomputed embeddings, one row per document (no encoder runs; "
+                   "--encoder names the model that made them)")
+    b.add_argument("--ids", metavar="IDS.jsonl", help="with --vectors: one id (or {id, text, image, metadata}) per row")
+    b.add_argument("--modality", default="image", choices=["image", "text", "image,text"],
+                   help="with --vectors: the modality of records that do not say (default image)")
     b.add_argument("--out", required=True)
     b.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
     b.add_argument("--memory-budget", help="e.g. 2G; --index auto picks an index that fits")
     _ingest_args(b)
     b.add_argument("--workers", type=positive_int, default=2, help="image decoding threads")
+    b.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="encode on a Ray cluster: auto (the one on this machine, else a local one) or a head "
+                        "node's address; needs umr[distributed]")
+    b.add_argument("--shard-size", type=positive_int, default=4096,
+                   help="records per shard of a --ray build (the unit a rerun resumes by)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_index_build)
     ad = ix.add_parser("add", help="add a corpus to an index without rebuilding it")

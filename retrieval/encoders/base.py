@@ -10,6 +10,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,6 +89,39 @@ def with_instruction(text: str | None, instruction: str | None) -> str | None:
     return f"{instruction} {text.strip()}" if text and text.strip() else instruction
 
 
+@dataclass(frozen=True)
+class Preparer:
+    """What `Encoder.prepare` needs, without the model: decoding and preprocessing can then run
+    in processes that never load the weights (a Ray build's preprocessing tasks)."""
+
+    spec: str
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    image_size: int
+    supports_images: bool
+    supports_texts: bool
+
+    def prepare(self, item: Item, limits: ImageLimits = DEFAULT_LIMITS) -> Prepared:
+        """A document's Prepared, as its encoder's `prepare(item, "document")` gives it."""
+        return self.parts(item, item.text if item.text and item.text.strip() else None, limits)
+
+    def parts(self, item: Item, text: str | None, limits: ImageLimits) -> Prepared:
+        image = None
+        if item.image is not None:
+            if not self.supports_images:
+                raise EncoderError(f"encoder {self.spec} embeds text only; item {item.id!r} has an image")
+            if isinstance(item.image, torch.Tensor):
+                image = item.image
+            else:
+                image = self.preprocess(open_image(item.image, limits, min_side=self.image_size))
+        if text is not None and not self.supports_texts:
+            if image is None:
+                raise EncoderError(f"encoder {self.spec} embeds images only; item {item.id!r} is text")
+            text = None
+        if text is None and image is None:
+            raise InvalidArgument(f"item {item.id!r} has neither text nor image")
+        return Prepared(text, image)
+
+
 class Encoder(ABC):
     spec: str
     dim: int
@@ -145,21 +179,21 @@ class Encoder(ABC):
         text = item.text if item.text and item.text.strip() else None
         if role == "query":
             text = self.with_instruction(text, instruction)
-        image = None
-        if item.image is not None:
-            if not self.supports_images:
-                raise EncoderError(f"encoder {self.spec} embeds text only; item {item.id!r} has an image")
-            if isinstance(item.image, torch.Tensor):
-                image = item.image
-            else:
-                image = self.preprocess_image(open_image(item.image, limits, min_side=self.image_size))
-        if text is not None and not self.supports_texts:
-            if image is None:
-                raise EncoderError(f"encoder {self.spec} embeds images only; item {item.id!r} is text")
-            text = None
-        if text is None and image is None:
-            raise InvalidArgument(f"item {item.id!r} has neither text nor image")
-        return Prepared(text, image)
+        return Preparer(self.spec, self.preprocess_image, self.image_size, self.supports_images,
+                        self.supports_texts).parts(item, text, limits)
+
+    def image_preprocessor(self):
+        """A picklable image preprocessing function that holds none of the model's weights, or
+        None when preprocessing needs the model (processes that only prepare then load it)."""
+        return None
+
+    def preparer(self) -> "Preparer | None":
+        """`prepare` for documents without the model (see Preparer), or None when this
+        encoder cannot prepare without it."""
+        fn = self.image_preprocessor()
+        if fn is None or type(self).prepare is not Encoder.prepare:
+            return None
+        return Preparer(self.spec, fn, self.image_size, self.supports_images, self.supports_texts)
 
     @torch.inference_mode()
     def embed(self, prepared: list[Prepared]) -> np.ndarray:

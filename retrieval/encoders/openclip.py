@@ -102,6 +102,9 @@ class OpenClipEncoder(Encoder):
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.preprocess(image)
 
+    def image_preprocessor(self):
+        return self.preprocess  # torchvision transforms: no weights
+
     @torch.inference_mode()
     def embed_images(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(batch)

@@ -69,6 +69,9 @@ class TowerEncoder(Encoder):
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return towers.ImageTower.preprocess(image)
 
+    def image_preprocessor(self):
+        return towers.ImageTower.preprocess
+
     @torch.inference_mode()
     def embed_images(self, batch: torch.Tensor) -> torch.Tensor:
         return self.image_head(self.image.features(batch))

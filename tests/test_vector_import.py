@@ -1,0 +1,114 @@
+"""`umr index build --vectors EMB.npy --ids IDS.jsonl`: indexes from precomputed embeddings."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_jsonl
+from index import IndexStore
+from retrieval.engine import Engine, Query
+from retrieval.pipeline import StrictError, build_index
+from retrieval.vector_import import build_from_vectors
+
+
+def exported(index_dir):
+    """(ids in row order, their vectors, their records) of a built index's segment 0."""
+    store = IndexStore.open(index_dir, mode="read")
+    try:
+        docs = sorted(store.docs.iter_docs(), key=lambda d: store.docs.get(d.id)[2])
+        rows = np.array([store.docs.get(d.id)[2] for d in docs])
+        return docs, store.docs.vectors_at(0, rows)
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_vectors_of_an_encoder_index_like_its_corpus(tmp_path, flickr_test, lit):
+    """Captions embedded by lit-base, exported, and imported with --encoder lit-base: text queries
+    through the encoder find what the index built from the captions themselves finds."""
+    names, captions = flickr_test
+    recs = [{"id": f"c{i}", "text": captions[n][0], "metadata": {"photo": n}} for i, n in enumerate(names[:150])]
+    build_index(write_jsonl(tmp_path / "c.jsonl", recs), lit, tmp_path / "from-corpus", progress=False)
+    docs, vectors = exported(tmp_path / "from-corpus")
+    np.save(tmp_path / "emb.npy", vectors * 3.0)  # not unit rows: umr normalises them
+    write_jsonl(tmp_path / "ids.jsonl", [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in docs])
+    r = run_cli("index", "build", "--vectors", tmp_path / "emb.npy", "--ids", tmp_path / "ids.jsonl",
+                "--encoder", "lit-base", "--out", tmp_path / "from-vectors", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["indexed"] == 150
+    a, b = Engine.open(tmp_path / "from-corpus", lit, mode="read"), Engine.open(tmp_path / "from-vectors", lit, mode="read")
+    try:
+        queries = [Query(captions[n][1]) for n in names[:150:15]]
+        for x, y in zip(a.search(queries, 5), b.search(queries, 5)):
+            assert [h.doc.id for h in x] == [h.doc.id for h in y]
+            assert np.allclose([h.score for h in x], [h.score for h in y], atol=1e-5)
+        hit = b.search([Query(captions[names[0]][0])], 1)[0][0]
+        assert hit.doc.id == "c0" and hit.doc.modality == "text" and hit.doc.metadata == {"photo": names[0]}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_import_rejects_bad_rows_and_resumes_after_a_stop(tmp_path, tiny):
+    rng = np.random.default_rng(0)
+    n, dim = 2000, tiny.dim
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x[1607] = 0.0
+    x[1611, 3] = np.nan
+    np.save(tmp_path / "emb.npy", x)
+    lines = [json.dumps(f"row{i}") for i in range(n)]
+    lines[3] = json.dumps({"id": "row3", "text": "a caption", "metadata": {"year": 2020}})
+    lines[12] = json.dumps({"id": "row12", "modality": "text"})
+    lines[1500] = json.dumps({"id": "row1500", "modality": "video"})
+    lines[1604] = json.dumps("row0")  # the id of row 0 again
+    lines[1609] = "not json"
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("\n".join(lines))  # no newline after the last line: it still counts
+    out = tmp_path / "idx"
+    # --strict stops at row 1500 (unknown modality), after committing the batches before it.
+    with pytest.raises(StrictError, match="row1500"):
+        build_from_vectors(tmp_path / "emb.npy", ids, tiny, out, batch_size=500, progress=False, strict=True)
+    lines[1500] = json.dumps({"id": "row1500", "modality": "text"})
+    ids.write_text("\n".join(lines))
+    report = build_from_vectors(tmp_path / "emb.npy", ids, tiny, out, batch_size=500, progress=False)
+    assert report.resumed_at == 1500
+    assert {r["id"]: r["reason"] for r in report.rejections} == {
+        "row0": "duplicate id in the corpus", "row1607": "vector is zero or not finite",
+        "row1611": "vector is zero or not finite", "line 1610": "invalid JSON (Expecting value)"}
+    assert report.indexed == n - 4
+    store = IndexStore.open(out, mode="read")
+    try:
+        assert store.count() == n - 4
+        assert store.get("row3").text == "a caption" and store.get("row3").metadata == {"year": 2020}
+        assert store.get("row3").modality == "text" and store.get("row12").modality == "text"
+        assert store.get("row1500").modality == "text" and store.get("row5").modality == "image"
+        # Stored as unit rows; a row's own vector finds it first.
+        _, seg, row = store.docs.get("row42")
+        v = store.docs.vectors_at(seg, np.array([row]))[0]
+        assert np.allclose(v, x[42] / np.linalg.norm(x[42]), atol=1e-6)
+        assert store.search(v[None], 1)[0][0].id == "row42"
+    finally:
+        store.close()
+
+
+def test_import_errors_are_one_line(tmp_path):
+    np.save(tmp_path / "emb.npy", np.ones((3, 8), dtype=np.float32))
+    write_jsonl(tmp_path / "ids.jsonl", ["\"a\"", "\"b\""])
+    cases = [
+        (["--vectors", tmp_path / "emb.npy"], "--vectors and --ids go together"),
+        (["--vectors", tmp_path / "emb.npy", "--ids", tmp_path / "ids.jsonl", "--encoder", "tiny-clip"],
+         "dimension 8; the encoder has dimension"),
+        (["--vectors", tmp_path / "nowhere.npy", "--ids", tmp_path / "ids.jsonl", "--encoder", "tiny-clip"],
+         "vectors not found"),
+        ([tmp_path / "ids.jsonl", "--vectors", tmp_path / "emb.npy", "--ids", tmp_path / "ids.jsonl"], "give no corpus"),
+        ([], "give a corpus to index"),
+    ]
+    for args, message in cases:
+        r = run_cli("index", "build", *args, "--out", tmp_path / "out")
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    np.save(tmp_path / "emb2.npy", np.ones((3, 64), dtype=np.float32))  # tiny-clip's dimension
+    r = run_cli("index", "build", "--vectors", tmp_path / "emb2.npy", "--ids", tmp_path / "ids.jsonl",
+                "--encoder", "tiny-clip", "--out", tmp_path / "out2")
+    assert r.returncode == 2 and "has 3 vectors but" in r.stderr and "has 2 lines" in r.stderr
+    assert not (tmp_path / "out2").exists()
