@@ -112,3 +112,20 @@ def test_import_errors_are_one_line(tmp_path):
                 "--encoder", "tiny-clip", "--out", tmp_path / "out2")
     assert r.returncode == 2 and "has 3 vectors but" in r.stderr and "has 2 lines" in r.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_python_api_builds_from_vectors(tmp_path):
+    import umr
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 64)).astype(np.float32)  # tiny-clip's dimension
+    np.save(tmp_path / "emb.npy", x)
+    write_jsonl(tmp_path / "ids.jsonl", [{"id": f"v{i}", "metadata": {"n": i}} for i in range(300)])
+    index = umr.Index.from_vectors(tmp_path / "emb.npy", tmp_path / "ids.jsonl", encoder="tiny-clip", out=tmp_path / "idx")
+    try:
+        assert index.engine.store.count() == 300
+        own = x[17] / np.linalg.norm(x[17])
+        hit = index.engine.store.search(own[None], 1)[0][0]
+        assert hit.id == "v17" and hit.doc.metadata == {"n": 17} and hit.doc.modality == "image"
+    finally:
+        index.close()
