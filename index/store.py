@@ -39,8 +39,10 @@ log = logging.getLogger("umr.index")
 DOCSTORE = "docs.sqlite"
 # With this few candidates left after filtering, scoring them exactly beats a filtered ANN walk.
 EXACT_FILTER_ROWS = 4096
-# Threads that search the segments of one query batch side by side (1: one after the other).
+# Threads that search the segments of one query batch side by side (1: one after the other),
+# and the size from which an exact or IVF segment is worth a thread of its own.
 SEGMENT_THREADS = max(1, min(8, os.cpu_count() or 1))
+PARALLEL_MIN_ROWS = 20_000
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -644,11 +646,21 @@ class IndexStore:
 
             # Fitted (and cached) here: calibration() takes the store lock, which this thread holds.
             calibrations = {seg.id: self.calibration(seg) for seg in searched} if groups else {}
-            # Segments (encoder versions, shards) are searched side by side: FAISS and torch
-            # release the GIL, so an index of many segments costs about its largest one.
-            # An empty segment (a new version's before its first add) is not searched.
-            if len(searched) > 1 and SEGMENT_THREADS > 1:
-                per_segment = list(_segment_pool().map(hits_of, searched))
+            # Segments that scan many rows (exact and IVF; encoder versions, shards) are searched
+            # side by side on the segment threads while this thread searches the rest: FAISS and
+            # torch release the GIL. An HNSW walk takes well under a millisecond, less than handing
+            # it to a thread costs (bench/segments.py). An empty segment (a new version's before
+            # its first add) is not searched at all.
+            heavy = [i for i, seg in enumerate(searched)
+                     if seg.choice.kind in ("flat", "ivfpq") and seg.faiss.ntotal >= PARALLEL_MIN_ROWS]
+            per_segment: list = [None] * len(searched)
+            if SEGMENT_THREADS > 1 and len(searched) > 1 and heavy:
+                futures = {i: _segment_pool().submit(hits_of, searched[i]) for i in heavy}
+                for i, seg in enumerate(searched):
+                    if i not in futures:
+                        per_segment[i] = hits_of(seg)
+                for i, fut in futures.items():
+                    per_segment[i] = fut.result()
             else:
                 per_segment = [hits_of(seg) for seg in searched]
             for found in per_segment:

@@ -202,27 +202,15 @@ def test_ivfpq_refine_restores_recall(tmp_path):
 
 
 def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monkeypatch):
-    """Three segments (three encoder versions of one dimension, raw cosines merged): searched on
-    the segment threads, the answers are exactly those of searching them one after another."""
+    """Three exact segments (three encoder versions of one dimension, raw cosines merged):
+    searched on the segment threads, the answers are exactly those of searching them one after
+    another, and right; HNSW segments, too quick to be worth a thread, stay in the caller's."""
     import threading
 
     import index.store as store_module
 
-    store, vecs = make(tmp_path, n=300, kind="hnsw")
+    monkeypatch.setattr(store_module, "PARALLEL_MIN_ROWS", 100)  # these segments are small
     rng = np.random.default_rng(1)
-    everything = {f"d{i}": v for i, v in enumerate(vecs)}
-    for version in (2, 3):
-        v = store.register_version({**ENC, "fingerprint": f"{version}" * 16})
-        store.activate(v)
-        new = unit(rng, 150)
-        store.add([DocRecord(f"v{version}-{i}", "text", text="x") for i in range(150)], new)
-        everything.update({f"v{version}-{i}": x for i, x in enumerate(new)})
-    store.delete(["d3", "v2-7"])
-    for gone in ("d3", "v2-7"):
-        everything.pop(gone)
-    assert len([s for s in store.segments if s.faiss.ntotal]) == 3
-    q = unit(rng, 16)
-
     threads = set()
     real = store_module.IndexStore._search_segment
 
@@ -231,14 +219,36 @@ def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monk
         return real(self, seg, *args)
 
     monkeypatch.setattr(store_module.IndexStore, "_search_segment", watched)
-    side_by_side = store.search(q, k=10)
-    assert any(name.startswith("umr-segment") for name in threads), threads
-    monkeypatch.setattr(store_module, "SEGMENT_THREADS", 1)
-    threads.clear()
-    one_by_one = store.search(q, k=10, modalities=None)
-    assert threads == {threading.current_thread().name}
-    assert [[(h.id, h.score) for h in hits] for hits in side_by_side] == [[(h.id, h.score) for h in hits] for hits in one_by_one]
-    ids = np.array(list(everything))
-    truth = np.argsort(-(q @ np.stack(list(everything.values())).T), axis=1)[:, :10]
-    assert sum(len({h.id for h in hits} & set(ids[t])) for hits, t in zip(side_by_side, truth)) >= 0.95 * 160
-    store.close()
+    for kind in ("flat", "hnsw"):
+        store, vecs = make(tmp_path, n=300, kind=kind, name=kind)
+        everything = {f"d{i}": v for i, v in enumerate(vecs)}
+        for version in (2, 3):
+            v = store.register_version({**ENC, "fingerprint": f"{version}" * 16})
+            store.activate(v)
+            new = unit(rng, 150)
+            store.add([DocRecord(f"v{version}-{i}", "text", text="x") for i in range(150)], new)
+            everything.update({f"v{version}-{i}": x for i, x in enumerate(new)})
+        store.delete(["d3", "v2-7"])
+        for gone in ("d3", "v2-7"):
+            everything.pop(gone)
+        assert len([s for s in store.segments if s.faiss.ntotal]) == 3
+        q = unit(rng, 16)
+
+        threads.clear()
+        side_by_side = store.search(q, k=10)
+        if kind == "flat":
+            assert any(name.startswith("umr-segment") for name in threads), threads
+        else:
+            assert threads == {threading.current_thread().name}
+        monkeypatch.setattr(store_module, "SEGMENT_THREADS", 1)
+        threads.clear()
+        one_by_one = store.search(q, k=10)
+        monkeypatch.setattr(store_module, "SEGMENT_THREADS", 2)
+        assert threads == {threading.current_thread().name}
+        assert [[(h.id, h.score) for h in hits] for hits in side_by_side] == \
+            [[(h.id, h.score) for h in hits] for hits in one_by_one]
+        ids = np.array(list(everything))
+        truth = np.argsort(-(q @ np.stack(list(everything.values())).T), axis=1)[:, :10]
+        found = sum(len({h.id for h in hits} & set(ids[t])) for hits, t in zip(side_by_side, truth))
+        assert found == 160 if kind == "flat" else found >= 0.95 * 160
+        store.close()
