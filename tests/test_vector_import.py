@@ -92,26 +92,31 @@ def test_import_rejects_bad_rows_and_resumes_after_a_stop(tmp_path, tiny):
 
 
 def test_import_errors_are_one_line(tmp_path):
+    from umr.cli import UserError, build_parser, cmd_index_build
+
     np.save(tmp_path / "emb.npy", np.ones((3, 8), dtype=np.float32))
     write_jsonl(tmp_path / "ids.jsonl", ["\"a\"", "\"b\""])
-    cases = [
+    # Flag combinations are refused before anything loads: checked in this process.
+    for args, message in [
         (["--vectors", tmp_path / "emb.npy"], "--vectors and --ids go together"),
-        (["--vectors", tmp_path / "emb.npy", "--ids", tmp_path / "ids.jsonl", "--encoder", "tiny-clip"],
-         "dimension 8; the encoder has dimension"),
-        (["--vectors", tmp_path / "nowhere.npy", "--ids", tmp_path / "ids.jsonl", "--encoder", "tiny-clip"],
-         "vectors not found"),
         ([tmp_path / "ids.jsonl", "--vectors", tmp_path / "emb.npy", "--ids", tmp_path / "ids.jsonl"], "give no corpus"),
         ([], "give a corpus to index"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            cmd_index_build(build_parser().parse_args(["index", "build", *map(str, args), "--out", str(tmp_path / "o")]))
+    # The rest as a user meets them: one line on stderr, exit 2, no index written.
+    np.save(tmp_path / "emb2.npy", np.ones((3, 64), dtype=np.float32))  # tiny-clip's dimension
+    cases = [
+        (["--vectors", tmp_path / "emb.npy"], "dimension 8; the encoder has dimension"),
+        (["--vectors", tmp_path / "nowhere.npy"], "vectors not found"),
+        (["--vectors", tmp_path / "emb2.npy"], "has 3 vectors but"),
     ]
     for args, message in cases:
-        r = run_cli("index", "build", *args, "--out", tmp_path / "out")
+        r = run_cli("index", "build", *args, "--ids", tmp_path / "ids.jsonl", "--encoder", "tiny-clip",
+                    "--out", tmp_path / "out")
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
-    np.save(tmp_path / "emb2.npy", np.ones((3, 64), dtype=np.float32))  # tiny-clip's dimension
-    r = run_cli("index", "build", "--vectors", tmp_path / "emb2.npy", "--ids", tmp_path / "ids.jsonl",
-                "--encoder", "tiny-clip", "--out", tmp_path / "out2")
-    assert r.returncode == 2 and "has 3 vectors but" in r.stderr and "has 2 lines" in r.stderr
-    assert not (tmp_path / "out2").exists()
+        assert not (tmp_path / "out").exists()
 
 
 def test_python_api_builds_from_vectors(tmp_path):
