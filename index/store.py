@@ -653,16 +653,10 @@ class IndexStore:
             # its first add) is not searched at all.
             heavy = [i for i, seg in enumerate(searched)
                      if seg.choice.kind in ("flat", "ivfpq") and seg.faiss.ntotal >= PARALLEL_MIN_ROWS]
-            per_segment: list = [None] * len(searched)
-            if SEGMENT_THREADS > 1 and len(searched) > 1 and heavy:
-                futures = {i: _segment_pool().submit(hits_of, searched[i]) for i in heavy}
-                for i, seg in enumerate(searched):
-                    if i not in futures:
-                        per_segment[i] = hits_of(seg)
-                for i, fut in futures.items():
-                    per_segment[i] = fut.result()
-            else:
-                per_segment = [hits_of(seg) for seg in searched]
+            pool = _segment_pool() if SEGMENT_THREADS > 1 and len(searched) > 1 else None
+            futures = {i: pool.submit(hits_of, searched[i]) for i in heavy} if pool else {}
+            here = {i: hits_of(seg) for i, seg in enumerate(searched) if i not in futures}
+            per_segment = [futures[i].result() if i in futures else here[i] for i in range(len(searched))]
             for found in per_segment:
                 for qi, candidates in found:
                     per_query[qi].extend(candidates)

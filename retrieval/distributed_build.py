@@ -222,20 +222,13 @@ def read_shard(root: Path, shard: Shard) -> tuple[list[tuple[int, Item | Rejecte
 # -- the driver ----------------------------------------------------------------------------------
 def _shards_of(records: Iterable[Item | Rejected], start: int, shard_size: int) -> Iterator[tuple[Shard, list]]:
     """The corpus from ordinal `start`, cut into shards of `shard_size` (ordinal, record)."""
-    buf: list = []
-    first = start
-    for ordinal, rec in enumerate(records):
-        if ordinal < start:
-            continue
-        buf.append((ordinal, rec))
-        if len(buf) == shard_size:
-            yield Shard(first, len(buf)), buf
-            first, buf = first + len(buf), []
-    if buf:
-        yield Shard(first, len(buf)), buf
+    from retrieval.pipeline import _chunks, _numbered
+
+    for chunk in _chunks(_numbered(records, start), shard_size):
+        yield Shard(chunk[0][0], len(chunk)), chunk
 
 
-def _resources(stats: RayBuildStats, actors: int | None) -> tuple[int, float]:
+def _resources() -> tuple[int, float]:
     """How many model actors, and GPUs for each: one per GPU when the cluster has GPUs,
     else one per two CPUs (the preprocessing tasks need the others)."""
     import ray
@@ -243,8 +236,7 @@ def _resources(stats: RayBuildStats, actors: int | None) -> tuple[int, float]:
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
     cpus = int(total.get("CPU", 1))
-    n = actors or (gpus if gpus else max(1, cpus // 2))
-    return n, (1.0 if gpus else 0.0)
+    return (gpus, 1.0) if gpus else (max(1, cpus // 2), 0.0)
 
 
 def encode_shards(root: Path, encoder_record: dict, shards: list[tuple[Shard, list]], stats: RayBuildStats,
@@ -252,25 +244,25 @@ def encode_shards(root: Path, encoder_record: dict, shards: list[tuple[Shard, li
     """Encode a wave of shards on the cluster and write each one as soon as it is complete."""
     import ray
 
+    dim = int(encoder_record["dim"])
     rows, pending = [], {}
     for shard, entries in shards:
-        got: dict = {"records": {}, "vectors": np.zeros((shard.count, int(encoder_record["dim"])), dtype=np.float32),
-                     "left": 0}
+        got = {"records": {}, "problems": {}, "vectors": np.zeros((shard.count, dim), dtype=np.float32), "left": 0}
         for ordinal, rec in entries:
-            if isinstance(rec, Rejected):
-                got["records"][ordinal] = _record_json(ordinal, rec, None)
-                continue
-            image = str(rec.image) if isinstance(rec.image, Path) else rec.image
-            rows.append({"ordinal": ordinal, "id": rec.id, "text": rec.text, "image": image,
-                         "metadata": json.dumps(rec.metadata)})
-            got["records"][ordinal] = (rec, image)
-            got["left"] += 1
+            if not isinstance(rec, Rejected):
+                # Ray Data carries plain values: a Path becomes the string it names.
+                rec = Item(rec.id, rec.text, str(rec.image) if isinstance(rec.image, Path) else rec.image, rec.metadata)
+                rows.append({"ordinal": ordinal, "id": rec.id, "text": rec.text, "image": rec.image,
+                             "metadata": json.dumps(rec.metadata)})
+                got["left"] += 1
+            got["records"][ordinal] = rec
         pending[shard] = got
     by_ordinal = {o: s for s, entries in shards for o, _ in entries}
 
     def finish(shard: Shard) -> None:
         got = pending.pop(shard)
-        recs = [got["records"][o] for o in range(shard.start, shard.start + shard.count)]
+        recs = [_record_json(o, got["records"][o], got["problems"].get(o))
+                for o in range(shard.start, shard.start + shard.count)]
         write_shard(root, shard, recs, got["vectors"])
         stats.shards_encoded += 1
         if progress is not None:
@@ -280,14 +272,13 @@ def encode_shards(root: Path, encoder_record: dict, shards: list[tuple[Shard, li
         finish(shard)
     if not rows:
         return
-    n_actors, gpus = _resources(stats, None)
+    n_actors, gpus = _resources()
     stats.actors, stats.gpus_per_actor = n_actors, gpus
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 4 * len(shards))))
     # Half a CPU per preprocessing task: besides the model actors' CPUs, and (unlike equal
     # requests) not fused into the actors, so decoding runs beside the forward, not before it.
     ds = ds.map_batches(prepare_batch, fn_kwargs={"encoder_record": encoder_record, "preparer": preparer},
-                        batch_size=batch_size,
-                        batch_format="numpy", num_cpus=0.5)
+                        batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
     ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"encoder_record": encoder_record}, batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus,
                         num_cpus=0 if gpus else 1)
@@ -296,8 +287,8 @@ def encode_shards(root: Path, encoder_record: dict, shards: list[tuple[Shard, li
             ordinal = int(ordinal)
             shard = by_ordinal[ordinal]
             got = pending[shard]
-            rec, image = got["records"][ordinal]
-            got["records"][ordinal] = _record_json(ordinal, Item(rec.id, rec.text, image, rec.metadata), problem or None)
+            if problem:
+                got["problems"][ordinal] = problem
             got["vectors"][ordinal - shard.start] = vector
             got["left"] -= 1
             if got["left"] == 0:

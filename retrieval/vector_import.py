@@ -60,12 +60,15 @@ def open_vectors(path: str | Path, dim: int) -> np.ndarray:
     return x
 
 
-def read_ids(path: str | Path, default_modality: str) -> Iterator[Item | Rejected]:
-    """One Item (or Rejected) per line of ids.jsonl, blank lines included: line n is row n."""
+def read_ids(path: str | Path, default_modality: str, start: int = 0) -> Iterator[Item | Rejected]:
+    """One Item (or Rejected) per line of ids.jsonl from line `start` (0-based) on, blank lines
+    included: line n is row n. Lines before `start` (a resumed build's) are not parsed."""
     path = Path(path)
     base = path.parent
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
+            if lineno <= start:
+                continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -117,14 +120,13 @@ def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def ingest_vectors(store, vectors: np.ndarray, ids: Iterator[Item | Rejected], report, *, start: int,
                    batch_size: int, strict: bool, journal, progress=None) -> None:
-    """Rows from `start` on, `batch_size` at a time, each batch committed with the cursor."""
+    """Rows from `start` on, `batch_size` at a time, each batch committed with the cursor; `ids`
+    yields the records of those rows (read_ids from the same `start`)."""
     from retrieval.pipeline import accept, commit
 
     seen: set[str] = set()
     t0 = time.perf_counter()
     n = len(vectors)
-    for _ in range(start):
-        next(ids)
     for first in range(start, n, batch_size):
         last = min(n, first + batch_size)
         block, ok = unit_rows(vectors[first:last])
@@ -158,7 +160,7 @@ def build_from_vectors(vectors: str | Path, ids: str | Path, encoder: Encoder, o
     source = {"vectors": str(vectors.resolve()), "ids": str(ids.resolve()), "format": "vectors"}
 
     def run(store, journal, report, start, bar):
-        ingest_vectors(store, x, read_ids(ids, modality), report, start=start, batch_size=batch_size,
+        ingest_vectors(store, x, read_ids(ids, modality, start), report, start=start, batch_size=batch_size,
                        strict=strict, journal=journal, progress=bar)
 
     return run_build(out, encoder, source, str(vectors), len(x), run, index_kind=index_kind,
