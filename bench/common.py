@@ -103,3 +103,49 @@ def write_section(name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
     print(body)
+
+
+def http_json(conn, method: str, path: str, body=None):
+    """(status, decoded JSON) of one request on a keep-alive http.client connection."""
+    conn.request(method, path, body=None if body is None else json.dumps(body),
+                 headers={"content-type": "application/json"})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read() or b"null")
+
+
+def connection_to_each(port: int, names, seconds: float = 120) -> dict:
+    """{replica name: a keep-alive connection that replica accepted} for `umr serve --replicas`:
+    a connection stays with the process that accepted it, and /healthz names that process."""
+    import http.client
+
+    found, deadline = {}, time.monotonic() + seconds
+    while set(found) != set(names) and time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            _, body = http_json(conn, "GET", "/healthz")
+        except OSError:
+            conn.close()
+            time.sleep(0.3)
+            continue
+        name = body.get("replica", "single")
+        if name in found:
+            conn.close()
+        else:
+            found[name] = conn
+    if set(found) != set(names):
+        raise RuntimeError(f"reached only {sorted(found)} of {sorted(names)}")
+    return found
+
+
+def proc_memory(pid: int | str = "self") -> dict:
+    """Resident memory of a process in MiB: VmRSS, RssAnon, RssFile (mapped files), VmHWM (peak)
+    and Pss (a page mapped by k processes counts 1/k to each)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            out["Pss"] = int(line.split()[1]) / 1024
+    return out

@@ -43,7 +43,20 @@ CREATE TABLE IF NOT EXISTS rows(
     PRIMARY KEY(segment, row)
 );
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Rows made dead (deleted, or replaced by a document with the same id), in commit order: what
+-- a reader process that follows the writer (a serving replica) applies to its tombstones.
+CREATE TABLE IF NOT EXISTS deaths(seq INTEGER PRIMARY KEY AUTOINCREMENT, segment INTEGER NOT NULL,
+                                  row INTEGER NOT NULL);
 """
+
+
+@dataclass
+class Changes:
+    """What other connections committed since a reader last looked (DocStore.changes_since)."""
+
+    death_seq: int  # the last death seen: where the next look starts
+    deaths: list[tuple[int, int]]  # (segment, row) made dead
+    rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # segment -> (vectors, codes, alive) of new rows
 
 
 @dataclass
@@ -108,6 +121,7 @@ class DocStore:
                     if old is not None:
                         cur.execute("DELETE FROM docs WHERE id=?", (doc.id,))
                         cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
+                        cur.execute("INSERT INTO deaths(segment, row) VALUES(?,?)", old)
                         replaced.append(tuple(old))
                     row = first_row + i
                     cur.execute(
@@ -138,6 +152,7 @@ class DocStore:
                         continue
                     cur.execute("DELETE FROM docs WHERE id=?", (doc_id,))
                     cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
+                    cur.execute("INSERT INTO deaths(segment, row) VALUES(?,?)", old)
                     gone.append((doc_id, old[0], old[1]))
                 cur.execute("COMMIT")
             except BaseException:
@@ -164,6 +179,7 @@ class DocStore:
                 cur.execute("INSERT INTO remap(old, new) SELECT row, ROW_NUMBER() OVER (ORDER BY row) - 1 "
                             "FROM rows WHERE segment=? AND alive=1", (segment,))
                 cur.execute("DELETE FROM rows WHERE segment=? AND alive=0", (segment,))
+                cur.execute("DELETE FROM deaths WHERE segment=?", (segment,))  # readers reopen: new epoch
                 # Through negative numbers, so no renumbered row collides with one not yet renumbered.
                 for table in ("rows", "docs"):
                     cur.execute(f"UPDATE {table} SET row = -1 - (SELECT new FROM remap WHERE old = {table}.row) "
@@ -259,6 +275,42 @@ class DocStore:
                 alive[row] = bool(is_alive)
                 codes[row] = code
         return alive, codes
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (SQLite's PRAGMA data_version): a
+        follower's free test of whether there is anything to look at."""
+        with self.lock:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def last_death(self) -> int:
+        with self.lock:
+            try:
+                return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM deaths").fetchone()[0])
+            except sqlite3.OperationalError:  # an index no writer of this version has opened yet
+                return 0
+
+    def changes_since(self, death_seq: int, row_counts: dict[int, int]) -> Changes:
+        """Deaths after `death_seq` and the rows of each segment from `row_counts[segment]` on,
+        read in one snapshot, so what they show is what the writer had committed at one moment."""
+        rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        with self.lock:
+            self._db.execute("BEGIN")
+            try:
+                try:
+                    found = self._db.execute("SELECT seq, segment, row FROM deaths WHERE seq>? ORDER BY seq",
+                                             (death_seq,)).fetchall()
+                except sqlite3.OperationalError:
+                    found = []
+                for segment, start in row_counts.items():
+                    got = self._db.execute("SELECT row, modality, alive, vec FROM rows WHERE segment=? AND row>=? "
+                                           "ORDER BY row", (segment, start)).fetchall()
+                    if got and got[0][0] == start and got[-1][0] == start + len(got) - 1:
+                        rows[segment] = (np.stack([np.frombuffer(g[3], dtype=np.float32) for g in got]),
+                                         np.array([g[1] for g in got], dtype=np.uint8),
+                                         np.array([bool(g[2]) for g in got]))
+            finally:
+                self._db.execute("COMMIT")
+        return Changes(found[-1][0] if found else death_seq, [(f[1], f[2]) for f in found], rows)
 
     def iter_vectors(self, segment: int, start: int = 0, chunk: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first_row, vectors) in row order from `start`, `chunk` rows at a time."""

@@ -105,9 +105,10 @@ def checkpoint_problem(path: Path | None, record: dict) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path | None, record: dict, dim: int, n_rows: int, epoch: int):
+def load_checkpoint(path: Path | None, record: dict, dim: int, n_rows: int, epoch: int, mapped: bool = False):
     """(FAISS index, None) when the checkpoint can be used, else (None, why); the why is
-    DOCSTORE_OLDER when the checkpoint is sound but holds rows the document store lacks."""
+    DOCSTORE_OLDER when the checkpoint is sound but holds rows the document store lacks.
+    `mapped`: leave an IVF index's lists in the file (vector_index.read_index)."""
     problem = checkpoint_problem(path, record)
     if problem:
         return None, None if problem == "it has no FAISS checkpoint yet" else problem
@@ -115,7 +116,7 @@ def load_checkpoint(path: Path | None, record: dict, dim: int, n_rows: int, epoc
     if ck is not None and ck.get("epoch", 0) != epoch:
         return None, "the segment was compacted after its FAISS checkpoint"
     try:
-        index = vi.read_index(str(path))
+        index = vi.read_index(str(path), mapped)
     except Exception as e:  # noqa: BLE001 - FAISS raises RuntimeError with its C++ message
         return None, f"its FAISS checkpoint cannot be read ({str(e).splitlines()[0][:120]})"
     if index.d != dim:

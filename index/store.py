@@ -26,7 +26,7 @@ import numpy as np
 
 from index import modality_calibration as mc
 from index import merge_calibration as merge_cal
-from index import integrity, registry
+from index import gpu, integrity, registry
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
@@ -43,6 +43,9 @@ EXACT_FILTER_ROWS = 4096
 # and the size from which an exact or IVF segment is worth a thread of its own.
 SEGMENT_THREADS = max(1, min(8, os.cpu_count() or 1))
 PARALLEL_MIN_ROWS = 20_000
+# A follower reopens a memory-mapped segment once the writer has checkpointed it and this many
+# rows wait in its exact-scan tail (a scan of 100k rows costs about what the IVF search does).
+TAIL_REOPEN_ROWS = 100_000
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -65,15 +68,53 @@ class SearchHit:
     cosine: float | None = None  # set when `score` is calibrated across modalities: the raw cosine
 
 
+@dataclass
+class Followed:
+    """What one IndexStore.follow() applied."""
+
+    rows: int = 0
+    deaths: int = 0
+    reopen: str | None = None  # why this store must be reopened instead (the writer changed its shape)
+
+
 class Segment:
-    """One FAISS index over rows embedded by one encoder version."""
+    """One FAISS index over rows embedded by one encoder version.
+
+    A reader maps an IVF-PQ checkpoint's lists from the file (read-only), so rows committed
+    after that checkpoint cannot join them; they are kept as `tail`, exact vectors searched by
+    a scan beside the index, rows faiss.ntotal.. in order."""
 
     def __init__(self, record: dict, faiss_index=None, alive=None, codes=None):
         self.record = record
-        self.faiss = faiss_index
+        self.faiss = None
         self.alive = alive if alive is not None else np.zeros(0, dtype=bool)
         self.codes = codes if codes is not None else np.zeros(0, dtype=np.uint8)
         self.dirty = False
+        self.tail = np.zeros((0, self.dim), dtype=np.float32)
+        self.mapped = False
+        self.gpu = None  # a GPU copy of `faiss` for unmasked searches (index/gpu.py)
+        if faiss_index is not None:
+            self.set_index(faiss_index)
+
+    def set_index(self, index) -> None:
+        """Use `index` (loaded, built or compacted) and, on a GPU, a copy of it."""
+        self.faiss, self.mapped = index, vi.is_mapped(index)
+        choice = self.choice
+        self.gpu = gpu.search_copy(index, choice.kind) if choice is not None else None
+
+    @property
+    def indexed_rows(self) -> int:
+        """Rows searchable: in FAISS, and after a mapped checkpoint, in the tail."""
+        return 0 if self.faiss is None else int(self.faiss.ntotal) + len(self.tail)
+
+    def append(self, vectors: np.ndarray) -> None:
+        """Make the next rows searchable (rows indexed_rows..)."""
+        if self.mapped:
+            self.tail = np.concatenate([self.tail, np.asarray(vectors, dtype=np.float32)])
+        else:
+            self.faiss.add(vectors)
+            if self.gpu is not None:
+                self.gpu.add(vectors)
 
     @property
     def id(self) -> int:
@@ -92,6 +133,24 @@ class Segment:
             extra = n - len(self.alive)
             self.alive = np.concatenate([self.alive, np.zeros(extra, dtype=bool)])
             self.codes = np.concatenate([self.codes, np.zeros(extra, dtype=np.uint8)])
+
+
+def _padded(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) results from fewer columns: -inf scores, row -1."""
+    if scores.shape[1] == k:
+        return scores, rows
+    pad = k - scores.shape[1]
+    return (np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf),
+            np.pad(rows, ((0, 0), (0, pad)), constant_values=-1))
+
+
+def _stamp(path: Path) -> tuple | None:
+    """When and how the manifest was last replaced (it is always replaced whole, atomically)."""
+    try:
+        st = (path / "manifest.json").stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def same_manifest(a: dict | None, b: dict) -> bool:
@@ -119,6 +178,11 @@ class IndexStore:
         self.rows_since_checkpoint = 0
         self.dirty_since: float | None = None  # monotonic time of the first add after the last checkpoint
         self._stale_files: list[str] = []  # checkpoints to delete once the manifest no longer names them
+        # What a reader has applied of the writer's commits (follow()).
+        self._data_version = -1
+        self._death_seq = 0
+        self._epochs: dict[int, int] = {}
+        self._manifest_stamp: tuple | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -155,6 +219,8 @@ class IndexStore:
         try:
             docs = integrity.open_docstore(path / DOCSTORE, manifest, read_only=mode == "read")
             store = cls(path, manifest, docs, mode, writer)
+            # Before the rows are read: a death committed meanwhile is applied again, never missed.
+            store._death_seq, store._manifest_stamp = docs.last_death(), _stamp(path)
             for rec in manifest["segments"]:
                 store.segments.append(store._load_segment(rec, repair))
             if mode == "write":  # files of checkpoints a crash wrote but never recorded
@@ -173,10 +239,12 @@ class IndexStore:
         seg = Segment(rec, None, alive, codes)
         if rec.get("index") is None:
             return seg  # still building: vectors are only in the docstore
-        epoch = self.docs.epoch(seg.id)
+        epoch = self._epochs[seg.id] = self.docs.epoch(seg.id)
         integrity.adopt_recorded_compaction(rec, self.docs.pending_checkpoint(seg.id), epoch)
         faiss_file = self.path / rec["faiss_file"] if rec.get("faiss_file") else None
-        loaded, problem = integrity.load_checkpoint(faiss_file, rec, seg.dim, n_rows, epoch)
+        # A reader leaves IVF-PQ lists in the file: the index that outgrew memory still serves.
+        mapped = self.mode == "read" and vi.IndexChoice.from_dict(rec["index"]).kind == "ivfpq"
+        loaded, problem = integrity.load_checkpoint(faiss_file, rec, seg.dim, n_rows, epoch, mapped)
         if problem == integrity.DOCSTORE_OLDER and not repair:
             raise IndexError_(integrity.older_docstore_message(self.path, seg.id, n_rows, rec))
         if loaded is None:
@@ -185,14 +253,71 @@ class IndexStore:
                                f"({n_rows} rows)")
             self._build_faiss(seg)
         else:
-            seg.faiss = loaded
-        if seg.faiss.ntotal < n_rows:  # replay rows committed after the last checkpoint
+            seg.set_index(loaded)
+        if seg.indexed_rows < n_rows:  # replay rows committed after the last checkpoint
             log.info("segment %d: replaying %d rows committed after its last checkpoint", seg.id,
-                     n_rows - seg.faiss.ntotal, extra={"segment": seg.id})
-            for _, vecs in self.docs.iter_vectors(seg.id, start=seg.faiss.ntotal):
-                seg.faiss.add(vecs)
+                     n_rows - seg.indexed_rows, extra={"segment": seg.id})
+            for _, vecs in self.docs.iter_vectors(seg.id, start=seg.indexed_rows):
+                seg.append(vecs)
             seg.dirty = True
         return seg
+
+    def follow(self) -> Followed:
+        """A reader's catch-up with the writer: rows committed since the last call join their
+        segments, rows deleted or replaced since become tombstones. A change of shape (another
+        encoder version activated, a segment added or compacted, a build finished, a memory-mapped
+        segment checkpointed with a long tail) is not applied; the result says to reopen.
+        Costs one SQLite pragma when nothing was committed."""
+        if self.mode != "read":
+            raise InvalidArgument("follow() is for an index opened read-only; the writer has every change already")
+        stamp = _stamp(self.path)
+        if stamp != self._manifest_stamp:
+            why = self._shape_change()
+            if why:
+                return Followed(reopen=why)
+            self._manifest_stamp = stamp
+        version = self.docs.data_version()
+        if version == self._data_version:
+            return Followed()
+        with self.lock:
+            for seg in self.segments:
+                if self.docs.epoch(seg.id) != self._epochs.get(seg.id, 0):
+                    return Followed(reopen=f"segment {seg.id} was compacted")
+            counts = {seg.id: len(seg.alive) for seg in self.segments if seg.faiss is not None}
+            changes = self.docs.changes_since(self._death_seq, counts)
+            added = 0
+            for seg_id, (vectors, codes, alive) in changes.rows.items():
+                seg = self._segment(seg_id)
+                first = len(seg.alive)
+                seg.grow(first + len(vectors))
+                seg.alive[first:], seg.codes[first:] = alive, codes
+                seg.append(vectors)
+                added += len(vectors)
+            for seg_id, row in changes.deaths:
+                seg = self._segment(seg_id)
+                if row < len(seg.alive):
+                    seg.alive[row] = False
+            self._death_seq, self._data_version = changes.death_seq, version
+        return Followed(rows=added, deaths=len(changes.deaths))
+
+    def _shape_change(self) -> str | None:
+        """Why the manifest on disk no longer matches this reader's segments, or None."""
+        try:
+            disk = read_manifest(self.path)
+        except IndexError_:
+            return None  # being replaced this instant: look again next time
+        if disk.get("active_version") != self.manifest.get("active_version"):
+            return f"encoder version {disk.get('active_version')} was activated"
+        mine = {s.id: s for s in self.segments}
+        if [r["id"] for r in disk["segments"]] != list(mine):
+            return "the writer added a segment"
+        for rec in disk["segments"]:
+            seg = mine[rec["id"]]
+            if (rec.get("index") is None) != (seg.record.get("index") is None):
+                return f"segment {seg.id} finished building"
+            if seg.mapped and len(seg.tail) >= TAIL_REOPEN_ROWS and rec.get("faiss_file") != seg.record.get("faiss_file"):
+                return f"segment {seg.id} has a checkpoint with the {len(seg.tail)} rows searched apart"
+        return None
 
     def _repaired(self, message: str) -> None:
         self.repairs.append(message)
@@ -264,7 +389,7 @@ class IndexStore:
             for s_id, row in replaced:
                 self._segment(s_id).alive[row] = False
             if seg.faiss is not None and len(docs):
-                seg.faiss.add(vectors)
+                seg.append(vectors)
                 seg.dirty = True
             self.rows_since_checkpoint += len(docs)
             if self.dirty_since is None and len(docs):
@@ -344,7 +469,7 @@ class IndexStore:
             return self.active
 
     def _build_faiss(self, seg: Segment) -> None:
-        seg.faiss = self._faiss_of_rows(seg, None)
+        seg.set_index(self._faiss_of_rows(seg, None))
         seg.dirty = True
 
     def _faiss_of_rows(self, seg: Segment, rows: np.ndarray | None):
@@ -354,6 +479,7 @@ class IndexStore:
         index = vi.new_index(choice, seg.dim)
         codes = seg.codes if rows is None else seg.codes[rows]
         if vi.needs_training(index):
+            gpu.train_on_gpu(index)
             sample = vi.balanced_sample(codes, size=max(50_000, 64 * choice.params.get("nlist", 1)))
             index.train(self.docs.vectors_at(seg.id, sample if rows is None else rows[sample]))
         if rows is None:
@@ -456,7 +582,7 @@ class IndexStore:
                 seg.alive, seg.codes = self.docs.row_state(seg.id, self.docs.row_count(seg.id))
                 if pending is not None:
                     old_file = seg.record.get("faiss_file")
-                    seg.faiss = index
+                    seg.set_index(index)
                     integrity.adopt_pending(seg.record, pending)
                     seg.dirty = False
                     self._stale_files.append(old_file)
@@ -602,7 +728,7 @@ class IndexStore:
         with self.lock:
             n_queries = len(next(iter(queries.values()))) if isinstance(queries, Mapping) else len(queries)
             per_query = [[] for _ in range(n_queries)]
-            searched = [seg for seg in self.segments if seg.faiss is not None and seg.faiss.ntotal and seg.alive.any()]
+            searched = [seg for seg in self.segments if seg.indexed_rows and seg.alive.any()]
             groups = self._calibrated_groups(searched, query_modalities if balance else None, modalities)
             qmods = np.array(query_modalities) if query_modalities else np.array([None] * n_queries)
             merged = merge_cal.merge_rows(merge, searched, qmods, modalities, self.present_modalities) if merge else {}
@@ -652,7 +778,7 @@ class IndexStore:
             # it to a thread costs (bench/segments.py). An empty segment (a new version's before
             # its first add) is not searched at all.
             heavy = [i for i, seg in enumerate(searched)
-                     if seg.choice.kind in ("flat", "ivfpq") and seg.faiss.ntotal >= PARALLEL_MIN_ROWS]
+                     if seg.choice.kind in ("flat", "ivfpq") and seg.indexed_rows >= PARALLEL_MIN_ROWS]
             pool = _segment_pool() if SEGMENT_THREADS > 1 and len(searched) > 1 else None
             futures = {i: pool.submit(hits_of, searched[i]) for i in heavy} if pool else {}
             here = {i: hits_of(seg) for i, seg in enumerate(searched) if i not in futures}
@@ -683,7 +809,7 @@ class IndexStore:
     def _search_segment(self, seg: Segment, q: np.ndarray, k: int, modalities, flt):
         n = len(q)
         empty = (np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64))
-        if seg.faiss is None or seg.faiss.ntotal == 0:
+        if seg.indexed_rows == 0:
             return empty
         choice = seg.choice
         if not modalities and not flt and seg.alive.all():  # the common case: no mask to build
@@ -694,6 +820,10 @@ class IndexStore:
             if n_allowed == 0:
                 return empty
             everything = n_allowed == len(allowed)
+        on_gpu = seg.gpu is not None and everything and k * 10 <= gpu.MAX_K
+        if on_gpu and choice.kind == "flat":
+            scores, rows = seg.gpu.search(q, min(k, seg.indexed_rows))
+            return _padded(scores, rows, k)
         if choice.kind == "flat":
             return vi.exact_topk(q, vi.flat_vectors(seg.faiss), k, None if everything else allowed)
         if not everything and n_allowed <= EXACT_FILTER_ROWS:
@@ -703,10 +833,29 @@ class IndexStore:
         selector, _bits = (None, None) if everything else vi.bitmap_selector(allowed)
         refine = int(choice.params.get("refine", 1)) if choice.kind == "ivfpq" else 1
         kk = min(k * refine, n_allowed)
-        scores, rows = seg.faiss.search(q, kk, params=vi.search_params(choice, selector, kk))
+        if on_gpu:  # GPU FAISS takes no ID selector: unmasked searches only
+            scores, rows = seg.gpu.search(q, kk)
+        else:
+            scores, rows = seg.faiss.search(q, kk, params=vi.search_params(choice, selector, kk))
         if refine > 1:
             scores, rows = self._refine(seg, q, rows, k)
+        if len(seg.tail):
+            scores, rows = self._with_tail(seg, q, k, scores, rows, allowed)
         return scores, rows
+
+    @staticmethod
+    def _with_tail(seg: Segment, q: np.ndarray, k: int, scores: np.ndarray, rows: np.ndarray,
+                   allowed: np.ndarray | None):
+        """Merge the exact top-k of the rows after a mapped checkpoint into the index's top-k."""
+        first = int(seg.faiss.ntotal)
+        mask = None if allowed is None else allowed[first:first + len(seg.tail)]
+        t_scores, t_pos = vi.exact_topk(q, seg.tail, k, mask)
+        t_rows = np.where(t_pos >= 0, t_pos + first, -1)
+        all_s = np.concatenate([scores[:, :k], t_scores], axis=1)
+        all_r = np.concatenate([rows[:, :k], t_rows], axis=1)
+        all_s = np.where(all_r >= 0, all_s, -np.inf)
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(all_s, order, 1), np.take_along_axis(all_r, order, 1)
 
     def _refine(self, seg: Segment, q: np.ndarray, rows: np.ndarray, k: int):
         """Re-score compressed-code candidates with the exact vectors kept in the docstore."""

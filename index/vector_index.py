@@ -20,6 +20,14 @@ HNSW_M = 32
 # Below this many vectors an exact scan is fast enough that approximation buys nothing.
 EXACT_UP_TO = 100_000
 PQ_SUBQUANTIZERS = (64, 48, 32, 24, 16, 12, 8, 4)
+# IVF cells: 4 sqrt(n), at most this many. Training k-means and assigning every vector to a
+# cell both cost n x nlist x dim; past ~4096 cells (16M vectors) that grows faster on a CPU
+# than the recall it buys at a fixed share of cells probed (10M x 256: 12,649 cells would train
+# for hours on 2 cores, 4096 in minutes).
+MAX_NLIST = 4096
+# k-means passes over the training sample; FAISS's default of 25 moves the centroids little
+# after 10 on clustered embeddings, and every pass costs sample x nlist x dim.
+IVF_TRAIN_ITERATIONS = 10
 
 
 def parse_bytes(text: str | int | None) -> int | None:
@@ -78,7 +86,7 @@ def estimated_bytes(kind: str, n: int, dim: int, params: dict | None = None) -> 
 
 
 def _ivfpq_params(n: int, dim: int, budget: int | None) -> dict:
-    nlist = int(min(max(16, 4 * math.sqrt(max(n, 1))), max(16, n // 39), 65536))
+    nlist = int(min(max(16, 4 * math.sqrt(max(n, 1))), max(16, n // 39), MAX_NLIST))
     candidates = [m for m in PQ_SUBQUANTIZERS if dim % m == 0 and m <= dim]
     if not candidates:
         raise InvalidArgument(f"no PQ sub-quantizer count divides dimension {dim}")
@@ -137,6 +145,7 @@ def new_index(choice: IndexChoice, dim: int) -> faiss.Index:
         quantizer = faiss.IndexFlatIP(dim)
         idx = faiss.IndexIVFPQ(quantizer, dim, p["nlist"], p["m"], 8, faiss.METRIC_INNER_PRODUCT)
         idx.nprobe = p.get("nprobe", 16)
+        idx.cp.niter = IVF_TRAIN_ITERATIONS
         return idx
     raise InvalidArgument(f"unknown index kind {choice.kind!r}")
 
@@ -245,5 +254,17 @@ def write_index(index: faiss.Index, path: str) -> None:
     faiss.write_index(index, path)
 
 
-def read_index(path: str) -> faiss.Index:
+def read_index(path: str, mapped: bool = False) -> faiss.Index:
+    """`mapped`: an IVF index's inverted lists stay in the file, memory-mapped read-only, so a
+    reader's memory holds only the lists its queries touch, as page cache shared by every
+    process that maps the same file. Adding to such an index is refused (see `is_mapped`)."""
+    if mapped:
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     return faiss.read_index(path)
+
+
+def is_mapped(index: faiss.Index) -> bool:
+    """True for an IVF index whose lists are memory-mapped read-only: FAISS aborts the whole
+    process (not an exception) on an add to one, so callers must check first."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)

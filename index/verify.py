@@ -47,8 +47,8 @@ def verify(path: str | Path, repair: bool = False) -> VerifyReport:
             alive = int(seg.alive.sum())
             if docs != alive:
                 report.problems.append(f"segment {seg.id}: {docs} documents point at it but {alive} of its rows are live")
-            if seg.faiss is not None and seg.faiss.ntotal != len(seg.alive):
-                report.problems.append(f"segment {seg.id}: FAISS holds {seg.faiss.ntotal} rows, the document store "
+            if seg.faiss is not None and seg.indexed_rows != len(seg.alive):
+                report.problems.append(f"segment {seg.id}: FAISS holds {seg.indexed_rows} rows, the document store "
                                        f"{len(seg.alive)}")
         report.checked.append(f"{len(store.segments)} segments: FAISS checkpoints (size, SHA-256, rows, epoch, "
                               "dimension) against the document store, documents against live rows")

@@ -101,7 +101,7 @@ class Engine:
     def merge_calibrations(self) -> dict[int, "mc.ModalityCalibration"] | None:
         """Per searched segment, its merge calibration (index/merge_calibration.py), where the
         index holds segments of more than one encoder version."""
-        searched = [s for s in self.store.segments if s.faiss is not None and s.faiss.ntotal and s.alive.any()]
+        searched = [s for s in self.store.segments if s.indexed_rows and s.alive.any()]
         if not self.calibrate_scores or len({s.record["encoder"].get("version", 1) for s in searched}) < 2:
             return None
         refs = self.references()

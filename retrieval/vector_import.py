@@ -2,7 +2,8 @@
 
 The form clip-retrieval users already have (an embeddings array and its ids/metadata), and the
 way to build an index of tens of millions of vectors without running an encoder: the array is
-memory-mapped and read in batches, so memory stays flat whatever its size. `--encoder` names
+read in batches (plain reads, not a memory map: a map's touched pages would count as the
+build's resident memory, 10 GB at 10M x 256), so memory stays flat whatever its size. `--encoder` names
 the model the vectors came from; it is recorded as the index's query encoder (and must have
 their dimension) but never run here.
 
@@ -43,21 +44,47 @@ class ImportedItem(Item):
         return super().image_ref()
 
 
-def open_vectors(path: str | Path, dim: int) -> np.ndarray:
-    """The (n, dim) array, memory-mapped; a clear error for anything else."""
+class VectorFile:
+    """Rows of an (n, dim) .npy array read on demand: `len()` and `[first:last]`."""
+
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype, offset: int):
+        self.path, self.shape, self.dtype, self.offset = path, shape, dtype, offset
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        first, last, _ = rows.indices(self.shape[0])
+        dim = self.shape[1]
+        count = max(0, last - first) * dim
+        x = np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset + first * dim * self.dtype.itemsize)
+        return x.reshape(-1, dim)
+
+
+def open_vectors(path: str | Path, dim: int) -> VectorFile:
+    """The (n, dim) array of a .npy file, its rows read on demand; a clear error for anything else."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"vectors not found: {path}")
     try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read(f)
+            offset = f.tell()
     except ValueError as e:
         raise InvalidArgument(f"{path} is not a NumPy .npy array of numbers ({e})") from None
-    if x.ndim != 2 or x.dtype.kind not in "fiu":
-        raise InvalidArgument(f"{path} holds a {x.dtype} array of shape {x.shape}; expected (n, dim) floats")
-    if x.shape[1] != dim:
-        raise IndexMismatch(f"{path} holds vectors of dimension {x.shape[1]}; the encoder has dimension {dim}: "
+    if len(shape) != 2 or dtype.kind not in "fiu" or dtype.hasobject:
+        raise InvalidArgument(f"{path} holds a {dtype} array of shape {shape}; expected (n, dim) floats")
+    if fortran_order:
+        raise InvalidArgument(f"{path} is stored column by column (Fortran order); save it with "
+                              "np.save(path, np.ascontiguousarray(x))")
+    if shape[1] != dim:
+        raise IndexMismatch(f"{path} holds vectors of dimension {shape[1]}; the encoder has dimension {dim}: "
                             "give the --encoder that made them")
-    return x
+    if path.stat().st_size < offset + shape[0] * shape[1] * dtype.itemsize:
+        raise InvalidArgument(f"{path} is shorter than its header says ({shape[0]} x {shape[1]} {dtype}): truncated?")
+    return VectorFile(path, shape, dtype, offset)
 
 
 def read_ids(path: str | Path, default_modality: str, start: int = 0) -> Iterator[Item | Rejected]:
@@ -118,7 +145,7 @@ def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
-def ingest_vectors(store, vectors: np.ndarray, ids: Iterator[Item | Rejected], report, *, start: int,
+def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | Rejected], report, *, start: int,
                    batch_size: int, strict: bool, journal, progress=None) -> None:
     """Rows from `start` on, `batch_size` at a time, each batch committed with the cursor; `ids`
     yields the records of those rows (read_ids from the same `start`)."""

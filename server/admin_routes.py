@@ -1,7 +1,7 @@
 """Admin routes: activating another registered encoder version with no downtime."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from index.errors import IndexError_
@@ -9,6 +9,7 @@ from retrieval.encoders.base import EncoderError
 from retrieval.engine_swap import SwapRefused, activate, engine_for_version
 from server.auth import requires
 from server.errors import ApiError, declared
+from server.forwarding import relayed
 from server.request_checks import require_json
 from server.schemas import ActivateEncoder
 from server.state import ServerState, state
@@ -32,8 +33,10 @@ def swap(st: ServerState, version: int) -> dict:
 
 @router.post("/v1/admin/encoder", dependencies=[requires("admin"), Depends(require_json)],
              responses=declared(401, 403, 404, 409, 415, 422, 429))
-async def activate_encoder(req: ActivateEncoder, st: ServerState = Depends(state)):
+async def activate_encoder(req: ActivateEncoder, request: Request, st: ServerState = Depends(state)):
     """Activate a registered encoder version with no downtime."""
+    if st.forwarder is not None:
+        return await relayed(request, st)
     try:
         return await run_in_threadpool(swap, st, req.version)
     except SwapRefused as e:

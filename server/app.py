@@ -17,6 +17,8 @@ from server import admin_routes, document_routes, info_routes, page_routes, sear
 from server.auth import Access
 from server.batching import QueryBatcher
 from server.checkpoints import Checkpointer
+from server.follower import Follower
+from server.forwarding import WriteForwarder
 from server.errors import InternalErrors, install_error_handlers
 from server.metrics import Metrics
 from server.middleware import BodyLimit, RequestObserver
@@ -34,12 +36,22 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                      access=Access(settings))
 
     checkpointer = Checkpointer(st, settings.checkpoint_every_rows, settings.checkpoint_every_s)
+    if engine.store.mode == "read":
+        st.follower = Follower(st, settings.follow_every_s)
+    if settings.writer_url:
+        st.forwarder = WriteForwarder(settings.writer_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await st.batcher.start()
         checkpointer.start()
+        if st.follower is not None:
+            st.follower.start()
         yield
+        if st.follower is not None:
+            await st.follower.stop()
+        if st.forwarder is not None:
+            await st.forwarder.close()
         await checkpointer.stop()
         await st.batcher.stop()
         if st.engine.store.mode == "write":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import io
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
@@ -15,6 +15,7 @@ from retrieval.images import BadImage, open_image
 from retrieval.items import Item
 from server.auth import requires
 from server.errors import ApiError, declared
+from server.forwarding import relayed
 from server.request_checks import require_json
 from server.schemas import Document, DocumentsAdded, DocumentsIn
 from server.state import ServerState, state
@@ -52,9 +53,11 @@ def refuse_if_read_only(st: ServerState) -> None:
 
 @router.post("/v1/documents", response_model=DocumentsAdded, responses=declared(400, 401, 403, 409, 413, 415, 422, 429),
              dependencies=[requires("write"), Depends(require_json)])
-async def add_documents(req: DocumentsIn, st: ServerState = Depends(state)):
+async def add_documents(req: DocumentsIn, request: Request, st: ServerState = Depends(state)):
     """Add or replace documents. Durable once this returns 200; a request with one bad document
     stores none of them."""
+    if st.forwarder is not None:
+        return await relayed(request, st)
     refuse_if_read_only(st)
     limit = st.settings.max_documents_per_request
     if not 1 <= len(req.documents) <= limit:
@@ -109,7 +112,9 @@ async def get_document(doc_id: str, st: ServerState = Depends(state)):
 
 
 @router.delete("/v1/documents/{doc_id:path}", responses=declared(401, 403, 404, 429), dependencies=[requires("write")])
-async def delete_document(doc_id: str, st: ServerState = Depends(state)):
+async def delete_document(doc_id: str, request: Request, st: ServerState = Depends(state)):
+    if st.forwarder is not None:
+        return await relayed(request, st)
     refuse_if_read_only(st)
     gone = await run_in_threadpool(st.engine.delete, [doc_id])
     if not gone:

@@ -1,6 +1,7 @@
 """Index info, health and Prometheus metrics."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import PurePosixPath, PureWindowsPath
 
@@ -31,12 +32,19 @@ def without_paths(value):
 
 @router.get("/v1/index", dependencies=[requires("read")], responses=declared(401, 403, 429))
 async def index_info(st: ServerState = Depends(state)):
-    return without_paths(await run_in_threadpool(st.engine.info))
+    info = without_paths(await run_in_threadpool(st.engine.info))
+    info["serving"] = {"mode": st.engine.store.mode, "replica": st.settings.replica_name, "pid": os.getpid(),
+                       "relays_writes": st.forwarder is not None,
+                       "follows": st.follower.info() if st.follower is not None else None}
+    return info
 
 
 @router.get("/healthz")
 async def healthz(st: ServerState = Depends(state)):
-    return {"status": "ok", "documents": st.engine.store.count(), "encoder_version": st.engine.version}
+    out = {"status": "ok", "documents": st.engine.store.count(), "encoder_version": st.engine.version}
+    if st.settings.replica_name:
+        out["replica"] = st.settings.replica_name
+    return out
 
 
 @router.get("/metrics", dependencies=[requires("read")], responses=declared(401, 403, 429))

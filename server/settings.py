@@ -20,6 +20,11 @@ class ServerSettings:
     # first add after the last one (0 and 0: only at shutdown); bounds the replay on restart.
     checkpoint_every_rows: int = 10_000
     checkpoint_every_s: float = 30.0
+    # A read-only server looks for the writer's commits this often (0: never; it serves the
+    # index as it was when it opened); a replica relays writes to writer_url.
+    follow_every_s: float = 0.25
+    writer_url: str | None = None
+    replica_name: str | None = None  # under `umr serve --replicas`: which one answered (/healthz)
     micro_batching: bool = True
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0

@@ -16,6 +16,8 @@ from server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from server.auth import Access
+    from server.follower import Follower
+    from server.forwarding import WriteForwarder
 
 
 @dataclass
@@ -27,6 +29,8 @@ class ServerState:
     checks: RequestChecks
     limits: ImageLimits
     access: "Access"
+    follower: "Follower | None" = None  # read-only servers: catching up with the writer
+    forwarder: "WriteForwarder | None" = None  # replicas: where writes go
 
 
 async def state(request: Request) -> ServerState:

@@ -37,6 +37,8 @@ def text_index(tmp_path_factory):
     (["index", "build", "c.jsonl", "--out", "o", "--batch-size", "0"], "argument --batch-size: 0 is out of range"),
     (["search", "idx", "q", "-k", "-1"], "argument -k: -1 is out of range"),
     (["serve", "idx", "--port", "99999"], "ports are 0 (pick a free one) to 65535"),
+    (["search", "idx", "q", "--device", "cuda"], "--device cuda: torch sees no CUDA device on this machine"),
+    (["index", "build", "c.jsonl", "--out", "o", "--device", "tpu"], "unknown device 'tpu': use auto, cpu, cuda or cuda:N"),
     (["train", "--pairs", "p.csv", "--out", "o", "--lr", "0"], "argument --lr: 0 is out of range"),
     (["eval", "--beir", "b", "--encoder", "lit-init:x"], "malformed encoder spec 'lit-init:x': the form is lit-init[:DIM[:SEED]]"),
     (["eval", "--beir", "b", "--encoder", "tiny-clip:a"], "the form is tiny-clip[:SEED]"),

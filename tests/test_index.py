@@ -252,3 +252,40 @@ def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monk
         found = sum(len({h.id for h in hits} & set(ids[t])) for hits, t in zip(side_by_side, truth))
         assert found == 160 if kind == "flat" else found >= 0.95 * 160
         store.close()
+
+
+def test_a_reader_maps_ivfpq_lists_and_follows_the_writer(tmp_path):
+    """Read-only, an IVF-PQ segment's lists stay in the file (memory-mapped); rows committed after
+    its checkpoint are searched exactly beside it; follow() brings in the writer's later adds
+    and deletes, and asks for a reopen after a compaction."""
+    rng = np.random.default_rng(3)
+    x = unit(rng, 10_000)
+    writer = IndexStore.create(tmp_path / "idx", ENC, "ivfpq")
+    writer.add([DocRecord(f"d{i}", "image") for i in range(len(x))], x)
+    writer.finalize()
+    late = unit(rng, 3)
+    writer.add([DocRecord(f"late{i}", "image") for i in range(3)], late)  # after the checkpoint
+    writer.delete(["d5"])
+
+    reader = IndexStore.open(tmp_path / "idx", "read")
+    seg = reader.segments[0]
+    assert seg.mapped and not writer.segments[0].mapped and len(seg.tail) == 3
+    assert [h.id for h in reader.search(late, 1)[0]] == ["late0"]
+    assert [round(h.score, 4) for hits in reader.search(late, 1) for h in hits] == [1.0, 1.0, 1.0]
+    assert "d5" not in [h.id for h in reader.search(x[5:6], 5)[0]]
+    assert reader.count() == writer.count() == 10_002
+
+    more = unit(rng, 2)
+    writer.add([DocRecord("m0", "image"), DocRecord("d7", "text", text="replaces d7")], more)
+    writer.delete(["late1"])
+    done = reader.follow()
+    assert (done.rows, done.deaths, done.reopen) == (2, 2, None)
+    assert [h.id for h in reader.search(more, 1)[0]] == ["m0"]
+    assert [h.id for h in reader.search(more[1:], 1)[0]] == ["d7"]
+    assert "late1" not in [h.id for h in reader.search(late[1:2], 3)[0]]
+    assert reader.count() == writer.count() == 10_002
+    assert reader.follow().rows == 0  # nothing new: nothing applied
+    writer.compact()
+    assert "compacted" in reader.follow().reopen
+    reader.close()
+    writer.close()

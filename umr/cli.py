@@ -257,7 +257,25 @@ def cmd_search(a) -> int:
     return 0
 
 
+def _without_replicas(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok == "--replicas":
+            skip = True
+        elif not tok.startswith("--replicas="):
+            out.append(tok)
+    return out
+
+
 def cmd_serve(a) -> int:
+    if a.replicas > 1:
+        if a.listen_fd:
+            raise UserError("--replicas starts its own replicas: give it without --listen-fd")
+        from server.replicas import supervise
+
+        return supervise(_without_replicas(a.argv), a.replicas, a.host, a.port, a.read_only)
     import uvicorn
 
     from retrieval.engine import Engine
@@ -274,7 +292,8 @@ def cmd_serve(a) -> int:
     settings = ServerSettings(micro_batching=not a.no_batching, batch_max_size=a.max_batch,
                               batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k, admin_key=admin_key or None,
                               keys=keys, public_read=a.public_read, checkpoint_every_rows=a.checkpoint_rows,
-                              checkpoint_every_s=a.checkpoint_seconds)
+                              checkpoint_every_s=a.checkpoint_seconds, follow_every_s=a.follow_interval,
+                              writer_url=a.writer_url, replica_name=a.replica_name)
     eng = Engine.open(a.index_dir, a.encoder, mode="read" if a.read_only else "write")
     _use_reranker(eng, a)
     app = create_app(eng, settings)
@@ -289,8 +308,15 @@ def cmd_serve(a) -> int:
     from server.request_log import install_filter
 
     install_filter()  # every log line made while a request is handled carries its id
-    uvicorn.run(app, host=a.host, port=a.port, log_config=None, access_log=False)
-    eng.close()
+    if a.listen_fd:  # a replica: listen on the sockets its supervisor bound
+        import socket
+
+        config = uvicorn.Config(app, log_config=None, access_log=False)
+        uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd) for fd in a.listen_fd])
+    else:
+        uvicorn.run(app, host=a.host, port=a.port, log_config=None, access_log=False)
+    st = app.state.umr
+    st.engine.close()
     return 0
 
 
@@ -707,6 +733,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint FAISS in the background after this many added rows (0: never by count)")
     sv.add_argument("--checkpoint-seconds", type=float_or_zero, default=30.0,
                     help="... or this long after the first add since the last checkpoint (0: never by time)")
+    sv.add_argument("--replicas", type=positive_int, default=1,
+                    help="serving processes on the one port: the index's writer and N-1 read-only replicas that "
+                         "follow it and relay writes to it (each gets cores/N threads)")
+    sv.add_argument("--follow-interval", type=float_or_zero, default=0.25, metavar="SECONDS",
+                    help="how often a read-only server or replica looks for the writer's commits (0: never)")
+    sv.add_argument("--listen-fd", type=int, action="append", help=argparse.SUPPRESS)
+    sv.add_argument("--writer-url", help=argparse.SUPPRESS)
+    sv.add_argument("--replica-name", help=argparse.SUPPRESS)
     _rerank_flags(sv)
     sv.set_defaults(fn=cmd_serve)
 
@@ -841,6 +875,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="umr's log messages on stderr from this level (default: warning; info logs each HTTP request)")
         leaf.add_argument("--log-format", choices=("text", "json"), default="text",
                           help="json: one object per line, with the request id on every line a request caused")
+        leaf.add_argument("--device", help="where encoders run, and FAISS with faiss-gpu installed: auto (the default, "
+                                           "or $UMR_DEVICE: cuda when torch sees a GPU), cpu, cuda, cuda:N")
     return p
 
 
@@ -854,7 +890,9 @@ def _leaf_parsers(parser: argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.command == "serve":
         for key, value in SERVE_ENV.items():
             os.environ.setdefault(key, value)
@@ -864,6 +902,10 @@ def main(argv: list[str] | None = None) -> int:
     from index.errors import UmrError
 
     try:
+        if args.device:
+            from retrieval.device import choose
+
+            choose(args.device)
         return args.fn(args)
     except (UserError, UmrError, OSError) as e:  # raised on purpose, or a file's or the network's: the user's to fix
         print(f"umr: error: {one_line(e)}", file=sys.stderr)

@@ -40,7 +40,9 @@ TEMPLATE_TOKENS = 64  # the chat template's own tokens, with room to spare
 
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from retrieval.device import current
+
+    return current()
 
 
 class MllmEncoder(Encoder):

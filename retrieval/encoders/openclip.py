@@ -27,7 +27,10 @@ def register_tiny() -> None:
 
 class OpenClipEncoder(Encoder):
     def __init__(self, model, preprocess, tokenizer, spec: str, arch: str, digest: str):
-        self.model = model.eval()
+        from retrieval.device import current
+
+        self.device = current()
+        self.model = model.eval().to(self.device)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.spec = spec
@@ -107,8 +110,12 @@ class OpenClipEncoder(Encoder):
 
     @torch.inference_mode()
     def embed_images(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(batch)
+        from retrieval.device import to_cpu
+
+        return to_cpu(self.model.encode_image(batch.to(self.device)))
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts))
+        from retrieval.device import to_cpu
+
+        return to_cpu(self.model.encode_text(self.tokenizer(texts).to(self.device)))

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from index.errors import InvalidArgument
+from retrieval.device import current, to_cpu
 from retrieval.encoders import packing
 from retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
 from retrieval.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
@@ -61,23 +62,25 @@ class TextTower:
 
         path = minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).eval()
+        self.device = current()
+        self.model = AutoModel.from_pretrained(str(path)).eval().to(self.device)
         self.digest = sha256_file(path / "model.safetensors")
 
     @torch.inference_mode()
     def features(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
         """Mean-pooled, L2-normalised sentence embeddings (the all-MiniLM recipe); batches of
         several texts are packed rather than padded (retrieval/encoders/packing.py)."""
-        if len(texts) >= packing.MIN_TEXTS and self.packs:
+        # Packing saves the CPU the padding; a GPU computes padding for free.
+        if self.device.type == "cpu" and len(texts) >= packing.MIN_TEXTS and self.packs:
             ids = self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
             pooled = packing.packed_mean_pool(self.model, ids, self.tokenizer.pad_token_id or 0)
         else:
             pooled = self.padded_mean_pool(texts, max_tokens)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+        return to_cpu(torch.nn.functional.normalize(pooled, dim=-1))
 
     @torch.inference_mode()
     def padded_mean_pool(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
-        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(self.device)
         return mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])
 
     @property
@@ -102,7 +105,8 @@ class TextTower:
     def token_states(self, texts: list[str], max_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden states B x T x 384, attention mask B x T): what a cross-encoder reads."""
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-        return self.model(**tok).last_hidden_state, tok["attention_mask"].bool()
+        states = self.model(**tok.to(self.device)).last_hidden_state
+        return to_cpu(states), tok["attention_mask"].bool().cpu()
 
 
 class ImageTower:
@@ -129,10 +133,11 @@ class ImageTower:
         self.classifier.load_state_dict(head.state_dict())
         self.classifier.requires_grad_(False)
         model.reset_classifier(0)
-        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.device = current()
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.digest = sha256_file(path)
-        self.mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1) * 255
+        self.mean = (torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1) * 255).to(self.device)
+        self.std = (torch.tensor(IMAGE_STD).view(1, 3, 1, 1) * 255).to(self.device)
 
     @staticmethod
     def preprocess(image: Image.Image) -> torch.Tensor:
@@ -147,8 +152,8 @@ class ImageTower:
 
     @torch.inference_mode()
     def features(self, batch: torch.Tensor) -> torch.Tensor:
-        x = (batch.float() - self.mean) / self.std
-        return self.model(x.contiguous(memory_format=torch.channels_last))
+        x = (batch.to(self.device).float() - self.mean) / self.std
+        return to_cpu(self.model(x.contiguous(memory_format=torch.channels_last)))
 
     def cached_features(self, sources: list, batch_size: int = 32, workers: int = 2,
                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -197,9 +202,9 @@ class ImageTower:
     @torch.inference_mode()
     def feature_map(self, batch: torch.Tensor) -> torch.Tensor:
         """The last 7 x 7 x 1280 feature map as 49 tokens (B x 49 x 1280), before pooling."""
-        x = (batch.float() - self.mean) / self.std
+        x = (batch.to(self.device).float() - self.mean) / self.std
         fmap = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))
-        return fmap.flatten(2).transpose(1, 2).contiguous()
+        return to_cpu(fmap.flatten(2).transpose(1, 2).contiguous())
 
 
 def _content_key(source) -> bytes | None:
