@@ -70,10 +70,13 @@ def one_run(index: Path, replicas: int, bodies: Path, requests: int) -> dict:
         out = {"qps": len(load["latencies_ms"]) / load["wall_s"], "p50": median(load["latencies_ms"]),
                "p99": percentile(load["latencies_ms"], 99), "errors": load["errors"],
                "memory": {name: proc_memory(pid) for name, pid in pids.items()}}
-        if replicas > 1:
-            out["lags"] = visibility(conns["writer"], conns["replica-1"])
-        for c in conns.values():
+        for c in conns.values():  # idle through the load: the server has closed them
             c.close()
+        if replicas > 1:
+            conns = connection_to_each(port, names)
+            out["lags"] = visibility(conns["writer"], conns["replica-1"])
+            for c in conns.values():
+                c.close()
         return out
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -82,8 +85,11 @@ def one_run(index: Path, replicas: int, bodies: Path, requests: int) -> dict:
 
 def visibility(via, other) -> list[float]:
     """Seconds from a write's acknowledgement by `via` until a search through `other` finds it."""
-    lags = []
+    import random
+
+    lags, rng = [], random.Random(0)
     for n in range(WRITES):
+        time.sleep(rng.uniform(0, 0.3))  # writes at any phase of the replica's follow loop
         text = f"a bench document number {n} {time.time()}"
         doc_id = f"bench-{os.getpid()}-{n}-{time.time_ns()}"
         status, body = http_json(via, "POST", "/v1/documents", {"documents": [{"id": doc_id, "text": text}]})
