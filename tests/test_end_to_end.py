@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import run_cli, write_jsonl
+from conftest import cli_in_process, run_cli, write_jsonl
 from retrieval.engine import Engine
 from server.app import create_app
 from umr.demo import BackgroundServer
@@ -54,6 +54,8 @@ def test_captions_find_their_image_over_http(flickr_index):
 
 @pytest.mark.slow
 def test_cli_search_info_add_delete(flickr_index, tmp_path):
+    """Two real command-line processes, then the same commands in this process (the encoder
+    loaded once, not per command)."""
     idx, names, caps = flickr_index
     r = run_cli("search", idx, caps[names[0]][0], "-k", "5", "--modality", "image", "--json")
     assert r.returncode == 0, r.stderr
@@ -61,19 +63,19 @@ def test_cli_search_info_add_delete(flickr_index, tmp_path):
     assert len(hits) == 5 and all(h["modality"] == "image" for h in hits)
     r = run_cli("search", idx, "--image", idx.parent / "missing.jpg")
     assert r.returncode == 2 and r.stderr.startswith("umr: error: image file not found")
-    r = run_cli("search", idx, "a dog", "--filter", "source=flickr8k", "-k", "3")
+    r = cli_in_process("search", idx, "a dog", "--filter", "source=flickr8k", "-k", "3")
     assert r.returncode == 0 and r.stdout.count("(image)") == 3
-    r = run_cli("index", "info", idx, "--json")
+    r = cli_in_process("index", "info", idx, "--json")
     info = json.loads(r.stdout)
     assert info["documents"] == 2 * len(names) and info["segments"][0]["index"]["kind"] == "flat"
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"id": "extra-1", "text": "a completely new caption about kites"}])
-    r = run_cli("index", "add", idx, extra, "--no-progress")
+    r = cli_in_process("index", "add", idx, extra, "--no-progress")
     assert r.returncode == 0 and "added 1 items" in r.stdout
-    r = run_cli("search", idx, "kites", "-k", "1", "--modality", "text", "--json")
+    r = cli_in_process("search", idx, "kites", "-k", "1", "--modality", "text", "--json")
     assert json.loads(r.stdout)[0]["id"] == "extra-1"
-    r = run_cli("index", "delete", idx, "extra-1", "nope")
+    r = cli_in_process("index", "delete", idx, "extra-1", "nope")
     assert r.returncode == 1 and "deleted 1 documents; not found: nope" in r.stdout
-    r = run_cli("search", idx, "kites", "-k", "1", "--modality", "text", "--json")
+    r = cli_in_process("search", idx, "kites", "-k", "1", "--modality", "text", "--json")
     assert json.loads(r.stdout)[0]["id"] != "extra-1"
-    r = run_cli("search", idx, "x", "--encoder", "tiny-clip")
+    r = cli_in_process("search", idx, "x", "--encoder", "tiny-clip")
     assert r.returncode == 2 and "was built with encoder lit-base" in r.stderr and "--encoder lit-base" in r.stderr

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_jsonl
+from conftest import cli_in_process, run_cli, write_jsonl
 from index import IndexStore
 from retrieval.engine import CompensationMissing, Engine, Query
 from retrieval.items import Item
@@ -79,13 +79,13 @@ def test_cli_update_and_old_encoder_still_refused_for_adds(v1_index):
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["active_version"] == 2 and rep["segments"][0]["modalities"]["text"]["pairs"] == 600
-    r = run_cli("search", idx, texts[3], "-k", "1", "--json")
+    r = cli_in_process("search", idx, texts[3], "-k", "1", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)[0]["id"] == "d3"
-    r = run_cli("index", "info", idx, "--json")
+    r = cli_in_process("index", "info", idx, "--json")
     info = json.loads(r.stdout)
     assert info["active_version"] == 2 and len(info["encoders"]) == 2
     assert info["segments"][0]["compensators"]["2"]["text"]["kind"]
-    r = run_cli("search", idx, "x", "--encoder", "tiny-clip:2")
+    r = cli_in_process("search", idx, "x", "--encoder", "tiny-clip:2")
     assert r.returncode == 2 and "umr update" in r.stderr
 
 
