@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, median, proc_memory, run_loadgen, wait_until_up, write_section  # noqa: E402
+from bench.common import figure, machine, median, proc_memory, run_loadgen, wait_until_up, write_section  # noqa: E402
+from index.vector_index import parse_bytes  # noqa: E402
+from umr.plots import bars  # noqa: E402
 
 CHUNK = 250_000
 ENCODER = "lit-init:{dim}:0"
@@ -221,6 +223,9 @@ def main() -> None:
         "## Larger than memory (bench/large.py)", "",
         f"Machine: {machine()}. {__doc__.split('Run:')[0].split(chr(10), 1)[1].strip()}", "",
         "| | |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], "",
+        figure("large", bars, {"resident memory while serving (MiB)": {
+            "budget": parse_bytes(args.budget) / 2**20, "in process": mem["VmRSS"], "umr serve": hmem["VmRSS"]}},
+            ylabel="MiB", title=f"{args.n:,} x {args.dim}: resident memory against the budget", highlight="budget"), "",
         f"Run: `python bench/large.py --n {args.n} --dim {args.dim} --budget {args.budget}`.",
     ])
     write_section("large", body)

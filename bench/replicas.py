@@ -155,7 +155,7 @@ def main() -> None:
         "the stated bound is 1 s).",
         "", figure("replicas", bars, {"text queries": {"1 replica": qps[1], "2 replicas": qps[2]}},
                    title="umr serve --replicas: QPS on 127.0.0.1", ylabel="queries/s"),
-        "", "Run: `python bench/replicas.py`.",
+        "", f"Run: `python bench/replicas.py --repeats {args.repeats} --requests {args.requests}`.",
     ]
     write_section("replicas", "\n".join(lines))
 
