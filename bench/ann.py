@@ -16,21 +16,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import figure, machine, numpy_topk, timed, write_section  # noqa: E402
+from bench.common import clustered, figure, machine, numpy_topk, timed, write_section  # noqa: E402
 from umr.plots import lines  # noqa: E402
 
 DIM = 384
 K = 10
-
-
-def clustered(n, rng, centers, noise=0.6):
-    out = np.empty((n, DIM), dtype=np.float32)
-    for s in range(0, n, 100_000):
-        m = min(100_000, n - s)
-        c = centers[rng.integers(0, len(centers), m)]
-        x = c + noise * rng.standard_normal((m, DIM)).astype(np.float32) / np.sqrt(DIM)
-        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
 
 
 def recall(found, truth):
@@ -64,8 +54,8 @@ def main():
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((4096, DIM)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    x = clustered(a.n, rng, centers)
-    q = clustered(a.queries, rng, centers)
+    x = clustered(rng, a.n, centers)
+    q = clustered(rng, a.queries, centers)
     log = lambda *m: print(*m, file=sys.stderr, flush=True)  # noqa: E731
     rows = []
 

@@ -43,6 +43,21 @@ def timed(fn, repeats):
     return median(times), out
 
 
+def clustered(rng, n: int, centers, noise: float = 0.6):
+    """n unit vectors, each a random centre plus Gaussian noise of norm ~`noise`: how embeddings
+    of a real corpus cluster. Drawn 100,000 at a time (memory stays bounded at millions)."""
+    import numpy as np
+
+    dim = centers.shape[1]
+    out = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        c = centers[rng.integers(0, len(centers), m)]
+        x = c + noise * rng.standard_normal((m, dim)).astype(np.float32) / np.sqrt(dim)
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
 def numpy_topk(q, x, k):
     """Exact top-k ids by numpy's GEMM + argpartition: the reference umr's exact_topk is timed against."""
     import numpy as np

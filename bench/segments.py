@@ -19,16 +19,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import figure, machine, median, write_section  # noqa: E402
+from bench.common import clustered, figure, machine, median, write_section  # noqa: E402
 from umr.plots import bars  # noqa: E402
 
 DIM = 256
 K = 10
-
-
-def clustered(rng, n, centers):
-    x = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, DIM)).astype(np.float32) / np.sqrt(DIM)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def build(path: Path, kind: str, n: int, segments: int, rng, centers):

@@ -90,7 +90,8 @@ class Segment:
         self.alive = alive if alive is not None else np.zeros(0, dtype=bool)
         self.codes = codes if codes is not None else np.zeros(0, dtype=np.uint8)
         self.dirty = False
-        self.tail = np.zeros((0, self.dim), dtype=np.float32)
+        self._tail = np.zeros((0, self.dim), dtype=np.float32)  # capacity grows by doubling
+        self._tail_rows = 0
         self.mapped = False
         self.gpu = None  # a GPU copy of `faiss` for unmasked searches (index/gpu.py)
         if faiss_index is not None:
@@ -103,14 +104,24 @@ class Segment:
         self.gpu = gpu.search_copy(index, choice.kind) if choice is not None else None
 
     @property
+    def tail(self) -> np.ndarray:
+        return self._tail[: self._tail_rows]
+
+    @property
     def indexed_rows(self) -> int:
         """Rows searchable: in FAISS, and after a mapped checkpoint, in the tail."""
         return 0 if self.faiss is None else int(self.faiss.ntotal) + len(self.tail)
 
     def append(self, vectors: np.ndarray) -> None:
         """Make the next rows searchable (rows indexed_rows..)."""
-        if self.mapped:
-            self.tail = np.concatenate([self.tail, np.asarray(vectors, dtype=np.float32)])
+        if self.mapped:  # a follower appends a few rows at a time: no copy of the whole tail each time
+            need = self._tail_rows + len(vectors)
+            if need > len(self._tail):
+                grown = np.empty((max(need, 2 * len(self._tail), 1024), self.dim), dtype=np.float32)
+                grown[: self._tail_rows] = self.tail
+                self._tail = grown
+            self._tail[self._tail_rows:need] = vectors
+            self._tail_rows = need
         else:
             self.faiss.add(vectors)
             if self.gpu is not None:
