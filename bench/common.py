@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: data paths, medians, and the docs/benchmarks.md writer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,6 +14,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# A script run as `python bench/X.py` has bench/ first on sys.path, where bench/kernels.py would
+# pass for the `kernels` package transformers looks for: the scripts import from the root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -148,6 +152,8 @@ def connection_to_each(port: int, names, seconds: float = 120) -> dict:
         else:
             found[name] = conn
     if set(found) != set(names):
+        for conn in found.values():
+            conn.close()
         raise RuntimeError(f"reached only {sorted(found)} of {sorted(names)}")
     return found
 
@@ -164,3 +170,24 @@ def proc_memory(pid: int | str = "self") -> dict:
         if line.startswith("Pss:"):
             out["Pss"] = int(line.split()[1]) / 1024
     return out
+
+
+@contextlib.contextmanager
+def wide_race_window(tokenizer, pause_s: float = 0.0005):
+    """Hugging Face fast tokenizers of the class of `tokenizer` (or of the one umr's Serial
+    wrapper holds) pause between taking their padding and truncation settings and encoding: the
+    interleaving of threads a loaded server meets now and then, met in every few seconds. The
+    real tokenizer still does the encoding."""
+    cls = type(getattr(tokenizer, "unwrapped", tokenizer))
+    settle = cls.set_truncation_and_padding
+
+    def slowly(self, *args, **kwargs):
+        out = settle(self, *args, **kwargs)
+        time.sleep(pause_s)
+        return out
+
+    cls.set_truncation_and_padding = slowly
+    try:
+        yield
+    finally:
+        cls.set_truncation_and_padding = settle

@@ -6,22 +6,26 @@ the whole corpus can be re-read for compensator calibration or re-training a qua
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import re
 import sqlite3
 import threading
-from urllib.parse import quote
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
+from urllib.parse import quote
 
 import numpy as np
 
 from index.document_rules import check_document
-from index.errors import InvalidArgument
+from index.errors import IndexDamaged, InvalidArgument, UmrError
 
 MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
 CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+COMMITS = "commits"  # meta key: write transactions committed (index/commit_mark.py)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs(
@@ -76,6 +80,45 @@ class DocRecord:
         return {"id": self.id, "modality": self.modality, "text": self.text, "image": self.image, "metadata": self.metadata}
 
 
+CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+
+
+def is_damage(e: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite failed because the file is damaged (not busy, locked or misused)."""
+    return getattr(e, "sqlite_errorname", "") in CORRUPT or "malformed" in str(e)
+
+
+def damage_as_error(method):
+    """A read that meets a damaged page or a row umr never wrote raises IndexDamaged, which the
+    CLI prints as one line and the server answers 500: the store's fault, never the caller's."""
+    @contextlib.contextmanager
+    def translated(store):
+        try:
+            yield
+        except UmrError:
+            raise
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            raise IndexDamaged(f"{store.path} is damaged ({e}); run `umr index verify` on the index") from None
+        except (ValueError, KeyError) as e:  # undecodable metadata, a vector of the wrong size, a missing row
+            raise IndexDamaged(f"{store.path} holds a row it cannot decode ({e.__class__.__name__}: "
+                               f"{str(e)[:80]}); run `umr index verify` on the index") from None
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def generator(self, *args, **kwargs):
+            with translated(self):
+                yield from method(self, *args, **kwargs)
+        return generator
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with translated(self):
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
 def validate_filter(flt: dict | None) -> dict:
     flt = flt or {}
     for key, value in flt.items():
@@ -99,10 +142,49 @@ class DocStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
         self.lock = threading.RLock()
+        self.checked = False  # whether SQLite's integrity check passed when it was opened
+        self._mark = None  # the writer's commit mark (index/commit_mark.py)
+        self._commits = 0
 
     def close(self) -> None:
         with self.lock:
             self._db.close()
+            if self._mark is not None:
+                self._mark.close()
+
+    # -- the commit count (index/commit_mark.py) ----------------------------------------
+    def commits(self) -> int:
+        """Write transactions committed into this store, as the store itself holds them."""
+        return int(self.get_meta(COMMITS, "0"))
+
+    def keep_mark(self, mark, on_disk: int | None = None) -> None:
+        """Count every commit from now on in `mark` (a commit_mark.MarkWriter) too; it is
+        written now unless it already holds this store's count (`on_disk`)."""
+        with self.lock:
+            self._commits = self.commits()
+            self._mark = mark
+            if on_disk != self._commits:
+                mark.write(self._commits, sync=True)
+
+    def _count_commit(self, cur) -> None:
+        """Inside a write transaction: the store counts it with the rest of it."""
+        cur.execute("INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO UPDATE "
+                    "SET value = CAST(value AS INTEGER) + 1", (COMMITS,))
+
+    def _committed(self) -> None:
+        """After COMMIT returned: the mark learns of it."""
+        self._commits += 1
+        if self._mark is not None:
+            self._mark.write(self._commits)
+
+    def checkpoint_wal(self) -> tuple[int, int, int]:
+        """Copy what the WAL holds into docs.sqlite without waiting for readers (PASSIVE):
+        (busy, frames in the WAL, frames copied). SQLite does this by itself only once the WAL
+        reaches 1,000 pages, so a slowly written index kept its recent documents in the WAL alone."""
+        with self.lock:
+            if self._mark is not None:
+                self._mark.write(self._commits, sync=True)
+            return tuple(self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
 
     # -- writes -------------------------------------------------------------------------
     def add(self, segment: int, first_row: int, docs: list[DocRecord], vectors: np.ndarray,
@@ -137,10 +219,12 @@ class DocStore:
                     )
                 for k, v in (meta or {}).items():
                     cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (k, v))
+                self._count_commit(cur)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+            self._committed()
         return replaced
 
     def delete(self, ids: Iterable[str]) -> list[tuple[str, int, int]]:
@@ -157,10 +241,12 @@ class DocStore:
                     cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
                     cur.execute("INSERT INTO deaths(segment, row) VALUES(?,?)", old)
                     gone.append((doc_id, old[0], old[1]))
+                self._count_commit(cur)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+            self._committed()
         return gone
 
     def set_meta(self, key: str, value: str) -> None:
@@ -194,10 +280,12 @@ class DocStore:
                     cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
                                 (f"checkpoint:{segment}", json.dumps(checkpoint)))
                 cur.execute("DROP TABLE temp.remap")
+                self._count_commit(cur)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+            self._committed()
         return int(dead)
 
     def vacuum(self) -> None:
@@ -205,8 +293,12 @@ class DocStore:
             self._db.execute("VACUUM")
 
     def integrity_problems(self) -> list[str]:
+        """SQLite's integrity check: [] when whole (a check that cannot finish is a problem too)."""
         with self.lock:
-            rows = [r[0] for r in self._db.execute("PRAGMA integrity_check").fetchall()]
+            try:
+                rows = [r[0] for r in self._db.execute("PRAGMA integrity_check").fetchall()]
+            except sqlite3.DatabaseError as e:
+                return [f"the integrity check itself failed: {e}"]
         return [] if rows == ["ok"] else rows
 
     # -- reads --------------------------------------------------------------------------
@@ -224,6 +316,7 @@ class DocStore:
             row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else default
 
+    @damage_as_error
     def get(self, doc_id: str) -> tuple[DocRecord, int, int] | None:
         with self.lock:
             r = self._db.execute(
@@ -233,6 +326,7 @@ class DocStore:
             return None
         return DocRecord(r[0], r[1], r[2], r[3], json.loads(r[4])), r[5], r[6]
 
+    @damage_as_error
     def docs_at(self, segment: int, rows: Iterable[int]) -> dict[int, DocRecord]:
         rows = [int(r) for r in rows]
         if not rows:
@@ -245,6 +339,7 @@ class DocStore:
             ).fetchall()
         return {r[0]: DocRecord(r[1], r[2], r[3], r[4], json.loads(r[5])) for r in found}
 
+    @damage_as_error
     def has_ids(self, ids: list[str]) -> set[str]:
         out: set[str] = set()
         with self.lock:
@@ -254,19 +349,23 @@ class DocStore:
                 out.update(r[0] for r in self._db.execute(f"SELECT id FROM docs WHERE id IN ({marks})", chunk))
         return out
 
+    @damage_as_error
     def row_count(self, segment: int) -> int:
         with self.lock:
             r = self._db.execute("SELECT COALESCE(MAX(row)+1, 0) FROM rows WHERE segment=?", (segment,)).fetchone()
         return int(r[0])
 
+    @damage_as_error
     def docs_in_segment(self, segment: int) -> int:
         with self.lock:
             return int(self._db.execute("SELECT count(*) FROM docs WHERE segment=?", (segment,)).fetchone()[0])
 
+    @damage_as_error
     def doc_count(self) -> int:
         with self.lock:
             return int(self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0])
 
+    @damage_as_error
     def row_state(self, segment: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(alive mask, modality codes) for rows 0..n_rows-1 of a segment."""
         alive = np.zeros(n_rows, dtype=bool)
@@ -292,6 +391,7 @@ class DocStore:
             except sqlite3.OperationalError:  # an index no writer of this version has opened yet
                 return 0
 
+    @damage_as_error
     def changes_since(self, death_seq: int, row_counts: dict[int, int]) -> Changes:
         """Deaths after `death_seq` and the rows of each segment from `row_counts[segment]` on,
         read in one snapshot, so what they show is what the writer had committed at one moment."""
@@ -315,6 +415,7 @@ class DocStore:
                 self._db.execute("COMMIT")
         return Changes(found[-1][0] if found else death_seq, [(f[1], f[2]) for f in found], rows)
 
+    @damage_as_error
     def iter_vectors(self, segment: int, start: int = 0, chunk: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first_row, vectors) in row order from `start`, `chunk` rows at a time."""
         row = start
@@ -329,6 +430,7 @@ class DocStore:
             yield found[0][0], vecs
             row = found[-1][0] + 1
 
+    @damage_as_error
     def vectors_at(self, segment: int, rows: np.ndarray) -> np.ndarray:
         out = []
         with self.lock:
@@ -341,6 +443,7 @@ class DocStore:
                 out.extend(np.frombuffer(got[r], dtype=np.float32) for r in chunk)
         return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
 
+    @damage_as_error
     def rows_matching(self, segment: int, flt: dict) -> np.ndarray:
         """Rows of `segment` whose metadata equals every (key, value) of the filter."""
         clauses, args = [], [segment]
@@ -351,6 +454,7 @@ class DocStore:
         with self.lock:
             return np.array([r[0] for r in self._db.execute(sql, args)], dtype=np.int64)
 
+    @damage_as_error
     def iter_docs(self, segment: int | None = None) -> Iterator[DocRecord]:
         sql = "SELECT id, modality, text, image, metadata FROM docs"
         args: tuple = ()

@@ -85,6 +85,23 @@ def metadata_json(metadata) -> str:
     return blob
 
 
+def id_problem(doc_id: str) -> str | None:
+    """Why an id could not be addressed as `/v1/documents/{id}` (GET, DELETE, its image), or None.
+
+    Ids travel percent-escaped in one path segment, so '/', '?', '#' and spaces are fine. What is
+    refused: control characters (a router never matches a newline), a path that ends in
+    `/image` (the same URL names another document's image) and the ids '.' and '..', which every
+    client resolves as path steps even when escaped."""
+    for ch in doc_id:
+        if unicodedata.category(ch) == "Cc":
+            return f"holds the control character U+{ord(ch):04X}; ids must be addressable in a URL"
+    if doc_id in (".", ".."):
+        return "is a path step ('.' and '..' cannot be addressed in a URL)"
+    if doc_id.endswith("/image"):
+        return "ends in '/image', which names another document's image in the HTTP API"
+    return None
+
+
 def check_document(doc_id, text, metadata, image: str | None = None) -> str:
     """The metadata as stored (see metadata_json); raises InvalidDocument unless the document
     can be stored and served back unchanged."""
@@ -93,6 +110,9 @@ def check_document(doc_id, text, metadata, image: str | None = None) -> str:
     if len(doc_id) > MAX_ID_CHARS:
         raise InvalidDocument(f"id has {len(doc_id)} characters, over the limit of {MAX_ID_CHARS}")
     check_text(doc_id, "id")
+    problem = id_problem(doc_id)
+    if problem:
+        raise InvalidDocument(f"id {doc_id[:80]!r} {problem}")
     check_text(text, f"document {doc_id[:80]!r} text")
     check_text(image, f"document {doc_id[:80]!r} image reference")
     try:

@@ -27,3 +27,8 @@ class NotFound(IndexError_, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "not found"
+
+
+class IndexDamaged(IndexError_):
+    """A file of the index holds what umr never wrote (damage, tampering, a lost log): the
+    server's fault, never the request's; the message says how to check and restore it."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from index import modality_calibration as mc
 from index import merge_calibration as merge_cal
-from index import gpu, integrity, registry
+from index import commit_mark, gpu, integrity, registry
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
@@ -209,6 +209,7 @@ class IndexStore:
             manifest = new_manifest(encoder, {"kind": index_kind, "memory_budget": memory_budget})
             docs = DocStore(str(path / DOCSTORE))
             docs.set_meta(integrity.DOCSTORE_ID, manifest[integrity.DOCSTORE_ID])
+            docs.keep_mark(commit_mark.MarkWriter(path / DOCSTORE, manifest[integrity.DOCSTORE_ID]))
             write_manifest(path, manifest)
         except BaseException:
             writer.release()
@@ -218,18 +219,25 @@ class IndexStore:
         return store
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "write", repair: bool = False) -> "IndexStore":
+    def open(cls, path: str | Path, mode: str = "write", repair: bool = False, check: bool = True) -> "IndexStore":
         """`mode` "write" takes the index's write lock (one writing process at a time);
         "read" takes none and refuses every write. `repair` accepts the document store as the
-        truth where FAISS checkpoints disagree with it (`umr index verify --repair`)."""
+        truth where FAISS checkpoints disagree with it, or where it lost writes it acknowledged
+        (`umr index verify --repair`). `check` runs SQLite's integrity check on a document store
+        of up to integrity.OPEN_CHECK_MAX_BYTES and refuses a damaged one (`umr index verify`
+        opens without it, to list what it finds)."""
         if mode not in ("write", "read"):
             raise InvalidArgument(f"mode must be 'write' or 'read', got {mode!r}")
         path = Path(path)
         manifest = read_manifest(path)
         writer = WriterLock(path).acquire() if mode == "write" else None
         try:
-            docs = integrity.open_docstore(path / DOCSTORE, manifest, read_only=mode == "read")
+            accepted: list[str] = []
+            docs = integrity.open_docstore(path / DOCSTORE, manifest, read_only=mode == "read", check=check,
+                                           accept_loss=accepted.append if repair else None)
             store = cls(path, manifest, docs, mode, writer)
+            for message in accepted:
+                store._repaired(message)
             # Before the rows are read: a death committed meanwhile is applied again, never missed.
             store._death_seq, store._manifest_stamp = docs.last_death(), _stamp(path)
             for rec in manifest["segments"]:
@@ -479,6 +487,13 @@ class IndexStore:
             self.save()
             return self.active
 
+    def rebuild(self, seg: Segment, why: str) -> None:
+        """Rebuild a segment's FAISS index from the document store, recorded as a repair."""
+        self._require_write("rebuild FAISS")
+        with self.lock:
+            self._repaired(f"{why}; rebuilt its FAISS index from the document store ({len(seg.alive)} rows)")
+            self._build_faiss(seg)
+
     def _build_faiss(self, seg: Segment) -> None:
         seg.set_index(self._faiss_of_rows(seg, None))
         seg.dirty = True
@@ -558,6 +573,8 @@ class IndexStore:
                     write_manifest(self.path, self.manifest)
             stale, self._stale_files = [*replaced, *self._stale_files], []
             integrity.remove_checkpoints(self.path, [r for r in stale if r])
+            # And the WAL into docs.sqlite: what only the WAL holds is lost with it.
+            self.docs.checkpoint_wal()
 
     def save_registrations(self) -> None:
         """Write only what `umr update --no-activate` adds (encoder versions, compensators,

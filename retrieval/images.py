@@ -7,9 +7,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from index.errors import InvalidArgument
+
+
+EXIF_ORIENTATION = 0x0112
 
 
 class BadImage(InvalidArgument):
@@ -84,10 +88,45 @@ def open_image(source, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
-        img = centre_crop_to_aspect(img, limits.crop_aspect)
-        return img.convert("RGB") if img.mode != "RGB" else img
+        img = centre_crop_to_aspect(upright(img), limits.crop_aspect)
+        return to_rgb(img)
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"image is truncated or corrupt ({e.__class__.__name__})") from None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: cameras store a turned photo's pixels as taken and say
+    how to turn them in the EXIF Orientation tag (a phone's portrait photo is stored sideways)."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels as stored
+        return img
+    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB as a viewer shows the image on a white page.
+
+    PIL's plain convert("RGB") clips 16- and 32-bit grey to 255 (a 16-bit PNG became near-white)
+    and drops transparency, leaving whatever colour transparent pixels happen to hold (often
+    black): grey is rescaled to 8 bits and transparency composited over white."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        grey = np.asarray(img, dtype=np.float64)
+        brightest = float(grey.max())
+        if img.mode.startswith("I;16") or 255 < brightest <= 65535:
+            top = 65535.0  # 16-bit samples (PIL opens some 16-bit PNGs as "I")
+        elif img.mode == "F" and brightest <= 1.0:
+            top = 1.0  # floats in 0..1
+        else:
+            top = max(255.0, brightest)
+        img = Image.fromarray(np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        page = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(page, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 def centre_crop_to_aspect(img: Image.Image, aspect: float) -> Image.Image:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
-from index.errors import IndexError_
+from index.errors import IndexDamaged, IndexError_
 from retrieval.encoders.base import EncoderError
 from retrieval.engine_swap import SwapRefused, activate, engine_for_version
 from server.auth import requires
@@ -41,5 +41,7 @@ async def activate_encoder(req: ActivateEncoder, request: Request, st: ServerSta
         return await run_in_threadpool(swap, st, req.version)
     except SwapRefused as e:
         raise ApiError(404 if e.reason == "unknown_version" else 409, e.reason, str(e)) from None
+    except IndexDamaged:
+        raise  # the server's fault: 500 (server/errors.py)
     except (EncoderError, IndexError_) as e:
         raise ApiError(409, "activation_failed", str(e)) from None

@@ -25,6 +25,7 @@ from server.middleware import BodyLimit, RequestObserver
 from server.request_checks import RequestChecks
 from server.settings import ServerSettings
 from server.state import ServerState
+from server.store_check import StoreCheck
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -36,6 +37,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                      access=Access(settings))
 
     checkpointer = Checkpointer(st, settings.checkpoint_every_rows, settings.checkpoint_every_s)
+    store_check = StoreCheck(st)
     if engine.store.mode == "read":
         st.follower = Follower(st, settings.follow_every_s)
     if settings.writer_url:
@@ -45,6 +47,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def lifespan(app: FastAPI):
         await st.batcher.start()
         checkpointer.start()
+        store_check.start()
         if st.follower is not None:
             st.follower.start()
         yield
@@ -53,6 +56,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         if st.forwarder is not None:
             await st.forwarder.close()
         await checkpointer.stop()
+        await store_check.stop()
         await st.batcher.stop()
         if st.engine.store.mode == "write":
             await run_in_threadpool(st.engine.checkpoint)
@@ -70,3 +74,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     for module in (search_routes, document_routes, admin_routes, info_routes, page_routes):
         app.include_router(module.router)
     return app
+
+
+def uvicorn_config(app: FastAPI, trusted_proxies: list[str] | None = None, **options):
+    """uvicorn's settings for umr's app. Forwarded-for headers name the client only when they come
+    from a proxy the operator trusts (`--trusted-proxy`): uvicorn's default believes them from
+    127.0.0.1, so any local client could pose as any address and dodge its key lockout."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_config=None, access_log=False, proxy_headers=bool(trusted_proxies),
+                          forwarded_allow_ips=",".join(trusted_proxies) if trusted_proxies else None, **options)

@@ -64,15 +64,29 @@ class QueryBatcher:
         await cancel(self._task)
         self.model_thread.shutdown(wait=True)
 
-    async def run(self, items: list[Pending]) -> list[list]:
+    async def run(self, items: list[Pending]) -> list:
+        """Each item's hits, or the exception that item alone raised (a failing query never
+        fails the others, and the caller can say which one failed)."""
         loop = asyncio.get_running_loop()
         if not self.settings.micro_batching:
-            return await loop.run_in_executor(None, self._execute, items)
+            try:
+                return await loop.run_in_executor(None, self._execute, items)
+            except Exception as e:  # noqa: BLE001 - isolated below
+                if len(items) == 1:
+                    return [e]
+                return [await self._alone(p, loop.run_in_executor(None, self._execute, [p])) for p in items]
         for p in items:
             p.future = loop.create_future()
             self.queue.put_nowait(p)
         self._arrived.set()
-        return list(await asyncio.gather(*(p.future for p in items)))
+        return list(await asyncio.gather(*(p.future for p in items), return_exceptions=True))
+
+    @staticmethod
+    async def _alone(p: Pending, run) -> object:
+        try:
+            return (await run)[0]
+        except Exception as e:  # noqa: BLE001 - handed to that query alone
+            return e
 
     async def _gather(self) -> list[Pending]:
         loop = asyncio.get_running_loop()

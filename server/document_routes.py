@@ -9,8 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
 from index.document_rules import InvalidDocument
-from index.errors import IndexError_, NotFound
-from retrieval.encoders.base import EncoderError
+from index.errors import IndexMismatch, InvalidArgument, NotFound
 from retrieval.images import BadImage, open_image
 from retrieval.items import Item
 from server.auth import requires
@@ -73,9 +72,9 @@ async def add_documents(req: DocumentsIn, request: Request, st: ServerState = De
         raise ApiError(413 if e.code.startswith("limit") else 400, e.code, f"image: {e}") from None
     except InvalidDocument as e:
         raise ApiError(422, "invalid_document", str(e)) from None
-    except IndexError_ as e:
+    except IndexMismatch as e:  # another encoder version was activated while these were embedded
         raise ApiError(409, "index_changed", str(e)) from None
-    except (ValueError, EncoderError) as e:
+    except InvalidArgument as e:  # what umr refuses on purpose; anything else is the server's fault (500)
         raise ApiError(400, "invalid_document", str(e)) from None
     return DocumentsAdded(added=added)
 

@@ -10,14 +10,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from index.errors import IndexDamaged
 from server.request_log import current_id
 
 log = logging.getLogger("umr.server")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 query: int | None = None):
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.query = query  # in a batch search: which query was refused
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -28,7 +31,17 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return error_response(e.status, e.code, e.message, e.headers)
+        extra = {} if e.query is None else {"query": e.query}
+        return error_response(e.status, e.code, e.message, e.headers, **extra)
+
+    @app.exception_handler(IndexDamaged)
+    async def index_damaged(request: Request, e: IndexDamaged):
+        # The index, not the request, is at fault: 5xx, so clients do not give up on the request
+        # as their own mistake; the message says how to check the index, never where it lies.
+        error_id = current_id.get() or uuid.uuid4().hex[:12]
+        log.error("index damaged (%s) on %s %s: %s", error_id, request.method, request.url.path, e)
+        return error_response(500, "index_damaged", "the index this server reads is damaged; its operator should "
+                                                    f"run `umr index verify` on it (quote id {error_id})", id=error_id)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):

@@ -1,15 +1,20 @@
 """`umr serve --replicas N`: N serving processes over one index, one of them its writer.
 
-The supervisor (this process) binds the public port once per replica (SO_REUSEPORT), so the
-kernel spreads new connections evenly over the replicas (one shared socket would hand most of
-them to whichever process wakes first), and keeps the sockets open: connections that arrive
-while a replica restarts wait in its queue. It binds a second, private port on 127.0.0.1 that
-only the writer listens on. Replica 0 is the writer (it holds the index's
-write lock and checkpoints FAISS); replicas 1..N-1 open the index read-only, memory-mapping
-the read-only parts (the IVF lists of a large index, shared as page cache), follow the
-writer's commits (server/follower.py) and relay writes to its private port
-(server/forwarding.py). A replica that dies is started again; one that keeps dying stops the
-whole service rather than leave it half up.
+Each replica binds the public port itself (SO_REUSEPORT), and only once its engine is loaded,
+so the kernel spreads new connections over the replicas that can answer them (one shared socket
+would hand most of them to whichever process wakes first). When a replica dies its socket dies
+with it, and new connections go to the others at once: had the supervisor kept the sockets
+open, a dead replica's share of new connections (a third of them with two) would wait in its
+queue until the restarted one had loaded its model, 1-22 s. The supervisor only reserves the
+ports, by binding them without listening: a socket that does not listen gets no connections.
+The writer listens on a second, private port on 127.0.0.1 the same way, so while it is down
+the replicas' relayed writes are refused at once (503, retry) instead of waiting.
+
+Replica 0 is the writer (it holds the index's write lock and checkpoints FAISS); replicas
+1..N-1 open the index read-only, memory-mapping the read-only parts (the IVF lists of a large
+index, shared as page cache), follow the writer's commits (server/follower.py) and relay writes
+to its private port (server/forwarding.py). A replica that dies is started again; one that keeps
+dying stops the whole service rather than leave it half up.
 
 Each replica gets cores / N threads for its encoder and FAISS, so N replicas do not fight
 over the cores the way N copies of one process each using every core would.
@@ -29,12 +34,13 @@ RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 30.0
 
 
-def child_command(argv: list[str], fds: list[int], *, writer_url: str | None, name: str) -> list[str]:
+def child_command(argv: list[str], *, port: int, private_port: int | None, writer_url: str | None,
+                  name: str) -> list[str]:
     """The replica's command line: the supervisor's own (`argv`, without --replicas), plus the
-    sockets it listens on and its role."""
-    cmd = [sys.executable, "-m", "umr", *argv, "--replica-name", name]
-    for fd in fds:
-        cmd += ["--listen-fd", str(fd)]
+    ports it listens on (shared with the other replicas) and its role."""
+    cmd = [sys.executable, "-m", "umr", *argv, "--replica-name", name, "--port", str(port), "--reuse-port"]
+    if private_port is not None:
+        cmd += ["--private-port", str(private_port)]
     if writer_url:
         cmd += ["--read-only", "--writer-url", writer_url]
     return cmd
@@ -50,34 +56,40 @@ def _die_with_parent() -> None:
         pass  # not Linux: replicas outlive a killed supervisor until stopped
 
 
-def bind(host: str, port: int, shared: bool = False) -> socket.socket:
+def bind(host: str, port: int, shared: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket on host:port; `shared` lets the other replicas bind the same port, and one
+    bound without `listen` reserves the port without taking any connection."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if shared:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
 def supervise(argv: list[str], replicas: int, host: str, port: int, read_only: bool = False) -> int:
     """Run the replicas until SIGTERM/SIGINT; the exit status is 0 after a clean stop. With
     `read_only`, every replica follows a writer outside (another `umr serve`) and none writes."""
-    first = bind(host, port, shared=True)
-    public = [first] + [bind(host, first.getsockname()[1], shared=True) for _ in range(replicas - 1)]
-    private = bind("127.0.0.1", 0)
-    writer_url = f"http://127.0.0.1:{private.getsockname()[1]}"
+    public = bind(host, port, shared=True, listen=False)  # reserved: the replicas listen on it themselves
+    private = bind("127.0.0.1", 0, shared=True, listen=False)
+    port, private_port = public.getsockname()[1], private.getsockname()[1]
+    writer_url = f"http://127.0.0.1:{private_port}"
     threads = max(1, (os.cpu_count() or 1) // replicas)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def start(i: int) -> subprocess.Popen:
         writes = i == 0 and not read_only
-        fds = [public[i].fileno(), private.fileno()] if writes else [public[i].fileno()]
         name = "writer" if writes else f"replica-{i}"
-        cmd = child_command(argv, fds, writer_url=None if writes or read_only else writer_url, name=name)
-        return subprocess.Popen(cmd, pass_fds=fds, env=env, preexec_fn=_die_with_parent)
+        cmd = child_command(argv, port=port, private_port=private_port if writes else None,
+                            writer_url=None if writes or read_only else writer_url, name=name)
+        return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
 
     stopping = False
 
@@ -122,6 +134,6 @@ def supervise(argv: list[str], replicas: int, host: str, port: int, read_only: b
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for sock in [*public, private]:
-            sock.close()
+        public.close()
+        private.close()
     return status

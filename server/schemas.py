@@ -30,8 +30,10 @@ class BatchSearchRequest(Strict):
 
 
 def image_url(doc) -> str | None:
-    """The server's own reference to a stored image, never where it lies on the server's disk."""
-    return f"/v1/documents/{quote(doc.id, safe='/')}/image" if doc.image else None
+    """The server's own reference to a stored image, never where it lies on the server's disk.
+    The id is escaped whole ('/' too): an id such as `x/../y` must not become a path that a
+    client normalises into another document's."""
+    return f"/v1/documents/{quote(doc.id, safe='')}/image" if doc.image else None
 
 
 class Hit(BaseModel):
@@ -94,7 +96,7 @@ class Document(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    error: dict[str, str]
+    error: dict[str, str | int]  # code, message; id (500), query (which query of a batch)
 
 
 class ActivateEncoder(Strict):

@@ -1,15 +1,15 @@
 """Search routes: JSON, multipart upload and batch; all go through the micro-batcher."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from index.errors import IndexError_
-from retrieval.encoders.base import EncoderError
-from retrieval.engine import Engine, Query
+from index.errors import InvalidArgument
+from retrieval.engine import CompensationMissing, Engine, Query
 from retrieval.images import BadImage
 from server.auth import requires
 from server.batching import Pending
@@ -33,7 +33,7 @@ async def prepare(st: ServerState, eng: Engine, q: Query):
         return await run_in_threadpool(eng.prepare_query, q, st.limits)
     except BadImage as e:
         raise ApiError(413 if e.code.startswith("limit") else 400, e.code, f"image: {e}") from None
-    except (EncoderError, ValueError) as e:
+    except InvalidArgument as e:
         raise ApiError(400, "invalid_query", str(e)) from None
     finally:
         st.batcher.preparing -= 1
@@ -53,11 +53,29 @@ async def pending_for(st: ServerState, eng: Engine, req: SearchRequest, modaliti
     return Pending(eng, prepared, req.k, modalities, req.filter, req.calibrated)
 
 
-async def run(st: ServerState, pendings: list[Pending]):
+async def run(st: ServerState, pendings: list[Pending]) -> list:
+    """Every query's hits; the first that failed raises, as a 400 when the query was at fault
+    and as itself otherwise (the server's fault: 5xx)."""
+    results = await st.batcher.run(pendings)
+    for i, r in enumerate(results):
+        if isinstance(r, BaseException):
+            with numbered(i if len(pendings) > 1 else None):
+                if isinstance(r, (InvalidArgument, CompensationMissing)):
+                    raise ApiError(400, "invalid_search", str(r)) from None
+                raise r
+    return results
+
+
+@contextlib.contextmanager
+def numbered(i: int | None):
+    """A batch's errors name the query they are about (`queries[i]`) in the message and in a
+    `query` field of the error body."""
     try:
-        return await st.batcher.run(pendings)
-    except (ValueError, IndexError_) as e:
-        raise ApiError(400, "invalid_search", str(e)) from None
+        yield
+    except ApiError as e:
+        if i is not None and e.query is None:
+            e.message, e.query = f"queries[{i}]: {e.message}", i
+        raise
 
 
 def json_response(model) -> Response:
@@ -109,9 +127,15 @@ async def search_batch(req: BatchSearchRequest, st: ServerState = Depends(state)
     if not 1 <= len(req.queries) <= st.settings.max_batch_queries:
         raise ApiError(422, "limit_batch_queries", f"a batch holds 1 to {st.settings.max_batch_queries} queries "
                                                    f"(max_batch_queries), got {len(req.queries)}")
-    modalities = [validate(st, q) for q in req.queries]  # all checked before any image is decoded
+    modalities = []
+    for i, q in enumerate(req.queries):  # all checked before any image is decoded
+        with numbered(i):
+            modalities.append(validate(st, q))
     eng = st.engine
-    pendings = [await pending_for(st, eng, q, m) for q, m in zip(req.queries, modalities)]
+    pendings = []
+    for i, (q, m) in enumerate(zip(req.queries, modalities)):
+        with numbered(i):
+            pendings.append(await pending_for(st, eng, q, m))
     results = await run(st, pendings)
     return json_response(BatchSearchResponse.model_construct(
         results=[[Hit.of(h) for h in r] for r in results], took_ms=round((time.perf_counter() - t0) * 1000, 3),

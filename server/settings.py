@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from server.keys import KeyRing
 
@@ -31,6 +32,7 @@ class ServerSettings:
     # Admin endpoints are off unless a key is set; never printed, logged or returned.
     admin_key: str | None = field(default=None, repr=False)
     keys: KeyRing | None = field(default=None, repr=False)  # from a key file (server/keys.py)
+    key_file: Path | None = None  # where `keys` came from: watched, so revoking a key takes effect at once
     public_read: bool = False  # with keys configured: searches and reads need no key
     auth_max_failures: int = 10  # wrong keys from one client within auth_window_s ...
     auth_window_s: float = 60.0

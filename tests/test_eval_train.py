@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from retrieval.metrics import hit_rate_at, mrr_at, ndcg_at, recall_at, summarize
 
 
@@ -65,18 +65,18 @@ def exponential_ndcg(ranked, relevant, k=10):
 
 @pytest.mark.slow
 def test_lit_base_meets_the_baseline_with_umr_eval(flickr):
-    r = run_cli("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--json")
+    r = cli_in_process("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--json")
     assert r.returncode == 0, r.stderr
     tasks = json.loads(r.stdout)["tasks"]
     assert tasks["task0"]["candidates"] == 200 and tasks["task0"]["queries"] == 1000  # local: images only
     assert tasks["task3"]["candidates"] == 1000 and tasks["task3"]["queries"] == 200
     assert tasks["task0"]["hit_rate@5"] >= 0.52  # issue 9's targets for lit-base v2 (v1: 0.514 / 0.530)
     assert tasks["task3"]["hit_rate@5"] >= 0.55
-    r = run_cli("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--global", "--task", "3", "--json")
+    r = cli_in_process("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--global", "--task", "3", "--json")
     res = json.loads(r.stdout)["tasks"]
     assert list(res) == ["task3"] and res["task3"]["candidates"] == 1200
     assert res["task3"]["pool"].startswith("global (calibrated") and res["task3"]["hit_rate@5"] >= 0.35
-    r = run_cli("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--global", "--task", "3",
+    r = cli_in_process("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--global", "--task", "3",
                 "--no-calibration", "--json")
     raw = json.loads(r.stdout)["tasks"]["task3"]
     assert raw["pool"] == "global" and raw["hit_rate@5"] < res["task3"]["hit_rate@5"] - 0.2  # the modality gap
@@ -87,7 +87,7 @@ def test_beir_text_eval_of_the_default_is_minilms_own(tmp_path):
     from conftest import DATA
 
     # lit-base v2's texts are MiniLM's vectors, so text search loses nothing against MiniLM (0.382, linear gain).
-    r = run_cli("eval", "--encoder", "lit-base", "--beir", DATA / "cranfield" / "beir", "--json")
+    r = cli_in_process("eval", "--encoder", "lit-base", "--beir", DATA / "cranfield" / "beir", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)["tasks"]["beir"]
     assert res["queries"] == 225 and 0.378 < res["ndcg@10"] < 0.386, res
@@ -115,7 +115,7 @@ def test_umr_train_writes_a_loadable_encoder_that_learns(flickr, tmp_path):
 
     enc = load_encoder(str(out))
     assert enc.dim == 64 and enc.fingerprint != load_encoder("lit-init:64:3").fingerprint
-    r = run_cli("eval", "--encoder", out, "--mbeir", flickr / "mbeir", "--task", "0", "--json")
+    r = cli_in_process("eval", "--encoder", out, "--mbeir", flickr / "mbeir", "--task", "0", "--json")
     assert json.loads(r.stdout)["tasks"]["task0"]["hit_rate@5"] > 0.2  # chance is 0.025
 
 

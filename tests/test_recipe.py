@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from training.recipe import RecipeError, load_recipe
 
 
@@ -154,10 +154,11 @@ stages:
     prov = json.loads((tmp_path / "run" / "02-images" / "umr_encoder.json").read_text())["provenance"]
     assert prov["data"]["continual"] == {"teacher": str(tmp_path / "run" / "01-text"), "weight": 0.5}
 
-    r = run_cli("train", recipe)  # nothing changed: both stages are reused
+    # The reruns run in this process (the towers already loaded): the first run was the real CLI.
+    r = cli_in_process("train", recipe)  # nothing changed: both stages are reused
     assert r.returncode == 0 and r.stderr.count("already done") == 2
     write(recipe, body.replace("epochs: 6", "epochs: 5"))
-    r = run_cli("train", recipe)  # the second stage changed: only it runs again
+    r = cli_in_process("train", recipe)  # the second stage changed: only it runs again
     assert r.returncode == 0 and r.stderr.count("already done") == 1 and "stage 2/2 images: 4000 pairs" in r.stderr
     assert json.loads((tmp_path / "run" / "02-images" / "stage.json").read_text())["stage"]["epochs"] == 5
 
@@ -171,7 +172,7 @@ stages:
     queries.write_text("\n".join((flickr / "mbeir" / "query" / "flickr8k_task0_train.jsonl").read_text().splitlines()[:1000]) + "\n")
     # M-BEIR image paths are relative to the folder above mbeir/: point it at the real images.
     (tmp_path / "images").symlink_to(flickr / "images")
-    r = run_cli("mine", "--encoder", tmp_path / "run" / "02-images", "--queries", queries, "--pool", images_pool,
+    r = cli_in_process("mine", "--encoder", tmp_path / "run" / "02-images", "--queries", queries, "--pool", images_pool,
                 "--out", tmp_path / "neg.jsonl", "--keep", "4")
     assert r.returncode == 0, r.stderr
     mined = [json.loads(x) for x in (tmp_path / "neg.jsonl").read_text().splitlines()]
@@ -185,7 +186,7 @@ stages:
     lr: 1e-4
     schedule: cosine
 """)
-    r = run_cli("train", recipe, "--eval", flickr / "mbeir")
+    r = cli_in_process("train", recipe, "--eval", flickr / "mbeir")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("already done") == 2 and "+ 4 hard negatives" in r.stderr
     s3 = json.loads((tmp_path / "run" / "03-hard" / "stage.json").read_text())

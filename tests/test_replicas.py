@@ -35,6 +35,33 @@ def top_ids(conn, text, k=3):
     return [h["id"] for h in body["results"]]
 
 
+def killed(pid: int) -> None:
+    """SIGKILL, and wait until the supervisor has reaped the process: by then every thread of it
+    has exited and its sockets are closed (connections made during its last milliseconds are
+    reset, not stalled: bench/replicas.py counts both)."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"process {pid} was not reaped"
+        time.sleep(0.01)
+
+
+def fresh_connections(port: int, n: int) -> list[tuple[float, int, str]]:
+    """(seconds, status, which process answered) of n requests, each on a new connection."""
+    import http.client
+
+    out = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            status, body = call(conn, "GET", "/healthz")
+        finally:
+            conn.close()
+        out.append((time.monotonic() - t0, status, body.get("replica")))
+    return out
+
+
 def seconds_until(pred, limit):
     t0 = time.monotonic()
     while not pred():
@@ -87,13 +114,27 @@ def test_writes_reach_every_replica_within_the_stated_time(replicated):
     served = call(conns["replica-1"], "GET", "/v1/index")[1]["serving"]
     assert served["mode"] == "read" and served["relays_writes"] and served["follows"]["rows"] >= 3
 
-    # A killed replica comes back (the supervisor restarts it) with everything acknowledged.
-    os.kill(served["pid"], signal.SIGKILL)
+    # A killed replica: new connections are answered by the other at once (its socket died with
+    # it), and it comes back (the supervisor restarts it) with everything acknowledged.
+    writer_pid = call(conns["writer"], "GET", "/v1/index")[1]["serving"]["pid"]
+    killed(served["pid"])
     conns["replica-1"].close()
+    answered = fresh_connections(port, 20)
+    assert max(t for t, _, _ in answered) < 1.0 and {who for _, _, who in answered} == {"writer"}, answered
     back = connection_to_each(port, ("writer", "replica-1"))
     assert call(back["replica-1"], "GET", "/v1/index")[1]["serving"]["pid"] != served["pid"]
     assert top_ids(back["replica-1"], "fresh document 4 about zebras")[0] == "new4"
     assert call(back["replica-1"], "GET", "/healthz")[1]["documents"] == 44
+    # A killed writer: searches go to the replica at once, writes it relays are refused at once
+    # (503, not applied) until the writer is back, and then go through.
+    killed(writer_pid)
+    answered = fresh_connections(port, 20)
+    assert max(t for t, _, _ in answered) < 1.0 and {who for _, _, who in answered} == {"replica-1"}, answered
+    t0 = time.monotonic()
+    status, body = call(back["replica-1"], "POST", "/v1/documents", {"documents": [{"id": "during", "text": "x"}]})
+    assert status == 503 and body["error"]["code"] == "writer_unavailable" and time.monotonic() - t0 < 1.0
+    seconds_until(lambda: call(back["replica-1"], "POST", "/v1/documents",
+                               {"documents": [{"id": "after", "text": "after the restart"}]})[0] == 200, 60)
     for c in [*conns.values(), *back.values()]:
         c.close()
 
@@ -103,7 +144,8 @@ def test_writes_reach_every_replica_within_the_stated_time(replicated):
 
     store = IndexStore.open(idx, "read")
     try:
-        assert store.count() == 44 and {f"new{n}" for n in range(2, 6)} <= {d.id for d in store.docs.iter_docs()}
+        ids = {d.id for d in store.docs.iter_docs()}
+        assert store.count() == 45 and {f"new{n}" for n in range(2, 6)} | {"after"} <= ids and "during" not in ids
     finally:
         store.close()
     print("visibility lags (s):", [round(x, 3) for x in lags])

@@ -74,7 +74,7 @@ def test_documents_add_get_delete_and_search(served):
     doc = client.get("/v1/documents/new/1").json()
     assert doc["text"].startswith("a brand new") and doc["metadata"] == {"group": "new"}
     ref = client.get("/v1/documents/new/2").json()["image"]
-    assert ref == "/v1/documents/new/2/image" and client.get(ref).content == base64.b64decode(img)
+    assert ref == "/v1/documents/new%2F2/image" and client.get(ref).content == base64.b64decode(img)
     hits = client.post("/v1/search", json={"text": "zebras", "k": 5, "filter": {"group": "new"}}).json()["results"]
     assert [h["id"] for h in hits] == ["new/1"]
     # durable: a fresh open of the index directory (another process would see the same) has them

@@ -94,7 +94,7 @@ def test_a_member_that_fails_inside_a_batch_fails_alone(served, caplog):
 
     with caplog.at_level(logging.WARNING, logger="umr.server"):
         first, failed, second = asyncio.run(scenario())
-    assert isinstance(failed, Exception)
+    assert len(failed) == 1 and isinstance(failed[0], Exception)  # that query alone carries its error
     got = [[h.id for h in hs] for hs in [*first, *second]]
     assert got == expected
     assert any("batch of 9 failed" in r.getMessage() for r in caplog.records)  # they really shared a batch
@@ -103,9 +103,10 @@ def test_a_member_that_fails_inside_a_batch_fails_alone(served, caplog):
 def test_unexpected_errors_are_json_500s_with_an_id_in_the_log(served, caplog):
     client, tmp, engine = served
     assert client.post("/v1/documents", json={"documents": [{"id": "broken", "text": "a stored document"}]}).status_code == 200
-    # Damage the stored row behind the server's back (as an older umr or a disk error could).
+    # Damage the stored row behind the server's back (as an older umr or a disk error could):
+    # its text a blob, which nothing in umr expects.
     db = sqlite3.connect(tmp / "idx" / "docs.sqlite")
-    db.execute("UPDATE docs SET metadata='{not json' WHERE id='broken'")
+    db.execute("UPDATE docs SET text=X'DEADBEEF' WHERE id='broken'")
     db.commit()
     db.close()
     with caplog.at_level(logging.ERROR, logger="umr.server"):
@@ -115,6 +116,16 @@ def test_unexpected_errors_are_json_500s_with_an_id_in_the_log(served, caplog):
     assert err["code"] == "internal" and err["id"] in err["message"]
     assert err["id"] == r.headers["x-request-id"] and len(err["id"]) == 16  # the request's own id
     assert any(err["id"] in rec.getMessage() and rec.exc_info for rec in caplog.records)
+    # Damage umr recognises (metadata that does not decode) is named as such, with an id too.
+    db = sqlite3.connect(tmp / "idx" / "docs.sqlite")
+    db.execute("UPDATE docs SET text='ok', metadata='{not json' WHERE id='broken'")
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.ERROR, logger="umr.server"):
+        r = client.get("/v1/documents/broken")
+    err = r.json()["error"]
+    assert r.status_code == 500 and err["code"] == "index_damaged" and err["id"] in err["message"]
+    assert any(err["id"] in rec.getMessage() for rec in caplog.records)
     assert client.get("/v1/documents/t1").status_code == 200
     assert client.delete("/v1/documents/broken").status_code == 200
 

@@ -95,19 +95,51 @@ def test_public_reads_and_the_legacy_admin_key_still_guard_writes(index):
     engine.close()
 
 
-def test_repeated_wrong_keys_get_429_for_a_while(index, tmp_path):
+def wait_for(pred, seconds=5.0) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < seconds, "not within the time allowed"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def test_wrong_keys_lock_out_their_client_only_and_forwarded_headers_are_not_believed(index, tmp_path):
+    from server.keys import add_key, revoke_key
+
     path = tmp_path / "keys.json"
     key = make_key(path, "write")
-    engine = Engine.open(index / "idx")
-    settings = ServerSettings(keys=KeyRing.load(path), auth_max_failures=5, auth_window_s=60, auth_lockout_s=2)
+    admin = "a-person-chose-this-admin-key"
+    engine = Engine.open(index / "idx", mode="read")
+    settings = ServerSettings(keys=KeyRing.load(path), key_file=path, admin_key=admin, auth_max_failures=5,
+                              auth_window_s=60, auth_lockout_s=2)
+
+    def search(c, key=None, forwarded=None):
+        headers = {**({"X-API-Key": key} if key else {}), **({"X-Forwarded-For": forwarded} if forwarded else {})}
+        return c.post("/v1/search", json={"text": "x"}, headers=headers).status_code
+
     with BackgroundServer(create_app(engine, settings)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
-        statuses = [c.post("/v1/search", json={"text": "x"}, headers={"X-API-Key": f"guess-{i}"}).status_code
-                    for i in range(8)]
+        # Each wrong key "from" another address: the header is not believed, the lockout comes.
+        statuses = [search(c, f"guess-{i}", f"198.51.100.{i}") for i in range(8)]
         assert statuses[:4] == [401] * 4 and set(statuses[5:]) == {429}
-        r = c.post("/v1/search", json={"text": "x"}, headers={"X-API-Key": key})  # even the right key waits
-        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert search(c, "guess-x", "203.0.113.9") == 429 and search(c) == 429  # no header gets out of it
+        assert search(c, key) == 200  # a valid key is never locked out by another client's wrong ones
+        r = c.post("/v1/admin/encoder", json={"version": 1}, headers={"X-API-Key": admin})
+        assert r.status_code == 429  # the key a person chose is not even compared for a locked-out client
         time.sleep(2.2)
-        assert c.post("/v1/search", json={"text": "x"}, headers={"X-API-Key": key}).status_code == 200
+        assert c.post("/v1/admin/encoder", json={"version": 1}, headers={"X-API-Key": admin}).status_code == 200
+        # The key file is watched: a revoked key stops, a new one starts, within seconds.
+        revoke_key(path, "write-1")
+        took = wait_for(lambda: search(c, key) == 401)
+        new_key, _ = add_key(path, "read")
+        took = max(took, wait_for(lambda: search(c, new_key) == 200))
+        assert took < 3
+        path.unlink()  # a key file that is gone leaves no file key valid: the server never falls open
+        wait_for(lambda: search(c, new_key) == 401)
+    with BackgroundServer(create_app(engine, settings), trusted_proxies=["127.0.0.1"]) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        # Behind a proxy the operator trusts, the forwarded address is the client's.
+        assert [search(c, f"guess-{i}", "198.51.100.7") for i in range(6)][-1] == 429
+        assert search(c, "guess", "198.51.100.8") == 401 and search(c, admin, "198.51.100.8") == 200
     engine.close()
 
 
@@ -117,7 +149,7 @@ def test_hits_carry_references_not_server_paths_and_images_are_served(index):
         buf = io.BytesIO()
         Image.new("RGB", (40, 40), "blue").save(buf, "PNG")
         hits = c.post("/v1/search", json={"image": base64.b64encode(buf.getvalue()).decode(), "k": 3}).json()["results"]
-        assert hits[0]["id"] == "photos/blue" and hits[0]["image"] == "/v1/documents/photos/blue/image"
+        assert hits[0]["id"] == "photos/blue" and hits[0]["image"] == "/v1/documents/photos%2Fblue/image"
         body = json.dumps(hits) + c.get("/v1/index").text + c.get("/v1/documents/photos/blue").text
         assert str(index) not in body and "/tmp" not in body
         full = c.get(hits[0]["image"])

@@ -154,20 +154,32 @@ def cmd_index_delete(a) -> int:
 def cmd_index_verify(a) -> int:
     from index.verify import verify
 
-    report = verify(a.index_dir, repair=a.repair)
+    report = verify(a.index_dir, repair=a.repair, full=a.full)
+    if a.reencode and not report.fatal:
+        from retrieval.reencode_check import reencode_check
+
+        found = reencode_check(a.index_dir, a.reencode)
+        report.checked += found.checked
+        report.problems += found.problems
+        if found.problems:
+            report.unrepairable.append("stored vectors that are not their documents' encodings: add those documents "
+                                       "again (`umr index add`), which embeds and replaces them")
     if a.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif report.fatal:
         print(f"umr: error: {report.fatal}", file=sys.stderr)
     else:
-        for line in report.checked:
-            print(f"checked: {line}")
-        for line in report.repaired:
-            print(f"repaired: {line}")
-        for line in report.problems:
-            print(f"problem: {line}")
-        print(f"{a.index_dir}: " + ("ok" if report.ok else f"{len(report.problems)} problems; "
-                                    f"`umr index verify {a.index_dir} --repair` rebuilds FAISS from the document store"))
+        for kind, lines in (("checked", report.checked), ("repaired", report.repaired), ("problem", report.problems),
+                            ("cannot repair", report.unrepairable)):
+            for line in lines:
+                print(f"{kind}: {line}")
+        if report.ok:
+            verdict = "ok"
+        elif report.unrepairable:
+            verdict = f"{len(report.problems)} problems, {len(report.unrepairable)} kind(s) that --repair cannot mend (above)"
+        else:
+            verdict = f"{len(report.problems)} problems; `umr index verify {a.index_dir} --repair` rebuilds FAISS from the document store"
+        print(f"{a.index_dir}: {verdict}")
     return 0 if report.ok else (2 if report.fatal else 1)
 
 
@@ -247,6 +259,9 @@ def cmd_search(a) -> int:
         raise UserError("give a query text, --image PATH, or both")
     flt = parse_filter(a.filter)
     eng = Engine.open(a.index_dir, a.encoder, mode="read")
+    if not eng.store.docs.checked:
+        print(f"umr: note: {a.index_dir}'s document store is too large to check before every search; "
+              f"`umr index verify {a.index_dir}` checks it", file=sys.stderr)
     try:
         _use_reranker(eng, a)
         hits = eng.search([Query(a.text, a.image, a.instruction)], a.k, parse_modalities(a.modality), flt,
@@ -271,15 +286,15 @@ def _without_replicas(argv: list[str]) -> list[str]:
 
 def cmd_serve(a) -> int:
     if a.replicas > 1:
-        if a.listen_fd:
-            raise UserError("--replicas starts its own replicas: give it without --listen-fd")
+        if a.replica_name:
+            raise UserError("--replicas starts its own replicas: a replica cannot start more")
         from server.replicas import supervise
 
         return supervise(_without_replicas(a.argv), a.replicas, a.host, a.port, a.read_only)
     import uvicorn
 
     from retrieval.engine import Engine
-    from server.app import create_app
+    from server.app import create_app, uvicorn_config
     from server.settings import ServerSettings
 
     admin_key = os.environ.get("UMR_ADMIN_KEY")
@@ -293,7 +308,7 @@ def cmd_serve(a) -> int:
                               batch_max_wait_ms=a.max_wait_ms, max_k=a.max_k, admin_key=admin_key or None,
                               keys=keys, public_read=a.public_read, checkpoint_every_rows=a.checkpoint_rows,
                               checkpoint_every_s=a.checkpoint_seconds, follow_every_s=a.follow_interval,
-                              writer_url=a.writer_url, replica_name=a.replica_name)
+                              writer_url=a.writer_url, replica_name=a.replica_name, key_file=key_file)
     eng = Engine.open(a.index_dir, a.encoder, mode="read" if a.read_only else "write")
     _use_reranker(eng, a)
     app = create_app(eng, settings)
@@ -303,18 +318,23 @@ def cmd_serve(a) -> int:
     else:
         print("access: no API key configured: anyone who can reach this port can search, add and delete "
               "(make keys with `umr keys add --scope write`)")
+    # Bound only now, with the engine loaded: a replica that listened while loading would hold its
+    # share of the port's new connections waiting (server/replicas.py).
+    from server.replicas import bind
+
+    try:
+        sockets = [bind(a.host, a.port, shared=a.reuse_port)]
+        if a.private_port:
+            sockets.append(bind("127.0.0.1", a.private_port, shared=True))
+    except OSError as e:
+        eng.close()
+        raise UserError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
     print(f"serving {a.index_dir} ({eng.store.count()} documents, encoder {eng.encoder.spec}) on "
-          f"http://{a.host}:{a.port}  (OpenAPI docs at /docs)", flush=True)
+          f"http://{a.host}:{sockets[0].getsockname()[1]}  (OpenAPI docs at /docs)", flush=True)
     from server.request_log import install_filter
 
     install_filter()  # every log line made while a request is handled carries its id
-    if a.listen_fd:  # a replica: listen on the sockets its supervisor bound
-        import socket
-
-        config = uvicorn.Config(app, log_config=None, access_log=False)
-        uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd) for fd in a.listen_fd])
-    else:
-        uvicorn.run(app, host=a.host, port=a.port, log_config=None, access_log=False)
+    uvicorn.Server(uvicorn_config(app, a.trusted_proxy)).run(sockets=sockets)
     st = app.state.umr
     st.engine.close()
     return 0
@@ -342,7 +362,7 @@ def cmd_keys(a) -> int:
               file=sys.stderr)
     elif a.keys_command == "revoke":
         revoke_key(path, a.name)
-        print(f"revoked key {a.name!r} in {path}; a running server keeps its keys until restarted")
+        print(f"revoked key {a.name!r} in {path}; servers using this file refuse it within a second")
     else:
         entries = list_keys(path)
         for e in entries:
@@ -691,6 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("index_dir")
     ve.add_argument("--repair", action="store_true",
                     help="rebuild FAISS checkpoints that disagree with the document store, from it")
+    ve.add_argument("--full", action="store_true",
+                    help="compare every FAISS row with its stored vector (default: a sample of 1,000 per segment)")
+    ve.add_argument("--reencode", type=count_or_zero, default=0, metavar="N",
+                    help="also embed N stored documents again and compare them with their stored vectors")
     ve.add_argument("--json", action="store_true")
     ve.set_defaults(fn=cmd_index_verify)
     co = ix.add_parser("compact", help="drop dead rows left by deleted and replaced documents, rebuild their FAISS")
@@ -738,7 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "follow it and relay writes to it (each gets cores/N threads)")
     sv.add_argument("--follow-interval", type=float_or_zero, default=0.25, metavar="SECONDS",
                     help="how often a read-only server or replica looks for the writer's commits (0: never)")
-    sv.add_argument("--listen-fd", type=int, action="append", help=argparse.SUPPRESS)
+    sv.add_argument("--trusted-proxy", action="append", metavar="ADDRESS",
+                    help="a reverse proxy's address whose X-Forwarded-For / X-Forwarded-Proto headers are believed "
+                         "(repeatable; default: none, the connection's own address is the client's)")
+    sv.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    sv.add_argument("--private-port", type=int, help=argparse.SUPPRESS)
     sv.add_argument("--writer-url", help=argparse.SUPPRESS)
     sv.add_argument("--replica-name", help=argparse.SUPPRESS)
     _rerank_flags(sv)

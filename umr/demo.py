@@ -11,6 +11,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,11 +36,14 @@ def post(url: str, body: dict) -> dict:
 class BackgroundServer:
     """uvicorn in a thread of this process, stopped cleanly; used by the demo, tests and benches."""
 
-    def __init__(self, app, port: int = 0):
+    def __init__(self, app, port: int = 0, trusted_proxies: list[str] | None = None):
         import uvicorn
 
+        from server.app import uvicorn_config
+
         self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, trusted_proxies, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -53,6 +57,8 @@ class BackgroundServer:
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2):
                     return self
+            except urllib.error.HTTPError:  # up, and saying it is unhealthy
+                return self
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("server did not start within 60 s")

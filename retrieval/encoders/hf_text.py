@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from retrieval.encoders.base import Encoder, EncoderError, mean_pool, quiet_transformers, sha256_file
+from retrieval.encoders.serial import serial
 
 
 class HfTextEncoder(Encoder):
@@ -21,7 +22,7 @@ class HfTextEncoder(Encoder):
         if not p.is_dir():
             raise EncoderError(f"hf-text needs a local model folder; {path} is not a directory")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(p))
+            self.tokenizer = serial(AutoTokenizer.from_pretrained(str(p)))
             self.model = AutoModel.from_pretrained(str(p)).eval()
         except Exception as e:
             raise EncoderError(f"could not load a transformers model from {path}: {str(e)[:200]}") from None

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from index.errors import InvalidArgument
 from retrieval.encoders.base import Encoder, EncoderError, Prepared, l2_normalize, quiet_transformers, sha256_file
+from retrieval.encoders.serial import serial
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item
 
@@ -63,7 +64,10 @@ class MllmEncoder(Encoder):
             raise EncoderError(f"could not load a Qwen2-VL style model from {base}: {str(e)[:200]}") from None
         if not hasattr(self.model, "model") or not hasattr(self.model.model, "get_rope_index"):
             raise EncoderError(f"{base}: {type(self.model).__name__} is not a Qwen2-VL family model")
-        self.tokenizer = self.processor.tokenizer
+        # The processor tokenises with its own tokenizer: both are called under one lock, since
+        # threads share them (retrieval/encoders/serial.py).
+        self.tokenizer = serial(self.processor.tokenizer)
+        self.processor = serial(self.processor, self.tokenizer.lock)
         self.tokenizer.padding_side = "right"
         self._add_markers()
         for p in self.model.parameters():

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from retrieval.encoders.base import Encoder, EncoderError, sha256_file
+from retrieval.encoders.serial import serial
 
 # A ~3M-parameter CLIP that runs thousands of items per second on 2 cores: for tests only.
 TINY_CLIP = {
@@ -32,7 +33,7 @@ class OpenClipEncoder(Encoder):
         self.device = current()
         self.model = model.eval().to(self.device)
         self.preprocess = preprocess
-        self.tokenizer = tokenizer
+        self.tokenizer = serial(tokenizer)  # shared by threads (retrieval/encoders/serial.py)
         self.spec = spec
         self.arch = arch
         self._digest = digest

@@ -19,6 +19,7 @@ from index.errors import InvalidArgument
 from retrieval.device import current, to_cpu
 from retrieval.encoders import packing
 from retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
+from retrieval.encoders.serial import serial
 from retrieval.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
 
 TEXT_TOWER = "all-MiniLM-L6-v2"
@@ -31,7 +32,7 @@ IMAGE_MEAN = (0.498, 0.498, 0.498)
 IMAGE_STD = (0.502, 0.502, 0.502)
 MAX_TOKENS = 128
 # Bump when ImageTower.preprocess changes: cached image features are keyed by it.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: EXIF orientation applied, 16-bit grey rescaled, transparency over white
 IMAGE_TOKENS = 49  # the last 7 x 7 feature map
 _lock = threading.Lock()
 
@@ -61,7 +62,8 @@ class TextTower:
         quiet_transformers()
 
         path = minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # Shared by the server's threads: one call at a time (retrieval/encoders/serial.py).
+        self.tokenizer = serial(AutoTokenizer.from_pretrained(str(path)))
         self.device = current()
         self.model = AutoModel.from_pretrained(str(path)).eval().to(self.device)
         self.digest = sha256_file(path / "model.safetensors")

@@ -213,7 +213,7 @@ async function useFile(file) {
 async function moreLikeThis(id) {
   clearError();
   try {
-    const doc = await (await api("/v1/documents/" + encodeURIComponent(id).replace(/%2F/g, "/"))).json();
+    const doc = await (await api("/v1/documents/" + encodeURIComponent(id))).json();
     $("text").value = doc.text || "";
     if (doc.image) setImage(await readAsDataURL(await (await api(doc.image)).blob()));
     else clearImage();
