@@ -84,8 +84,9 @@ CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
 
 
 def is_damage(e: sqlite3.DatabaseError) -> bool:
-    """Whether SQLite failed because the file is damaged (not busy, locked or misused)."""
-    return getattr(e, "sqlite_errorname", "") in CORRUPT or "malformed" in str(e)
+    """Whether SQLite failed because the file is damaged (not busy, locked or misused); text
+    that is not UTF-8 any more is damage too (umr only ever stores valid UTF-8)."""
+    return getattr(e, "sqlite_errorname", "") in CORRUPT or "malformed" in str(e) or "Could not decode" in str(e)
 
 
 def damage_as_error(method):
@@ -453,6 +454,47 @@ class DocStore:
         sql = "SELECT row FROM docs WHERE segment=?" + "".join(f" AND {c}" for c in clauses)
         with self.lock:
             return np.array([r[0] for r in self._db.execute(sql, args)], dtype=np.int64)
+
+    @damage_as_error
+    def unreadable_docs(self, segment: int, rows: Iterable[int] | None = None) -> list[tuple[str, str]]:
+        """(id, why) of the segment's documents (of `rows`, or all) that cannot be read back: text
+        that is not UTF-8, metadata that is not JSON. What `umr index verify` reports, one by one."""
+        sql = "SELECT row FROM docs WHERE segment=?"
+        with self.lock:
+            wanted = [r[0] for r in self._db.execute(sql, (segment,))] if rows is None else [int(r) for r in rows]
+        bad = []
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            with self.lock:
+                found = self._db.execute(f"SELECT CAST(id AS BLOB), CAST(text AS BLOB), CAST(metadata AS BLOB) FROM docs "
+                                         f"WHERE segment=? AND row IN ({marks})", (segment, *chunk)).fetchall()
+            for doc_id, text, meta in found:
+                name = bytes(doc_id).decode("utf-8", "backslashreplace")
+                try:
+                    if text is not None:
+                        bytes(text).decode("utf-8")
+                    json.loads(bytes(meta).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as e:
+                    bad.append((name, f"{e.__class__.__name__}: {str(e)[:60]}"))
+        return bad
+
+    def put_vectors(self, segment: int, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Write vectors over the stored ones of `rows` (a repair restoring damaged rows), in one
+        counted transaction."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self.lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.executemany("UPDATE rows SET vec=? WHERE segment=? AND row=?",
+                                [(v.tobytes(), segment, int(r)) for r, v in zip(rows, vectors)])
+                self._count_commit(cur)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            self._committed()
 
     @damage_as_error
     def iter_docs(self, segment: int | None = None) -> Iterator[DocRecord]:

@@ -3,28 +3,24 @@ and FAISS's contents against the stored vectors.
 
 Without --repair nothing is written (the index is opened read-only, so a running server may
 keep it); with it, the index is opened for writing, checkpoints that disagree with the document
-store are rebuilt from it and saved. The document store is the only copy of the documents and
-vectors: nothing can rebuild it, so damage to it is reported as what --repair cannot repair.
+store are rebuilt from it and saved, and damaged stored vectors are restored from checkpoints
+that hold them exactly (index/vector_check.py). The document store is otherwise the only copy
+of the documents and vectors: damage to its pages is reported as what --repair cannot repair.
 
-A FAISS file whose size and checksum match its manifest record can still hold other vectors
-(written by another tool, or tampered with together with its record): only comparing its rows
-with the stored vectors finds that. A sample of rows per segment is compared by default, every
-row with `full`.
+A sample of rows per segment is compared with FAISS, and its documents decoded, by default;
+every row with `full`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
-import numpy as np
-
+from index import vector_check
 from index.docstore import DocStore
 from index.errors import IndexDamaged, IndexError_
-from index.store import DOCSTORE, IndexStore, Segment
+from index.store import DOCSTORE, IndexStore
 
 SAMPLE_ROWS = 1000  # per segment, without --full
-TOLERANCE = 1e-4  # largest difference per coordinate between a FAISS row and what its stored vector gives
 CANNOT_REPAIR = ("docs.sqlite is damaged and --repair cannot rebuild it (it is the only copy of the documents and "
                  "vectors): restore docs.sqlite from a backup, then run verify again")
 
@@ -84,19 +80,16 @@ def _checks(store: IndexStore, report: VerifyReport, repair: bool, full: bool, s
                           "dimension) against the document store, documents against live rows")
     compared = 0
     for seg in store.segments:
-        n, wrong = compare_faiss(store, seg, None if full else sample)
-        compared += n
-        if wrong:
-            what = (f"segment {seg.id}: {len(wrong)} of {n} rows compared differ between FAISS and the stored "
-                    f"vectors (rows {', '.join(map(str, wrong[:5]))}{', ...' if len(wrong) > 5 else ''})")
-            if repair:
-                store.rebuild(seg, what)
-            else:
-                report.problems.append(f"{what}; --repair rebuilds FAISS from the document store")
-    report.checked.append(f"FAISS contents against the stored vectors: {compared} rows "
-                          f"({'all' if full else f'a sample of up to {sample} per segment; --full compares all'})")
+        rows = vector_check.rows_to_compare(seg, None if full else sample)
+        compared += len(rows)
+        vector_check.check_segment(store, seg, rows, repair, report)
+        for doc_id, why in store.docs.unreadable_docs(seg.id, None if full else rows):
+            report.problems.append(f"document {doc_id!r} (segment {seg.id}) cannot be read back ({why})")
+            report.unrepairable.append(f"document {doc_id!r} cannot be read back: delete it and add it again")
+    report.checked.append(f"FAISS contents against the stored vectors, and the stored documents decoding: {compared} "
+                          f"rows ({'all' if full else f'a sample of up to {sample} per segment; --full checks all'})")
     if repair:
-        report.repaired = list(store.repairs)
+        report.repaired += store.repairs
         if store.repairs:
             store.save()
     else:
@@ -114,29 +107,3 @@ def damaged_store(report: VerifyReport, path: Path, error: IndexDamaged) -> Veri
     report.problems += [f"docs.sqlite: {p}" for p in found[:20]] or [str(error)]
     report.unrepairable.append(CANNOT_REPAIR)
     return report
-
-
-def compare_faiss(store: IndexStore, seg: Segment, sample: int | None, seed: int = 0) -> tuple[int, list[int]]:
-    """(rows compared, rows whose FAISS entry is not what their stored vector gives). An IVF-PQ
-    row is compared with the stored vector's own PQ encoding, decoded: what FAISS must hold."""
-    if seg.faiss is None or seg.faiss.ntotal == 0:
-        return 0, []
-    index = seg.faiss
-    n = int(index.ntotal)  # rows after a mapped checkpoint are read from the store itself (its tail)
-    rows = np.arange(n) if sample is None or sample >= n else \
-        np.sort(np.random.default_rng(seed).choice(n, sample, replace=False))
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.make_direct_map()
-    wrong: list[int] = []
-    try:
-        for start in range(0, len(rows), 8192):
-            chunk = rows[start:start + 8192]
-            stored = np.ascontiguousarray(store.docs.vectors_at(seg.id, chunk), dtype=np.float32)
-            want = stored if ivf is None else index.sa_decode(index.sa_encode(stored))
-            got = index.reconstruct_batch(chunk.astype(np.int64))
-            wrong += [int(r) for r in chunk[np.abs(got - want).max(axis=1) > TOLERANCE]]
-    finally:
-        if ivf is not None:
-            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
-    return len(rows), wrong

@@ -1,10 +1,12 @@
-"""`umr index verify --reencode N`: stored vectors against fresh encodings of their documents.
+"""`umr index verify --reencode N [--repair]`: stored vectors against fresh encodings of their
+documents.
 
 A stored vector that is not the encoding of its document is found by nothing else: FAISS agrees
 with the store (it was filled from it), and a search still answers, only wrongly (a document
 ranked 6th for its own text). This embeds a random sample of the stored documents again with
 the encoder of their segment's version, where that encoder loads here with the fingerprint the
-index recorded, and reports each one further than MIN_COSINE from what is stored.
+index recorded, and reports each one further than MIN_COSINE from what is stored; with repair,
+the fresh vector replaces the stored one and the segment's FAISS index is rebuilt from the store.
 """
 from __future__ import annotations
 
@@ -28,11 +30,25 @@ MIN_COSINE = 0.999
 class ReencodeReport:
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    def add_to(self, report) -> None:
+        """Into an index.verify.VerifyReport: what was found, mended, or cannot be."""
+        report.checked += self.checked
+        report.problems += self.problems
+        report.repaired += self.repaired
+        if any("cannot be encoded again" in p for p in self.problems):
+            report.unrepairable.append("documents that cannot be encoded again (their image files are gone or "
+                                       "unreadable): put the files back, or delete those documents")
+        if not self.repaired and any("fresh encoding" in p for p in self.problems):
+            report.unrepairable.append("stored vectors that are not their documents' encodings: `umr index verify "
+                                       "--reencode N --repair` replaces them with fresh ones")
 
 
-def reencode_check(index_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64) -> ReencodeReport:
+def reencode_check(index_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
+                   repair: bool = False) -> ReencodeReport:
     report = ReencodeReport()
-    store = IndexStore.open(index_dir, "read", check=False)
+    store = IndexStore.open(index_dir, "write" if repair else "read", check=False)
     try:
         live = [(seg, row) for seg in store.segments for row in np.flatnonzero(seg.alive)]
         if not live:
@@ -58,6 +74,7 @@ def reencode_check(index_dir: str | Path, n: int, seed: int = 0, batch_size: int
                 continue
             docs = store.docs.docs_at(seg.id, rows)
             stored = store.docs.vectors_at(seg.id, np.array(rows))
+            wrong_rows, wrong_vectors = [], []
             for start in range(0, len(rows), batch_size):
                 part = rows[start:start + batch_size]
                 fresh = _encode(encoder, [stored_item(store.path, docs[r]) for r in part], report, docs, part)
@@ -67,8 +84,17 @@ def reencode_check(index_dir: str | Path, n: int, seed: int = 0, batch_size: int
                     cos = float(np.dot(fresh[j], stored[start + j]))
                     compared += 1
                     if cos < MIN_COSINE:
-                        report.problems.append(f"document {docs[r].id!r} (segment {seg.id}, row {r}): its stored vector "
-                                               f"is at cosine {cos:.4f} to a fresh encoding of it")
+                        what = (f"document {docs[r].id!r} (segment {seg.id}, row {r}): its stored vector is at cosine "
+                                f"{cos:.4f} to a fresh encoding of it")
+                        (report.repaired if repair else report.problems).append(
+                            f"{what}; replaced by the fresh one" if repair else what)
+                        wrong_rows.append(r)
+                        wrong_vectors.append(fresh[j])
+            if repair and wrong_rows:
+                store.docs.put_vectors(seg.id, np.array(wrong_rows), np.stack(wrong_vectors))
+                store.rebuild(seg, f"segment {seg.id}: {len(wrong_rows)} stored vectors replaced by fresh encodings")
+        if repair and store.repairs:
+            store.save()
         report.checked.append(f"stored vectors against fresh encodings: {compared} documents of a sample of "
                               f"{len(picked)} (cosine at least {MIN_COSINE})")
     finally:

@@ -155,15 +155,10 @@ def cmd_index_verify(a) -> int:
     from index.verify import verify
 
     report = verify(a.index_dir, repair=a.repair, full=a.full)
-    if a.reencode and not report.fatal:
+    if a.reencode and not report.fatal and not report.unrepairable:
         from retrieval.reencode_check import reencode_check
 
-        found = reencode_check(a.index_dir, a.reencode)
-        report.checked += found.checked
-        report.problems += found.problems
-        if found.problems:
-            report.unrepairable.append("stored vectors that are not their documents' encodings: add those documents "
-                                       "again (`umr index add`), which embeds and replaces them")
+        reencode_check(a.index_dir, a.reencode, repair=a.repair).add_to(report)
     if a.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif report.fatal:
@@ -714,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--full", action="store_true",
                     help="compare every FAISS row with its stored vector (default: a sample of 1,000 per segment)")
     ve.add_argument("--reencode", type=count_or_zero, default=0, metavar="N",
-                    help="also embed N stored documents again and compare them with their stored vectors")
+                    help="also embed N stored documents again and compare them with their stored vectors "
+                         "(with --repair: replace those that differ)")
     ve.add_argument("--json", action="store_true")
     ve.set_defaults(fn=cmd_index_verify)
     co = ix.add_parser("compact", help="drop dead rows left by deleted and replaced documents, rebuild their FAISS")
