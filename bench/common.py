@@ -14,9 +14,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-# A script run as `python bench/X.py` has bench/ first on sys.path, where bench/kernels.py would
-# pass for the `kernels` package transformers looks for: the scripts import from the root instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

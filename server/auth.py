@@ -2,7 +2,7 @@
 (encoder swap). With no key configured, reads and writes are open (a server on one's own
 machine) and admin is off; once any key is configured, every write needs a `write` key and reads
 need a `read` key unless the server was started with public reads. A client that keeps
-presenting wrong keys is answered 429 for a while, so keys cannot be guessed at network speed."""
+presenting wrong keys is answered 429 for a while (see Access for whom that stops and whom not)."""
 from __future__ import annotations
 
 import hmac

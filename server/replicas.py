@@ -60,7 +60,9 @@ def bind(host: str, port: int, shared: bool = False, listen: bool = True) -> soc
     """A TCP socket on host:port; `shared` lets the other replicas bind the same port, and one
     bound without `listen` reserves the port without taking any connection."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
+    # they are TCP, and with it on every small answer waited 40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if shared:

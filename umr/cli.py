@@ -285,7 +285,10 @@ def cmd_serve(a) -> int:
             raise UserError("--replicas starts its own replicas: a replica cannot start more")
         from server.replicas import supervise
 
-        return supervise(_without_replicas(a.argv), a.replicas, a.host, a.port, a.read_only)
+        try:
+            return supervise(_without_replicas(a.argv), a.replicas, a.host, a.port, a.read_only)
+        except OSError as e:
+            raise UserError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
     import uvicorn
 
     from retrieval.engine import Engine

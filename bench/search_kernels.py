@@ -7,7 +7,7 @@
 The ways of each kernel take turns within every repeat, in this process, with `umr serve`'s
 thread settings; medians of REPEATS timings. The top-k answers and the vectors are checked
 equal before timing.
-Run: python bench/kernels.py [--repeats 15]
+Run: python bench/search_kernels.py [--repeats 15]
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main():
         times[f"MiniLM, {n} captions"] = {"umr (packed rows)": t_packed, "padded": t_padded}
         rows.append(f"| MiniLM forward, packed rows | {n} captions | {t_packed:.1f} | padded {t_padded:.1f} "
                     f"({t_padded / t_packed:.2f}x); largest difference {gap:.1e} |")
-    body = f"""## Search kernels (`bench/kernels.py`)
+    body = f"""## Search kernels (`bench/search_kernels.py`)
 
 Medians of {args.repeats} timings, the ways taking turns within every repeat, in one process, with `umr serve`'s thread settings;
 answers checked equal first (same top-10 ids; vectors within 1e-5); {machine()}.
