@@ -167,16 +167,24 @@ class DocStore:
             if on_disk != self._commits:
                 mark.write(self._commits, sync=True)
 
-    def _count_commit(self, cur) -> None:
-        """Inside a write transaction: the store counts it with the rest of it."""
-        cur.execute("INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO UPDATE "
-                    "SET value = CAST(value AS INTEGER) + 1", (COMMITS,))
-
-    def _committed(self) -> None:
-        """After COMMIT returned: the mark learns of it."""
-        self._commits += 1
-        if self._mark is not None:
-            self._mark.write(self._commits)
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction (all or nothing), counted in the store with the rest of it and,
+        once committed, in the commit mark."""
+        with self.lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+                cur.execute("INSERT INTO meta(key, value) VALUES(?, '1') ON CONFLICT(key) DO UPDATE "
+                            "SET value = CAST(value AS INTEGER) + 1", (COMMITS,))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            self._commits += 1
+            if self._mark is not None:
+                self._mark.write(self._commits)
 
     def checkpoint_wal(self) -> tuple[int, int, int]:
         """Copy what the WAL holds into docs.sqlite without waiting for readers (PASSIVE):
@@ -198,56 +206,38 @@ class DocStore:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         blobs = [check_document(doc.id, doc.text, doc.metadata, doc.image) for doc in docs]
         replaced: list[tuple[int, int]] = []
-        with self.lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                for i, (doc, vec, blob) in enumerate(zip(docs, vectors, blobs)):
-                    old = cur.execute("SELECT segment, row FROM docs WHERE id=?", (doc.id,)).fetchone()
-                    if old is not None:
-                        cur.execute("DELETE FROM docs WHERE id=?", (doc.id,))
-                        cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
-                        cur.execute("INSERT INTO deaths(segment, row) VALUES(?,?)", old)
-                        replaced.append(tuple(old))
-                    row = first_row + i
-                    cur.execute(
-                        "INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
-                        (doc.id, segment, row, doc.modality, doc.text, doc.image, blob),
-                    )
-                    cur.execute(
-                        "INSERT INTO rows(segment, row, modality, alive, vec) VALUES(?,?,?,1,?)",
-                        (segment, row, MODALITY_CODES[doc.modality], vec.tobytes()),
-                    )
-                for k, v in (meta or {}).items():
-                    cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (k, v))
-                self._count_commit(cur)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            self._committed()
+        with self._transaction() as cur:
+            for i, (doc, vec, blob) in enumerate(zip(docs, vectors, blobs)):
+                old = cur.execute("SELECT segment, row FROM docs WHERE id=?", (doc.id,)).fetchone()
+                if old is not None:
+                    cur.execute("DELETE FROM docs WHERE id=?", (doc.id,))
+                    cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
+                    cur.execute("INSERT INTO deaths(segment, row) VALUES(?,?)", old)
+                    replaced.append(tuple(old))
+                row = first_row + i
+                cur.execute(
+                    "INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
+                    (doc.id, segment, row, doc.modality, doc.text, doc.image, blob),
+                )
+                cur.execute(
+                    "INSERT INTO rows(segment, row, modality, alive, vec) VALUES(?,?,?,1,?)",
+                    (segment, row, MODALITY_CODES[doc.modality], vec.tobytes()),
+                )
+            for k, v in (meta or {}).items():
+                cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (k, v))
         return replaced
 
     def delete(self, ids: Iterable[str]) -> list[tuple[str, int, int]]:
         gone = []
-        with self.lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                for doc_id in ids:
-                    old = cur.execute("SELECT segment, row FROM docs WHERE id=?", (doc_id,)).fetchone()
-                    if old is None:
-                        continue
-                    cur.execute("DELETE FROM docs WHERE id=?", (doc_id,))
-                    cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
-                    cur.execute("INSERT INTO deaths(segment, row) VALUES(?,?)", old)
-                    gone.append((doc_id, old[0], old[1]))
-                self._count_commit(cur)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            self._committed()
+        with self._transaction() as cur:
+            for doc_id in ids:
+                old = cur.execute("SELECT segment, row FROM docs WHERE id=?", (doc_id,)).fetchone()
+                if old is None:
+                    continue
+                cur.execute("DELETE FROM docs WHERE id=?", (doc_id,))
+                cur.execute("UPDATE rows SET alive=0 WHERE segment=? AND row=?", old)
+                cur.execute("INSERT INTO deaths(segment, row) VALUES(?,?)", old)
+                gone.append((doc_id, old[0], old[1]))
         return gone
 
     def set_meta(self, key: str, value: str) -> None:
@@ -259,34 +249,25 @@ class DocStore:
         transaction; bumps the segment's epoch so FAISS checkpoints of the old numbering are
         known stale, and records `checkpoint` (the one of the new numbering, already written)
         in the same transaction. Returns the rows dropped."""
-        with self.lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                dead = cur.execute("SELECT count(*) FROM rows WHERE segment=? AND alive=0", (segment,)).fetchone()[0]
-                cur.execute("DROP TABLE IF EXISTS temp.remap")
-                cur.execute("CREATE TEMP TABLE remap(old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
-                cur.execute("INSERT INTO remap(old, new) SELECT row, ROW_NUMBER() OVER (ORDER BY row) - 1 "
-                            "FROM rows WHERE segment=? AND alive=1", (segment,))
-                cur.execute("DELETE FROM rows WHERE segment=? AND alive=0", (segment,))
-                cur.execute("DELETE FROM deaths WHERE segment=?", (segment,))  # readers reopen: new epoch
-                # Through negative numbers, so no renumbered row collides with one not yet renumbered.
-                for table in ("rows", "docs"):
-                    cur.execute(f"UPDATE {table} SET row = -1 - (SELECT new FROM remap WHERE old = {table}.row) "
-                                "WHERE segment=?", (segment,))
-                    cur.execute(f"UPDATE {table} SET row = -1 - row WHERE segment=?", (segment,))
+        with self._transaction() as cur:
+            dead = cur.execute("SELECT count(*) FROM rows WHERE segment=? AND alive=0", (segment,)).fetchone()[0]
+            cur.execute("DROP TABLE IF EXISTS temp.remap")
+            cur.execute("CREATE TEMP TABLE remap(old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
+            cur.execute("INSERT INTO remap(old, new) SELECT row, ROW_NUMBER() OVER (ORDER BY row) - 1 "
+                        "FROM rows WHERE segment=? AND alive=1", (segment,))
+            cur.execute("DELETE FROM rows WHERE segment=? AND alive=0", (segment,))
+            cur.execute("DELETE FROM deaths WHERE segment=?", (segment,))  # readers reopen: new epoch
+            # Through negative numbers, so no renumbered row collides with one not yet renumbered.
+            for table in ("rows", "docs"):
+                cur.execute(f"UPDATE {table} SET row = -1 - (SELECT new FROM remap WHERE old = {table}.row) "
+                            "WHERE segment=?", (segment,))
+                cur.execute(f"UPDATE {table} SET row = -1 - row WHERE segment=?", (segment,))
+            cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
+                        (f"epoch:{segment}", str(self.epoch(segment) + 1)))
+            if checkpoint is not None:
                 cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
-                            (f"epoch:{segment}", str(self.epoch(segment) + 1)))
-                if checkpoint is not None:
-                    cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
-                                (f"checkpoint:{segment}", json.dumps(checkpoint)))
-                cur.execute("DROP TABLE temp.remap")
-                self._count_commit(cur)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            self._committed()
+                            (f"checkpoint:{segment}", json.dumps(checkpoint)))
+            cur.execute("DROP TABLE temp.remap")
         return int(dead)
 
     def vacuum(self) -> None:
@@ -483,18 +464,9 @@ class DocStore:
         """Write vectors over the stored ones of `rows` (a repair restoring damaged rows), in one
         counted transaction."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        with self.lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.executemany("UPDATE rows SET vec=? WHERE segment=? AND row=?",
-                                [(v.tobytes(), segment, int(r)) for r, v in zip(rows, vectors)])
-                self._count_commit(cur)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            self._committed()
+        with self._transaction() as cur:
+            cur.executemany("UPDATE rows SET vec=? WHERE segment=? AND row=?",
+                            [(v.tobytes(), segment, int(r)) for r, v in zip(rows, vectors)])
 
     @damage_as_error
     def iter_docs(self, segment: int | None = None) -> Iterator[DocRecord]:
