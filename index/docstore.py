@@ -7,8 +7,6 @@ the whole corpus can be re-read for compensator calibration or re-training a qua
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import json
 import re
 import sqlite3
@@ -20,7 +18,8 @@ from urllib.parse import quote
 import numpy as np
 
 from index.document_rules import check_document
-from index.errors import IndexDamaged, InvalidArgument, UmrError
+from index.damage import damage_as_error
+from index.errors import InvalidArgument
 
 MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
 CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
@@ -78,46 +77,6 @@ class DocRecord:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "modality": self.modality, "text": self.text, "image": self.image, "metadata": self.metadata}
-
-
-CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
-
-
-def is_damage(e: sqlite3.DatabaseError) -> bool:
-    """Whether SQLite failed because the file is damaged (not busy, locked or misused); text
-    that is not UTF-8 any more is damage too (umr only ever stores valid UTF-8)."""
-    return getattr(e, "sqlite_errorname", "") in CORRUPT or "malformed" in str(e) or "Could not decode" in str(e)
-
-
-def damage_as_error(method):
-    """A read that meets a damaged page or a row umr never wrote raises IndexDamaged, which the
-    CLI prints as one line and the server answers 500: the store's fault, never the caller's."""
-    @contextlib.contextmanager
-    def translated(store):
-        try:
-            yield
-        except UmrError:
-            raise
-        except sqlite3.DatabaseError as e:
-            if not is_damage(e):
-                raise
-            raise IndexDamaged(f"{store.path} is damaged ({e}); run `umr index verify` on the index") from None
-        except (ValueError, KeyError) as e:  # undecodable metadata, a vector of the wrong size, a missing row
-            raise IndexDamaged(f"{store.path} holds a row it cannot decode ({e.__class__.__name__}: "
-                               f"{str(e)[:80]}); run `umr index verify` on the index") from None
-
-    if inspect.isgeneratorfunction(method):
-        @functools.wraps(method)
-        def generator(self, *args, **kwargs):
-            with translated(self):
-                yield from method(self, *args, **kwargs)
-        return generator
-
-    @functools.wraps(method)
-    def wrapped(self, *args, **kwargs):
-        with translated(self):
-            return method(self, *args, **kwargs)
-    return wrapped
 
 
 def validate_filter(flt: dict | None) -> dict:
@@ -437,28 +396,20 @@ class DocStore:
             return np.array([r[0] for r in self._db.execute(sql, args)], dtype=np.int64)
 
     @damage_as_error
-    def unreadable_docs(self, segment: int, rows: Iterable[int] | None = None) -> list[tuple[str, str]]:
-        """(id, why) of the segment's documents (of `rows`, or all) that cannot be read back: text
-        that is not UTF-8, metadata that is not JSON. What `umr index verify` reports, one by one."""
-        sql = "SELECT row FROM docs WHERE segment=?"
+    def raw_docs(self, segment: int, rows: Iterable[int] | None = None) -> list[tuple[bytes, bytes | None, bytes]]:
+        """(id, text, metadata) as the bytes stored, of the segment's documents (of `rows`, or
+        all): what `umr index verify` decodes one by one to find those that cannot be read back."""
         with self.lock:
-            wanted = [r[0] for r in self._db.execute(sql, (segment,))] if rows is None else [int(r) for r in rows]
-        bad = []
+            wanted = [r[0] for r in self._db.execute("SELECT row FROM docs WHERE segment=?", (segment,))] \
+                if rows is None else [int(r) for r in rows]
+        out = []
         for start in range(0, len(wanted), 500):
             chunk = wanted[start:start + 500]
             marks = ",".join("?" * len(chunk))
             with self.lock:
-                found = self._db.execute(f"SELECT CAST(id AS BLOB), CAST(text AS BLOB), CAST(metadata AS BLOB) FROM docs "
-                                         f"WHERE segment=? AND row IN ({marks})", (segment, *chunk)).fetchall()
-            for doc_id, text, meta in found:
-                name = bytes(doc_id).decode("utf-8", "backslashreplace")
-                try:
-                    if text is not None:
-                        bytes(text).decode("utf-8")
-                    json.loads(bytes(meta).decode("utf-8"))
-                except (UnicodeDecodeError, ValueError) as e:
-                    bad.append((name, f"{e.__class__.__name__}: {str(e)[:60]}"))
-        return bad
+                out += self._db.execute(f"SELECT CAST(id AS BLOB), CAST(text AS BLOB), CAST(metadata AS BLOB) FROM docs "
+                                        f"WHERE segment=? AND row IN ({marks})", (segment, *chunk)).fetchall()
+        return out
 
     def put_vectors(self, segment: int, rows: np.ndarray, vectors: np.ndarray) -> None:
         """Write vectors over the stored ones of `rows` (a repair restoring damaged rows), in one

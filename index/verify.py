@@ -12,6 +12,7 @@ every row with `full`.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def _checks(store: IndexStore, report: VerifyReport, repair: bool, full: bool, s
         rows = vector_check.rows_to_compare(seg, None if full else sample)
         compared += len(rows)
         vector_check.check_segment(store, seg, rows, repair, report)
-        for doc_id, why in store.docs.unreadable_docs(seg.id, None if full else rows):
+        for doc_id, why in unreadable(store.docs.raw_docs(seg.id, None if full else rows)):
             report.problems.append(f"document {doc_id!r} (segment {seg.id}) cannot be read back ({why})")
             report.unrepairable.append(f"document {doc_id!r} cannot be read back: delete it and add it again")
     report.checked.append(f"FAISS contents against the stored vectors, and the stored documents decoding: {compared} "
@@ -95,6 +96,20 @@ def _checks(store: IndexStore, report: VerifyReport, repair: bool, full: bool, s
     else:
         report.problems += store.repairs
     return report
+
+
+def unreadable(raw) -> list[tuple[str, str]]:
+    """(id, why) of the stored documents that cannot be read back: text that is not UTF-8,
+    metadata that is not JSON (umr stores neither)."""
+    bad = []
+    for doc_id, text, meta in raw:
+        try:
+            if text is not None:
+                bytes(text).decode("utf-8")
+            json.loads(bytes(meta).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            bad.append((bytes(doc_id).decode("utf-8", "backslashreplace"), f"{e.__class__.__name__}: {str(e)[:60]}"))
+    return bad
 
 
 def damaged_store(report: VerifyReport, path: Path, error: IndexDamaged) -> VerifyReport:
