@@ -20,12 +20,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from index import modality_calibration as mc
-from index import merge_calibration as merge_cal
+from index import version_scale
 from index import commit_mark, gpu, integrity, registry
 from index import vector_index as vi
 from index.atomic import atomic_write
@@ -65,7 +65,7 @@ class SearchHit:
     doc: DocRecord
     segment: int
     details: dict | None = None  # e.g. a re-ranker's cosine and P(yes) behind `score`
-    cosine: float | None = None  # set when `score` is calibrated across modalities: the raw cosine
+    cosine: float | None = None  # set when `score` is calibrated (across modalities or encoder versions): the raw cosine
 
 
 @dataclass
@@ -184,7 +184,6 @@ class IndexStore:
         self._checkpoint_lock = threading.Lock()
         self.segments: list[Segment] = []
         self._calibrations: dict[int, mc.ModalityCalibration] = {}
-        self._merge_calibrations: dict[tuple[int, int], mc.ModalityCalibration] = {}
         self.repairs: list[str] = []  # what opening found damaged and rebuilt (also logged)
         self.rows_since_checkpoint = 0
         self.dirty_since: float | None = None  # monotonic time of the first add after the last checkpoint
@@ -664,47 +663,37 @@ class IndexStore:
             cal = self._calibrations.get(seg.id)
             if cal is None and seg.record.get("calibration"):
                 cal = mc.ModalityCalibration.from_record(seg.record["calibration"])
-            if cal is None or cal.stale(alive):
+            counts = {m: int(((seg.codes == c) & seg.alive).sum()) for m, c in MODALITY_CODES.items()}
+            if cal is None or cal.stale(alive, {m: n for m, n in counts.items() if n}):
                 cal = self._fit_calibration(seg, alive)
                 seg.record["calibration"] = cal.to_record()
             self._calibrations[seg.id] = cal
             return cal
 
-    def merge_calibration(self, seg: Segment, version: int,
-                          references: Callable[[], Mapping[str, np.ndarray]]) -> mc.ModalityCalibration:
-        """The segment's merge calibration for queries of encoder `version`
-        (index/merge_calibration.py): kept like the modality calibration, and refitted from
-        `references()` (the version's reference queries in this segment's space) when stale."""
-        with self.lock:
-            alive = int(seg.alive.sum())
-            cal = self._merge_calibrations.get((seg.id, version))
-            rec = seg.record.get(merge_cal.RECORD_KEY)
-            if cal is None and rec and rec.get("version") == version:
-                cal = mc.ModalityCalibration.from_record(rec)
-            if cal is None or cal.stale(alive):
-                cal = merge_cal.fit(lambda q, mods: self.segment_scores(seg, q, merge_cal.RANK, mods),
-                                            references(), self.present_modalities(seg), alive)
-                seg.record[merge_cal.RECORD_KEY] = {"version": version, "rank": merge_cal.RANK,
-                                                            **cal.to_record()}
-            self._merge_calibrations[(seg.id, version)] = cal
-            return cal
+    def _calibrated_pairs(self, seg: Segment) -> list[str]:
+        """The query>document pairs a search over several of the segment's modalities is
+        calibrated for, as they will be at the next search (fitted now where stale)."""
+        if len(self.present_modalities(seg)) < 2:
+            return []
+        cal = self.calibration(seg)
+        return sorted(cal.tables) if cal is not None else []
 
     def _fit_calibration(self, seg: Segment, alive: int, seed: int = 0) -> mc.ModalityCalibration:
         rng = np.random.default_rng(seed)
         present = self.present_modalities(seg)
         best: dict[tuple[str, str], np.ndarray] = {}
-        for qm in present:
-            rows = np.flatnonzero((seg.codes == MODALITY_CODES[qm]) & seg.alive)
-            if len(rows) < mc.MIN_QUERIES:
-                continue
+        counts = {m: np.flatnonzero((seg.codes == MODALITY_CODES[m]) & seg.alive) for m in present}
+        enough = [m for m in present if len(counts[m]) >= mc.MIN_DOCUMENTS]
+        for qm in enough:
+            rows = counts[qm]
             rows = np.sort(rng.choice(rows, min(mc.PSEUDO_QUERIES, len(rows)), replace=False))
             q = np.ascontiguousarray(self.docs.vectors_at(seg.id, rows), dtype=np.float32)
-            for dm in present:
+            for dm in enough:
                 scores, hits = self._search_segment(seg, q, 2, [dm], None)
                 own = hits[:, 0] == rows  # a pseudo-query finds itself first: its best match is the next
                 b = np.where(own, scores[:, 1], scores[:, 0])
                 best[(qm, dm)] = b[np.isfinite(b)]
-        return mc.fit_pairs(best, alive)
+        return mc.fit_pairs(best, alive, present)
 
     def _calibrated_groups(self, segments: list[Segment], query_modalities: list[str] | None,
                            modalities: list[str] | None) -> dict[str, list[tuple[Segment, list[str]]]]:
@@ -728,15 +717,12 @@ class IndexStore:
     def search(self, queries: np.ndarray | Mapping[int, np.ndarray], k: int,
                modalities: list[str] | None = None, flt: dict | None = None,
                score_maps: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
-               query_modalities: list[str] | None = None, balance: bool = True,
-               merge: Mapping[int, mc.ModalityCalibration] | None = None) -> list[list[SearchHit]]:
+               query_modalities: list[str] | None = None, balance: bool = True) -> list[list[SearchHit]]:
         """Top-k per query, merged over segments by score.
 
-        `merge` gives every searched segment its merge calibration (index/merge_calibration.py),
-        which puts segments of different encoder versions on one scale; `score_maps` gives, per
-        segment, per-query (scale, offset) onto the active encoder's scale, for the query
-        modalities the merge calibration does not cover. Segments with neither are merged as
-        they are.
+        `score_maps` gives, per segment of an older encoder version, each query's (scale,
+        offset) onto the active encoder's cosines (index/version_scale.py); with it every
+        segment's scores are bent into (-1, 1) alike and hits keep their raw `cosine`.
 
         With `query_modalities` (one per query) and `balance`, queries over documents of several
         modalities are searched per document modality and merged by calibrated score
@@ -759,7 +745,6 @@ class IndexStore:
             searched = [seg for seg in self.segments if seg.indexed_rows and seg.alive.any()]
             groups = self._calibrated_groups(searched, query_modalities if balance else None, modalities)
             qmods = np.array(query_modalities) if query_modalities else np.array([None] * n_queries)
-            merged = merge_cal.merge_rows(merge, searched, qmods, modalities, self.present_modalities) if merge else {}
             plain = np.flatnonzero(~np.isin(qmods, list(groups)))
             def hits_of(seg: Segment) -> list[tuple[int, list]]:
                 """(query number, its candidates) from one segment."""
@@ -772,21 +757,14 @@ class IndexStore:
                     raise IndexMismatch(f"query vectors have shape {q.shape}, segment {seg.id} expects (n, {seg.dim})")
                 if len(plain):
                     raw, rows = self._search_segment(seg, q[plain], k, modalities, flt)
-                    scores = raw
-                    if score_maps and seg.id in score_maps:
-                        scale, offset = score_maps[seg.id]
-                        scores = scores * scale[plain][:, None] + offset[plain][:, None]
-                    on_merge = np.zeros(len(plain), dtype=bool)
-                    if merged.get(seg.id) and scores is raw:
-                        scores = raw.copy()
-                    for (qm, key), pos in merged.get(seg.id, {}).items():
-                        here = np.isin(plain, pos)
-                        scores[here] = merge[seg.id].apply(raw[here], qm, key)
-                        on_merge |= here
+                    if score_maps:  # segments of several versions: all on the active scale, bent alike
+                        scale, offset = score_maps.get(seg.id, (np.ones(n_queries), np.zeros(n_queries)))
+                        scores = version_scale.apply(raw, scale[plain], offset[plain])
                     for j, qi in enumerate(plain):
-                        cos = raw[j] if on_merge[j] else [None] * len(raw[j])
+                        cos = raw[j] if score_maps else [None] * len(raw[j])
                         found.append((qi, [(float(s), seg.id, int(r), None if c is None else float(c))
-                                           for s, c, r in zip(scores[j], cos, rows[j]) if r >= 0]))
+                                           for s, c, r in zip(scores[j] if score_maps else raw[j], cos, rows[j])
+                                           if r >= 0]))
                 for qm, wanted in groups.items():
                     idx = np.flatnonzero(qmods == qm)
                     cal = calibrations[seg.id]
@@ -916,15 +894,15 @@ class IndexStore:
                     "documents": int(seg.alive.sum()),
                     "deleted_rows": int((~seg.alive).sum()),
                     "by_modality": {m: c for m, c in counts.items() if c},
-                    "modality_calibration": sorted(seg.record.get("calibration", {}).get("tables", {})),
-                    "merge_calibration": {k: v for k, v in seg.record.get(merge_cal.RECORD_KEY, {}).items() if k != "tables"},
+                    "modality_calibration": self._calibrated_pairs(seg),
                     "vectors_in_faiss": int(seg.faiss.ntotal) if seg.faiss is not None else 0,
                 })
             return {
                 "path": str(self.path),
                 "state": self.manifest["state"],
                 "format_version": self.manifest["format_version"],
-                "encoder": self.manifest["encoder"],
+                "encoder": self.version(self.active_version),  # the one queries are embedded with
+                "built_with": self.manifest["encoder"],
                 "documents": self.count(),
                 "segments": segs,
                 "encoders": self.versions,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index.docstore import MODALITY_CODES
 from index.errors import InvalidArgument
 from index.store import IndexStore, Segment
 from retrieval.encoders import Encoder, load_recorded
@@ -88,6 +89,24 @@ def passage_pairs(store: IndexStore, seg: Segment, old: Encoder, new: Encoder, l
         found = [found[i] for i in sorted(rng.choice(len(found), limit, replace=False))]
     items = [Item(None, t) for t in found]
     return {"text": (new.encode(items, role="query"), old.encode(items, role="query"))}
+
+
+def other_segments_items(store: IndexStore, seg: Segment, modality: str, limit: int, seed: int = 0) -> list[Item]:
+    """Up to `limit` live documents of `modality` from the segments other than `seg`."""
+    rng = np.random.default_rng(seed)
+    found = []
+    for other in store.segments:
+        if other.id == seg.id:
+            continue
+        rows = np.flatnonzero((other.codes == MODALITY_CODES[modality]) & other.alive)
+        found.extend((other.id, int(r)) for r in rows)
+    if len(found) > limit:
+        found = [found[i] for i in sorted(rng.choice(len(found), limit, replace=False))]
+    items = []
+    for seg_id in sorted({s for s, _ in found}):
+        docs = store.docs.docs_at(seg_id, [r for s, r in found if s == seg_id])
+        items.extend(stored_item(store.path, d) for d in docs.values())
+    return items
 
 
 def segment_encoder(seg: Segment) -> Encoder:
@@ -228,11 +247,24 @@ def segment_pairs(store: IndexStore, seg: Segment, new: Encoder, calibration: li
                 got.add(src, item_pairs(items, old, new))
                 got.images.extend(it for it in items if it.image is not None and not it.text)
                 got.texts.extend(it.text for it in items if it.text and it.image is None)
+    embeds = {"text": new.supports_texts, "image": new.supports_images,
+              "image,text": new.supports_texts and new.supports_images}
+    for modality in QUERY_MODALITIES:
+        if got.count(modality) >= MIN_PAIRS or not embeds[modality]:
+            continue
+        # A small segment (the few documents a version embedded before another was activated
+        # again): the same kind of items from the other segments, through both encoders.
+        items = other_segments_items(store, seg, modality, per_modality, seed)
+        old = old_encoder("documents of other segments") if len(items) >= MIN_PAIRS else None
+        if old is not None:
+            got.add("documents of other segments", item_pairs(items, old, new))
+            got.images.extend(it for it in items if it.image is not None and not it.text)
     if default and got.count("text") < MIN_PAIRS:
         # A photo library: its users search it by text, and it holds no texts to pair.
         generic("generic queries")
     if got.count("image,text") < MIN_PAIRS and got.images and got.texts and new.supports_images and new.supports_texts:
         old = old_encoder("image+text pairs")
         if old is not None:
-            got.add("images with texts", combined_pairs(got.images, got.texts, old, new, COMBINED_PAIRS, seed))
+            texts = "generic queries" if got.sources.get("text") == ["generic"] else "calibration texts"
+            got.add(f"images paired with {texts}", combined_pairs(got.images, got.texts, old, new, COMBINED_PAIRS, seed))
     return got

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index import modality_calibration as mc
+from index import version_scale as vs
 from index.docstore import DocRecord
 from index.errors import IndexMismatch, InvalidArgument
 from index.store import IndexStore, SearchHit
@@ -59,13 +59,15 @@ class Engine:
         self.store = store
         self.encoder = encoder
         self.version = version
+        # Calibrated scores unless a request asks for raw cosines: older segments' scores on the
+        # active encoder's scale (index/version_scale.py) and documents of several modalities
+        # merged by calibrated score (index/modality_calibration.py).
         self.calibrate_scores = True
-        # Over documents of several modalities, merge by calibrated score (index/modality_calibration.py)
-        # unless a request asks for raw cosines.
-        self.balance_modalities = True
         self.write_lock = threading.Lock()
         self.timings = {"encode_s": 0.0, "search_s": 0.0, "compensate_s": 0.0, "rerank_s": 0.0}
         self.reranker = None
+        self.scales: dict[int, dict[str, dict[str, list[float]]]] = {}
+        self._scale_lock = threading.Lock()
         self.compensators = self._load_compensators()
         self._references: dict[str, np.ndarray] | None = None
 
@@ -79,41 +81,62 @@ class Engine:
                 continue
             recs = seg.record.get("compensators", {}).get(str(self.version), {})
             out[seg.id] = {m: Compensator.load(self.store.path / r["dir"], r["name"]) for m, r in recs.items()}
+            self.scales[seg.id] = {m: r["scales"] for m, r in recs.items() if r.get("scales")}
         return out
 
-    def score_maps(self, modalities: list[str]) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
-        """Per compensated segment, each query's (scale, offset) onto the active encoder's scores."""
-        if not self.compensators or not self.calibrate_scores:
+    def score_maps(self, query_modalities: list[str], modalities: list[str] | None) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+        """Per compensated segment, each query's (scale, offset) onto the active encoder's
+        cosines (index/version_scale.py), fitted on first use where `umr update` did not."""
+        if not self.compensators:
             return None
+        self._fit_missing_scales()
         out = {}
-        for seg_id, comps in self.compensators.items():
-            pairs = [comps[m].params.get("score_map", (1.0, 0.0)) if m in comps else (1.0, 0.0) for m in modalities]
-            out[seg_id] = (np.array([p[0] for p in pairs], np.float32), np.array([p[1] for p in pairs], np.float32))
+        for seg in self.store.segments:
+            comps = self.compensators.get(seg.id)
+            if comps is None or not seg.alive.any():  # an empty segment is not searched
+                continue
+            key = vs.doc_key(modalities, self.store.present_modalities(seg))
+            pairs = []
+            for m in query_modalities:
+                by_key = self.scales.get(seg.id, {}).get(m, {})
+                pair = by_key.get(key) or by_key.get(vs.ALL)
+                if not vs.valid(pair):
+                    raise CompensationMissing(
+                        f"segment {seg.id} has no score scale for {m} queries of encoder version {self.version} "
+                        f"(none of its documents could be embedded again to fit one); search with calibration off "
+                        f"(--no-calibration, \"calibrated\": false) to get raw cosines")
+                pairs.append(pair)
+            out[seg.id] = (np.array([p[0] for p in pairs], np.float32), np.array([p[1] for p in pairs], np.float32))
         return out
+
+    def _fit_missing_scales(self) -> None:
+        """Scales for segments compensated before `umr update` fitted them: the sample of their
+        documents is embedded by this engine's (the active) encoder once, then kept in the
+        manifest (written with the next checkpoint where the index is writable)."""
+        todo = [(seg, m) for seg in self.store.segments if seg.alive.any() for m in self.compensators.get(seg.id, {})
+                if m not in self.scales.get(seg.id, {})]
+        if not todo:
+            return
+        from retrieval.version_scales import fit_segment
+
+        with self._scale_lock:
+            for seg in {seg.id: seg for seg, _ in todo}.values():
+                if all(m in self.scales.get(seg.id, {}) for m in self.compensators[seg.id]):
+                    continue
+                fitted = fit_segment(self.store, seg, self.encoder, self.compensators[seg.id], self.references())
+                for m in self.compensators[seg.id]:
+                    by_key = fitted.get(m, {})
+                    rec = seg.record.get("compensators", {}).get(str(self.version), {}).get(m)
+                    if rec is not None and by_key:
+                        rec["scales"] = by_key
+                    self.scales.setdefault(seg.id, {})[m] = by_key
 
     def references(self) -> dict[str, np.ndarray]:
-        """The active version's reference queries (query modality -> rows in its space), which
-        merge calibration scores every segment with; empty for a version registered without."""
+        """The active version's reference queries (query modality -> rows in its space) that
+        `umr update` wrote; empty for a version registered without."""
         if self._references is None:
             self._references = read_references(self.store, self.version)
         return self._references
-
-    def merge_calibrations(self) -> dict[int, "mc.ModalityCalibration"] | None:
-        """Per searched segment, its merge calibration (index/merge_calibration.py), where the
-        index holds segments of more than one encoder version."""
-        searched = [s for s in self.store.segments if s.indexed_rows and s.alive.any()]
-        if not self.calibrate_scores or len({s.record["encoder"].get("version", 1) for s in searched}) < 2:
-            return None
-        refs = self.references()
-        if not refs:
-            return None
-
-        def mapped(seg):  # the references in the segment's space, through its compensators
-            comps = self.compensators.get(seg.id)
-            return lambda: {m: q if comps is None else comps[m].apply(q) for m, q in refs.items()
-                            if comps is None or m in comps}
-
-        return {seg.id: self.store.merge_calibration(seg, self.version, mapped(seg)) for seg in searched}
 
     def map_queries(self, vectors: np.ndarray, modalities: list[str]) -> np.ndarray | dict[int, np.ndarray]:
         """The query vectors each segment is searched with: as encoded for the active
@@ -127,6 +150,8 @@ class Engine:
             comps = self.compensators.get(seg.id)
             if comps is None:
                 out[seg.id] = vectors
+                continue
+            if not seg.alive.any():  # not searched (a version's segment left empty when another was activated)
                 continue
             mapped = np.zeros((len(vectors), seg.dim), dtype=np.float32)
             for m in set(modalities):
@@ -179,10 +204,10 @@ class Engine:
         and its modality calibration; `calibrated=False` keeps raw cosines."""
         query_modalities = query_modalities or ["text"] * len(vectors)
         queries = self.map_queries(vectors, query_modalities)
-        balance = self.balance_modalities if calibrated is None else calibrated
+        calibrated = self.calibrate_scores if calibrated is None else calibrated
+        maps = self.score_maps(query_modalities, modalities) if calibrated else None
         t0 = time.perf_counter()
-        hits = self.store.search(queries, k, modalities, flt, self.score_maps(query_modalities), query_modalities,
-                                 balance=balance, merge=self.merge_calibrations() if balance else None)
+        hits = self.store.search(queries, k, modalities, flt, maps, query_modalities, balance=calibrated)
         self.timings["search_s"] += time.perf_counter() - t0
         return hits
 

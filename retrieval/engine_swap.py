@@ -36,10 +36,12 @@ def engine_for_version(old: Engine, version: int) -> Engine | None:
     from retrieval.encoders import load_recorded
 
     new = Engine(store, load_recorded(rec))
+    alive = {seg.id for seg in store.segments if seg.alive.any()}
     for seg_id, comps in new.compensators.items():
-        if not comps:
+        if not comps and seg_id in alive:
             raise SwapRefused("no_compensators", f"version {version} has no compensator into segment {seg_id}; "
-                                                 "run `umr update` for it first")
+                                                 f"fit them with `umr update {store.path} --to {version} --no-activate` "
+                                                 "(beside this server), then activate it again")
     if old.reranker is not None:
         try:
             new.use_reranker(old.reranker, old.rerank_depth, old.rerank_weight)

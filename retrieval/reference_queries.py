@@ -1,6 +1,5 @@
 """The reference queries of an encoder version: a fixed population, in that version's space,
-that merge calibration (index/merge_calibration.py) scores every segment with, so that scores
-from segments of different versions compare.
+that the scales merging older segments (index/version_scale.py) are fitted with, in both spaces.
 
 Written by `umr update` beside the version it registers (`calibration/vN-reference.safetensors`,
 named in the version's record): for text, umr's generic queries, which belong to no segment's

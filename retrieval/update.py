@@ -18,7 +18,8 @@ from index.store import IndexStore, Segment
 from retrieval import compensators as cp
 from retrieval.calibration_pairs import DEFAULT_CALIBRATION, MIN_PAIRS, QUERY_MODALITIES, check_sources, segment_pairs
 from retrieval.encoders import Encoder, load_recorded
-from retrieval.reference_queries import write_references
+from retrieval.reference_queries import read_references, write_references
+from retrieval.version_scales import fit_segment
 from retrieval.update_eval import describe_interval, evaluate_variants, uncovered_eval_modalities
 
 log = logging.getLogger("umr.retrieval")
@@ -51,6 +52,23 @@ def served_modalities(store: IndexStore, seg: Segment, version: int, embeds: set
     return embeds & set(seg.record.get("compensators", {}).get(str(version), {}))
 
 
+def registered_encoder(store: IndexStore, version: int) -> Encoder:
+    """The encoder an index recorded as `version`, for going back (or forward again) with
+    `umr update --to`: refused if its weights have changed since, as compensators fitted to
+    other weights would map its queries wrongly."""
+    known = [v["version"] for v in store.versions]
+    if version not in known:
+        raise InvalidArgument(f"--to {version}: {store.path} has encoder versions {', '.join(map(str, known))}")
+    if version == store.active_version:
+        raise InvalidArgument(f"--to {version}: version {version} is already active")
+    record = store.version(version)
+    enc = load_recorded(record)
+    if enc.fingerprint != record["fingerprint"]:
+        raise InvalidArgument(f"--to {version}: {record['spec']} no longer loads with the weights version {version} "
+                              f"was registered with (fingerprint {enc.fingerprint}, recorded {record['fingerprint']})")
+    return enc
+
+
 def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = None, method: str = "auto",
                per_modality: int = 2000, activate: bool = True, seed: int = 0, eval_path: str | None = None,
                force: bool = False, reindex_sample: int | None = None, eval_new_path: str | None = None,
@@ -81,8 +99,6 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
                 continue
             kinds = cp.KINDS if method == "auto" else (method,)
             comp, table = cp.select(n_vecs, o_vecs, corpus, kinds=kinds, seed=seed)
-            sub = np.random.default_rng(seed).permutation(len(n_vecs))[:512]
-            comp.params["score_map"] = cp.fit_score_map(comp.apply(n_vecs[sub]), o_vecs[sub], n_vecs[sub], n_vecs[sub])
             fitted.append((seg, modality, comp, table, len(n_vecs)))
             pairs_of[(seg.id, modality)] = (n_vecs, o_vecs)
             seg_report["modalities"][modality] = {"status": "ok", "chosen": comp.kind, "pairs": int(len(n_vecs)),
@@ -121,6 +137,11 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
             raise InvalidArgument("--eval-docs scores the --eval and --eval-new queries: give at least one of them")
         report["preview"] = preview(store, new, lambda copy: commit(copy, new, fitted, pairs_of, {"segments": []},
                                                                     calibration, method, True), eval_docs, queries)
+    # What the pairs came from, which is not always what was asked (a photo library's text
+    # queries fall back to the generic ones).
+    report["calibration_requested"] = calibration
+    report["calibration"] = sorted({src for seg in report["segments"] for r in seg["modalities"].values()
+                                    for src in r.get("sources", [])})
     commit(store, new, fitted, pairs_of, report, calibration, method, activate)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("registered %s as encoder version %d (%s) in %.1f s", new.spec, report["version"],
@@ -165,13 +186,16 @@ def commit(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, report
     for (_, modality), (new_side, _) in pairs_of.items():
         calibration_queries.setdefault(modality, []).append(new_side)
     write_references(store, version, new, calibration_queries)
+    references = read_references(store, version)
+    scales = {seg.id: fit_segment(store, seg, new, {m: c for s, m, c, _, _ in fitted if s.id == seg.id}, references)
+              for seg in {s.id: s for s, *_ in fitted}.values()}
     for seg, modality, comp, table, n in fitted:
         name = f"v{version}-{modality.replace(',', '+')}"
         rel = f"segments/{seg.id}/compensators"
         files = comp.save(store.path / rel, name)
         store.set_compensator(seg.id, version, modality, {
             "kind": comp.kind, "dir": rel, "name": name, "files": files, "pairs": int(n),
-            "score_map": comp.params["score_map"],
+            "scales": scales[seg.id].get(modality, {}),
             "comparison": table, "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     store.record_event("update", version=version, fingerprint=new.fingerprint, calibration=calibration,
                        method=method, report=report["segments"], eval=report.get("eval"))

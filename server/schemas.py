@@ -21,8 +21,9 @@ class SearchRequest(Strict):
     k: StrictInt = Field(10, description="Number of results.")
     modality: Modality | list[Modality] | None = Field(None, description="Only return documents of these modalities.")
     filter: dict[str, str | int | float | bool] | None = Field(None, description="Metadata equality filter.")
-    calibrated: StrictBool = Field(True, description="Over documents of several modalities, rank by scores calibrated "
-                             "across modalities (hits then carry their raw `cosine` too); false: raw cosines.")
+    calibrated: StrictBool = Field(True, description="Rank by calibrated scores: across document modalities (in [0, 1]) "
+                             "and across encoder versions (the active encoder's cosine, in (-1, 1)); hits then carry "
+                             "their raw `cosine` too. false: raw cosines and nothing else.")
 
 
 class BatchSearchRequest(Strict):
@@ -38,7 +39,7 @@ def image_url(doc) -> str | None:
 
 class Hit(BaseModel):
     id: str
-    score: float  # cosine; calibrated across modalities when `cosine` is set; cos + w * P(yes) when re-ranked
+    score: float  # cosine; calibrated (docs/merging.md) when `cosine` is set; cos + w * P(yes) when re-ranked
     cosine: float | None = None  # the raw cosine behind a calibrated `score`
     rerank: dict[str, float] | None = None  # {"cosine", "p_yes"} behind a re-ranked score
     modality: str

@@ -61,6 +61,18 @@ def lit():
     return load_encoder("lit-base")
 
 
+def flickr_captions(photos) -> dict[str, list[str]]:
+    """The captions of these flickr8k-1k photos, in the file's order."""
+    import csv
+
+    wanted, caps = set(photos), {}
+    with open(FLICKR / "captions.txt", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["image"] in wanted:
+                caps.setdefault(row["image"], []).append(row["caption"])
+    return caps
+
+
 def write_jsonl(path: Path, records) -> Path:
     with open(path, "w") as f:
         for r in records:

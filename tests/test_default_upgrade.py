@@ -68,7 +68,9 @@ def test_an_index_of_the_old_default_still_searches_and_upgrades_without_reindex
     assert report["active_version"] == 2
     modalities = report["segments"][0]["modalities"]
     assert modalities["text"]["status"] == "ok" and modalities["text"]["sources"] == ["generic"]
-    assert modalities["image"]["sources"] == ["corpus"] and modalities["image,text"]["sources"] == ["images with texts"]
+    assert modalities["image"]["sources"] == ["corpus"] and modalities["image,text"]["sources"] == ["images paired with generic queries"]
+    assert report["calibration"] == ["corpus", "generic", "images paired with generic queries"]
+    assert report["calibration_requested"] == ["corpus", "passages"]
 
     engine = Engine.open(tmp_path / "idx")
     assert engine.version == 2 and engine.encoder.fingerprint == load_encoder("lit-base").fingerprint

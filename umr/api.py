@@ -186,17 +186,21 @@ class Index:
         """The ids that were there and are now deleted."""
         return self._engine.delete(list(ids))
 
-    def update(self, encoder: str | EncoderHandle, *, calibration: list[str] | None = None, method: str = "auto",
-               sample: int | None = None, activate: bool = True, eval: str | Path | None = None,
-               force: bool = False) -> dict:
+    def update(self, encoder: str | EncoderHandle | None = None, *, to: int | None = None,
+               calibration: list[str] | None = None, method: str = "auto", sample: int | None = None,
+               activate: bool = True, eval: str | Path | None = None, force: bool = False) -> dict:
         """Register a new encoder without re-indexing (query-drift compensation, as
-        `umr update`): `calibration` query files, `sample` calibration pairs per modality, `eval`
-        judged queries to compare on. With `activate`, this Index then queries with it.
-        Returns the report `umr update --json` prints; raises UpdateRefused (a ValueError) when
-        the compensated encoder would serve worse than the old one, unless `force`."""
-        from retrieval.update import fit_update
+        `umr update`), or with `to` return to a registered version (`umr update --to`):
+        `calibration` query files, `sample` calibration pairs per modality, `eval` judged queries
+        to compare on. With `activate`, this Index then queries with it. Returns the report
+        `umr update --json` prints; raises UpdateRefused (a ValueError) when the compensated
+        encoder would serve worse than the old one, unless `force`."""
+        from index.errors import InvalidArgument
+        from retrieval.update import fit_update, registered_encoder
 
-        new = _encoder(encoder)
+        if (encoder is None) == (to is None):
+            raise InvalidArgument("update() takes an encoder (a new one) or to= (a version the index has registered)")
+        new = _encoder(encoder) if encoder is not None else registered_encoder(self._engine.store, to)
         kwargs = {"per_modality": sample} if sample is not None else {}
         report = fit_update(self._engine.store, new, calibration, method, activate=activate,
                             eval_path=str(eval) if eval else None, force=force, **kwargs)

@@ -204,26 +204,34 @@ def cmd_index_info(a) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"index {info['path']}  state {info['state']}  documents {info['documents']}")
-    print(f"encoder {info['encoder']['spec']}  fingerprint {info['encoder']['fingerprint']}  dim {info['encoder']['dim']}")
+    enc = info["encoder"]
+    print(f"encoder {enc['spec']}  fingerprint {enc['fingerprint']}  dim {enc['dim']}  (version {info['active_version']}, "
+          "active: queries and new documents)")
     if len(info["encoders"]) > 1:
         for v in info["encoders"]:
             mark = " (active)" if v["version"] == info["active_version"] else ""
             print(f"encoder version {v['version']}{mark}: {v['spec']}  fingerprint {v['fingerprint']}  dim {v['dim']}")
     for s in info["segments"]:
         idx = s["index"] or {}
-        print(f"segment {s['id']} (encoder version {s['encoder_version']}): {s['documents']} documents {s['by_modality']}, "
-              f"{s['deleted_rows']} deleted rows, {idx.get('factory', 'not built')} {idx.get('params', '')}")
+        print(f"segment {s['id']} (encoder version {s['encoder_version']}, {s['encoder']['spec']}): {s['documents']} documents "
+              f"{s['by_modality']}, {s['deleted_rows']} deleted rows, {idx.get('factory', 'not built')} {idx.get('params', '')}")
         if idx.get("reason"):
             print(f"  chosen: {idx['reason']}")
-        if len(s["by_modality"]) > 1 and s.get("modality_calibration"):
-            print(f"  scores calibrated across modalities for query>document: {', '.join(s['modality_calibration'])}")
-        mc = s.get("merge_calibration")
-        if mc:
-            print(f"  merged with other versions' segments on version {mc['version']}'s reference queries "
-                  f"(rank {mc['rank']}, fitted on {mc['fitted_on']} documents)")
+        if len(s["by_modality"]) > 1:
+            from index.modality_calibration import MIN_DOCUMENTS
+
+            pairs = ", ".join(s["modality_calibration"]) or "none"
+            few = [f"{m} ({n})" for m, n in s["by_modality"].items() if n < MIN_DOCUMENTS]
+            print(f"  scores calibrated across modalities for query>document: {pairs}"
+                  + (f"; too few documents for tables (a modality needs {MIN_DOCUMENTS}): {', '.join(few)}, "
+                     "so searches that include them rank by raw cosine" if few else ""))
         for version, comps in s.get("compensators", {}).items():
             print(f"  version {version} queries reach it through: "
                   + ", ".join(f"{m} -> {c['kind']} ({c['pairs']} pairs)" for m, c in comps.items()))
+            for m, c in comps.items():
+                if c.get("scales"):
+                    print(f"    {m} scores onto version {version}'s scale: "
+                          + ", ".join(f"{k} {a:.3f} x {b:+.3f}" for k, (a, b) in c["scales"].items()))
     rep = info["build"].get("report")
     if rep:
         print(f"build: {rep['indexed']} indexed, {rep['rejected']} rejected, {rep.get('items_per_s', 0)} items/s")
@@ -476,7 +484,7 @@ def cmd_eval(a) -> int:
 def cmd_update(a) -> int:
     from index.store import IndexStore
     from retrieval.encoders import load_encoder
-    from retrieval.update import describe_interval, fit_update
+    from retrieval.update import describe_interval, fit_update, registered_encoder
 
     if a.reindex_sample and not (a.eval or a.eval_new):
         raise UserError("--reindex-sample compares on judged queries: give --eval QUERIES too")
@@ -484,12 +492,14 @@ def cmd_update(a) -> int:
         raise UserError("--plot draws the --eval comparison: give --eval QUERIES too")
     if a.plot and not a.plot.lower().endswith(".png"):
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, got {a.plot}")
-    new = load_encoder(a.encoder)
+    if (a.encoder is None) == (a.to is None):
+        raise UserError("umr update takes --encoder SPEC (a new encoder) or --to VERSION (one the index has registered)")
     # Registering only (--no-activate) needs no write lock: it is allowed beside a running server.
     store = IndexStore.open(a.index_dir, "read" if a.no_activate else "write")
     try:
         if not store.ready:
             raise UserError(f"{a.index_dir} is not finished; complete its build first")
+        new = load_encoder(a.encoder) if a.encoder is not None else registered_encoder(store, a.to)
         report = fit_update(store, new, a.calibration, a.method, a.sample, activate=not a.no_activate,
                             eval_path=a.eval, force=a.force, reindex_sample=a.reindex_sample, eval_new_path=a.eval_new,
                             eval_docs=a.eval_docs)
@@ -500,8 +510,13 @@ def cmd_update(a) -> int:
     if a.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"registered {new.spec} as encoder version {report['version']} (active: {report['active_version']}) "
-          f"in {report['seconds']:.1f}s; no document was re-embedded")
+    if a.to is not None:
+        state = "active again" if report["active_version"] == report["version"] else "ready to activate again"
+        print(f"encoder version {report['version']} ({new.spec}) is {state}: compensators from its queries into the "
+              f"segments other versions embedded fitted in {report['seconds']:.1f}s; no document was re-embedded")
+    else:
+        print(f"registered {new.spec} as encoder version {report['version']} (active: {report['active_version']}) "
+              f"in {report['seconds']:.1f}s; no document was re-embedded")
     for seg in report["segments"]:
         for note in seg.get("notes", []):
             print(f"  segment {seg['segment']} (v{seg['segment_version']}): {note}")
@@ -509,8 +524,8 @@ def cmd_update(a) -> int:
             if r["status"] != "ok":
                 print(f"  segment {seg['segment']} (v{seg['segment_version']}), {modality} queries: {r['status']}")
                 continue
-            cols = ", ".join(f"{row['kind']} {row.get('agreement@10', float('nan')):.3f}" for row in r["comparison"]
-                             if "skipped" not in row)
+            cols = ", ".join(f"{row['kind']} {row['agreement@10']:.3f}" if "agreement@10" in row else row.get("note", row["kind"])
+                             for row in r["comparison"] if "skipped" not in row)
             print(f"  segment {seg['segment']} (v{seg['segment_version']}), {modality} queries: {r['chosen']} "
                   f"from {r['pairs']} pairs ({', '.join(r['sources'])}); agreement@10 on held-out pairs: {cols}")
     if "preview" in report:
@@ -793,7 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-weight", type=float_or_zero, default=1.0, help="weight λ of the distillation term (with --teacher)")
     t.add_argument("--images", help="folder the image names are relative to (default: images/ beside --pairs)")
     t.add_argument("--split", help="SPLIT.json:NAME, e.g. split.json:train")
-    t.add_argument("--encoder", default="lit-init:256:0", help="starting point (lit-init:DIM:SEED, lit-base, a directory)")
+    t.add_argument("--encoder", default="lit-init:256:0",
+                   help="starting point: lit-init:DIM:SEED (fresh 256-d heads on the frozen towers: the default, "
+                        "lit-init:256:0), lit-base or lit-base@1 (the shipped heads, to train further), or a trained directory")
     t.add_argument("--out", help="output folder (overrides the recipe's `out:`)")
     t.add_argument("--epochs", type=positive_int, default=30)
     t.add_argument("--batch-size", type=positive_int, default=128)
@@ -822,7 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("update", help="put a new encoder in front of an index without re-indexing it")
     u.add_argument("index_dir")
-    u.add_argument("--encoder", required=True)
+    u.add_argument("--encoder", help="the new encoder (a spec or a trained directory)")
+    u.add_argument("--to", type=positive_int, metavar="VERSION",
+                   help="go back (or forward) to an encoder version the index has registered: fits compensators "
+                        "from its queries into the segments other versions embedded, with the same guard")
     u.add_argument("--calibration", action="append",
                    help="'corpus' (the index's stored items), 'passages' (sentences of its stored texts, embedded by the "
                         "old encoder too), 'generic' (umr's own generic queries nearest the index's documents) or a "
