@@ -173,9 +173,6 @@ def main() -> None:
     print(body)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def mixed(tmp: Path, clothing) -> dict:
     """Photos with captions (image+text documents) beside photos alone (clothing), one index
@@ -233,3 +230,7 @@ def mixed_table(m: dict) -> str:
         out.append(f"| {kind} | {c['hit@5']:.3f} | {c['violations']} of {c['queries']} | {c['worst']:.2f} | "
                    f"{w['hit@5']:.3f} | {w['violations']} of {w['queries']} |")
     return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -86,6 +86,20 @@ def test_the_readme_upgrade_then_add_flow_keeps_old_and_new_documents_findable(t
         assert sum(h.id.startswith(c + "/") for h in found[:6]) >= 3, [h.id for h in found]
     engine.close()
 
+    # An index updated by an umr before scales: they are fitted on the first merged search, the
+    # same as `umr update` fits them, and kept by the next checkpoint.
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    written = {m: c.pop("scales") for m, c in manifest["segments"][0]["compensators"]["2"].items()}
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    engine = Engine.open(tmp_path / "idx")
+    assert engine.scales[0] == {}
+    again, _ = old_ranks(engine)
+    assert again == after and engine.scales[0]["text"] == written["text"]
+    engine.checkpoint()
+    engine.close()
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["segments"][0]["compensators"]["2"]["text"]["scales"] == written["text"]
+
     # The way back: v1 again, its queries reaching the v2 segment through compensators fitted
     # the same way, and forward again.
     out = umr("update", tmp_path / "idx", "--to", "1")
