@@ -178,3 +178,82 @@ def test_a_new_domain_added_after_an_update_does_not_push_old_photos_out_of_thei
     assert merged_new >= 0.9 * new_alone, (new_alone, merged_new)
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert manifest["encoders"][1]["reference"]["queries"]["text"] == 2000
+
+
+def test_merged_search_over_http_fits_missing_scales_once_under_concurrent_first_searches_and_goes_back(tmp_path, tiny):
+    """An index updated before scales existed, served: concurrent first searches fit the scales
+    once and agree; GET /v1/index names the active encoder and the scales; the admin swap back
+    to version 1 is refused with the command that fits what it lacks, and works after it."""
+    import threading
+
+    import httpx
+
+    from index import IndexStore
+    from retrieval.encoders import load_encoder
+    from retrieval.items import Item
+    from retrieval.pipeline import build_index
+    from retrieval.update import fit_update
+    from server.app import create_app
+    from server.settings import ServerSettings
+    from umr.cli import main
+    from umr.demo import BackgroundServer
+
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "green", "circle", "square", "dog", "cat", "house", "tree", "car", "boat", "sun"]
+    texts = [" ".join(rng.choice(words, 4)) + f" {i}" for i in range(200)]
+    build_index(write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)]), tiny,
+                tmp_path / "idx", progress=False)
+    store = IndexStore.open(tmp_path / "idx")
+    fit_update(store, load_encoder("tiny-clip:1"), ["corpus"], force=True)
+    store.close()
+    engine = Engine.open(tmp_path / "idx")
+    engine.add([Item(f"n{i}", t) for i, t in enumerate(texts[:60])])
+    engine.checkpoint()
+    engine.close()
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    manifest["segments"][0]["compensators"]["2"]["text"].pop("scales")  # as an older umr wrote it
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+
+    engine = Engine.open(tmp_path / "idx")
+    key = "s3cret-admin-key"
+    with BackgroundServer(create_app(engine, ServerSettings(admin_key=key, public_read=True))) as srv:
+        answers: dict[int, list] = {}
+        errors = []
+
+        def client(i):
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                for j in range(0, 60, 3):
+                    r = c.post("/v1/search", json={"text": texts[j], "k": 5})
+                    if r.status_code != 200:
+                        errors.append(r.text)
+                        continue
+                    answers.setdefault(j, []).append([(h["id"], h["score"], h["cosine"]) for h in r.json()["results"]])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors[:2]
+        def same(x, y):  # one fit, one answer (scores to float32 rounding: batches differ in shape)
+            return [h[0] for h in x] == [h[0] for h in y] and np.allclose([h[1] for h in x], [h[1] for h in y], atol=1e-5)
+
+        assert all(len(a) == 6 and all(same(x, a[0]) for x in a) for a in answers.values()), answers
+        for j, a in answers.items():
+            # the text's own two copies first: the new one (cosine 1) and the old one through its map
+            assert {a[0][0][0], a[0][1][0]} == {f"d{j}", f"n{j}"}, a[0]
+            assert all(-1 < s < 1 and c is not None for _, s, c in a[0])
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            info = c.get("/v1/index").json()
+            assert info["encoder"]["spec"] == "tiny-clip:1" and info["active_version"] == 2
+            seg0 = info["segments"][0]
+            assert seg0["encoder_version"] == 1 and seg0["compensators"]["2"]["text"]["scales"]["text"][0] > 0
+            r = c.post("/v1/admin/encoder", json={"version": 1}, headers={"X-API-Key": key})
+            assert r.status_code == 409 and "--to 1 --no-activate" in r.json()["error"]["message"], r.text
+            assert main(["update", str(tmp_path / "idx"), "--to", "1", "--no-activate", "--calibration", "corpus",
+                         "--force"]) == 0  # beside the running server
+            r = c.post("/v1/admin/encoder", json={"version": 1}, headers={"X-API-Key": key})
+            assert r.status_code == 200 and r.json()["active_version"] == 1, r.text
+            r = c.post("/v1/search", json={"text": texts[3], "k": 3})
+            assert r.status_code == 200 and r.json()["encoder_version"] == 1
+            assert r.json()["results"][0]["id"] in ("d3", "n3")
