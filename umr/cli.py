@@ -230,8 +230,9 @@ def cmd_index_info(a) -> int:
                   + ", ".join(f"{m} -> {c['kind']} ({c['pairs']} pairs)" for m, c in comps.items()))
             for m, c in comps.items():
                 if c.get("scales"):
-                    print(f"    {m} scores onto version {version}'s scale: "
-                          + ", ".join(f"{k} {a:.3f} x {b:+.3f}" for k, (a, b) in c["scales"].items()))
+                    print(f"    {m} queries, scores onto version {version}'s scale: "
+                          + ", ".join(f"{'all documents' if k == '*' else k + ' documents'} {a:.3f} x cosine {b:+.3f}"
+                                      for k, (a, b) in c["scales"].items()))
     rep = info["build"].get("report")
     if rep:
         print(f"build: {rep['indexed']} indexed, {rep['rejected']} rejected, {rep.get('items_per_s', 0)} items/s")
