@@ -6,6 +6,7 @@ transport, batching and policy.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from retrieval.items import Item, stored_item
 from retrieval.reference_queries import read_references
 
 UPLOADS = "images"
+log = logging.getLogger("umr.retrieval")
 
 
 @dataclass
@@ -130,6 +132,13 @@ class Engine:
                     if rec is not None and by_key:
                         rec["scales"] = by_key
                     self.scales.setdefault(seg.id, {})[m] = by_key
+            if self.store.mode == "read":
+                # A read-only process (`umr search`, a replica) writes no checkpoint: keep them the
+                # way `umr update --no-activate` keeps what it registers, so the next start has them.
+                try:
+                    self.store.save_registrations()
+                except OSError as e:
+                    log.warning("could not keep the fitted score scales in %s: %s", self.store.path, e)
 
     def references(self) -> dict[str, np.ndarray]:
         """The active version's reference queries (query modality -> rows in its space) that

@@ -99,6 +99,13 @@ def test_the_readme_upgrade_then_add_flow_keeps_old_and_new_documents_findable(t
     engine.close()
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert manifest["segments"][0]["compensators"]["2"]["text"]["scales"] == written["text"]
+    # A read-only process (`umr search`, a replica) keeps them too, as registrations are kept.
+    for c in manifest["segments"][0]["compensators"]["2"].values():
+        c.pop("scales")
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    umr("search", tmp_path / "idx", "a dog", "-k", "3")
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["segments"][0]["compensators"]["2"]["text"]["scales"] == written["text"]
 
     # The way back: v1 again, its queries reaching the v2 segment through compensators fitted
     # the same way, and forward again.
