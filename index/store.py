@@ -94,6 +94,7 @@ class Segment:
         self._tail_rows = 0
         self.mapped = False
         self.gpu = None  # a GPU copy of `faiss` for unmasked searches (index/gpu.py)
+        self.modality_counts: tuple | None = None  # IndexStore.modality_counts' cache
         if faiss_index is not None:
             self.set_index(faiss_index)
 
@@ -650,8 +651,18 @@ class IndexStore:
         return allowed
 
     # -- modality calibration -------------------------------------------------------------
+    def modality_counts(self, seg: Segment) -> dict[str, int]:
+        """Live documents per modality (those with any). Asked on every search over several
+        modalities or encoder versions, so kept until the segment's rows or deletions change
+        (rows are only appended and deleted, never revived; compaction makes new arrays)."""
+        key = (id(seg.alive), len(seg.alive), int(seg.alive.sum()))
+        if seg.modality_counts is None or seg.modality_counts[0] != key:
+            counts = {m: int(((seg.codes == c) & seg.alive).sum()) for m, c in MODALITY_CODES.items()}
+            seg.modality_counts = (key, {m: n for m, n in counts.items() if n})
+        return seg.modality_counts[1]
+
     def present_modalities(self, seg: Segment) -> list[str]:
-        return [m for m, c in MODALITY_CODES.items() if ((seg.codes == c) & seg.alive).any()]
+        return list(self.modality_counts(seg))
 
     def calibration(self, seg: Segment) -> mc.ModalityCalibration | None:
         """The segment's score calibration (index/modality_calibration.py), refitted when the
@@ -663,8 +674,7 @@ class IndexStore:
             cal = self._calibrations.get(seg.id)
             if cal is None and seg.record.get("calibration"):
                 cal = mc.ModalityCalibration.from_record(seg.record["calibration"])
-            counts = {m: int(((seg.codes == c) & seg.alive).sum()) for m, c in MODALITY_CODES.items()}
-            if cal is None or cal.stale(alive, {m: n for m, n in counts.items() if n}):
+            if cal is None or cal.stale(alive, self.modality_counts(seg)):
                 cal = self._fit_calibration(seg, alive)
                 seg.record["calibration"] = cal.to_record()
             self._calibrations[seg.id] = cal

@@ -115,16 +115,17 @@ class Engine:
         """Scales for segments compensated before `umr update` fitted them: the sample of their
         documents is embedded by this engine's (the active) encoder once, then kept in the
         manifest (written with the next checkpoint where the index is writable)."""
-        todo = [(seg, m) for seg in self.store.segments if seg.alive.any() for m in self.compensators.get(seg.id, {})
-                if m not in self.scales.get(seg.id, {})]
-        if not todo:
+        def lacking():
+            return [seg for seg in self.store.segments if seg.id in self.compensators and seg.alive.any()
+                    and not set(self.compensators[seg.id]) <= set(self.scales.get(seg.id, {}))]
+
+        if not lacking():
             return
         from retrieval.version_scales import fit_segment
 
         with self._scale_lock:
-            for seg in {seg.id: seg for seg, _ in todo}.values():
-                if all(m in self.scales.get(seg.id, {}) for m in self.compensators[seg.id]):
-                    continue
+            todo = lacking()  # another request may have fitted them meanwhile
+            for seg in todo:
                 fitted = fit_segment(self.store, seg, self.encoder, self.compensators[seg.id], self.references())
                 for m in self.compensators[seg.id]:
                     by_key = fitted.get(m, {})
@@ -132,7 +133,7 @@ class Engine:
                     if rec is not None and by_key:
                         rec["scales"] = by_key
                     self.scales.setdefault(seg.id, {})[m] = by_key
-            if self.store.mode == "read":
+            if todo and self.store.mode == "read":
                 # A read-only process (`umr search`, a replica) writes no checkpoint: keep them the
                 # way `umr update --no-activate` keeps what it registers, so the next start has them.
                 try:

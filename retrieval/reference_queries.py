@@ -26,9 +26,10 @@ def _key(modality: str) -> str:
 
 
 def write_references(store: IndexStore, version: int, new: Encoder, queries: dict[str, list[np.ndarray]],
-                     seed: int = 0) -> dict:
-    """Save the references of `version`: generic texts embedded by `new`, and up to
-    PER_MODALITY of the given query rows (already in its space) per other modality."""
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """Save the references of `version` (and return them, query modality -> rows): generic texts
+    embedded by `new`, and up to PER_MODALITY of the given query rows (already in its space)
+    per other modality."""
     rng = np.random.default_rng(seed)
     arrays = {}
     if new.supports_texts:
@@ -44,7 +45,7 @@ def write_references(store: IndexStore, version: int, new: Encoder, queries: dic
     atomic_write(store.path / rel, lambda tmp: save_file(arrays, str(tmp)))
     record = {"file": rel, "queries": {k.replace("+", ","): int(len(v)) for k, v in arrays.items()}}
     store.version(version)["reference"] = record
-    return record
+    return {k.replace("+", ","): v for k, v in arrays.items()}
 
 
 def read_references(store: IndexStore, version: int) -> dict[str, np.ndarray]:

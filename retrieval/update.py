@@ -18,7 +18,7 @@ from index.store import IndexStore, Segment
 from retrieval import compensators as cp
 from retrieval.calibration_pairs import DEFAULT_CALIBRATION, MIN_PAIRS, QUERY_MODALITIES, check_sources, segment_pairs
 from retrieval.encoders import Encoder, load_recorded
-from retrieval.reference_queries import read_references, write_references
+from retrieval.reference_queries import write_references
 from retrieval.version_scales import fit_segment
 from retrieval.update_eval import describe_interval, evaluate_variants, uncovered_eval_modalities
 
@@ -185,8 +185,7 @@ def commit(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, report
     calibration_queries: dict[str, list] = {}
     for (_, modality), (new_side, _) in pairs_of.items():
         calibration_queries.setdefault(modality, []).append(new_side)
-    write_references(store, version, new, calibration_queries)
-    references = read_references(store, version)
+    references = write_references(store, version, new, calibration_queries)
     scales = {seg.id: fit_segment(store, seg, new, {m: c for s, m, c, _, _ in fitted if s.id == seg.id}, references)
               for seg in {s.id: s for s, *_ in fitted}.values()}
     for seg, modality, comp, table, n in fitted:

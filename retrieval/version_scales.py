@@ -37,19 +37,12 @@ def document_sample(store: IndexStore, seg: Segment, encoder: Encoder, seed: int
         if len(rows) > SAMPLE:
             rows = np.sort(rng.choice(rows, SAMPLE, replace=False))
         docs = store.docs.docs_at(seg.id, rows.tolist())
-        kept, items = [], []
-        for r in rows.tolist():
-            doc = docs.get(r)
-            if doc is None:
-                continue
-            kept.append(r)
-            items.append(stored_item(store.path, doc))
-        if len(kept) < vs.MIN_DOCUMENTS:
+        if len(docs) < vs.MIN_DOCUMENTS:
             continue
-        new, ok = _embed(encoder, items)
-        keep = np.asarray(kept)[ok]
-        if len(keep) >= vs.MIN_DOCUMENTS:
-            out[modality] = (store.docs.vectors_at(seg.id, keep), new[ok])
+        kept = np.array(sorted(docs))
+        new, ok = _embed(encoder, [stored_item(store.path, docs[r]) for r in kept])
+        if ok.sum() >= vs.MIN_DOCUMENTS:
+            out[modality] = (store.docs.vectors_at(seg.id, kept[ok]), new[ok])
     return out
 
 
