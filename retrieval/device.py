@@ -56,3 +56,51 @@ def current() -> torch.device:
 def to_cpu(x: torch.Tensor) -> torch.Tensor:
     """An encoder's output as downstream code expects it: float32 on the CPU."""
     return x if x.device.type == "cpu" and x.dtype == torch.float32 else x.float().cpu()
+
+
+def default_workers() -> int:
+    """Decoding threads for a build: one per core this process may use (PIL releases the GIL
+    while decoding and resizing, so they scale), at most 32."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(32, cores))
+
+
+def default_batch_size(device: torch.device | None = None) -> int:
+    """Items per forward pass: 64 keeps a CPU's caches warm; a GPU needs larger batches to be busy."""
+    return 256 if (device or current()).type == "cuda" else 64
+
+
+def stack_batch(tensors: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """Preprocessed images as one batch; for a CUDA device stacked straight into page-locked
+    memory, so that the copy to the device can run without blocking the host."""
+    if (device or current()).type != "cuda":
+        return torch.stack(tensors)
+    first = tensors[0]
+    out = torch.empty((len(tensors), *first.shape), dtype=first.dtype, pin_memory=True)
+    return torch.stack(tensors, out=out)
+
+
+def bucket(n: int) -> int:
+    """The batch size a CUDA forward of `n` items runs at: the next power of two, so a build's
+    last, partial batch (and any odd-sized call) reuses kernels already chosen for a full one
+    instead of meeting the GPU as a new shape."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def pad_rows(batch: torch.Tensor, rows: int) -> torch.Tensor:
+    """`batch` with its last row repeated up to `rows` rows (rows are independent in eval mode,
+    so the real rows' outputs do not change)."""
+    n = len(batch)
+    return batch if rows <= n else torch.cat([batch, batch[-1:].expand(rows - n, *batch.shape[1:])])
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(the batch on `device`, padded to `bucket` rows on CUDA; the number of real rows)."""
+    n = len(batch)
+    if device.type != "cuda":
+        return batch.to(device), n
+    batch = pad_rows(batch, bucket(n))
+    return batch.to(device, non_blocking=batch.is_pinned()), n

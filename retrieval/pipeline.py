@@ -16,6 +16,7 @@ from index.build_journal import BuildJournal
 from index.docstore import DocRecord
 from index.errors import IndexMismatch, InvalidArgument
 from index.store import IndexStore
+from retrieval.device import default_batch_size, default_workers
 from retrieval.encoders.base import Encoder
 from retrieval.images import BadImage
 from retrieval.items import Item
@@ -127,10 +128,12 @@ def problem_of(prepared) -> str | None:
 
 
 def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejected], report: BuildReport, *,
-           start: int = 0, batch_size: int = 64, workers: int = 2, strict: bool = False,
+           start: int = 0, batch_size: int | None = None, workers: int | None = None, strict: bool = False,
            progress=None, journal: BuildJournal | None = None) -> BuildReport:
-    """Encode and store records from ordinal `start` on; bad records are counted, not fatal."""
+    """Encode and store records from ordinal `start` on; bad records are counted, not fatal.
+    `batch_size` and `workers` default to the device's (retrieval/device.py)."""
     seen: set[str] = set()
+    batch_size, workers = batch_size or default_batch_size(), workers or default_workers()
 
     def prepare(entry):
         _, rec = entry
@@ -152,12 +155,13 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
 
 
 def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_kind: str = "auto",
-                memory_budget: int | None = None, batch_size: int = 64, workers: int = 2, strict: bool = False,
+                memory_budget: int | None = None, batch_size: int | None = None, workers: int | None = None, strict: bool = False,
                 corpus_format: str = "auto", progress: bool = True, ray: str | None = None,
                 shard_size: int = 4096) -> BuildReport:
     """Build (or resume building) the index at `out`. `ray`: encode on that Ray cluster ("auto"
     or a head node's address) in shards of `shard_size` records (retrieval/distributed_build.py)."""
     corpus = Path(corpus)
+    batch_size = batch_size or default_batch_size()
     reader = open_corpus(corpus, corpus_format)
     if ray:  # before anything is written: a cluster that cannot be reached leaves no half-made index
         from retrieval.distributed_build import connect
@@ -258,8 +262,8 @@ def run_build(out: str | Path, encoder: Encoder, source: dict, label: str, total
     return report
 
 
-def add_to_index(store: IndexStore, encoder: Encoder, corpus: str | Path, *, batch_size: int = 64,
-                 workers: int = 2, strict: bool = False, corpus_format: str = "auto", progress: bool = True) -> BuildReport:
+def add_to_index(store: IndexStore, encoder: Encoder, corpus: str | Path, *, batch_size: int | None = None,
+                 workers: int | None = None, strict: bool = False, corpus_format: str = "auto", progress: bool = True) -> BuildReport:
     """Add a corpus to a finished index without rebuilding it; same ids replace old documents."""
     reader = open_corpus(corpus, corpus_format)
     report = BuildReport(str(corpus))

@@ -9,6 +9,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from retrieval.device import default_workers
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -23,9 +25,11 @@ def _apply_all(fn: Callable[[T], R], chunk: list[T]) -> list[R | Exception]:
     return out
 
 
-def prefetch_batches(chunks: Iterable[list[T]], fn: Callable[[T], R], workers: int = 2,
+def prefetch_batches(chunks: Iterable[list[T]], fn: Callable[[T], R], workers: int | None = None,
                      ahead: int = 2) -> Iterator[tuple[list[T], list[R | Exception]]]:
-    """Yield (chunk, fn applied to each element or the exception it raised), `ahead` chunks in flight."""
+    """Yield (chunk, fn applied to each element or the exception it raised), `ahead` chunks in
+    flight; `workers` threads (default: one per core, retrieval/device.py)."""
+    workers = workers or default_workers()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque = deque()
         it = iter(chunks)

@@ -98,7 +98,7 @@ def cmd_index_build(a) -> int:
         from retrieval.pipeline import build_index
 
         report = build_index(a.corpus, enc, a.out, index_kind=a.index, memory_budget=parse_bytes(a.memory_budget),
-                             batch_size=a.batch_size or 64, workers=a.workers, strict=a.strict, corpus_format=a.format,
+                             batch_size=a.batch_size, workers=a.workers, strict=a.strict, corpus_format=a.format,
                              progress=progress, ray=a.ray, shard_size=a.shard_size)
     if a.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -126,7 +126,7 @@ def cmd_index_add(a) -> int:
 
     eng = Engine.open(a.index_dir)
     try:
-        report = add_to_index(eng.store, eng.encoder, a.corpus, batch_size=a.batch_size or 64, strict=a.strict,
+        report = add_to_index(eng.store, eng.encoder, a.corpus, batch_size=a.batch_size, workers=a.workers, strict=a.strict,
                               corpus_format=a.format, progress=not a.no_progress)
     finally:
         eng.close()
@@ -671,7 +671,10 @@ def cmd_demo(a) -> int:
 
 def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "folder", "mbeir"])
-    p.add_argument("--batch-size", type=positive_int, help="items per batch (default 64; 65536 with --vectors)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="items per batch (default 64 on a CPU, 256 on a GPU; 65536 with --vectors)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="image decoding threads (default: one per core, at most 32)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--no-progress", action="store_true")
 
@@ -700,7 +703,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
     b.add_argument("--memory-budget", help="e.g. 2G; --index auto picks an index that fits")
     _ingest_args(b)
-    b.add_argument("--workers", type=positive_int, default=2, help="image decoding threads")
     b.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
                    help="encode on a Ray cluster: auto (the one on this machine, else a local one) or a head "
                         "node's address; needs umr[distributed]")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from index.atomic import file_sha256
 from index.errors import InvalidArgument
+from retrieval.device import stack_batch
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item
 
@@ -201,7 +202,7 @@ class Encoder(ABC):
         the normalised sum of the normalised image and text embeddings."""
         img_idx = [i for i, p in enumerate(prepared) if p.image is not None]
         txt_idx = [i for i, p in enumerate(prepared) if p.text is not None]
-        img = self.embed_images(torch.stack([prepared[i].image for i in img_idx])) if img_idx else None
+        img = self.embed_images(stack_batch([prepared[i].image for i in img_idx])) if img_idx else None
         txt = self.embed_texts([prepared[i].text for i in txt_idx]) if txt_idx else None
         return fuse(len(prepared), self.dim, img_idx, img, txt_idx, txt)
 
