@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 
 from index.errors import InvalidArgument
@@ -17,6 +18,7 @@ from index.errors import InvalidArgument
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 64 * 1024  # serialised; returned with every hit, so kept small
 MAX_METADATA_DEPTH = 32  # nesting of objects and lists below the metadata object itself
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
 
 
 class InvalidDocument(InvalidArgument):
@@ -25,6 +27,8 @@ class InvalidDocument(InvalidArgument):
 
 def unicode_problem(text: str) -> str | None:
     """Why `text` cannot be stored and served as UTF-8, or None."""
+    if text.isascii():
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -77,6 +81,8 @@ def metadata_json(metadata) -> str:
     """The metadata as stored: checked, then serialised (sorted keys, no NaN)."""
     if not isinstance(metadata, dict):
         raise InvalidDocument("metadata must be a JSON object")
+    if not metadata:
+        return "{}"
     _check_value(metadata, "$", 0)
     blob = json.dumps(metadata, sort_keys=True, allow_nan=False)
     size = len(blob.encode("utf-8"))
@@ -92,9 +98,9 @@ def id_problem(doc_id: str) -> str | None:
     refused: control characters (a router never matches a newline), a path that ends in
     `/image` (the same URL names another document's image) and the ids '.' and '..', which every
     client resolves as path steps even when escaped."""
-    for ch in doc_id:
-        if unicodedata.category(ch) == "Cc":
-            return f"holds the control character U+{ord(ch):04X}; ids must be addressable in a URL"
+    control = CONTROL.search(doc_id)
+    if control:
+        return f"holds the control character U+{ord(control.group()):04X}; ids must be addressable in a URL"
     if doc_id in (".", ".."):
         return "is a path step ('.' and '..' cannot be addressed in a URL)"
     if doc_id.endswith("/image"):

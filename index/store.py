@@ -383,8 +383,10 @@ class IndexStore:
         return int(sum(s.alive.sum() for s in self.segments))
 
     # -- writes ---------------------------------------------------------------------------
-    def add(self, docs: list[DocRecord], vectors: np.ndarray, meta: dict[str, str] | None = None) -> int:
-        """Store docs in the active segment; durable on return. Same id replaces the old doc."""
+    def add(self, docs: list[DocRecord], vectors: np.ndarray, meta: dict[str, str] | None = None,
+            fresh: bool = False) -> int:
+        """Store docs in the active segment; durable on return. Same id replaces the old doc;
+        `fresh`: the caller knows no id is stored yet (index/docstore.py DocStore.add)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if len(docs) != len(vectors):
             raise InvalidArgument(f"{len(docs)} documents but {len(vectors)} vectors")
@@ -401,7 +403,7 @@ class IndexStore:
             if len(docs) and vectors.shape[1] != seg.dim:
                 raise IndexMismatch(f"vectors have dimension {vectors.shape[1]}, the index expects {seg.dim}")
             first = len(seg.alive)
-            replaced = self.docs.add(seg.id, first, docs, vectors, meta)
+            replaced = self.docs.add(seg.id, first, docs, vectors, meta, fresh)
             seg.grow(first + len(docs))
             seg.alive[first:] = True
             seg.codes[first:] = [MODALITY_CODES[d.modality] for d in docs]

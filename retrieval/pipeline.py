@@ -83,7 +83,11 @@ def accept(rows: list[tuple[int, Item | Rejected, str | None]], report: BuildRep
     """Which rows of one batch are indexed: rows are (ordinal, record, why it cannot be
     embedded or None), in corpus order; the others are counted as rejected in `report`.
     An id seen earlier in this run, or already stored by an earlier run, is a duplicate: the
-    first record with an id wins, as the cursor never repeats one."""
+    first record with an id wins, as the cursor never repeats one. With a journal every earlier
+    batch is committed, so the store finds their ids and `seen` need only hold this batch's (a
+    set of every id would be a gigabyte at 10M); without one (`umr index add`), `seen` holds the run's."""
+    if journal is not None:
+        seen = set()
     kept = []
     for i, (_, rec, problem) in enumerate(rows):
         report.read += 1
@@ -113,11 +117,13 @@ def accept(rows: list[tuple[int, Item | Rejected, str | None]], report: BuildRep
 def commit(store: IndexStore, items: list[Item], vectors, report: BuildReport, journal: BuildJournal | None,
            next_ordinal: int) -> None:
     """Store one batch's documents and vectors with the corpus cursor in one transaction."""
-    docs = [DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata) for it in items]
+    docs = [DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata,
+                      checked_metadata=getattr(it, "checked_metadata", None)) for it in items]
     report.indexed += len(docs)  # counted before the commit so the saved report includes this batch
     meta = journal.batch_meta(next_ordinal, report.to_dict()) if journal else None
     if docs or meta:
-        store.add(docs, vectors if vectors is not None else [], meta=meta)
+        # A journaled build's accept has looked every id up already.
+        store.add(docs, vectors if vectors is not None else [], meta=meta, fresh=journal is not None)
 
 
 def problem_of(prepared) -> str | None:

@@ -134,3 +134,56 @@ def test_python_api_builds_from_vectors(tmp_path):
         assert hit.id == "v17" and hit.doc.metadata == {"n": 17} and hit.doc.modality == "image"
     finally:
         index.close()
+
+
+def test_plain_id_lines_read_as_the_json_parser_reads_them(tmp_path):
+    """Lines that are a bare JSON string skip the parser; every verdict matches the parser's."""
+    from retrieval.readers import Rejected
+    from retrieval.vector_import import plain_id, read_ids
+
+    lines = ['"a"', '"b\\u0041"', '"c" x', '"d\x01"', '""', '"e/image"', '"f"  ', '{"id": "g", "metadata": {"k": 1}}',
+             '"h\\"q"', '7', '"caf\u00e9"', ' "i"']
+    (tmp_path / "ids.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    got = [(r.id, isinstance(r, Rejected), getattr(r, "metadata", None)) for r in read_ids(tmp_path / "ids.jsonl", "image")]
+    assert got == [("a", False, {}), ("bA", False, {}), ("line 3", True, None), ("d\x01", True, None),
+                   ("line 5", True, None), ("e/image", True, None), ("f", False, {}), ("g", False, {"k": 1}),
+                   ('h"q', False, {}), ("7", False, {}), ("caf\u00e9", False, {}), ("i", False, {})]
+    assert [plain_id(x) for x in ('"a"\n', '"b\\n"', '"c" x', '""', ' "i"')] == ["a", None, None, None, None]
+
+
+def test_duplicates_across_batches_are_refused_without_a_set_of_every_id(tmp_path):
+    """With batches of 2, a repeated id lands in a later batch than its first: the store, not a
+    set of every id, finds it; the first record wins, as in one batch."""
+    from retrieval.encoders import load_encoder
+
+    x = np.random.default_rng(0).standard_normal((7, 256)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", x)
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps(i) + "\n" for i in ["a", "b", "c", "a", "d", "b", "a"]))
+    r = build_from_vectors(tmp_path / "emb.npy", tmp_path / "ids.jsonl", load_encoder("lit-base@1"), tmp_path / "idx",
+                           index_kind="flat", batch_size=2, progress=False)
+    assert (r.indexed, r.rejected) == (4, 3)
+    assert [x["id"] for x in r.rejections] == ["a", "b", "a"]
+    docs, vectors = exported(tmp_path / "idx")
+    assert [d.id for d in docs] == ["a", "b", "c", "d"]
+    assert np.allclose(vectors[0], x[0] / np.linalg.norm(x[0]), atol=1e-6)  # the first "a"
+
+
+def test_a_fresh_batch_with_a_stored_id_is_refused_whole(tmp_path):
+    """`fresh` skips the lookup of ids already stored; the id's key still refuses a stored one,
+    and nothing of that batch lands."""
+    import sqlite3
+
+    from index.docstore import DocRecord
+
+    x = np.random.default_rng(1).standard_normal((3, 256)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    store = IndexStore.create(tmp_path / "idx", {"spec": "t", "fingerprint": "f", "dim": 256, "config": {}}, "flat", None)
+    try:
+        store.add([DocRecord("a", "image"), DocRecord("b", "image")], x[:2], fresh=True)
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add([DocRecord("c", "image"), DocRecord("a", "image")], x[1:], fresh=True)
+        store.add([DocRecord("a", "text", "replaced")], x[2:])  # not fresh: replaces
+        assert store.count() == 2 and store.docs.get("c") is None
+        assert store.docs.get("a")[0].text == "replaced"
+    finally:
+        store.close()
