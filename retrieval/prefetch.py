@@ -32,20 +32,19 @@ def prefetch_batches(chunks: Iterable[list[T]], fn: Callable[[T], R], workers: i
     workers = workers or default_workers()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque = deque()
-        it = iter(chunks)
-        for chunk in it:
-            # Split each chunk across the workers so one batch decodes in parallel too.
-            parts = [chunk[i::workers] for i in range(workers)] if workers > 1 else [chunk]
-            pending.append((chunk, [pool.submit(_apply_all, fn, p) for p in parts]))
+        for chunk in chunks:
+            # Split each chunk across the workers so one batch decodes in parallel too; never into
+            # more parts than items (a one-query call must not start a thread per core).
+            parts = max(1, min(workers, len(chunk)))
+            pending.append((chunk, parts, [pool.submit(_apply_all, fn, chunk[i::parts]) for i in range(parts)]))
             if len(pending) > ahead:
-                yield _collect(*pending.popleft(), workers)
+                yield _collect(*pending.popleft())
         while pending:
-            yield _collect(*pending.popleft(), workers)
+            yield _collect(*pending.popleft())
 
 
-def _collect(chunk, futures, workers):
-    parts = [f.result() for f in futures]
+def _collect(chunk, parts, futures):
     out = [None] * len(chunk)
-    for i, part in enumerate(parts):
-        out[i::workers if workers > 1 else 1] = part
+    for i, f in enumerate(futures):
+        out[i::parts] = f.result()
     return chunk, out
