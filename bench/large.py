@@ -3,18 +3,18 @@
 Stages, each timed:
   generate   N unit vectors around C random centres (cluster sizes uneven, noise per point),
              written as emb.npy + ids.jsonl (the form clip-retrieval users export)
-  build      `umr index build --vectors --ids --encoder lit-init:DIM --memory-budget BUDGET`,
-             as a user runs it (auto picks IVF-PQ when HNSW would not fit the budget); its
-             peak resident memory is the build's
+  build      `umr index build --vectors --ids --encoder lit-init:DIM --memory-budget BUDGET
+             --vector-dtype DTYPE`, as a user runs it (auto picks IVF-PQ when HNSW would not fit
+             the budget); its peak resident memory is the build's
   serve      a fresh process opens the index read-only (IVF lists memory-mapped from the file,
-             exact vectors for the re-scoring read from the document store on disk), answers
+             exact vectors for the re-scoring read from the segment's vector file), answers
              Q held-out queries one at a time and in batches of 32, and reports its resident
              memory (anonymous and file-backed, and the peak) after them
   http       `umr serve --read-only` over the same index: text queries through the encoder
              (bench/loadgen.py, 4 connections), and the server's resident memory after them
   recall     recall@10 of the served results against exact search (a scan of emb.npy) for a
              sample of the queries
-Run: python bench/large.py [--n 10000000] [--dim 256] [--budget 2G] [--work DIR] [--keep]
+Run: python bench/large.py [--n 10000000] [--dim 256] [--budget 2G] [--vector-dtype float16] [--work DIR] [--keep]
 Needs about 2.3 x N x DIM x 4 bytes of disk (22 GB at 10M x 256) under --work.
 """
 from __future__ import annotations
@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--clusters", type=int, default=20_000)
     ap.add_argument("--budget", default="2G")
+    ap.add_argument("--vector-dtype", default="float16", choices=["float32", "float16"])
     ap.add_argument("--work", default="/tmp/umr-bench-large")
     ap.add_argument("--recall-sample", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=60, help="time bound of each query loop")
@@ -167,7 +168,8 @@ def main() -> None:
     t = time.perf_counter()
     build = subprocess.run([str(umr), "index", "build", "--vectors", str(work / "emb.npy"), "--ids", str(work / "ids.jsonl"),
                             "--encoder", ENCODER.format(dim=args.dim), "--out", str(index), "--memory-budget", args.budget,
-                            "--json", "--no-progress"], capture_output=True, text=True)
+                            "--vector-dtype", args.vector_dtype, "--json", "--no-progress"], capture_output=True, text=True)
+    ingest_s = json.loads(build.stdout)["seconds"] if build.returncode == 0 else float("nan")
     stages["build"] = time.perf_counter() - t
     if build.returncode:
         sys.exit(f"build failed: {build.stderr[-3000:]}")
@@ -193,6 +195,8 @@ def main() -> None:
     stages["recall"] = time.perf_counter() - t
     index_bytes = sum(f.stat().st_size for f in index.rglob("*") if f.is_file())
     faiss_bytes = sum(f.stat().st_size for f in index.rglob("*.faiss"))
+    vector_bytes = sum(f.stat().st_size for f in index.rglob("vectors.*"))
+    docs_bytes = sum(f.stat().st_size for f in index.glob("docs.sqlite*"))
     seg = s["segment"]
     mem, hmem = s["after_queries"], http["memory"]
     load = http["load"]
@@ -201,9 +205,12 @@ def main() -> None:
         ("memory budget", args.budget),
         ("index chosen", f"{seg['index']['factory']}, nprobe {seg['index']['params'].get('nprobe')}, "
                          f"refine x{seg['index']['params'].get('refine')}: {seg['index']['reason']}"),
-        ("on disk", f"{index_bytes / 2**30:.1f} GiB in all; FAISS file {faiss_bytes / 2**20:.0f} MiB"),
+        ("on disk", f"{index_bytes / 2**30:.2f} GiB in all ({index_bytes / 1e9:.2f} GB): vector file "
+                    f"{vector_bytes / 2**30:.2f} GiB ({args.vector_dtype}), docs.sqlite {docs_bytes / 2**30:.2f} GiB, "
+                    f"FAISS file {faiss_bytes / 2**20:.0f} MiB"),
         ("generate", f"{stages.get('generate', float('nan')):.0f} s" if "generate" in stages else "reused"),
         ("build (CLI, end to end)", f"{stages['build']:.0f} s ({args.n / stages['build']:,.0f} vectors/s), peak RSS {build_peak_mib:,.0f} MiB"),
+        ("of which ingest (read, check, store)", f"{ingest_s:.0f} s ({args.n / ingest_s:,.0f} vectors/s)"),
         ("open read-only", f"{s['open_s']:.1f} s; RSS after open {s['after_open']['VmRSS']:,.0f} MiB"),
         ("search, one query at a time", f"{s['qps_single']:.0f} QPS, p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms "
                                         f"({s['queries']} queries)"),
@@ -226,7 +233,8 @@ def main() -> None:
         figure("large", bars, {"resident memory while serving (MiB)": {
             "budget": parse_bytes(args.budget) / 2**20, "in process": mem["VmRSS"], "umr serve": hmem["VmRSS"]}},
             ylabel="MiB", title=f"{args.n:,} x {args.dim}: resident memory against the budget", highlight="budget"), "",
-        f"Run: `python bench/large.py --n {args.n} --dim {args.dim} --budget {args.budget}`.",
+        f"Run: `python bench/large.py --n {args.n} --dim {args.dim} --budget {args.budget} "
+        f"--vector-dtype {args.vector_dtype}`.",
     ])
     write_section("large", body)
     if not args.keep:

@@ -24,7 +24,7 @@ class BuildJournal:
 
     @property
     def index_request(self) -> dict:
-        return self.store.manifest["index_request"]
+        return {"vector_dtype": "float32", "target_recall": None, **self.store.manifest["index_request"]}  # older builds
 
     def begin(self, source: dict, batch_size: int) -> None:
         self.store.manifest["build"] = {"source": source, "batch_size": batch_size}

@@ -1,6 +1,7 @@
-"""SQLite document store: documents, their vectors and the build cursor, in one transaction each.
+"""SQLite document store: documents, their rows and the build cursor, in one transaction each.
 
-Vectors live here as well as in FAISS. The FAISS file is a checkpoint that can be rebuilt or
+Each row's vector is kept beside it (index/vector_rows.py: a file per segment, written inside
+the transaction that commits the row). The FAISS file is a checkpoint that can be rebuilt or
 caught up from these rows, so a document is durable the moment its transaction commits, and
 the whole corpus can be re-read for compensator calibration or re-training a quantizer.
 """
@@ -17,9 +18,13 @@ from urllib.parse import quote
 
 import numpy as np
 
+from pathlib import Path
+
+from index import vector_file
 from index.document_rules import check_document
 from index.damage import damage_as_error
 from index.errors import InvalidArgument
+from index.vector_rows import FileVectors, SqliteVectors
 
 MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
 CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
@@ -38,24 +43,25 @@ CREATE TABLE IF NOT EXISTS docs(
     metadata TEXT NOT NULL DEFAULT '{}',
     UNIQUE(segment, row)
 );
-CREATE TABLE IF NOT EXISTS rows(
-    segment INTEGER NOT NULL,
-    row INTEGER NOT NULL,
-    modality INTEGER NOT NULL,
-    alive INTEGER NOT NULL DEFAULT 1,
-    vec BLOB NOT NULL,
-    PRIMARY KEY(segment, row)
-);
--- Row states without the vectors beside them: opening an index reads (alive, modality) of
--- every row, and through the table that means every vector's page (40 s at 10M x 256).
-CREATE INDEX IF NOT EXISTS rows_state ON rows(segment, row, modality, alive);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Rows made dead (deleted, or replaced by a document with the same id), in commit order: what
 -- a reader process that follows the writer (a serving replica) applies to its tombstones.
 CREATE TABLE IF NOT EXISTS deaths(seq INTEGER PRIMARY KEY AUTOINCREMENT, segment INTEGER NOT NULL,
                                   row INTEGER NOT NULL);
 """
-
+# A row's state; its vector is in the segment's vector file (index/vector_file.py).
+ROWS = """
+CREATE TABLE rows(segment INTEGER NOT NULL, row INTEGER NOT NULL, modality INTEGER NOT NULL,
+                  alive INTEGER NOT NULL DEFAULT 1, PRIMARY KEY(segment, row)) WITHOUT ROWID;
+"""
+# How indexes made before the vector files keep them (index/vector_rows.py SqliteVectors).
+ROWS_WITH_VECTORS = """
+CREATE TABLE IF NOT EXISTS rows(segment INTEGER NOT NULL, row INTEGER NOT NULL, modality INTEGER NOT NULL,
+                                alive INTEGER NOT NULL DEFAULT 1, vec BLOB NOT NULL, PRIMARY KEY(segment, row));
+-- Row states without the vectors beside them: opening an index reads (alive, modality) of
+-- every row, and through the table that means every vector's page (40 s at 10M x 256).
+CREATE INDEX IF NOT EXISTS rows_state ON rows(segment, row, modality, alive);
+"""
 
 @dataclass
 class Changes:
@@ -94,8 +100,12 @@ def validate_filter(flt: dict | None) -> dict:
 
 
 class DocStore:
-    def __init__(self, path: str, read_only: bool = False):
+    """`vector_dtype` (float32 or float16): how a new store keeps its vectors; an existing one
+    keeps what it was made with."""
+
+    def __init__(self, path: str, read_only: bool = False, vector_dtype: str = vector_file.DEFAULT_DTYPE):
         self.path = path
+        self.lock = threading.RLock()
         if read_only:
             self._db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, check_same_thread=False,
                                        isolation_level=None)
@@ -105,13 +115,29 @@ class DocStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
-        self.lock = threading.RLock()
+            if not self._has_table("rows"):
+                self._db.executescript(ROWS + vector_file.SUMS_SCHEMA)
+                self.set_meta(vector_file.DTYPE_KEY, vector_file.check_dtype(vector_dtype))
+            elif not self._rows_hold_vectors():
+                self._db.executescript(vector_file.SUMS_SCHEMA)
+            else:
+                self._db.executescript(ROWS_WITH_VECTORS)
+        self.vectors = SqliteVectors(self) if self._rows_hold_vectors() else FileVectors(
+            self, Path(path).parent, self.get_meta(vector_file.DTYPE_KEY, vector_file.DEFAULT_DTYPE),
+            writable=not read_only)
         self.checked = False  # whether SQLite's integrity check passed when it was opened
         self._mark = None  # the writer's commit mark (index/commit_mark.py)
         self._commits = 0
 
+    def _has_table(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+    def _rows_hold_vectors(self) -> bool:
+        return any(col[1] == "vec" for col in self._db.execute("PRAGMA table_info(rows)"))
+
     def close(self) -> None:
         with self.lock:
+            self.vectors.close()
             self._db.close()
             if self._mark is not None:
                 self._mark.close()
@@ -168,7 +194,6 @@ class DocStore:
         caller has made sure no id is stored yet (a build's accept), so none is looked up; were
         one stored after all, the id's PRIMARY KEY refuses the whole batch.
         """
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         blobs = [doc.checked_metadata if doc.checked_metadata is not None else
                  check_document(doc.id, doc.text, doc.metadata, doc.image) for doc in docs]
         replaced: list[tuple[int, int]] = []
@@ -189,10 +214,7 @@ class DocStore:
                 "INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
                 ((doc.id, segment, first_row + i, doc.modality, doc.text, doc.image, blob)
                  for i, (doc, blob) in enumerate(zip(docs, blobs))))
-            cur.executemany(
-                "INSERT INTO rows(segment, row, modality, alive, vec) VALUES(?,?,?,1,?)",
-                ((segment, first_row + i, MODALITY_CODES[doc.modality], vec.tobytes())
-                 for i, (doc, vec) in enumerate(zip(docs, vectors))))
+            self.vectors.insert(cur, segment, first_row, [MODALITY_CODES[doc.modality] for doc in docs], vectors)
             for k, v in (meta or {}).items():
                 cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (k, v))
         return replaced
@@ -218,27 +240,40 @@ class DocStore:
         """Drop the segment's dead rows and number the live ones 0.. in their old order, in one
         transaction; bumps the segment's epoch so FAISS checkpoints of the old numbering are
         known stale, and records `checkpoint` (the one of the new numbering, already written)
-        in the same transaction. Returns the rows dropped."""
-        with self._transaction() as cur:
-            dead = cur.execute("SELECT count(*) FROM rows WHERE segment=? AND alive=0", (segment,)).fetchone()[0]
-            cur.execute("DROP TABLE IF EXISTS temp.remap")
-            cur.execute("CREATE TEMP TABLE remap(old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
-            cur.execute("INSERT INTO remap(old, new) SELECT row, ROW_NUMBER() OVER (ORDER BY row) - 1 "
-                        "FROM rows WHERE segment=? AND alive=1", (segment,))
-            cur.execute("DELETE FROM rows WHERE segment=? AND alive=0", (segment,))
-            cur.execute("DELETE FROM deaths WHERE segment=?", (segment,))  # readers reopen: new epoch
-            # Through negative numbers, so no renumbered row collides with one not yet renumbered.
-            for table in ("rows", "docs"):
-                cur.execute(f"UPDATE {table} SET row = -1 - (SELECT new FROM remap WHERE old = {table}.row) "
-                            "WHERE segment=?", (segment,))
-                cur.execute(f"UPDATE {table} SET row = -1 - row WHERE segment=?", (segment,))
-            cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
-                        (f"epoch:{segment}", str(self.epoch(segment) + 1)))
-            if checkpoint is not None:
-                cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
-                            (f"checkpoint:{segment}", json.dumps(checkpoint)))
-            cur.execute("DROP TABLE temp.remap")
+        in the same transaction, as the vector file of the new numbering. Returns the rows dropped."""
+        epoch = self.epoch(segment) + 1
+        try:
+            with self._transaction() as cur:
+                dead = self._compact(cur, segment, checkpoint, epoch)
+        except BaseException:
+            if isinstance(self.vectors, FileVectors):
+                self.vectors.abandon(segment, epoch)
+            raise
+        self.vectors.compacted(segment, epoch)
         return int(dead)
+
+    def _compact(self, cur, segment: int, checkpoint: dict | None, epoch: int) -> int:
+        dead = cur.execute("SELECT count(*) FROM rows WHERE segment=? AND alive=0", (segment,)).fetchone()[0]
+        live = np.array([r for (r,) in cur.execute("SELECT row FROM rows WHERE segment=? AND alive=1 ORDER BY row",
+                                                   (segment,))], dtype=np.int64)
+        self.vectors.compact(cur, segment, live, epoch)
+        cur.execute("DROP TABLE IF EXISTS temp.remap")
+        cur.execute("CREATE TEMP TABLE remap(old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
+        cur.execute("INSERT INTO remap(old, new) SELECT row, ROW_NUMBER() OVER (ORDER BY row) - 1 "
+                    "FROM rows WHERE segment=? AND alive=1", (segment,))
+        cur.execute("DELETE FROM rows WHERE segment=? AND alive=0", (segment,))
+        cur.execute("DELETE FROM deaths WHERE segment=?", (segment,))  # readers reopen: new epoch
+        # Through negative numbers, so no renumbered row collides with one not yet renumbered.
+        for table in ("rows", "docs"):
+            cur.execute(f"UPDATE {table} SET row = -1 - (SELECT new FROM remap WHERE old = {table}.row) "
+                        "WHERE segment=?", (segment,))
+            cur.execute(f"UPDATE {table} SET row = -1 - row WHERE segment=?", (segment,))
+        cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (f"epoch:{segment}", str(epoch)))
+        if checkpoint is not None:
+            cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)",
+                        (f"checkpoint:{segment}", json.dumps(checkpoint)))
+        cur.execute("DROP TABLE temp.remap")
+        return dead
 
     def vacuum(self) -> None:
         with self.lock:
@@ -357,10 +392,10 @@ class DocStore:
                 except sqlite3.OperationalError:
                     found = []
                 for segment, start in row_counts.items():
-                    got = self._db.execute("SELECT row, modality, alive, vec FROM rows WHERE segment=? AND row>=? "
+                    got = self._db.execute("SELECT row, modality, alive FROM rows WHERE segment=? AND row>=? "
                                            "ORDER BY row", (segment, start)).fetchall()
                     if got and got[0][0] == start and got[-1][0] == start + len(got) - 1:
-                        rows[segment] = (np.stack([np.frombuffer(g[3], dtype=np.float32) for g in got]),
+                        rows[segment] = (self.vectors.read_range(segment, start, start + len(got)),
                                          np.array([g[1] for g in got], dtype=np.uint8),
                                          np.array([bool(g[2]) for g in got]))
             finally:
@@ -370,30 +405,13 @@ class DocStore:
     @damage_as_error
     def iter_vectors(self, segment: int, start: int = 0, chunk: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first_row, vectors) in row order from `start`, `chunk` rows at a time."""
-        row = start
-        while True:
-            with self.lock:
-                found = self._db.execute(
-                    "SELECT row, vec FROM rows WHERE segment=? AND row>=? ORDER BY row LIMIT ?", (segment, row, chunk)
-                ).fetchall()
-            if not found:
-                return
-            vecs = np.stack([np.frombuffer(v, dtype=np.float32) for _, v in found])
-            yield found[0][0], vecs
-            row = found[-1][0] + 1
+        stop = self.row_count(segment)
+        for row in range(start, stop, chunk):
+            yield row, self.vectors.read_range(segment, row, min(stop, row + chunk))
 
     @damage_as_error
     def vectors_at(self, segment: int, rows: np.ndarray) -> np.ndarray:
-        out = []
-        with self.lock:
-            for i in range(0, len(rows), 500):
-                chunk = [int(r) for r in rows[i : i + 500]]
-                marks = ",".join("?" * len(chunk))
-                got = dict(self._db.execute(
-                    f"SELECT row, vec FROM rows WHERE segment=? AND row IN ({marks})", (segment, *chunk)
-                ).fetchall())
-                out.extend(np.frombuffer(got[r], dtype=np.float32) for r in chunk)
-        return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
+        return self.vectors.read(segment, np.asarray(rows, dtype=np.int64))
 
     @damage_as_error
     def rows_matching(self, segment: int, flt: dict) -> np.ndarray:
@@ -425,10 +443,8 @@ class DocStore:
     def put_vectors(self, segment: int, rows: np.ndarray, vectors: np.ndarray) -> None:
         """Write vectors over the stored ones of `rows` (a repair restoring damaged rows), in one
         counted transaction."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._transaction() as cur:
-            cur.executemany("UPDATE rows SET vec=? WHERE segment=? AND row=?",
-                            [(v.tobytes(), segment, int(r)) for r, v in zip(rows, vectors)])
+            self.vectors.overwrite(cur, segment, np.asarray(rows, dtype=np.int64), vectors)
 
     @damage_as_error
     def iter_docs(self, segment: int | None = None) -> Iterator[DocRecord]:

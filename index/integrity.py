@@ -1,6 +1,7 @@
 """Index files that check themselves.
 
-The document store (docs.sqlite) is the truth: every document and vector. A FAISS file is a
+The document store (docs.sqlite, with the vector files beside it) is the truth: every document
+and vector. A FAISS file is a
 checkpoint of one segment's rows, recorded in the manifest with its size, SHA-256, row count and
 the segment's epoch (how often it was compacted). On open a checkpoint that fails any of these is
 rebuilt from the document store, with a message, instead of serving wrong scores or dropping

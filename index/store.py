@@ -2,7 +2,8 @@
 
 Layout:
     manifest.json              what built it, index choice per segment, history
-    docs.sqlite                documents, vectors, tombstones, build cursor (WAL, fsync'd)
+    docs.sqlite                documents, row states, tombstones, build cursor (WAL, fsync'd)
+    segments/<id>/vectors.<epoch>.<f32|f16>  the segment's exact vectors (index/vector_file.py)
     segments/<id>/index.<token>.faiss  the checkpoint of a segment's FAISS index the manifest names
 
 Adds are durable when their SQLite transaction commits. FAISS files are checkpoints written
@@ -26,7 +27,7 @@ import numpy as np
 
 from index import modality_calibration as mc
 from index import version_scale
-from index import commit_mark, gpu, integrity, registry
+from index import commit_mark, gpu, integrity, recall_tuning, registry, vector_file
 from index import vector_index as vi
 from index.atomic import atomic_write
 from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
@@ -197,17 +198,23 @@ class IndexStore:
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, encoder: dict, index_kind: str = "auto", memory_budget: int | None = None) -> "IndexStore":
+    def create(cls, path: str | Path, encoder: dict, index_kind: str = "auto", memory_budget: int | None = None,
+               vector_dtype: str = vector_file.DEFAULT_DTYPE, target_recall: float | None = None) -> "IndexStore":
+        """`vector_dtype`: float32, or float16 for half the disk (index/vector_file.py);
+        `target_recall`: search parameters tuned for it when the build finishes (index/recall_tuning.py)."""
         path = Path(path)
         if (path / "manifest.json").exists():
             raise IndexError_(f"{path} already holds an index; open it, or choose another --out")
         if index_kind not in ("auto",) + vi.KINDS:
             raise InvalidArgument(f"unknown index type {index_kind!r}: use auto, flat, hnsw or ivfpq")
+        vector_file.check_dtype(vector_dtype)
+        recall_tuning.check_target(target_recall)
         path.mkdir(parents=True, exist_ok=True)
         writer = WriterLock(path).acquire()
         try:
-            manifest = new_manifest(encoder, {"kind": index_kind, "memory_budget": memory_budget})
-            docs = DocStore(str(path / DOCSTORE))
+            manifest = new_manifest(encoder, {"kind": index_kind, "memory_budget": memory_budget,
+                                              "vector_dtype": vector_dtype, "target_recall": target_recall})
+            docs = DocStore(str(path / DOCSTORE), vector_dtype=vector_dtype)
             docs.set_meta(integrity.DOCSTORE_ID, manifest[integrity.DOCSTORE_ID])
             docs.keep_mark(commit_mark.MarkWriter(path / DOCSTORE, manifest[integrity.DOCSTORE_ID]))
             write_manifest(path, manifest)
@@ -256,7 +263,10 @@ class IndexStore:
         n_rows = self.docs.row_count(rec["id"])
         alive, codes = self.docs.row_state(rec["id"], n_rows)
         seg = Segment(rec, None, alive, codes)
+        on_disk = self.docs.vectors.missing(seg.id, n_rows)
         if rec.get("index") is None:
+            if on_disk is not None:
+                raise IndexError_(self._missing_vectors_message(seg, on_disk, n_rows))
             return seg  # still building: vectors are only in the docstore
         epoch = self._epochs[seg.id] = self.docs.epoch(seg.id)
         integrity.adopt_recorded_compaction(rec, self.docs.pending_checkpoint(seg.id), epoch)
@@ -266,6 +276,8 @@ class IndexStore:
         loaded, problem = integrity.load_checkpoint(faiss_file, rec, seg.dim, n_rows, epoch, mapped)
         if problem == integrity.DOCSTORE_OLDER and not repair:
             raise IndexError_(integrity.older_docstore_message(self.path, seg.id, n_rows, rec))
+        if on_disk is not None:
+            self._restore_vectors(seg, loaded, on_disk, n_rows, repair)
         if loaded is None:
             if problem:
                 self._repaired(f"segment {seg.id}: {problem}; rebuilt its FAISS index from the document store "
@@ -280,6 +292,26 @@ class IndexStore:
                 seg.append(vecs)
             seg.dirty = True
         return seg
+
+    def _restore_vectors(self, seg: Segment, loaded, on_disk: int, n_rows: int, repair: bool) -> None:
+        """Rows missing from the segment's vector file, written back from a FAISS checkpoint that
+        holds them exactly (with `repair`); otherwise refused, never served without them."""
+        exact = loaded is not None and seg.choice.kind in ("flat", "hnsw") and int(loaded.ntotal) >= n_rows
+        if not (repair and exact):
+            raise IndexError_(self._missing_vectors_message(seg, on_disk, n_rows, exact))
+        rows = np.arange(on_disk, n_rows)
+        for start in range(0, len(rows), 65536):
+            part = rows[start:start + 65536]
+            self.docs.put_vectors(seg.id, part, loaded.reconstruct_batch(part))
+        self._repaired(f"segment {seg.id}: its vector file held {on_disk} of {n_rows} rows; restored the other "
+                       f"{n_rows - on_disk} from the FAISS checkpoint, which holds them exactly")
+
+    def _missing_vectors_message(self, seg: Segment, on_disk: int, n_rows: int, exact: bool = False) -> str:
+        where = self.path / vector_file.file_name(seg.id, self.docs.epoch(seg.id), self.docs.vectors.dtype)
+        fix = ("`umr index verify --repair` restores them from the segment's FAISS checkpoint, which holds them exactly"
+               if exact else "restore the index from a backup, or delete those documents and add them again "
+               "(no FAISS checkpoint of this segment holds them exactly)")
+        return f"{where} holds {on_disk} of the {n_rows} vectors the document store committed (truncated or removed): {fix}"
 
     def follow(self) -> Followed:
         """A reader's catch-up with the writer: rows committed since the last call join their
@@ -403,6 +435,7 @@ class IndexStore:
             if len(docs) and vectors.shape[1] != seg.dim:
                 raise IndexMismatch(f"vectors have dimension {vectors.shape[1]}, the index expects {seg.dim}")
             first = len(seg.alive)
+            vectors = self.docs.vectors.as_stored(vectors)  # FAISS holds what the store reads back
             replaced = self.docs.add(seg.id, first, docs, vectors, meta, fresh)
             seg.grow(first + len(docs))
             seg.alive[first:] = True
@@ -430,9 +463,11 @@ class IndexStore:
         self._require_write("finish the build")
         with self.lock:
             req = self.manifest["index_request"]
+            built = []
             for seg in self.segments:
                 if seg.faiss is not None:
                     continue
+                built.append(seg)
                 n = len(seg.alive)
                 choice = vi.choose_index(req["kind"], n, seg.dim, req.get("memory_budget"))
                 if choice.kind == "ivfpq" and n < vi.min_training_size(choice):
@@ -445,6 +480,11 @@ class IndexStore:
                 log.info("segment %d: %s index over %d vectors (%s)", seg.id, choice.kind, n, choice.reason,
                          extra={"segment": seg.id})
                 self._build_faiss(seg)
+            target = req.get("target_recall")
+            for seg in built if target else []:
+                tuning = recall_tuning.tune_segment(self, seg, target)
+                log.info("segment %d: %s for recall@%d %.3f (target %.3f), %.2f ms a query", seg.id, tuning.params,
+                         tuning.k, tuning.recall, target, tuning.ms_per_query, extra={"segment": seg.id})
             for seg in self.segments:
                 self.calibration(seg)  # fitted at build time and kept in the manifest
             self.manifest["state"] = "ready"
@@ -819,6 +859,24 @@ class IndexStore:
                 results.append(out)
         return results
 
+    def segment_rows(self, seg: Segment, q: np.ndarray, k: int) -> np.ndarray:
+        """The top-k rows of each query in one segment, every live row allowed (-1 past them)."""
+        with self.lock:
+            return self._search_segment(seg, np.ascontiguousarray(q, dtype=np.float32), k, None, None)[1]
+
+    def tune(self, target: float, k: int = 10) -> dict[int, "recall_tuning.Tuning"]:
+        """Pick each segment's search parameters for recall@k of `target` on its own vectors
+        (index/recall_tuning.py) and save them, so every process that opens the index uses them."""
+        self._require_write("tune search parameters")
+        with self.lock:
+            found = {seg.id: recall_tuning.tune_segment(self, seg, target, k)
+                     for seg in self.segments if seg.faiss is not None and seg.alive.sum() > k + 1}
+            self.manifest["index_request"]["target_recall"] = target
+            self.record_event("tuned", target_recall=target, k=k,
+                              segments={i: {"params": t.params, "recall": t.recall} for i, t in found.items()})
+        self.save()
+        return found
+
     def segment_scores(self, seg: Segment, q: np.ndarray, k: int, modalities: list[str] | None = None) -> np.ndarray:
         """The top-k raw scores of each query in one segment (-inf past its documents)."""
         with self.lock:
@@ -849,13 +907,13 @@ class IndexStore:
             scores, pos = vi.exact_topk(q, self.docs.vectors_at(seg.id, rows), k)
             return scores, np.where(pos >= 0, rows[np.maximum(pos, 0)], -1)
         selector, _bits = (None, None) if everything else vi.bitmap_selector(allowed)
-        refine = int(choice.params.get("refine", 1)) if choice.kind == "ivfpq" else 1
-        kk = min(k * refine, n_allowed)
+        refine = int(choice.params.get("refine", 1)) if choice.kind == "ivfpq" else 0
+        kk = min(k * max(1, refine), n_allowed)
         if on_gpu:  # GPU FAISS takes no ID selector: unmasked searches only
             scores, rows = seg.gpu.search(q, kk)
         else:
             scores, rows = seg.faiss.search(q, kk, params=vi.search_params(choice, selector, kk))
-        if refine > 1:
+        if refine:  # IVF-PQ: the top k*refine re-scored exactly, so scores are cosines (refine 1: the top k)
             scores, rows = self._refine(seg, q, rows, k)
         if len(seg.tail):
             scores, rows = self._with_tail(seg, q, k, scores, rows, allowed)
@@ -916,6 +974,7 @@ class IndexStore:
                 "encoder": self.version(self.active_version),  # the one queries are embedded with
                 "built_with": self.manifest["encoder"],
                 "documents": self.count(),
+                "vectors": {"stored_in": self.docs.vectors.kind, "dtype": self.docs.vectors.dtype},
                 "segments": segs,
                 "encoders": self.versions,
                 "active_version": self.active_version,

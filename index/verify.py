@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from index import vector_check
+from index import vector_check, vector_file
 from index.docstore import DocStore
 from index.errors import IndexDamaged, IndexError_
 from index.store import DOCSTORE, IndexStore
@@ -83,10 +83,17 @@ def _checks(store: IndexStore, report: VerifyReport, repair: bool, full: bool, s
     for seg in store.segments:
         rows = vector_check.rows_to_compare(seg, None if full else sample)
         compared += len(rows)
-        vector_check.check_segment(store, seg, rows, repair, report)
+        blocks = store.docs.vectors.failing_blocks(seg.id, len(seg.alive))
+        vector_check.check_segment(store, seg, rows, repair, report, vector_check.block_rows(blocks))
+        if blocks and repair:
+            blocks = store.docs.vectors.failing_blocks(seg.id, len(seg.alive))
+        report.problems += vector_check.failing_block_problems(seg, blocks)
         for doc_id, why in unreadable(store.docs.raw_docs(seg.id, None if full else rows)):
             report.problems.append(f"document {doc_id!r} (segment {seg.id}) cannot be read back ({why})")
             report.unrepairable.append(f"document {doc_id!r} cannot be read back: delete it and add it again")
+    if store.docs.vectors.kind == "files":
+        report.checked.append("the vector files' checksums, every complete block of "
+                              f"{vector_file.BLOCK_ROWS} rows")
     report.checked.append(f"FAISS contents against the stored vectors, and the stored documents decoding: {compared} "
                           f"rows ({'all' if full else f'a sample of up to {sample} per segment; --full checks all'})")
     if repair:

@@ -117,7 +117,8 @@ def accept(rows: list[tuple[int, Item | Rejected, str | None]], report: BuildRep
 def commit(store: IndexStore, items: list[Item], vectors, report: BuildReport, journal: BuildJournal | None,
            next_ordinal: int) -> None:
     """Store one batch's documents and vectors with the corpus cursor in one transaction."""
-    docs = [DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata,
+    docs = [it if isinstance(it, DocRecord) else  # an import's plain id, stored as it is
+            DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata,
                       checked_metadata=getattr(it, "checked_metadata", None)) for it in items]
     report.indexed += len(docs)  # counted before the commit so the saved report includes this batch
     meta = journal.batch_meta(next_ordinal, report.to_dict()) if journal else None
@@ -163,9 +164,11 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
 def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_kind: str = "auto",
                 memory_budget: int | None = None, batch_size: int | None = None, workers: int | None = None, strict: bool = False,
                 corpus_format: str = "auto", progress: bool = True, ray: str | None = None,
-                shard_size: int = 4096) -> BuildReport:
+                shard_size: int = 4096, vector_dtype: str = "float32", target_recall: float | None = None) -> BuildReport:
     """Build (or resume building) the index at `out`. `ray`: encode on that Ray cluster ("auto"
-    or a head node's address) in shards of `shard_size` records (retrieval/distributed_build.py)."""
+    or a head node's address) in shards of `shard_size` records (retrieval/distributed_build.py).
+    `vector_dtype`: how the exact vectors are kept (float16: half the disk; index/vector_file.py);
+    `target_recall`: search parameters tuned for it at the end (index/recall_tuning.py)."""
     corpus = Path(corpus)
     batch_size = batch_size or default_batch_size()
     reader = open_corpus(corpus, corpus_format)
@@ -188,7 +191,8 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
 
     report = run_build(out, encoder, {"corpus": str(corpus.resolve()), "format": reader.kind}, str(corpus),
                        _length(reader), run, index_kind=index_kind, memory_budget=memory_budget,
-                       batch_size=batch_size, progress=progress)
+                       batch_size=batch_size, progress=progress, vector_dtype=vector_dtype,
+                       target_recall=target_recall)
     if ray:
         from retrieval.distributed_build import remove_shards
 
@@ -204,7 +208,8 @@ def _length(reader) -> int | None:
 
 
 def run_build(out: str | Path, encoder: Encoder, source: dict, label: str, total: int | None, run, *,
-              index_kind: str, memory_budget: int | None, batch_size: int, progress: bool) -> BuildReport:
+              index_kind: str, memory_budget: int | None, batch_size: int, progress: bool,
+              vector_dtype: str = "float32", target_recall: float | None = None) -> BuildReport:
     """What every kind of build shares: create the index or resume it (checking that the same
     build is resumed), `run(store, journal, report, start, bar)` from the cursor, then train and
     fill FAISS, record the report and save. `source` identifies what is being indexed."""
@@ -223,12 +228,14 @@ def run_build(out: str | Path, encoder: Encoder, source: dict, label: str, total
             store.close()
             raise IndexMismatch(f"{out} is being built from {prev.get('corpus') or prev}; to add another corpus use "
                                 "`umr index add`, or choose a new --out")
-        asked = {"kind": index_kind, "memory_budget": memory_budget}
+        asked = {"kind": index_kind, "memory_budget": memory_budget, "vector_dtype": vector_dtype,
+                 "target_recall": target_recall}
         if journal.index_request != asked and not store.ready:
             req = journal.index_request
             store.close()
             raise IndexMismatch(
-                f"{out} was started with --index {req['kind']} and memory budget {req['memory_budget']}; "
+                f"{out} was started with --index {req['kind']}, memory budget {req['memory_budget']}, "
+                f"--vector-dtype {req['vector_dtype']} and target recall {req['target_recall']}; "
                 "resume it with the same flags, or choose a new --out"
             )
         if store.ready:
@@ -238,7 +245,7 @@ def run_build(out: str | Path, encoder: Encoder, source: dict, label: str, total
             store.close()
             return report
     else:
-        store = IndexStore.create(out, encoder.record(), index_kind, memory_budget)
+        store = IndexStore.create(out, encoder.record(), index_kind, memory_budget, vector_dtype, target_recall)
         journal = BuildJournal(store)
         journal.begin(source, batch_size)
     try:

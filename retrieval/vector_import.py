@@ -13,7 +13,9 @@ text or image gets `--modality` (default image: clip-retrieval embeds images).
 """
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from index.document_rules import InvalidDocument, check_document
+from index.docstore import DocRecord
+from index.document_rules import MAX_ID_CHARS, InvalidDocument, check_document
 from index.errors import IndexMismatch, InvalidArgument
 from retrieval.encoders.base import Encoder
 from retrieval.items import MODALITIES, Item
@@ -40,6 +43,8 @@ class ImportedItem(Item):
         return self.declared
 
     def image_ref(self) -> str | None:
+        if self.image is None:
+            return None
         if isinstance(self.image, str) and "://" in self.image:
             return self.image  # a URL, as clip-retrieval's metadata holds them
         return super().image_ref()
@@ -88,44 +93,67 @@ def open_vectors(path: str | Path, dim: int) -> VectorFile:
     return VectorFile(path, shape, dtype, offset)
 
 
-def read_ids(path: str | Path, default_modality: str, start: int = 0) -> Iterator[Item | Rejected]:
+def read_ids(path: str | Path, default_modality: str, start: int = 0) -> Iterator[Item | DocRecord | Rejected]:
     """One Item (or Rejected) per line of ids.jsonl from line `start` (0-based) on, blank lines
-    included: line n is row n. Lines before `start` (a resumed build's) are not parsed."""
+    included: line n is row n. Lines before `start` (a resumed build's) are not parsed. A plain
+    id comes as the DocRecord it is stored as, checked already."""
     path = Path(path)
-    base = path.parent
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
-            if lineno <= start:
-                continue
-            rec = plain_id(line)  # most lines of a large import: read without the JSON parser
-            if rec is None:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield Rejected(f"line {lineno}", f"invalid JSON ({e.msg})")
-                    continue
-            if isinstance(rec, (str, int)):
-                rec = {"id": str(rec)}
-            if not isinstance(rec, dict) or rec.get("id") in (None, ""):
-                yield Rejected(f"line {lineno}", "expected an id string or an object with an id")
-                continue
-            doc_id, text, image, meta = str(rec["id"]), rec.get("text"), rec.get("image"), rec.get("metadata") or {}
-            if image is not None and not isinstance(image, str):
-                yield Rejected(doc_id, "image must be a path string")
-                continue
-            if image and "://" not in image and not Path(image).is_absolute():
-                image = str(base / image)
-            content = Item(doc_id, text, image).modality if (image or (isinstance(text, str) and text.strip())) else None
-            modality = rec.get("modality") or content or default_modality
-            if modality not in MODALITIES:
-                yield Rejected(doc_id, f"unknown modality {modality!r} (use image, text or image,text)")
-                continue
-            try:
-                blob = check_document(doc_id, text, meta, image)
-            except InvalidDocument as e:
-                yield Rejected(doc_id, str(e))
-                continue
-            yield ImportedItem(doc_id, text, image, meta, declared=modality, checked_metadata=blob)
+        lines = itertools.islice(f, start, None)
+        lineno = start
+        while block := list(itertools.islice(lines, PLAIN_BLOCK_LINES)):
+            plain = plain_ids(block)
+            if plain is not None:  # the common case of a large import: no per-line parsing or checks
+                for doc_id in plain:
+                    yield DocRecord(doc_id, default_modality, checked_metadata="{}")
+            else:
+                for i, line in enumerate(block, lineno + 1):
+                    yield read_record(line, i, path.parent, default_modality)
+            lineno += len(block)
+
+
+def read_record(line: str, lineno: int, base: Path, default_modality: str) -> Item | Rejected:
+    """One line of ids.jsonl: a JSON string (the id) or an object with an id."""
+    rec = plain_id(line)  # read without the JSON parser, checked below like any other
+    if rec is None:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            return Rejected(f"line {lineno}", f"invalid JSON ({e.msg})")
+    if isinstance(rec, (str, int)):
+        rec = {"id": str(rec)}
+    if not isinstance(rec, dict) or rec.get("id") in (None, ""):
+        return Rejected(f"line {lineno}", "expected an id string or an object with an id")
+    doc_id, text, image, meta = str(rec["id"]), rec.get("text"), rec.get("image"), rec.get("metadata") or {}
+    if image is not None and not isinstance(image, str):
+        return Rejected(doc_id, "image must be a path string")
+    if image and "://" not in image and not Path(image).is_absolute():
+        image = str(base / image)
+    content = Item(doc_id, text, image).modality if (image or (isinstance(text, str) and text.strip())) else None
+    modality = rec.get("modality") or content or default_modality
+    if modality not in MODALITIES:
+        return Rejected(doc_id, f"unknown modality {modality!r} (use image, text or image,text)")
+    try:
+        blob = check_document(doc_id, text, meta, image)
+    except InvalidDocument as e:
+        return Rejected(doc_id, str(e))
+    return ImportedItem(doc_id, text, image, meta, declared=modality, checked_metadata=blob)
+
+
+# A block of lines each a JSON string of printable ASCII without quotes or escapes: ids that
+# check_document would pass as they are, unless one is '.', '..' or ends in '/image' (looked for
+# apart). Every line ends in a newline but perhaps the file's last.
+PLAIN_BLOCK = re.compile(r'(?:"[ !#-\[\]-~]{1,%d}"\n)*(?:"[ !#-\[\]-~]{1,%d}"\n?)' % (MAX_ID_CHARS, MAX_ID_CHARS))
+NOT_PLAIN = re.compile(r'^"\.{1,2}"$|/image"$', re.M)
+PLAIN_BLOCK_LINES = 4096
+
+
+def plain_ids(block: list[str]) -> list[str] | None:
+    """The ids of a block of lines when every line is a plain id (PLAIN_BLOCK), else None."""
+    text = "".join(block)
+    if not PLAIN_BLOCK.fullmatch(text) or NOT_PLAIN.search(text):
+        return None
+    return [line[1:line.rindex('"')] for line in block]
 
 
 def plain_id(line: str) -> str | None:
@@ -169,11 +197,12 @@ def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | Rejected], r
     for first in range(start, n, batch_size):
         last = min(n, first + batch_size)
         block, ok = unit_rows(vectors[first:last])
-        rows = []
-        for i in range(last - first):
-            rec = next(ids)
-            problem = None if isinstance(rec, Rejected) or ok[i] else "vector is zero or not finite"
-            rows.append((first + i, rec, problem))
+        rows = [(first + i, rec, None) for i, rec in enumerate(itertools.islice(ids, last - first))]
+        if len(rows) != last - first:
+            raise InvalidArgument(f"the ids file ended at row {first + len(rows)} of {n}: was it changed during the build?")
+        for i in np.flatnonzero(~ok).tolist():
+            if not isinstance(rows[i][1], Rejected):
+                rows[i] = (first + i, rows[i][1], "vector is zero or not finite")
         kept = accept(rows, report, seen, journal, strict)
         commit(store, [rows[i][1] for i in kept], block[kept] if kept else None, report, journal, last)
         if progress is not None:
@@ -183,7 +212,8 @@ def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | Rejected], r
 
 def build_from_vectors(vectors: str | Path, ids: str | Path, encoder: Encoder, out: str | Path, *,
                        modality: str = "image", index_kind: str = "auto", memory_budget: int | None = None,
-                       batch_size: int = 65536, strict: bool = False, progress: bool = True):
+                       batch_size: int = 65536, strict: bool = False, progress: bool = True,
+                       vector_dtype: str = "float32", target_recall: float | None = None):
     """Build (or resume building) an index of precomputed vectors; resumable like any build."""
     from retrieval.pipeline import run_build
 
@@ -203,4 +233,5 @@ def build_from_vectors(vectors: str | Path, ids: str | Path, encoder: Encoder, o
                        strict=strict, journal=journal, progress=bar)
 
     return run_build(out, encoder, source, str(vectors), len(x), run, index_kind=index_kind,
-                     memory_budget=memory_budget, batch_size=batch_size, progress=progress)
+                     memory_budget=memory_budget, batch_size=batch_size, progress=progress, vector_dtype=vector_dtype,
+                     target_recall=target_recall)

@@ -43,6 +43,13 @@ def top1_is_itself(store, vecs, ids=range(0, 300, 37)) -> bool:
     return all(h[0].id == f"d{i}" and abs(h[0].score - 1.0) < 1e-4 for i, h in zip(ids, hits))
 
 
+def vector_file_of(idx, seg=0):
+    """The segment's vector file (index/vector_file.py): one per segment, named by its epoch."""
+    found = sorted((idx / "segments" / str(seg)).glob("vectors.*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def checkpoint(idx, seg=0):
     """The FAISS file the manifest names for a segment (a new name per checkpoint)."""
     return idx / json.loads((idx / "manifest.json").read_text())["segments"][seg]["faiss_file"]

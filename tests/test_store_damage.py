@@ -22,10 +22,24 @@ from index import IndexStore, integrity
 from index import vector_index as vi
 from index.errors import IndexDamaged, IndexError_
 from index.verify import verify
-from test_index_integrity import checkpoint, make, top1_is_itself, unit
+from test_index_integrity import checkpoint, make, top1_is_itself, unit, vector_file_of
 
 
-def damage_an_index_page(idx, index_name="rows_state"):
+def overwrite_stored_vector(idx, seg: int, row: int, change) -> None:
+    """Change one row of a segment's vector file in place, as a disk or another tool would:
+    `change(bytearray of the row)`."""
+    path = vector_file_of(idx, seg)
+    dim = json.loads((idx / "manifest.json").read_text())["segments"][seg]["encoder"]["dim"]
+    size = dim * 4
+    with open(path, "r+b") as f:
+        f.seek(row * size)
+        blob = bytearray(f.read(size))
+        change(blob)
+        f.seek(row * size)
+        f.write(bytes(blob))
+
+
+def damage_an_index_page(idx, index_name="sqlite_autoindex_docs_2"):
     """Bytes of one leaf page of an SQLite index overwritten: the table reads fine, the index
     does not (as 64 bytes flipped by a disk did: 595 documents served of 1,200)."""
     path = idx / "docs.sqlite"
@@ -155,10 +169,9 @@ def test_reencode_finds_a_stored_vector_that_is_not_its_documents_encoding(tmp_p
     assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
     db = sqlite3.connect(tmp_path / "idx" / "docs.sqlite")
     seg, row = db.execute("SELECT segment, row FROM docs WHERE id='t17'").fetchone()
-    dim = len(db.execute("SELECT vec FROM rows LIMIT 1").fetchone()[0]) // 4
-    with db:  # another document's direction: what a race between two encodings stored
-        db.execute("UPDATE rows SET vec=? WHERE segment=? AND row=?", (_unit(dim), seg, row))
     db.close()
+    # another document's direction: what a race between two encodings stored
+    overwrite_stored_vector(tmp_path / "idx", seg, row, lambda blob: blob.__setitem__(slice(None), _unit(len(blob) // 4)))
     assert cli_in_process("index", "verify", tmp_path / "idx", "--repair").returncode == 0  # FAISS follows the store
     r = cli_in_process("index", "verify", tmp_path / "idx", "--reencode", "60")
     assert r.returncode == 1 and "document 't17'" in r.stdout and "fresh encoding" in r.stdout
@@ -185,14 +198,10 @@ def test_damaged_stored_vectors_are_restored_from_the_checkpoint_not_copied_into
     idx = tmp_path / "idx"
     store, vecs = make(idx)
     store.close()
+    for row in (37, 74):  # an exponent bit of the first float: what a flipped bit on disk does
+        overwrite_stored_vector(idx, 0, row, lambda blob: blob.__setitem__(3, blob[3] ^ 0x40))
     db = sqlite3.connect(idx / "docs.sqlite")
     with db:
-        for doc_id in ("d37", "d74"):
-            blob = bytearray(db.execute("SELECT r.vec FROM rows r JOIN docs d USING(segment, row) WHERE d.id=?",
-                                        (doc_id,)).fetchone()[0])
-            blob[3] ^= 0x40  # an exponent bit of the first float: what a flipped bit on disk does
-            db.execute("UPDATE rows SET vec=? WHERE (segment, row) = (SELECT segment, row FROM docs WHERE id=?)",
-                       (bytes(blob), doc_id))
         db.execute("UPDATE docs SET metadata='{not json' WHERE id='d5'")
     db.close()
     r = cli_in_process("index", "verify", idx, "--full")

@@ -94,24 +94,26 @@ class Index:
     @classmethod
     def build(cls, corpus: str | Path, encoder: str | EncoderHandle = DEFAULT_ENCODER, out: str | Path | None = None, *,
               index_kind: str = "auto", batch_size: int = 64, memory_budget: int | None = None,
-              progress: bool = False, ray: str | None = None, shard_size: int = 4096) -> "Index":
+              progress: bool = False, ray: str | None = None, shard_size: int = 4096,
+              vector_dtype: str = "float32") -> "Index":
         """Read `corpus` (JSONL, an image folder with captions, an M-BEIR pool), encode it and
         write the index to `out`; returns it open for writing. Run again on an unfinished `out`,
         it resumes where the build stopped. `ray="auto"` (or a head node's address) encodes on a
-        Ray cluster, as `umr index build --ray` does."""
+        Ray cluster, as `umr index build --ray` does. `vector_dtype="float16"` keeps the exact
+        vectors in half the disk."""
         from retrieval.pipeline import build_index
 
         if out is None:
             raise InvalidArgument("Index.build needs out=FOLDER, where the index is written")
         enc = _encoder(encoder)
         build_index(corpus, enc, out, index_kind=index_kind, batch_size=batch_size, memory_budget=memory_budget,
-                    progress=progress, ray=ray, shard_size=shard_size)
+                    progress=progress, ray=ray, shard_size=shard_size, vector_dtype=vector_dtype)
         return cls(Engine.open(out, enc))
 
     @classmethod
     def from_vectors(cls, vectors: str | Path, ids: str | Path, encoder: str | EncoderHandle = DEFAULT_ENCODER,
                      out: str | Path | None = None, *, modality: str = "image", index_kind: str = "auto",
-                     memory_budget: int | None = None, progress: bool = False) -> "Index":
+                     memory_budget: int | None = None, progress: bool = False, vector_dtype: str = "float32") -> "Index":
         """An index of precomputed embeddings (an (n, dim) .npy and one id or record per row in a
         JSONL file), as `umr index build --vectors --ids` builds it; `encoder` is the model that
         made them, recorded as the query encoder and never run on the documents."""
@@ -121,7 +123,7 @@ class Index:
             raise InvalidArgument("Index.from_vectors needs out=FOLDER, where the index is written")
         enc = _encoder(encoder)
         build_from_vectors(vectors, ids, enc, out, modality=modality, index_kind=index_kind,
-                           memory_budget=memory_budget, progress=progress)
+                           memory_budget=memory_budget, progress=progress, vector_dtype=vector_dtype)
         return cls(Engine.open(out, enc))
 
     @classmethod

@@ -93,13 +93,15 @@ def cmd_index_build(a) -> int:
 
         report = build_from_vectors(a.vectors, a.ids, enc, a.out, modality=a.modality, index_kind=a.index,
                                     memory_budget=parse_bytes(a.memory_budget), batch_size=a.batch_size or 65536,
-                                    strict=a.strict, progress=progress)
+                                    strict=a.strict, progress=progress, vector_dtype=a.vector_dtype,
+                                    target_recall=a.target_recall)
     else:
         from retrieval.pipeline import build_index
 
         report = build_index(a.corpus, enc, a.out, index_kind=a.index, memory_budget=parse_bytes(a.memory_budget),
                              batch_size=a.batch_size, workers=a.workers, strict=a.strict, corpus_format=a.format,
-                             progress=progress, ray=a.ray, shard_size=a.shard_size)
+                             progress=progress, ray=a.ray, shard_size=a.shard_size, vector_dtype=a.vector_dtype,
+                             target_recall=a.target_recall)
     if a.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -192,6 +194,24 @@ def cmd_index_compact(a) -> int:
     return 0
 
 
+def cmd_index_tune(a) -> int:
+    from index.store import IndexStore
+
+    store = IndexStore.open(a.index_dir)
+    try:
+        found = store.tune(a.target_recall, k=a.k)
+    finally:
+        store.close()
+    if a.json:
+        print(json.dumps({str(s): t.to_dict() for s, t in found.items()}, indent=2))
+        return 0
+    for seg_id, t in found.items():
+        said = "reaches" if t.reached else "falls short of"
+        print(f"segment {seg_id}: {t.params or 'exact search'}: recall@{t.k} {t.recall:.3f} on {t.queries} of its own "
+              f"vectors, {said} the target {t.target}; {t.ms_per_query:.2f} ms a query here")
+    return 0 if all(t.reached for t in found.values()) else 1
+
+
 def cmd_index_info(a) -> int:
     from index.store import IndexStore
 
@@ -207,6 +227,9 @@ def cmd_index_info(a) -> int:
     enc = info["encoder"]
     print(f"encoder {enc['spec']}  fingerprint {enc['fingerprint']}  dim {enc['dim']}  (version {info['active_version']}, "
           "active: queries and new documents)")
+    vec = info["vectors"]
+    print(f"exact vectors: {vec['dtype']}, " + ("in a file per segment (segments/N/vectors.*)" if vec["stored_in"] == "files"
+                                                else "inside docs.sqlite (an index made before the vector files)"))
     if len(info["encoders"]) > 1:
         for v in info["encoders"]:
             mark = " (active)" if v["version"] == info["active_version"] else ""
@@ -217,6 +240,10 @@ def cmd_index_info(a) -> int:
               f"{s['by_modality']}, {s['deleted_rows']} deleted rows, {idx.get('factory', 'not built')} {idx.get('params', '')}")
         if idx.get("reason"):
             print(f"  chosen: {idx['reason']}")
+        if idx.get("tuned"):
+            t = idx["tuned"]
+            print(f"  tuned for recall@{t['k']} {t['target']}: {t['params'] or 'exact search'}, measured "
+                  f"{t['recall']:.3f} on {t['queries']} of its own vectors" + ("" if t["reached"] else " (short of it)"))
         if len(s["by_modality"]) > 1:
             from index.modality_calibration import MIN_DOCUMENTS
 
@@ -702,6 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
     b.add_argument("--memory-budget", help="e.g. 2G; --index auto picks an index that fits")
+    b.add_argument("--vector-dtype", default="float32", choices=["float32", "float16"],
+                   help="how the exact vectors for re-scoring are kept on disk: float16 takes half the space "
+                        "(cosine 0.9999 to float32)")
+    b.add_argument("--target-recall", type=float, metavar="R",
+                   help="tune the search parameters (nprobe, refine depth, efSearch) on a sample of the index's own "
+                        "vectors for recall@10 of at least R, e.g. 0.95, at the least cost measured")
     _ingest_args(b)
     b.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
                    help="encode on a Ray cluster: auto (the one on this machine, else a local one) or a head "
@@ -737,6 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
     co = ix.add_parser("compact", help="drop dead rows left by deleted and replaced documents, rebuild their FAISS")
     co.add_argument("index_dir")
     co.set_defaults(fn=cmd_index_compact)
+    tu = ix.add_parser("tune", help="pick search parameters (nprobe, refine, efSearch) for a recall target, measured on "
+                                    "the index's own vectors; every process that opens the index then uses them")
+    tu.add_argument("index_dir")
+    tu.add_argument("--target-recall", type=float, required=True, metavar="R", help="e.g. 0.95")
+    tu.add_argument("--k", type=positive_int, default=10, help="recall@k (default 10)")
+    tu.add_argument("--json", action="store_true")
+    tu.set_defaults(fn=cmd_index_tune)
 
     s = sub.add_parser("search", help="search an index from the command line")
     s.add_argument("index_dir")
