@@ -5,7 +5,6 @@ vectors inside docs.sqlite (made before) still open, grow and compact. Real SQLi
 files damaged on disk; the CLI as a user runs it."""
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 
