@@ -119,6 +119,14 @@ def serve_child(index: Path, work: Path, seconds: float) -> None:
     }))
 
 
+def tuning_text(tuned: dict | None) -> str:
+    if not tuned:
+        return "none (defaults)"
+    verdict = "reached" if tuned["reached"] else "NOT reached"
+    return (f"target recall@{tuned['k']} {tuned['target']} {verdict}: {tuned['params']}, recall {tuned['recall']:.3f} "
+            f"on {tuned['queries']} held-back vectors, {tuned['ms_per_query']:.1f} ms a query while tuning")
+
+
 def http_phase(index: Path, work: Path, port: int, requests: int) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     umr = Path(sys.executable).parent / "umr"
@@ -143,6 +151,8 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=20_000)
     ap.add_argument("--budget", default="2G")
     ap.add_argument("--vector-dtype", default="float16", choices=["float32", "float16"])
+    ap.add_argument("--target-recall", type=float, default=0.95,
+                    help="passed to the build (0 for the untuned defaults)")
     ap.add_argument("--work", default="/tmp/umr-bench-large")
     ap.add_argument("--recall-sample", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=60, help="time bound of each query loop")
@@ -168,7 +178,9 @@ def main() -> None:
     t = time.perf_counter()
     build = subprocess.run([str(umr), "index", "build", "--vectors", str(work / "emb.npy"), "--ids", str(work / "ids.jsonl"),
                             "--encoder", ENCODER.format(dim=args.dim), "--out", str(index), "--memory-budget", args.budget,
-                            "--vector-dtype", args.vector_dtype, "--json", "--no-progress"], capture_output=True, text=True)
+                            "--vector-dtype", args.vector_dtype, "--json", "--no-progress",
+                            *(["--target-recall", str(args.target_recall)] if args.target_recall else [])],
+                           capture_output=True, text=True)
     ingest_s = json.loads(build.stdout)["seconds"] if build.returncode == 0 else float("nan")
     stages["build"] = time.perf_counter() - t
     if build.returncode:
@@ -205,6 +217,7 @@ def main() -> None:
         ("memory budget", args.budget),
         ("index chosen", f"{seg['index']['factory']}, nprobe {seg['index']['params'].get('nprobe')}, "
                          f"refine x{seg['index']['params'].get('refine')}: {seg['index']['reason']}"),
+        ("tuning (--target-recall)", tuning_text(seg["index"].get("tuned"))),
         ("on disk", f"{index_bytes / 2**30:.2f} GiB in all ({index_bytes / 1e9:.2f} GB): vector file "
                     f"{vector_bytes / 2**30:.2f} GiB ({args.vector_dtype}), docs.sqlite {docs_bytes / 2**30:.2f} GiB, "
                     f"FAISS file {faiss_bytes / 2**20:.0f} MiB"),
@@ -234,7 +247,7 @@ def main() -> None:
             "budget": parse_bytes(args.budget) / 2**20, "in process": mem["VmRSS"], "umr serve": hmem["VmRSS"]}},
             ylabel="MiB", title=f"{args.n:,} x {args.dim}: resident memory against the budget", highlight="budget"), "",
         f"Run: `python bench/large.py --n {args.n} --dim {args.dim} --budget {args.budget} "
-        f"--vector-dtype {args.vector_dtype}`.",
+        f"--vector-dtype {args.vector_dtype} --target-recall {args.target_recall}`.",
     ])
     write_section("large", body)
     if not args.keep:
