@@ -59,3 +59,38 @@ def train_on_gpu(ivf: faiss.Index) -> None:
     """Let an IVF index's k-means assign points with a GPU flat index (FAISS's own recipe)."""
     if active() and hasattr(ivf, "clustering_index"):
         ivf.clustering_index = faiss.index_cpu_to_gpu(_res(), _device, faiss.IndexFlatL2(ivf.d))
+
+
+# faiss-gpu wheels are built per CUDA major version; one built for another major than the
+# installed torch's cannot load its CUDA runtime beside it, so FAISS silently stays on the CPU.
+EXTRA_FOR_CUDA_MAJOR = {"12": "gpu-cu12", "13": "gpu-cu13"}
+
+
+def matching_extra(torch_cuda: str | None) -> str | None:
+    """The `umr[...]` extra whose faiss-gpu matches a torch built for CUDA `torch_cuda` ("13.0")."""
+    return EXTRA_FOR_CUDA_MAJOR.get((torch_cuda or "").split(".")[0]) if torch_cuda else None
+
+
+def where_search_runs(kind: str, has_gpu_copy: bool) -> str:
+    """One segment's search, in words: what answers it and on which device."""
+    if has_gpu_copy:
+        return f"GPU {_device} (faiss-gpu {kind}, unmasked searches; masked ones on the CPU)"
+    if kind == "flat":
+        return "CPU (torch matrix product + top-k)"
+    return f"CPU (faiss {kind})"
+
+
+def describe() -> dict:
+    """The FAISS build and devices in play, with the extra to install when they do not match."""
+    import torch
+
+    cuda = torch.version.cuda
+    out = {"faiss": faiss.__version__, "faiss_gpu": hasattr(faiss, "StandardGpuResources"),
+           "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
+           "search_device": f"cuda:{_device}" if active() else "cpu",
+           "torch_cuda": cuda, "torch_sees_gpu": torch.cuda.is_available()}
+    if out["torch_sees_gpu"] and not out["faiss_gpu"]:
+        extra = matching_extra(cuda)
+        out["hint"] = (f"FAISS runs on the CPU: torch has CUDA {cuda}; pip uninstall faiss-cpu && pip install "
+                       f"'umr[{extra}]'" if extra else f"FAISS runs on the CPU: no faiss-gpu build is known for CUDA {cuda}")
+    return out

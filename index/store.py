@@ -966,6 +966,8 @@ class IndexStore:
                     "by_modality": {m: c for m, c in counts.items() if c},
                     "modality_calibration": self._calibrated_pairs(seg),
                     "vectors_in_faiss": int(seg.faiss.ntotal) if seg.faiss is not None else 0,
+                    "search_runs_on": gpu.where_search_runs(seg.choice.kind, seg.gpu is not None)
+                    if seg.choice is not None else None,
                 })
             return {
                 "path": str(self.path),
@@ -976,6 +978,7 @@ class IndexStore:
                 "documents": self.count(),
                 "vectors": {"stored_in": self.docs.vectors.kind, "dtype": self.docs.vectors.dtype},
                 "segments": segs,
+                "search": gpu.describe(),
                 "encoders": self.versions,
                 "active_version": self.active_version,
                 "build": self.manifest.get("build", {}),

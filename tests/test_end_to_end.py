@@ -68,6 +68,10 @@ def test_cli_search_info_add_delete(flickr_index, tmp_path):
     r = cli_in_process("index", "info", idx, "--json")
     info = json.loads(r.stdout)
     assert info["documents"] == 2 * len(names) and info["segments"][0]["index"]["kind"] == "flat"
+    # Where search runs, for the machine at hand (no GPU here or in CI): the CPU, and why.
+    assert info["search"]["search_device"] == "cpu" and info["search"]["faiss_gpu"] is False
+    assert info["segments"][0]["search_runs_on"] == "CPU (torch matrix product + top-k)"
+    assert "search runs on: cpu (faiss " in cli_in_process("index", "info", idx).stdout
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"id": "extra-1", "text": "a completely new caption about kites"}])
     r = cli_in_process("index", "add", idx, extra, "--no-progress")
     assert r.returncode == 0 and "added 1 items" in r.stdout

@@ -289,3 +289,17 @@ def test_a_reader_maps_ivfpq_lists_and_follows_the_writer(tmp_path):
     assert "compacted" in reader.follow().reopen
     reader.close()
     writer.close()
+
+
+def test_gpu_extra_matches_torch_cuda_major():
+    """The extra named to a user must be the faiss-gpu build for torch's CUDA major: a CUDA 12
+    build beside a CUDA 13 torch cannot load (what issue 25 found on an H200)."""
+    from index import gpu
+
+    assert gpu.matching_extra("13.0") == "gpu-cu13" and gpu.matching_extra("12.8") == "gpu-cu12"
+    assert gpu.matching_extra(None) is None and gpu.matching_extra("11.8") is None
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any("cu13" in dep for dep in extras["gpu-cu13"]) and any("cu12" in dep for dep in extras["gpu-cu12"])

@@ -230,6 +230,11 @@ def cmd_index_info(a) -> int:
     vec = info["vectors"]
     print(f"exact vectors: {vec['dtype']}, " + ("in a file per segment (segments/N/vectors.*)" if vec["stored_in"] == "files"
                                                 else "inside docs.sqlite (an index made before the vector files)"))
+    where = info["search"]
+    print(f"search runs on: {where['search_device']} (faiss {where['faiss']}"
+          f"{', GPU build' if where['faiss_gpu'] else ', CPU build'}; torch CUDA {where['torch_cuda'] or 'none'})")
+    if where.get("hint"):
+        print(f"  {where['hint']}")
     if len(info["encoders"]) > 1:
         for v in info["encoders"]:
             mark = " (active)" if v["version"] == info["active_version"] else ""
@@ -238,6 +243,8 @@ def cmd_index_info(a) -> int:
         idx = s["index"] or {}
         print(f"segment {s['id']} (encoder version {s['encoder_version']}, {s['encoder']['spec']}): {s['documents']} documents "
               f"{s['by_modality']}, {s['deleted_rows']} deleted rows, {idx.get('factory', 'not built')} {idx.get('params', '')}")
+        if s.get("search_runs_on"):
+            print(f"  searched on: {s['search_runs_on']}")
         if idx.get("reason"):
             print(f"  chosen: {idx['reason']}")
         if idx.get("tuned"):
