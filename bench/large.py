@@ -154,11 +154,13 @@ def main() -> None:
     ap.add_argument("--target-recall", type=float, default=0.95,
                     help="passed to the build (0 for the untuned defaults)")
     ap.add_argument("--work", default="/tmp/umr-bench-large")
-    ap.add_argument("--recall-sample", type=int, default=200)
+    ap.add_argument("--recall-sample", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=60, help="time bound of each query loop")
     ap.add_argument("--http-requests", type=int, default=400)
     ap.add_argument("--port", type=int, default=8791)
     ap.add_argument("--keep", action="store_true", help="keep the vectors and the index")
+    ap.add_argument("--reuse-index", action="store_true",
+                    help="serve the index a --keep run left (re-tuned to --target-recall) instead of building it")
     ap.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.work)
@@ -173,8 +175,10 @@ def main() -> None:
         t = time.perf_counter()
         generate(work, args.n, args.dim, args.clusters)
         stages["generate"] = time.perf_counter() - t
-    shutil.rmtree(index, ignore_errors=True)
     umr = Path(sys.executable).parent / "umr"
+    if args.reuse_index:
+        return serve_phases(args, work, index, umr, stages, reused=retune(args, index, umr))
+    shutil.rmtree(index, ignore_errors=True)
     t = time.perf_counter()
     build = subprocess.run([str(umr), "index", "build", "--vectors", str(work / "emb.npy"), "--ids", str(work / "ids.jsonl"),
                             "--encoder", ENCODER.format(dim=args.dim), "--out", str(index), "--memory-budget", args.budget,
@@ -188,6 +192,21 @@ def main() -> None:
     import resource
 
     build_peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    serve_phases(args, work, index, umr, stages, built=(ingest_s, build_peak_mib))
+
+
+def retune(args, index: Path, umr: Path) -> str:
+    if not (index / "manifest.json").exists():
+        sys.exit(f"--reuse-index: no index at {index}; run with --keep first")
+    t = time.perf_counter()
+    r = subprocess.run([str(umr), "index", "tune", str(index), "--target-recall", str(args.target_recall)],
+                       capture_output=True, text=True)
+    if r.returncode not in (0, 1):
+        sys.exit(f"tuning failed: {r.stderr[-3000:]}")
+    return f"reused (built by an earlier --keep run); re-tuned in {time.perf_counter() - t:.0f} s"
+
+
+def serve_phases(args, work: Path, index: Path, umr: Path, stages: dict, built=None, reused: str = "") -> None:
     t = time.perf_counter()
     served = subprocess.run([sys.executable, __file__, "--serve-child", "--work", str(work), "--seconds", str(args.seconds)],
                             capture_output=True, text=True)
@@ -222,8 +241,10 @@ def main() -> None:
                     f"{vector_bytes / 2**30:.2f} GiB ({args.vector_dtype}), docs.sqlite {docs_bytes / 2**30:.2f} GiB, "
                     f"FAISS file {faiss_bytes / 2**20:.0f} MiB"),
         ("generate", f"{stages.get('generate', float('nan')):.0f} s" if "generate" in stages else "reused"),
-        ("build (CLI, end to end)", f"{stages['build']:.0f} s ({args.n / stages['build']:,.0f} vectors/s), peak RSS {build_peak_mib:,.0f} MiB"),
-        ("of which ingest (read, check, store)", f"{ingest_s:.0f} s ({args.n / ingest_s:,.0f} vectors/s)"),
+        *([("build (CLI, end to end)", f"{stages['build']:.0f} s ({args.n / stages['build']:,.0f} vectors/s), "
+                                       f"peak RSS {built[1]:,.0f} MiB"),
+           ("of which ingest (read, check, store)", f"{built[0]:.0f} s ({args.n / built[0]:,.0f} vectors/s)")]
+          if built else [("build", reused)]),
         ("open read-only", f"{s['open_s']:.1f} s; RSS after open {s['after_open']['VmRSS']:,.0f} MiB"),
         ("search, one query at a time", f"{s['qps_single']:.0f} QPS, p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms "
                                         f"({s['queries']} queries)"),

@@ -207,8 +207,9 @@ def cmd_index_tune(a) -> int:
         return 0
     for seg_id, t in found.items():
         said = "reaches" if t.reached else "falls short of"
-        print(f"segment {seg_id}: {t.params or 'exact search'}: recall@{t.k} {t.recall:.3f} on {t.queries} of its own "
-              f"vectors, {said} the target {t.target}; {t.ms_per_query:.2f} ms a query here")
+        print(f"segment {seg_id}: {t.params or 'exact search'}: recall@{t.k} {t.recall:.3f} +- {t.recall_se:.3f} on "
+              f"{t.queries} of its own vectors, {said} the target {t.target} (less one standard error); "
+              f"{t.ms_per_query:.2f} ms a query here")
     return 0 if all(t.reached for t in found.values()) else 1
 
 
