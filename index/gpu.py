@@ -1,9 +1,12 @@
-"""FAISS on a GPU, when faiss-gpu is installed (`umr[gpu]`) and the chosen device is a GPU.
+"""Search on a GPU when the chosen device is one.
 
-A segment keeps its CPU index (the checkpoint, tombstones by ID selector, adds); a GPU copy
-answers the searches that need no mask (no filter, no deleted rows) and trains IVF cells.
-GPU FAISS takes no ID selector, so masked searches stay on the CPU, as does HNSW (no GPU
-version). Without faiss-gpu, or on `--device cpu`, nothing here does anything.
+A segment keeps its CPU index (the checkpoint, tombstones by ID selector, adds); a device copy
+answers searches. Flat segments are mirrored as a torch tensor on the device
+(index/device_flat.py), which needs no faiss-gpu and takes masks. IVF-PQ segments get a GPU
+FAISS copy when faiss-gpu is installed (`umr[gpu-cu12]` / `umr[gpu-cu13]`): it answers the
+searches that need no mask (no filter, no deleted rows) and trains IVF cells; GPU FAISS takes
+no ID selector, so masked searches stay on the CPU, as does HNSW (no GPU version). On
+`--device cpu` nothing here does anything.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import faiss
 
 log = logging.getLogger("umr.index")
 MAX_K = 2048  # GPU FAISS returns at most this many neighbours per query
-_device: int | None = None
+_device: int | None = None  # FAISS's GPU
+_torch_device: str | None = None  # where flat segments are mirrored for torch search
 _resources = None
 _lock = threading.Lock()
 
@@ -25,9 +29,23 @@ def available() -> bool:
 
 
 def use(device: int | None) -> None:
-    """GPU number `device` for FAISS from now on (None: the CPU)."""
-    global _device
+    """GPU number `device` for search from now on (None: the CPU)."""
+    global _device, _torch_device
     _device = device if device is not None and available() else None
+    _torch_device = f"cuda:{device}" if device is not None and _torch_cuda() else None
+
+
+def mirror_flat_on(torch_device: str | None) -> None:
+    """Mirror flat segments loaded from now on onto `torch_device` ("cuda:0"; None: no mirror).
+    `use` sets it; naming "cpu" runs the mirror's code on a machine without a GPU."""
+    global _torch_device
+    _torch_device = torch_device
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def active() -> bool:
@@ -43,8 +61,14 @@ def _res():
 
 
 def search_copy(index: faiss.Index, kind: str):
-    """A GPU copy of a flat or IVF-PQ index for unmasked searches, or None."""
-    if not active() or kind not in ("flat", "ivfpq"):
+    """A device copy of a flat index (a DeviceFlat, any search) or of an IVF-PQ index (GPU
+    FAISS, unmasked searches), or None."""
+    if kind == "flat" and _torch_device is not None:
+        from index.device_flat import DeviceFlat
+        from index.vector_index import flat_vectors
+
+        return DeviceFlat(flat_vectors(index), _torch_device)
+    if not active() or kind != "ivfpq":
         return None
     try:
         options = faiss.GpuClonerOptions()
@@ -71,9 +95,12 @@ def matching_extra(torch_cuda: str | None) -> str | None:
     return EXTRA_FOR_CUDA_MAJOR.get((torch_cuda or "").split(".")[0]) if torch_cuda else None
 
 
-def where_search_runs(kind: str, has_gpu_copy: bool) -> str:
-    """One segment's search, in words: what answers it and on which device."""
-    if has_gpu_copy:
+def where_search_runs(kind: str, copy) -> str:
+    """One segment's search, in words: what answers it and on which device (`copy`: the
+    segment's device copy, from `search_copy`)."""
+    if copy is not None and kind == "flat":
+        return f"{copy.device} (torch matrix product + top-k)"
+    if copy is not None:
         return f"GPU {_device} (faiss-gpu {kind}, unmasked searches; masked ones on the CPU)"
     if kind == "flat":
         return "CPU (torch matrix product + top-k)"
@@ -87,7 +114,8 @@ def describe() -> dict:
     cuda = torch.version.cuda
     out = {"faiss": faiss.__version__, "faiss_gpu": hasattr(faiss, "StandardGpuResources"),
            "faiss_gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
-           "search_device": f"cuda:{_device}" if active() else "cpu",
+           "search_device": f"cuda:{_device}" if active() else (_torch_device or "cpu"),
+           "flat_search_device": _torch_device or "cpu",
            "torch_cuda": cuda, "torch_sees_gpu": torch.cuda.is_available()}
     if out["torch_sees_gpu"] and not out["faiss_gpu"]:
         extra = matching_extra(cuda)

@@ -94,7 +94,7 @@ class Segment:
         self._tail = np.zeros((0, self.dim), dtype=np.float32)  # capacity grows by doubling
         self._tail_rows = 0
         self.mapped = False
-        self.gpu = None  # a GPU copy of `faiss` for unmasked searches (index/gpu.py)
+        self.gpu = None  # a device copy of `faiss` (index/gpu.py)
         self.modality_counts: tuple | None = None  # IndexStore.modality_counts' cache
         if faiss_index is not None:
             self.set_index(faiss_index)
@@ -146,15 +146,6 @@ class Segment:
             extra = n - len(self.alive)
             self.alive = np.concatenate([self.alive, np.zeros(extra, dtype=bool)])
             self.codes = np.concatenate([self.codes, np.zeros(extra, dtype=np.uint8)])
-
-
-def _padded(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, k) results from fewer columns: -inf scores, row -1."""
-    if scores.shape[1] == k:
-        return scores, rows
-    pad = k - scores.shape[1]
-    return (np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf),
-            np.pad(rows, ((0, 0), (0, pad)), constant_values=-1))
 
 
 def _stamp(path: Path) -> tuple | None:
@@ -896,10 +887,9 @@ class IndexStore:
             if n_allowed == 0:
                 return empty
             everything = n_allowed == len(allowed)
+        if choice.kind == "flat" and seg.gpu is not None:  # a DeviceFlat takes masks
+            return seg.gpu.search(q, k, None if everything else allowed)
         on_gpu = seg.gpu is not None and everything and k * 10 <= gpu.MAX_K
-        if on_gpu and choice.kind == "flat":
-            scores, rows = seg.gpu.search(q, min(k, seg.indexed_rows))
-            return _padded(scores, rows, k)
         if choice.kind == "flat":
             return vi.exact_topk(q, vi.flat_vectors(seg.faiss), k, None if everything else allowed)
         if not everything and n_allowed <= EXACT_FILTER_ROWS:
@@ -966,7 +956,7 @@ class IndexStore:
                     "by_modality": {m: c for m, c in counts.items() if c},
                     "modality_calibration": self._calibrated_pairs(seg),
                     "vectors_in_faiss": int(seg.faiss.ntotal) if seg.faiss is not None else 0,
-                    "search_runs_on": gpu.where_search_runs(seg.choice.kind, seg.gpu is not None)
+                    "search_runs_on": gpu.where_search_runs(seg.choice.kind, seg.gpu)
                     if seg.choice is not None else None,
                 })
             return {

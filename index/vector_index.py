@@ -198,7 +198,7 @@ def as_tensor(x: np.ndarray):
         return torch.from_numpy(x)
 
 
-def exact_topk(q: np.ndarray, xb: np.ndarray, k: int, allowed: np.ndarray | None = None,
+def exact_topk(q: np.ndarray, xb, k: int, allowed: np.ndarray | None = None,
                chunk: int = 131_072) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k by matrix products over chunks of the database.
 
@@ -206,20 +206,23 @@ def exact_topk(q: np.ndarray, xb: np.ndarray, k: int, allowed: np.ndarray | None
     queries about 1.8x faster than numpy's GEMM + single-threaded argpartition and 3-7x faster
     than IndexFlatIP.search on the 2-core machines here; a lone query costs about the same
     either way (docs/benchmarks.md, section kernels). `allowed` masks rows out (deletes, filters).
+    `xb` may also be a float32 tensor on a device (a GPU): the products run there.
     """
     import torch
 
     nq, kk = len(q), min(k, len(xb))
     if nq == 0 or kk < 1:
         return np.zeros((nq, max(kk, 0)), dtype=np.float32), np.zeros((nq, max(kk, 0)), dtype=np.int64)
-    tq = as_tensor(q)
+    on_device = isinstance(xb, torch.Tensor)  # a DeviceFlat's rows (index/device_flat.py)
+    device = xb.device if on_device else torch.device("cpu")
+    tq = as_tensor(q).to(device)
     best_s, best_i = [], []
     with torch.inference_mode():
         for start in range(0, len(xb), chunk):
-            block = as_tensor(xb[start : start + chunk])
+            block = xb[start : start + chunk] if on_device else as_tensor(xb[start : start + chunk])
             scores = tq @ block.T
             if allowed is not None:
-                scores[:, torch.from_numpy(~allowed[start : start + chunk])] = -math.inf
+                scores[:, torch.from_numpy(~allowed[start : start + chunk]).to(device)] = -math.inf
             s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1)
             best_s.append(s)
             best_i.append(i + start)
@@ -227,7 +230,7 @@ def exact_topk(q: np.ndarray, xb: np.ndarray, k: int, allowed: np.ndarray | None
         if s.shape[1] > k:
             s, pos = torch.topk(s, k, dim=1)
             i = torch.gather(i, 1, pos)
-    best_s, best_i = s.numpy(), i.numpy()
+    best_s, best_i = s.cpu().numpy(), i.cpu().numpy()
     # Equal scores in index order, whatever order top-k left them in.
     order = np.lexsort((best_i, -best_s), axis=1)
     best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)

@@ -303,3 +303,36 @@ def test_gpu_extra_matches_torch_cuda_major():
 
     extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any("cu13" in dep for dep in extras["gpu-cu13"]) and any("cu12" in dep for dep in extras["gpu-cu12"])
+
+
+def test_flat_segments_mirrored_on_a_device_answer_as_on_the_cpu(tmp_path):
+    """The torch-on-GPU path for flat segments (index/device_flat.py), run with "cpu" as the
+    device on machines without one: same hits through adds, deletes, filters and a reopen."""
+    from index import gpu
+
+    plain, vecs = make(tmp_path, n=300, name="plain")
+    q = vecs[:6] + 0.02
+    gpu.mirror_flat_on("cpu")
+    try:
+        store, _ = make(tmp_path, n=300, name="mirrored")
+        assert store.segments[0].gpu is not None and store.segments[0].gpu.ntotal == 300
+        assert store.info()["segments"][0]["search_runs_on"] == "cpu (torch matrix product + top-k)"
+        new = unit(np.random.default_rng(5), 1500)  # grows the mirror past its first capacity
+        docs = [DocRecord(f"n{i}", "text", text=f"new {i}", metadata={"parity": i % 2}) for i in range(1500)]
+        for s in (plain, store):
+            s.add(docs, new)
+            s.delete(["d0", "d7", "n3"])
+        assert store.segments[0].gpu.ntotal == plain.segments[0].faiss.ntotal
+        for kwargs in ({}, {"flt": {"parity": 1}}, {"modalities": ["image"]}):
+            want = [[(h.id, round(h.score, 5)) for h in row] for row in plain.search(q, k=10, **kwargs)]
+            got = [[(h.id, round(h.score, 5)) for h in row] for row in store.search(q, k=10, **kwargs)]
+            assert got == want, kwargs
+        store.save()
+        store.close()
+        again = IndexStore.open(tmp_path / "mirrored")
+        assert again.segments[0].gpu.ntotal == 1800
+        assert [h.id for h in again.search(q, k=10)[0]] == [h.id for h in plain.search(q, k=10)[0]]
+        again.close()
+    finally:
+        gpu.mirror_flat_on(None)
+    plain.close()
