@@ -13,7 +13,7 @@ demo:
 	@V=$$(scripts/venv.sh) && "$$V/bin/umr" demo
 
 test:
-	@scripts/browser.sh && V=$$(scripts/venv.sh) && "$$V/bin/ruff" check . && "$$V/bin/python" -m pytest -q tests
+	@scripts/browser.sh && V=$$(scripts/venv.sh) && "$$V/bin/ruff" check . && "$$V/bin/python" -m pytest -q --durations=20 tests
 
 test-fast:
 	@V=$$(scripts/venv.sh) && "$$V/bin/ruff" check . && "$$V/bin/python" -m pytest -q -m "not slow" tests

@@ -47,6 +47,24 @@ def open_image(source, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | Non
     smallest size whose sides are still >= min_side: several times faster than a full decode,
     at a cosine of 0.997-0.99998 to the fully decoded embedding; UMR_JPEG_DRAFT=0 turns it off.
     """
+    img = open_unloaded(source, limits)
+    w, h = img.size
+    try:
+        if min_side and img.format == "JPEG" and os.environ.get("UMR_JPEG_DRAFT", "1") != "0":
+            scale = min(w, h) / min_side
+            if scale >= 2:
+                img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+        img = centre_crop_to_aspect(upright(img), limits.crop_aspect)
+        return to_rgb(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(f"image is truncated or corrupt ({e.__class__.__name__})") from None
+
+
+def open_unloaded(source, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """`source` opened with only its header read, every limit checked: what may be decoded."""
     if isinstance(source, Image.Image):
         img = source
     else:
@@ -80,18 +98,7 @@ def open_image(source, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | Non
     if aspect > limits.max_aspect:
         raise BadImage(f"image is {w}x{h}, an aspect ratio of {aspect:.0f}:1, over the limit of {limits.max_aspect:g}:1",
                        "limit_image_aspect")
-    try:
-        if min_side and img.format == "JPEG" and os.environ.get("UMR_JPEG_DRAFT", "1") != "0":
-            scale = min(w, h) / min_side
-            if scale >= 2:
-                img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
-        img = centre_crop_to_aspect(upright(img), limits.crop_aspect)
-        return to_rgb(img)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadImage(f"image is truncated or corrupt ({e.__class__.__name__})") from None
+    return img
 
 
 def upright(img: Image.Image) -> Image.Image:

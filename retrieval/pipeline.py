@@ -172,6 +172,9 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
     corpus = Path(corpus)
     batch_size = batch_size or default_batch_size()
     reader = open_corpus(corpus, corpus_format)
+    if ray and encoder.numerics():  # workers would embed at their own process's settings
+        raise InvalidArgument(f"{_numerics_words(encoder.numerics())} applies to this process only, not to "
+                              "Ray workers: build with --ray at the defaults, or without --ray")
     if ray:  # before anything is written: a cluster that cannot be reached leaves no half-made index
         from retrieval.distributed_build import connect
 
@@ -224,6 +227,14 @@ def run_build(out: str | Path, encoder: Encoder, source: dict, label: str, total
                 f"{out} was started with encoder {store.encoder['spec']} (fingerprint {store.encoder['fingerprint']}), "
                 f"not {encoder.spec} ({encoder.fingerprint}); re-run with --encoder {store.encoder['spec']} or choose a new --out"
             )
+        built_as = store.encoder.get("vectors_fingerprint", store.encoder["fingerprint"])
+        if built_as != encoder.vectors_fingerprint:
+            was, now = store.encoder.get("numerics") or {}, encoder.numerics()
+            store.close()
+            raise IndexMismatch(
+                f"{out} was started with {_numerics_words(was)}, this run has {_numerics_words(now)}: the vectors "
+                "would differ in their last digits; resume it with the same --precision and --image-decode, "
+                "or choose a new --out")
         if prev and prev != source:
             store.close()
             raise IndexMismatch(f"{out} is being built from {prev.get('corpus') or prev}; to add another corpus use "
@@ -273,6 +284,10 @@ def run_build(out: str | Path, encoder: Encoder, source: dict, label: str, total
     finally:
         store.close()
     return report
+
+
+def _numerics_words(n: dict) -> str:
+    return f"--precision {n.get('precision', 'float32')} --image-decode {n.get('image_decode', 'cpu')}"
 
 
 def add_to_index(store: IndexStore, encoder: Encoder, corpus: str | Path, *, batch_size: int | None = None,

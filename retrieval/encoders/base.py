@@ -18,6 +18,8 @@ from PIL import Image
 
 from index.atomic import file_sha256
 from index.errors import InvalidArgument
+from retrieval import device_decode, numerics
+from retrieval.device import current as current_device
 from retrieval.device import stack_batch
 from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from retrieval.items import Item
@@ -100,6 +102,7 @@ class Preparer:
     image_size: int
     supports_images: bool
     supports_texts: bool
+    decode_on_device: bool = False  # JPEGs go to the device decoder (retrieval/device_decode.py)
 
     def prepare(self, item: Item, limits: ImageLimits = DEFAULT_LIMITS) -> Prepared:
         """A document's Prepared, as its encoder's `prepare(item, "document")` gives it."""
@@ -113,7 +116,9 @@ class Preparer:
             if isinstance(item.image, torch.Tensor):
                 image = item.image
             else:
-                image = self.preprocess(open_image(item.image, limits, min_side=self.image_size))
+                image = device_decode.for_device(item.image, limits) if self.decode_on_device else None
+                if image is None:
+                    image = self.preprocess(open_image(item.image, limits, min_side=self.image_size))
         if text is not None and not self.supports_texts:
             if image is None:
                 raise EncoderError(f"encoder {self.spec} embeds images only; item {item.id!r} is text")
@@ -129,6 +134,11 @@ class Encoder(ABC):
     supports_images = True
     supports_texts = True
     image_size = 224
+    # Whether the forward passes honour --precision float16 (retrieval/numerics.py).
+    reduced_precision = False
+    # uint8 CHW pixels on any device -> the preprocessed image, where preprocessing is exactly
+    # that after decoding; what --image-decode device needs (retrieval/device_decode.py).
+    device_resize_crop: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- what each backbone implements ---------------------------------------------------
     @abstractmethod
@@ -164,10 +174,39 @@ class Encoder(ABC):
             self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
         return self._fingerprint
 
+    def numerics(self) -> dict:
+        """The options in force that change this encoder's vectors (retrieval/numerics.py);
+        one it cannot honour is refused rather than ignored."""
+        chosen = numerics.current()
+        if chosen.precision != "float32" and not self.reduced_precision:
+            raise EncoderError(f"--precision {chosen.precision}: encoder {self.spec} runs at its own precision; "
+                               "use --precision float32")
+        out = chosen.record()
+        if not self.supports_images:
+            out.pop("image_decode", None)
+        elif "image_decode" in out and self.device_resize_crop is None:
+            raise EncoderError(f"--image-decode device: encoder {self.spec}'s image preprocessing runs on the CPU "
+                               "only; use --image-decode cpu")
+        return out
+
+    @property
+    def vectors_fingerprint(self) -> str:
+        """`fingerprint` with the numerics in force folded in: equal only where the vectors are
+        the same to the last bit, which a resumed build must be."""
+        extra = self.numerics()
+        if not extra:
+            return self.fingerprint
+        blob = json.dumps({"fingerprint": self.fingerprint, "numerics": extra}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def record(self) -> dict:
-        """What an index manifest stores about the encoder that filled it."""
+        """What an index manifest stores about the encoder that filled it. Queries match it by
+        `fingerprint` (any numerics: they agree within cosine 0.999); a build resumes only with
+        the same `vectors_fingerprint`."""
+        extra = self.numerics()
         return {"spec": self.spec, "fingerprint": self.fingerprint, "dim": self.dim, "config": self.config(),
-                "query_modalities": self.query_modalities}
+                "query_modalities": self.query_modalities,
+                **({"numerics": extra, "vectors_fingerprint": self.vectors_fingerprint} if extra else {})}
 
     @property
     def query_modalities(self) -> list[str]:
@@ -181,7 +220,10 @@ class Encoder(ABC):
         if role == "query":
             text = self.with_instruction(text, instruction)
         return Preparer(self.spec, self.preprocess_image, self.image_size, self.supports_images,
-                        self.supports_texts).parts(item, text, limits)
+                        self.supports_texts, self.decodes_on_device()).parts(item, text, limits)
+
+    def decodes_on_device(self) -> bool:
+        return "image_decode" in self.numerics()
 
     def image_preprocessor(self):
         """A picklable image preprocessing function that holds none of the model's weights, or
@@ -194,7 +236,8 @@ class Encoder(ABC):
         fn = self.image_preprocessor()
         if fn is None or type(self).prepare is not Encoder.prepare:
             return None
-        return Preparer(self.spec, fn, self.image_size, self.supports_images, self.supports_texts)
+        return Preparer(self.spec, fn, self.image_size, self.supports_images, self.supports_texts,
+                        self.decodes_on_device())
 
     @torch.inference_mode()
     def embed(self, prepared: list[Prepared]) -> np.ndarray:
@@ -202,9 +245,20 @@ class Encoder(ABC):
         the normalised sum of the normalised image and text embeddings."""
         img_idx = [i for i, p in enumerate(prepared) if p.image is not None]
         txt_idx = [i for i, p in enumerate(prepared) if p.text is not None]
-        img = self.embed_images(stack_batch([prepared[i].image for i in img_idx])) if img_idx else None
+        img = self.embed_images(self.image_batch([prepared[i].image for i in img_idx])) if img_idx else None
         txt = self.embed_texts([prepared[i].text for i in txt_idx]) if txt_idx else None
         return fuse(len(prepared), self.dim, img_idx, img, txt_idx, txt)
+
+    def image_batch(self, images: list) -> torch.Tensor:
+        """Prepared images as one batch; JPEGs left for the device decoded there."""
+        if not any(isinstance(x, device_decode.EncodedJpeg) for x in images):
+            return stack_batch(images)
+        checked = ImageLimits(max_bytes=1 << 62, max_pixels=1 << 62, max_aspect=1e9)  # passed when prepared
+
+        def on_cpu(jpeg):
+            return device_decode.decode_on_cpu(jpeg, self.preprocess_image, checked)
+
+        return device_decode.image_batch(images, current_device(), self.device_resize_crop, on_cpu)
 
     def encode(self, items: list[Item], role: str = "document", instruction: str | None = None,
                batch_size: int = 64) -> np.ndarray:

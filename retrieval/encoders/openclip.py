@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from retrieval import numerics
 from retrieval.encoders.base import Encoder, EncoderError, sha256_file
 from retrieval.encoders.serial import serial
 
@@ -27,6 +28,8 @@ def register_tiny() -> None:
 
 
 class OpenClipEncoder(Encoder):
+    reduced_precision = True
+
     def __init__(self, model, preprocess, tokenizer, spec: str, arch: str, digest: str):
         from retrieval.device import current
 
@@ -113,10 +116,12 @@ class OpenClipEncoder(Encoder):
     def embed_images(self, batch: torch.Tensor) -> torch.Tensor:
         from retrieval.device import to_cpu
 
-        return to_cpu(self.model.encode_image(batch.to(self.device)))
+        with numerics.current().autocast(self.device):
+            return to_cpu(self.model.encode_image(batch.to(self.device)))
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         from retrieval.device import to_cpu
 
-        return to_cpu(self.model.encode_text(self.tokenizer(texts).to(self.device)))
+        with numerics.current().autocast(self.device):
+            return to_cpu(self.model.encode_text(self.tokenizer(texts).to(self.device)))

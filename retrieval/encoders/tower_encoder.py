@@ -37,6 +37,8 @@ def read_folder_config(directory: Path, kind: str) -> dict:
 
 class TowerEncoder(Encoder):
     text_max_tokens = towers.MAX_TOKENS
+    reduced_precision = True
+    device_resize_crop = staticmethod(towers.resize_crop)
 
     def __init__(self):
         self.text = towers.text_tower()

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from index.errors import InvalidArgument
+from retrieval import numerics
 from retrieval.device import current, stack_batch, to_cpu, to_device
 from retrieval.encoders import packing
 from retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
@@ -73,12 +74,13 @@ class TextTower:
         """Mean-pooled, L2-normalised sentence embeddings (the all-MiniLM recipe); batches of
         several texts are packed rather than padded (retrieval/encoders/packing.py)."""
         # Packing saves the CPU the padding; a GPU computes padding for free.
-        if self.device.type == "cpu" and len(texts) >= packing.MIN_TEXTS and self.packs:
-            ids = self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
-            pooled = packing.packed_mean_pool(self.model, ids, self.tokenizer.pad_token_id or 0)
-        else:
-            pooled = self.padded_mean_pool(texts, max_tokens)
-        return to_cpu(torch.nn.functional.normalize(pooled, dim=-1))
+        with numerics.current().autocast(self.device):
+            if self.device.type == "cpu" and len(texts) >= packing.MIN_TEXTS and self.packs:
+                ids = self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
+                pooled = packing.packed_mean_pool(self.model, ids, self.tokenizer.pad_token_id or 0)
+            else:
+                pooled = self.padded_mean_pool(texts, max_tokens)
+        return to_cpu(torch.nn.functional.normalize(pooled.float(), dim=-1))
 
     @torch.inference_mode()
     def padded_mean_pool(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
@@ -94,7 +96,8 @@ class TextTower:
     def cached_features(self, texts: list[str], max_tokens: int = MAX_TOKENS, batch_size: int = 256,
                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """`features`, looked up in the on-disk feature cache first (retrieval/feature_cache.py)."""
-        cache = FeatureCache.for_namespace(f"text-{TEXT_TOWER}-{self.digest[:16]}-t{max_tokens}", TEXT_DIM)
+        cache = FeatureCache.for_namespace(
+            f"text-{TEXT_TOWER}-{self.digest[:16]}-t{max_tokens}{numerics.current().cache_tag()}", TEXT_DIM)
 
         def compute(positions):
             for chunk in chunked(positions, batch_size):
@@ -146,21 +149,14 @@ class ImageTower:
         """Shorter side to 224 (bicubic, antialiased), centre crop, uint8 CHW (normalised later,
         batched). Resized by torchvision's uint8 kernel rather than PIL's: within 0.004 of a grey
         level on average, 3.8x faster, free of the GIL, and the same operation a GPU can run."""
-        from torchvision.transforms.v2.functional import InterpolationMode, resize
-
-        w, h = image.size
-        s = IMAGE_SIZE / min(w, h)
-        nw, nh = max(IMAGE_SIZE, round(w * s)), max(IMAGE_SIZE, round(h * s))
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        x = resize(x, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        left, top = (nw - IMAGE_SIZE) // 2, (nh - IMAGE_SIZE) // 2
-        return x[:, top : top + IMAGE_SIZE, left : left + IMAGE_SIZE].contiguous()
+        return resize_crop(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
 
     @torch.inference_mode()
     def features(self, batch: torch.Tensor) -> torch.Tensor:
         x, n = to_device(batch, self.device)
         x = (x.float() - self.mean) / self.std
-        return to_cpu(self.model(x.contiguous(memory_format=torch.channels_last))[:n])
+        with numerics.current().autocast(self.device):
+            return to_cpu(self.model(x.contiguous(memory_format=torch.channels_last))[:n])
 
     def cached_features(self, sources: list, batch_size: int = 32, workers: int = 2,
                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -168,7 +164,8 @@ class ImageTower:
         paths and bytes are looked up in the on-disk feature cache by content first. An image
         that cannot be read raises ValueError naming it."""
         cache = FeatureCache.for_namespace(
-            f"image-{IMAGE_TOWER}-{self.digest[:16]}-pooled-{IMAGE_SIZE}-p{PREPROCESS_VERSION}", IMAGE_DIM)
+            f"image-{IMAGE_TOWER}-{self.digest[:16]}-pooled-{IMAGE_SIZE}-p{PREPROCESS_VERSION}"
+            f"{numerics.current().cache_tag()}", IMAGE_DIM)
         return self._cached(sources, self.features, cache, IMAGE_DIM, batch_size, workers, progress)
 
     def cached_feature_maps(self, sources: list, batch_size: int = 32, workers: int = 2) -> torch.Tensor:
@@ -176,7 +173,8 @@ class ImageTower:
         re-ranker's image tokens, which `umr reranker train` and `score` need for every candidate."""
         width = IMAGE_TOKENS * IMAGE_DIM
         cache = FeatureCache.for_namespace(
-            f"image-{IMAGE_TOWER}-{self.digest[:16]}-fmap-{IMAGE_SIZE}-p{PREPROCESS_VERSION}-f16", width, np.float16)
+            f"image-{IMAGE_TOWER}-{self.digest[:16]}-fmap-{IMAGE_SIZE}-p{PREPROCESS_VERSION}-f16"
+            f"{numerics.current().cache_tag()}", width, np.float16)
         flat = self._cached(sources, lambda b: self.feature_map(b).flatten(1), cache, width, batch_size, workers, None)
         return flat.view(len(sources), IMAGE_TOKENS, IMAGE_DIM)
 
@@ -211,8 +209,22 @@ class ImageTower:
         """The last 7 x 7 x 1280 feature map as 49 tokens (B x 49 x 1280), before pooling."""
         x, n = to_device(batch, self.device)
         x = (x.float() - self.mean) / self.std
-        fmap = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))[:n]
+        with numerics.current().autocast(self.device):
+            fmap = self.model.forward_features(x.contiguous(memory_format=torch.channels_last))[:n]
         return to_cpu(fmap.flatten(2).transpose(1, 2).contiguous())
+
+
+def resize_crop(x: torch.Tensor) -> torch.Tensor:
+    """uint8 CHW pixels, on any device: shorter side to IMAGE_SIZE (bicubic, antialiased),
+    centre square. Decoding on a GPU (retrieval/device_decode.py) ends here too."""
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+    h, w = x.shape[-2:]
+    s = IMAGE_SIZE / min(w, h)
+    nw, nh = max(IMAGE_SIZE, round(w * s)), max(IMAGE_SIZE, round(h * s))
+    x = resize(x, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    left, top = (nw - IMAGE_SIZE) // 2, (nh - IMAGE_SIZE) // 2
+    return x[:, top : top + IMAGE_SIZE, left : left + IMAGE_SIZE].contiguous()
 
 
 def _content_key(source) -> bytes | None:

@@ -1,0 +1,119 @@
+"""Reduced precision and decoding on the device (retrieval/numerics.py, retrieval/device_decode.py).
+
+No GPU here or in CI: the device paths run with the CPU as the device, the same code a GPU
+runs with "cuda" in its place (bench/gpu_check.sh measures them on a GPU)."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import cli_in_process, write_jsonl
+from retrieval import device_decode, numerics
+from retrieval.encoders.base import EncoderError
+from retrieval.images import DEFAULT_LIMITS, BadImage
+from retrieval.items import Item
+
+
+@pytest.fixture
+def chosen():
+    """numerics.choose for one test, put back to the defaults after it."""
+    yield numerics.choose
+    numerics.choose()
+
+
+def embed(encoder, items):
+    return encoder.embed([encoder.prepare(it) for it in items])
+
+
+def test_float16_and_device_decode_stay_within_cosine_0999_of_the_cpu_path(lit, flickr, flickr_test, chosen):
+    names, caps = flickr_test
+    items = [Item(id=n, image=str(flickr / "images" / n)) for n in names[:48]]
+    texts = [Item(id=f"t{i}", text=caps[n][0]) for i, n in enumerate(names[:48])]
+    ref_img, ref_txt = embed(lit, items), embed(lit, texts)
+    plain = lit.record()
+    assert "numerics" not in plain and lit.vectors_fingerprint == lit.fingerprint
+
+    chosen("float16", "cpu")
+    img, txt = embed(lit, items), embed(lit, texts)
+    cos_img, cos_txt = (img * ref_img).sum(1), (txt * ref_txt).sum(1)
+    assert cos_img.min() >= 0.999 and cos_txt.min() >= 0.999
+    assert cos_img.min() < 1 - 1e-7  # it did run at reduced precision
+    rec = lit.record()
+    assert rec["numerics"] == {"precision": "float16"} and rec["fingerprint"] == plain["fingerprint"]
+    assert rec["vectors_fingerprint"] != plain["fingerprint"]
+
+    chosen("float32", "device")
+    prepared = [lit.prepare(it) for it in items]
+    assert all(isinstance(p.image, device_decode.EncodedJpeg) for p in prepared)  # left for the device
+    dev = lit.embed(prepared)
+    assert ((dev * ref_img).sum(1)).min() >= 0.999
+    assert lit.record()["numerics"] == {"image_decode": "device"}
+    # A batch mixing device JPEGs with CPU-prepared images keeps their order.
+    mixed = [prepared[0], lit.prepare(Item(id="png", image=_png(flickr / "images" / names[1]))), prepared[2]]
+    assert not isinstance(mixed[1].image, device_decode.EncodedJpeg)
+    np.testing.assert_allclose(lit.embed(mixed)[[0, 2]], dev[[0, 2]], atol=1e-5)
+    assert float(lit.embed(mixed)[1] @ ref_img[1]) >= 0.999
+
+
+def _png(path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_only_what_the_device_decodes_as_the_cpu_does_goes_there(flickr, flickr_test):
+    path = flickr / "images" / flickr_test[0][0]
+    photo = Image.open(path)
+    assert isinstance(device_decode.for_device(str(path), DEFAULT_LIMITS), device_decode.EncodedJpeg)
+    assert isinstance(device_decode.for_device(_jpeg(photo.convert("L")), DEFAULT_LIMITS), device_decode.EncodedJpeg)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the CPU path turns it
+    assert device_decode.for_device(_jpeg(photo, exif=exif.tobytes()), DEFAULT_LIMITS) is None
+    assert device_decode.for_device(_jpeg(photo.convert("CMYK")), DEFAULT_LIMITS) is None
+    assert device_decode.for_device(_png(path), DEFAULT_LIMITS) is None
+    assert device_decode.for_device(_jpeg(photo.crop((0, 0, 500, 100))), DEFAULT_LIMITS) is None  # past crop aspect
+    whole = path.read_bytes()
+    assert device_decode.for_device(whole[: len(whole) // 2], DEFAULT_LIMITS) is None  # truncated: PIL rules
+    with pytest.raises(BadImage, match="not a readable image"):
+        device_decode.for_device(b"not an image at all", DEFAULT_LIMITS)
+    with pytest.raises(BadImage, match="not found"):
+        device_decode.for_device(str(path) + ".missing", DEFAULT_LIMITS)
+
+
+def test_numerics_are_recorded_resumed_only_alike_and_refused_where_unsupported(lit, tiny, flickr, flickr_test, tmp_path,
+                                                                                 chosen):
+    names, caps = flickr_test
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": n, "image": str(flickr / "images" / n), "text": caps[n][0]}
+                                                for n in names[:24]])
+    out = tmp_path / "idx"
+    r = cli_in_process("index", "build", corpus, "--out", out, "--encoder", "lit-base", "--precision", "float16",
+                       "--image-decode", "device", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    built = json.loads(cli_in_process("index", "info", out, "--json").stdout)["built_with"]
+    assert built["numerics"] == {"precision": "float16", "image_decode": "device"}
+    r = cli_in_process("index", "build", corpus, "--out", out, "--encoder", "lit-base", "--no-progress")
+    assert r.returncode == 2 and "was started with --precision float16 --image-decode device" in r.stderr
+    # Queries at float32 match it: the fingerprint names the weights, numerics stay within 0.999.
+    r = cli_in_process("search", out, caps[names[3]][0], "-k", "3", "--json")
+    assert r.returncode == 0 and names[3] in [h["id"] for h in json.loads(r.stdout)]
+
+    r = cli_in_process("index", "build", corpus, "--out", tmp_path / "b", "--precision", "bfloat16")
+    assert r.returncode == 2 and "invalid choice: 'bfloat16'" in r.stderr
+    with pytest.raises(Exception, match="bfloat16 moves image vectors past cosine 0.999"):
+        chosen("bfloat16")
+    chosen("float32", "device")
+    with pytest.raises(EncoderError, match="--image-decode device: encoder tiny-clip"):
+        tiny.prepare(Item(id="x", image=str(flickr / "images" / names[0])))
+    from retrieval.pipeline import build_index
+
+    with pytest.raises(Exception, match="not to Ray workers"):
+        build_index(corpus, lit, tmp_path / "ray", ray="auto", progress=False)
+    assert not (tmp_path / "ray").exists()
