@@ -39,7 +39,9 @@ class WriterLock:
             holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise IndexBusy(f"{self.path.parent} is open for writing by {holder}; stop it first, or send "
-                            "documents through its HTTP API (readers such as `umr search` need no lock)") from None
+                            "documents through its HTTP API; to search beside it, open it read-only "
+                            "(`umr.Index.open(path, read_only=True)`, `umr serve --read-only`; `umr search` "
+                            "needs no lock)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}\n".encode(), 0)
         self._fd = fd

@@ -271,8 +271,10 @@ class IndexStore:
             self._restore_vectors(seg, loaded, on_disk, n_rows, repair)
         if loaded is None:
             if problem:
+                where = (" in memory only, the file left as it is (opened read-only; `umr index verify --repair` "
+                         "rewrites it)") if self.mode == "read" else ""
                 self._repaired(f"segment {seg.id}: {problem}; rebuilt its FAISS index from the document store "
-                               f"({n_rows} rows)")
+                               f"({n_rows} rows){where}")
             self._build_faiss(seg)
         else:
             seg.set_index(loaded)

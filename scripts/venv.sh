@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints the path of a virtual environment with umr installed, creating it when missing.
 # The environment lives outside the clone, keyed by the dependency list, so CI and repeated
-# runs reuse one 5.5 GB environment; the install step still runs every time, so a missing
+# runs reuse one 7 GB environment; the install step still runs every time, so a missing
 # or changed dependency fails here rather than later.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -45,14 +45,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
-        parts = []
-        for err in e.errors()[:5]:
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            if err.get("type") == "extra_forbidden":
-                parts.append(f"unknown field '{loc}'")
-            else:
-                parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+        return error_response(422, "invalid_request", validation_message(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -60,6 +53,34 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(400, "invalid_body", "the request body cannot be parsed: send UTF-8 JSON "
                                                        "(or, for uploads, multipart form data)")
         return error_response(e.status_code, "http_error", str(e.detail))
+
+
+def validation_message(errors: list[dict]) -> str:
+    """pydantic's errors in the API's words: one message per field. A field that takes one of
+    several forms (`modality`: a name or a list of names) fails once per form, each located
+    under pydantic's name for the form ("literal['image','text']", "list[...]"); the form that
+    got furthest into the value (the longest location) is the one a client needs, with the
+    value that was sent."""
+    best: dict[str, tuple[list, dict]] = {}
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_form_tag(x)]
+        field = loc[0] if loc else ""
+        if field not in best or len(loc) > len(best[field][0]):
+            best[field] = (loc, err)
+    parts = []
+    for loc, err in list(best.values())[:5]:
+        where = ".".join(loc)
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field '{where}'")
+            continue
+        sent = err.get("input")
+        got = f" (got {sent!r})" if isinstance(sent, (str, int, float, bool)) and len(repr(sent)) <= 80 else ""
+        parts.append(f"{where or 'body'}: {err.get('msg')}{got}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _is_form_tag(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
 
 
 class InternalErrors:

@@ -145,3 +145,11 @@ def served_index(tmp: Path, encoder, records, settings=None, images=()):
             yield srv.url, engine
     finally:
         engine.close()
+
+
+def pytest_configure(config):
+    # pytest puts the warning filters back around each test: the one retrieval/device_decode.py
+    # sets for torchvision 0.29's notice on its image decoders (here, not in pyproject.toml, whose
+    # every change keys a new 7 GB environment in scripts/venv.sh)
+    config.addinivalue_line("filterwarnings",
+                            "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")

@@ -168,3 +168,17 @@ def test_curves_are_the_metrics_at_every_k(tmp_path):
     assert all(r <= h + 1e-12 for r, h in zip(c["recall"], c["hit_rate"]))  # several relevant: recall <= hit rate
     for k in (1, 5, 10, 100):
         assert c["recall"][k - 1] == pytest.approx(res[f"recall@{k}"]) and c["hit_rate"][k - 1] == pytest.approx(res[f"hit_rate@{k}"])
+
+
+def test_a_closed_pipe_ends_quietly_and_the_version_is_printed(text_index):
+    """`umr search ... | head` as a shell runs it, the reader gone before umr writes (`true`
+    reads nothing): no "Broken pipe" error, the exit of a tool stopped by the closed pipe;
+    `umr --version` names the release."""
+    from umr import __version__
+
+    proc = subprocess.run(f'"{sys.executable}" -m umr.cli search "{text_index / "idx"}" document -k 60 | true; '
+                          'exit ${PIPESTATUS[0]}', shell=True, executable="/bin/bash", capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+    r = cli_in_process("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"umr {__version__}"

@@ -163,3 +163,22 @@ def test_continued_training_adds_gate_anchors_instead_of_replacing_them(lit):
     g_old, g_new = enc.gate(before[:20] * 20), enc.gate(new_domain[:20])
     assert (g_old > 0.5).float().mean() > 0.8 and (g_new > 0.5).float().mean() > 0.8
     assert enc.fingerprint != lit.fingerprint
+
+
+def test_tiny_clip_leaves_the_root_logger_alone(caplog, monkeypatch):
+    """open_clip warns through the root logger that the random test model has no weights; that
+    warning alone is dropped, and the root logger's level (the application's) never changes."""
+    import logging
+
+    from retrieval.encoders.openclip import OpenClipEncoder
+
+    root = logging.getLogger()
+    levels = []
+    with caplog.at_level(logging.INFO):
+        with monkeypatch.context() as m:
+            m.setattr(root, "setLevel", lambda level: levels.append(level))
+            OpenClipEncoder.tiny(seed=3)
+        logging.warning("the application's own warning")
+    assert levels == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert "the application's own warning" in messages and not any("umr-tiny" in m for m in messages), messages

@@ -67,6 +67,12 @@ def test_random_bytes_in_a_faiss_file_are_found_and_rebuilt_from_the_document_st
     assert not report.ok and any("checksum" in p for p in report.problems)
     r = run_cli("index", "verify", idx)
     assert r.returncode == 1 and "checksum" in r.stdout
+    before = checkpoint(idx).read_bytes()
+    reader = IndexStore.open(idx, "read")  # a reader rebuilds it in memory and says it left the file alone
+    assert any("in memory only, the file left as it is" in m for m in reader.repairs)
+    assert top1_is_itself(reader, vecs)
+    reader.close()
+    assert checkpoint(idx).read_bytes() == before
     again = IndexStore.open(idx)  # a writer rebuilds it on open, with a message
     assert any("checksum" in m and "rebuilt" in m for m in again.repairs)
     assert top1_is_itself(again, vecs)
@@ -151,8 +157,9 @@ def test_one_writer_at_a_time_readers_need_no_lock(tmp_path, tiny):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
     assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
     writer = IndexStore.open(tmp_path / "idx")
-    with pytest.raises(IndexBusy, match=f"pid {os.getpid()}"):
+    with pytest.raises(IndexBusy, match=f"pid {os.getpid()}") as busy:
         IndexStore.open(tmp_path / "idx")
+    assert "read_only=True" in str(busy.value) and "umr serve --read-only" in str(busy.value)
     more = write_jsonl(tmp_path / "more.jsonl", [{"id": "m1", "text": "more"}])
     r = run_cli("index", "add", tmp_path / "idx", more)
     assert r.returncode == 2 and "open for writing by pid" in r.stderr and "Traceback" not in r.stderr

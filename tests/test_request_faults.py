@@ -76,6 +76,21 @@ def test_a_batch_names_its_bad_query(served):
     assert r.status_code == 200 and len(r.json()["results"]) == 2
 
 
+def test_a_field_of_several_forms_is_refused_once_in_the_apis_words(served):
+    """`modality` takes a name or a list of names: a bad one gets one message naming the
+    choices and the value sent, not one line per form in pydantic's internal names."""
+    client, _ = served
+    r = client.post("/v1/search", json={"text": "document", "modality": "audio"})
+    assert r.status_code == 422
+    assert r.json()["error"]["message"] == "modality: Input should be 'image', 'text' or 'image,text' (got 'audio')"
+    r = client.post("/v1/search", json={"text": "document", "modality": ["text", "audio"]})
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("modality.1: Input should be 'image'")
+    r = client.post("/v1/search", json={"text": "document", "k": "many", "colour": "red"})
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 422 and "k: Input should be a valid integer" in msg and "(got 'many')" in msg
+    assert "unknown field 'colour'" in msg
+
+
 def test_ids_are_addressable_and_links_cannot_lead_elsewhere(served):
     client, _ = served
     for bad in ("line\nbreak", "tab\there", ".", "..", "photos/x/image"):

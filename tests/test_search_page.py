@@ -142,6 +142,7 @@ def test_search_page_text_image_filters_errors(photos, browser, tmp_path):
         error = page.locator("#error")
         assert error.is_visible()
         assert error.text_content().startswith("422 limit_k: k must be between 1 and 1000")
+        assert page.locator("#results article.hit").count() == 0  # the last query's results are gone
         page.fill("#k", "12")
         page.fill("#filter", "n")
         page.click("#search")

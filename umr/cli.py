@@ -724,6 +724,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="umr", description="Universal multimodal retrieval.")
+    p.add_argument("--version", action="version", version=f"umr {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     ix = sub.add_parser("index", help="build and maintain indexes").add_subparsers(dest="index_command", required=True)
@@ -1015,6 +1016,9 @@ def main(argv: list[str] | None = None) -> int:
 
         numerics.choose(args.precision, args.image_decode)
         return args.fn(args)
+    except BrokenPipeError:  # `umr search ... | head` closed the pipe: what was wanted has been read
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell tool stopped by the closed pipe exits
     except (UserError, UmrError, OSError) as e:  # raised on purpose, or a file's or the network's: the user's to fix
         print(f"umr: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -1028,6 +1032,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"umr: internal error (umr {__version__}, `umr {args.command}`): this is a bug in umr, not in your input. "
               "Please report it with the traceback above.", file=sys.stderr)
         return 70
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of the closed pipe does not
+    print a second Broken pipe error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (redirected in-process)
+        pass
 
 
 def one_line(e: BaseException) -> str:

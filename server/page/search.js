@@ -105,6 +105,7 @@ async function search(event) {
   try {
     body = requestBody();
   } catch (e) {
+    render([]);  // the results shown answer another query: never leave them under this one's error
     showError(e);
     return;
   }
@@ -115,6 +116,7 @@ async function search(event) {
     render(data.results);
     $("status").textContent = `${data.results.length} results in ${data.took_ms} ms · encoder version ${data.encoder_version}`;
   } catch (e) {
+    render([]);
     showError(e);
   } finally {
     $("search").disabled = false;
