@@ -50,9 +50,14 @@ def test_a_build_with_a_target_recall_records_what_it_measured_and_readers_searc
     assert r.returncode == 0, r.stderr
     rec = json.loads((idx / "manifest.json").read_text())["segments"][0]["index"]
     tuned = rec["tuned"]
-    assert tuned["reached"] and tuned["k"] == 10 and tuned["queries"] == 400
-    # Reached means with a margin of one standard error: a bare pass misses on new queries half the time.
+    assert tuned["reached"] and tuned["k"] == 10 and tuned["queries"] == 800
+    # Reached means with a margin of one standard error, on a second sample that played no part in
+    # the choice (the recall recorded is that sample's): the cheapest of many settings passing on
+    # one sample is biased towards those that passed by luck.
     assert 0 < tuned["recall_se"] < 0.02 and tuned["recall"] - tuned["recall_se"] >= 0.95
+    confirmed = [t for t in tuned["tried"] if "confirmed" in t]
+    assert confirmed and confirmed[-1]["confirmed"] == tuned["recall"]
+    assert (confirmed[-1]["nprobe"], confirmed[-1]["refine"]) == (tuned["params"]["nprobe"], tuned["params"]["refine"])
     assert {k: rec["params"][k] for k in ("nprobe", "refine")} == tuned["params"]
     reader = IndexStore.open(idx, "read")
     held = held_out_recall(reader, q, x)
@@ -82,6 +87,7 @@ def test_hnsw_gets_the_smallest_ef_search_that_reaches_the_target(corpus):
     ef = tuned["params"]["efSearch"]
     assert store.segments[0].record["index"]["params"]["efSearch"] == ef
     below = [t for t in tuned["tried"] if t["efSearch"] < ef]
-    assert all(t["recall"] < 0.9 for t in below)  # nothing cheaper reached it
+    # nothing cheaper reached it (with the margin), on the choosing sample or in confirmation
+    assert all(t.get("confirmed", t["recall"]) < 0.9 + 0.02 for t in below), tuned["tried"]
     assert held_out_recall(store, q, x) >= 0.85
     store.close()
