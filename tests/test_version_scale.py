@@ -81,6 +81,10 @@ def test_the_readme_upgrade_then_add_flow_keeps_old_and_new_documents_findable(t
     old_hit = next(h for hs in hits for h in hs if h.segment == 0)
     assert -1 < old_hit.score < 1 and old_hit.cosine is not None and old_hit.score != old_hit.cosine
     assert all(h.cosine is None for hs in raw_hits for h in hs)
+    # ... and no score map: a raw hit's score is the raw cosine its calibrated twin carries.
+    twins = [(raw.score, cal.cosine) for hs, rs in zip(hits, raw_hits) for cal in hs for raw in rs
+             if raw.id == cal.id and cal.segment == 0]
+    assert twins and all(abs(r - c) < 1e-5 for r, c in twins), twins[:5]
     for c in ("dress", "skirt"):
         found = engine.search([Query(f"a photo of a {c}")], k=6, modalities=["image"])[0]
         assert sum(h.id.startswith(c + "/") for h in found[:6]) >= 3, [h.id for h in found]
