@@ -29,7 +29,7 @@ def recall(found, truth):
 
 def sweep(index, choice, knob, values, make_params, build_s, q, truth, a):
     """One table row per value of a search-time knob, marking the one `auto` records."""
-    from index import vector_index as vi
+    from umr.index import vector_index as vi
 
     rows = []
     memory = f"{vi.estimated_bytes(choice.kind, a.n, DIM, choice.params) / 2**20:.0f} MB"
@@ -44,7 +44,7 @@ def sweep(index, choice, knob, values, make_params, build_s, q, truth, a):
 def main():
     import faiss
 
-    from index import vector_index as vi
+    from umr.index import vector_index as vi
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)

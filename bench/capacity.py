@@ -115,7 +115,7 @@ class TopTrainee:
 
 def below_the_top(bank, enc) -> dict:
     """MiniLM's input to its last layer (with the mask) and EfficientNet's input to its conv head."""
-    from retrieval.images import open_image
+    from umr.retrieval.images import open_image
 
     text, mask, image = [], [], []
     texts, images = list(bank.texts), list(bank.images)
@@ -138,11 +138,11 @@ def main():
     p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args()
 
-    from retrieval.encoders import load_encoder
-    from retrieval.mbeir import read_pool, read_queries
-    from training.contrastive import ContrastiveConfig, train_examples
-    from training.examples import FeatureBank, pair_examples
-    from training.pairs import read_pairs
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.mbeir import read_pool, read_queries
+    from umr.training.contrastive import ContrastiveConfig, train_examples
+    from umr.training.examples import FeatureBank, pair_examples
+    from umr.training.pairs import read_pairs
 
     t_start = time.perf_counter()
     bank = FeatureBank()

@@ -205,9 +205,9 @@ def verify_after(index: Path, ledger: Ledger, rng: random.Random) -> dict:
     """Restart checks. Returns counts of lost, resurrected, inconsistent and corrupt findings."""
     import numpy as np
 
-    from index import IndexStore
-    from index.errors import NotFound
-    from index.verify import verify
+    from umr.index import IndexStore
+    from umr.index.errors import NotFound
+    from umr.index.verify import verify
 
     out = {"lost": 0, "resurrected": 0, "inconsistent": 0, "corrupt": 0, "problems": []}
     report = verify(index)  # read-only, as a reader beside a restarted server would see it

@@ -33,7 +33,7 @@ V1 = "lit-base@1"
 
 def outcomes(engine, queries: list[tuple[str, str]], ideal: list[list[str]] | None):
     """Per query: hit in the top 5, and overlap of the top 10 with `ideal`'s."""
-    from retrieval.engine import Query
+    from umr.retrieval.engine import Query
 
     hits = engine.search([Query(t) for t, _ in queries], k=10, modalities=["image"])
     top5 = np.array([any(h.id == rel for h in hs[:5]) for hs, (_, rel) in zip(hits, queries)])
@@ -43,9 +43,9 @@ def outcomes(engine, queries: list[tuple[str, str]], ideal: list[list[str]] | No
 
 
 def run(tmp: Path) -> dict:
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import Engine
-    from retrieval.update_eval import paired_interval
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.engine import Engine
+    from umr.retrieval.update_eval import paired_interval
     from umr.cli import main as umr
 
     setup = Setup(tmp)

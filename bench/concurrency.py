@@ -80,7 +80,7 @@ class PerThread:
 def kernel(repeats: int, widen: bool) -> str:
     """The three ways side by side; with `widen`, the tokenizer pauses 0.5 ms between taking its
     settings and encoding (the interleaving a loaded server meets now and then, met often)."""
-    from retrieval.encoders import towers
+    from umr.retrieval.encoders import towers
 
     tower = towers.text_tower()
     raw = tower.tokenizer.unwrapped
@@ -91,7 +91,7 @@ def kernel(repeats: int, widen: bool) -> str:
 
 
 def _kernel(tower, raw, texts, solo, repeats) -> str:
-    from retrieval.encoders.serial import Serial
+    from umr.retrieval.encoders.serial import Serial
 
     ways = {"one tokenizer, locked (umr)": lambda: Serial(raw), "a copy per thread": lambda: PerThread(raw),
             "one tokenizer, unguarded (before)": lambda: raw}
@@ -139,8 +139,8 @@ def _kernel(tower, raw, texts, solo, repeats) -> str:
 def http_run(minutes: float, tmp: Path) -> dict:
     import httpx
 
-    from retrieval.pipeline import build_index
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.encoders import load_encoder
 
     pairs = flickr_pairs()
     caps = [c for c in all_captions() if c not in {p[1] for p in pairs}]
@@ -219,8 +219,8 @@ def http_run(minutes: float, tmp: Path) -> dict:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
-    from index.verify import verify
-    from retrieval.reencode_check import reencode_check
+    from umr.index.verify import verify
+    from umr.retrieval.reencode_check import reencode_check
 
     store_report = verify(tmp / "idx", full=True)
     again = reencode_check(tmp / "idx", n=10**9)

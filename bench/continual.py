@@ -71,7 +71,7 @@ class Setup:
 
 def old_scores(engine, setup: Setup, ideal: list[list[str]] | None = None) -> tuple[float, float]:
     """(R@5 of the old queries, agreement@10 with `ideal`: v1's top 10 against the old index)."""
-    from retrieval.engine import Query
+    from umr.retrieval.engine import Query
 
     hits = engine.search([Query(t) for t, _ in setup.old_q], k=10, modalities=["image"])
     r5 = float(np.mean([any(h.id == rel for h in hs[:5]) for hs, (_, rel) in zip(hits, setup.old_q)]))
@@ -82,21 +82,21 @@ def old_scores(engine, setup: Setup, ideal: list[list[str]] | None = None) -> tu
 
 
 def top10(engine, setup: Setup) -> list[list[str]]:
-    from retrieval.engine import Query
+    from umr.retrieval.engine import Query
 
     return [[h.id for h in hs] for hs in engine.search([Query(t) for t, _ in setup.old_q], k=10, modalities=["image"])]
 
 
 def new_precision(engine, setup: Setup) -> float:
-    from retrieval.engine import Query
+    from umr.retrieval.engine import Query
 
     hits = engine.search([Query(t) for t, _ in setup.new_q], k=10, modalities=["image"])
     return float(np.mean([np.mean([h.id.startswith(f"clothing/{c}/") for h in hs]) for hs, (_, c) in zip(hits, setup.new_q)]))
 
 
 def build(corpus: Path, encoder, out: Path, more: Path | None = None, more_encoder=None) -> Path:
-    from index import IndexStore
-    from retrieval.pipeline import add_to_index, build_index
+    from umr.index import IndexStore
+    from umr.retrieval.pipeline import add_to_index, build_index
 
     shutil.rmtree(out, ignore_errors=True)
     build_index(corpus, encoder, out, progress=False)
@@ -108,8 +108,8 @@ def build(corpus: Path, encoder, out: Path, more: Path | None = None, more_encod
 
 
 def updated(base: Path, out: Path, v2, **kw) -> tuple[Path, dict, float]:
-    from index import IndexStore
-    from retrieval.update import fit_update
+    from umr.index import IndexStore
+    from umr.retrieval.update import fit_update
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(base, out)
@@ -122,10 +122,10 @@ def updated(base: Path, out: Path, v2, **kw) -> tuple[Path, dict, float]:
 
 
 def run_v1(v1_spec: str, setup: Setup, distill: bool = True, merged_too: bool = True) -> dict:
-    from index import IndexStore
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import Engine
-    from retrieval.pipeline import add_to_index
+    from umr.index import IndexStore
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.engine import Engine
+    from umr.retrieval.pipeline import add_to_index
     from umr.cli import main as umr
 
     tmp = setup.tmp / (v1_spec.replace("@", "-") + ("" if distill else "-nodistill"))
@@ -186,7 +186,7 @@ def run_v1(v1_spec: str, setup: Setup, distill: bool = True, merged_too: bool = 
         store.close()
         e = Engine.open(idx)
         rows["merged (umr default)"] = (old_scores(e, setup)[0], new_precision(e, setup))
-        e.calibrate_scores = False
+        e.calibrated = False
         rows["merged, raw cosines"] = (old_scores(e, setup)[0], new_precision(e, setup))
         e.close()
         for label, enc in (("v1 everywhere", v1), ("v2 re-indexed everywhere", v2)):
@@ -206,7 +206,7 @@ def run_v1(v1_spec: str, setup: Setup, distill: bool = True, merged_too: bool = 
     same = {}
     e = Engine.open(idx)
     same["merged (umr default)"] = old_scores(e, setup)[0]
-    e.calibrate_scores = False
+    e.calibrated = False
     same["merged, raw cosines"] = old_scores(e, setup)[0]
     e.close()
     for label, enc in (("v1 everywhere", v1), ("v2 re-indexed everywhere", v2)):

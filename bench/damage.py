@@ -37,8 +37,8 @@ QUERIES = 20
 
 
 def build(tmp: Path) -> tuple[Path, list[str]]:
-    from retrieval.encoders import load_encoder
-    from retrieval.pipeline import build_index
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.pipeline import build_index
 
     split = json.loads((FLICKR / "split.json").read_text())["test"][:200]
     caps: dict[str, list[str]] = {}
@@ -55,8 +55,8 @@ def build(tmp: Path) -> tuple[Path, list[str]]:
 
 def answers(idx: Path, queries: list[str], mode: str):
     """The top 5 ids per query, or the one-line refusal."""
-    from index.errors import UmrError
-    from retrieval.engine import Engine, Query
+    from umr.index.errors import UmrError
+    from umr.retrieval.engine import Engine, Query
 
     try:
         eng = Engine.open(idx, mode=mode)
@@ -79,8 +79,8 @@ def served(idx: Path, queries, intact) -> str:
 
 
 def verified(idx: Path, repair: bool = False) -> str:
-    from index.verify import verify
-    from retrieval.reencode_check import reencode_check
+    from umr.index.verify import verify
+    from umr.retrieval.reencode_check import reencode_check
 
     report = verify(idx, repair=repair, full=True)
     if report.fatal:
@@ -148,8 +148,8 @@ def faiss_tampered(idx: Path) -> None:
     """Other vectors in the FAISS file, and its manifest record made to match."""
     import numpy as np
 
-    from index import integrity
-    from index import vector_index as vi
+    from umr.index import integrity
+    from umr.index import vector_index as vi
 
     manifest = json.loads((idx / "manifest.json").read_text())
     seg = manifest["segments"][0]
@@ -166,7 +166,7 @@ def faiss_tampered(idx: Path) -> None:
 def stored_vector(idx: Path) -> None:
     """One caption's stored vector swapped with another's, FAISS made to agree (a race between two
     encodings leaves this)."""
-    from index.verify import verify
+    from umr.index.verify import verify
 
     db = sqlite3.connect(idx / "docs.sqlite")
     with db:
@@ -205,16 +205,16 @@ def main() -> None:
     shutil.copytree(intact_dir, older)
     other = tmp / "other"
     shutil.copytree(intact_dir, other)
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import Engine
-    from retrieval.items import Item
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.engine import Engine
+    from umr.retrieval.items import Item
 
     engine = Engine.open(intact_dir, load_encoder("lit-base"))  # the intact index moves on: the copy above is now older
     engine.add([Item("newer", "a caption added after the backup")])
     engine.checkpoint()
     engine.close()
     (other / "manifest.json").unlink()
-    from index import integrity
+    from umr.index import integrity
 
     db = sqlite3.connect(other / "docs.sqlite")
     with db:

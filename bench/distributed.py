@@ -39,8 +39,8 @@ def main() -> None:
 
     import ray
 
-    from retrieval.encoders import load_encoder
-    from retrieval.pipeline import build_index
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.pipeline import build_index
 
     flickr = DATA / "flickr8k-1k"
     images = sorted((flickr / "images").glob("*.jpg"))[: args.limit]

@@ -48,9 +48,9 @@ def forward_ceiling(device: str, images: list[Path], batch: int = 256, rounds: i
     """Images/s of lit-base's image tower + head on batches already preprocessed and on the device."""
     import torch
 
-    from retrieval import device as dev
-    from retrieval.encoders import load_encoder
-    from retrieval.images import open_image
+    from umr.retrieval import device as dev
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.images import open_image
 
     dev.choose(device)
     enc = load_encoder("lit-base")
@@ -69,8 +69,8 @@ def forward_ceiling(device: str, images: list[Path], batch: int = 256, rounds: i
 
 
 def texts_per_s(device: str, captions: list[str], n: int = 20_480, call: int = 512) -> float:
-    from retrieval import device as dev
-    from retrieval.encoders import load_encoder
+    from umr.retrieval import device as dev
+    from umr.retrieval.encoders import load_encoder
 
     dev.choose(device)
     enc = load_encoder("lit-base")
@@ -85,11 +85,11 @@ def texts_per_s(device: str, captions: list[str], n: int = 20_480, call: int = 5
 def least_cosine_to_cpu_float32(cpu_index: Path, device: str, images: list[Path], n: int = 512) -> float:
     """The least cosine between lit-base's vectors with --precision float16 --image-decode device
     on `device` and those the CPU build stored (the float32 CPU path), over n of its images."""
-    from index.store import IndexStore
-    from retrieval import device as dev
-    from retrieval import numerics
-    from retrieval.encoders import load_encoder
-    from retrieval.items import Item
+    from umr.index.store import IndexStore
+    from umr.retrieval import device as dev
+    from umr.retrieval import numerics
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.items import Item
 
     store = IndexStore.open(cpu_index, mode="read")
     try:

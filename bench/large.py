@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import figure, machine, median, proc_memory, run_loadgen, wait_until_up, write_section  # noqa: E402
-from index.vector_index import parse_bytes  # noqa: E402
+from umr.index.vector_index import parse_bytes  # noqa: E402
 from umr.plots import bars  # noqa: E402
 
 CHUNK = 250_000
@@ -67,7 +67,7 @@ def points(rng, centres, weights, count):
 
 def exact_truth(work: Path, q: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k row numbers of `q` by a scan of emb.npy (rows are ids v<row>)."""
-    from index.vector_index import exact_topk
+    from umr.index.vector_index import exact_topk
 
     x = np.load(work / "emb.npy", mmap_mode="r")
     best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
@@ -82,7 +82,7 @@ def exact_truth(work: Path, q: np.ndarray, k: int) -> np.ndarray:
 
 def serve_child(index: Path, work: Path, seconds: float) -> None:
     """The serving process: opens read-only, searches, prints one JSON line."""
-    from index.store import IndexStore
+    from umr.index.store import IndexStore
 
     t0 = time.perf_counter()
     store = IndexStore.open(index, "read")

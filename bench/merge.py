@@ -71,13 +71,13 @@ def exact_top(q: np.ndarray, docs: np.ndarray, ids: list[str], k: int) -> list[l
 
 
 def run_v2(name: str, v2_spec: str, tmp: Path, photos, old_q, clothing, new_q, sizes) -> dict:
-    from index import IndexStore
-    from index.docstore import DocRecord
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import Engine, Query
-    from retrieval.items import Item
-    from retrieval.update import fit_update
-    from retrieval.vector_import import build_from_vectors
+    from umr.index import IndexStore
+    from umr.index.docstore import DocRecord
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.engine import Engine, Query
+    from umr.retrieval.items import Item
+    from umr.retrieval.update import fit_update
+    from umr.retrieval.vector_import import build_from_vectors
 
     v1, v2 = load_encoder("lit-base@1"), load_encoder(v2_spec)
     base = tmp / f"{name}-v1"
@@ -185,9 +185,9 @@ def main() -> None:
 def mixed(tmp: Path, clothing) -> dict:
     """Photos with captions (image+text documents) beside photos alone (clothing), one index
     (lit-base): queries of each modality whose relevant document is a Flickr item."""
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import Engine, Query
-    from retrieval.pipeline import build_index
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.engine import Engine, Query
+    from umr.retrieval.pipeline import build_index
 
     split = json.loads((FLICKR / "split.json").read_text())["test"]
     caps: dict[str, list[str]] = {}

@@ -31,8 +31,8 @@ def main() -> None:
     from fastapi import FastAPI
     from fastapi.responses import Response
 
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import Engine, Query
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.engine import Engine, Query
 
     engine = Engine.open(Path(sys.argv[1]), load_encoder("lit-base"), mode="read")
     model_thread = ThreadPoolExecutor(max_workers=1)

@@ -46,10 +46,10 @@ def build(tmp: Path, checkpoint: Path) -> tuple[Path, list[str]]:
     """The umr index, and the vectors and image paths clip-retrieval's folder is made from."""
     import numpy as np
 
-    from index import IndexStore
-    from index import vector_index as vi
-    from retrieval.encoders import load_encoder
-    from retrieval.pipeline import build_index
+    from umr.index import IndexStore
+    from umr.index import vector_index as vi
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.pipeline import build_index
 
     images = sorted((DATA / "flickr8k-1k" / "images").glob("*.jpg"))
     corpus = tmp / "corpus.jsonl"

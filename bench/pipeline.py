@@ -29,15 +29,15 @@ BATCH = 64
 def ceiling(enc, corpus: Path, workers: int, passes: int = 2) -> float:
     """Items/s of the build's preparation alone (retrieval/pipeline.py's prepare and prefetch,
     batches stacked as the forward pass takes them), the forward replaced by nothing."""
-    from retrieval.device import stack_batch
-    from retrieval.pipeline import _chunks, _numbered
-    from retrieval.prefetch import prefetch_batches
-    from retrieval.readers import open_corpus
+    from umr.retrieval.device import stack_batch
+    from umr.retrieval.build_steps import chunks, numbered
+    from umr.retrieval.prefetch import prefetch_batches
+    from umr.retrieval.readers import open_corpus
 
     n, t0 = 0, time.perf_counter()
     for _ in range(passes):
-        records = _numbered(open_corpus(corpus, "auto"), 0)
-        for chunk, prepared in prefetch_batches(_chunks(records, BATCH), lambda e: enc.prepare(e[1], "document"), workers):
+        records = numbered(open_corpus(corpus, "auto"), 0)
+        for chunk, prepared in prefetch_batches(chunks(records, BATCH), lambda e: enc.prepare(e[1], "document"), workers):
             stack_batch([p.image for p in prepared])
             n += len(chunk)
     return n / (time.perf_counter() - t0)
@@ -48,11 +48,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=1000)
     args = ap.parse_args()
-    from retrieval.device import default_workers
-    from retrieval.encoders import load_encoder
-    from retrieval.encoders.base import Prepared
-    from retrieval.images import open_image
-    from retrieval.pipeline import build_index
+    from umr.retrieval.device import default_workers
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.encoders.base import Prepared
+    from umr.retrieval.images import open_image
+    from umr.retrieval.pipeline import build_index
 
     images = sorted((DATA / "flickr8k-1k" / "images").glob("*.jpg"))[: args.limit]
     enc = load_encoder("lit-base")
@@ -97,7 +97,7 @@ Preparation: the build's own reading, decoding (JPEG draft mode), preprocessing 
 | `umr index build`, encoding loop only | {median(steady):.1f} |
 
 **Preparation ceiling / forward: {headroom:.1f}x** (target >= 4x); **1 -> 2 workers: {scaling:.2f}x** (target >= 1.8x);
-**build / forward: {ratio:.3f}** (median of per-run ratios; target >= 0.95). For reference, GUIDE section 8 measured
+**build / forward: {ratio:.3f}** (median of per-run ratios; target >= 0.95). For reference, the team's notes on peer systems (../shared/GUIDE.md, beside the repository) measured
 clip-retrieval at 0.69 of its raw forward in steady state and 0.50 end to end.
 
 {figure("pipeline", bars, {"lit-base, items/s": {"forward (pre-decoded)": median(raw), "umr index build, end to end": median(build),

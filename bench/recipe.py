@@ -52,7 +52,7 @@ class BankEncoder:
 
 def recall(enc, bank, queries, pool) -> dict:
     """R@1/5/10 per direction over the local test pools."""
-    from index.vector_index import exact_topk
+    from umr.index.vector_index import exact_topk
 
     out = {}
     for name, qs in queries.items():
@@ -75,14 +75,14 @@ def main():
     p.add_argument("--rerank-weight", type=float, default=0.5)
     args = p.parse_args()
 
-    from retrieval.encoders import load_encoder
-    from retrieval.mbeir import MbeirQuery, read_pool, read_queries
-    from retrieval.reranker import CrossConfig, LitReranker, fuse
-    from training.contrastive import ContrastiveConfig, train_examples
-    from training.examples import FeatureBank, mbeir_examples, pair_examples
-    from training.mining import MiningConfig, mine, retrieve
-    from training.pairs import Pair, read_pairs
-    from training.reranker_train import RerankerConfig, score_lists, train_reranker
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.mbeir import MbeirQuery, read_pool, read_queries
+    from umr.retrieval.reranker import CrossConfig, LitReranker, fuse
+    from umr.training.contrastive import ContrastiveConfig, train_examples
+    from umr.training.examples import FeatureBank, mbeir_examples, pair_examples
+    from umr.training.mining import MiningConfig, mine, retrieve
+    from umr.training.pairs import Pair, read_pairs
+    from umr.training.reranker_train import RerankerConfig, score_lists, train_reranker
 
     t_start = time.perf_counter()
     split = json.loads((FLICKR / "split.json").read_text())

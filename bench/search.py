@@ -45,8 +45,8 @@ K = 10
 def build_index(path: Path, enc) -> None:
     import numpy as np
 
-    from index import IndexStore
-    from index.docstore import DocRecord
+    from umr.index import IndexStore
+    from umr.index.docstore import DocRecord
 
     rng = np.random.default_rng(0)
     store = IndexStore.create(path, enc.record(), "flat")
@@ -59,7 +59,7 @@ def build_index(path: Path, enc) -> None:
 
 
 def in_process(engine, queries, concurrency, requests):
-    from retrieval.engine import Query
+    from umr.retrieval.engine import Query
 
     lat = []
     lock = threading.Lock()
@@ -108,7 +108,7 @@ def http(port, bodies_file, concurrency, requests):
 
 def ceiling(engine, queries, rounds: int = 10, batch: int = 32) -> float:
     """Queries per second of encode + search on full batches, back to back, in this process."""
-    from retrieval.engine import Query
+    from umr.retrieval.engine import Query
 
     t0 = time.perf_counter()
     for r in range(rounds):
@@ -165,8 +165,8 @@ def main():
     ap.add_argument("--port", type=int, default=18731)
     ap.add_argument("--baseline", help="a git revision to serve beside this one (e.g. the commit an issue measured)")
     args = ap.parse_args()
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import Engine
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.engine import Engine
 
     enc = load_encoder("lit-base")
     with open(DATA / "flickr8k-1k" / "captions.txt", newline="") as f:

@@ -43,8 +43,8 @@ def main():
     import numpy as np
     import torch
 
-    from index.vector_index import exact_topk
-    from retrieval.encoders.towers import TextTower
+    from umr.index.vector_index import exact_topk
+    from umr.retrieval.encoders.towers import TextTower
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((100_000, 384)).astype(np.float32)

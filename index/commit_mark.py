@@ -51,7 +51,7 @@ class MarkWriter:
     """The writer's open handle on the mark: one pwrite per commit."""
 
     def __init__(self, docstore: str | os.PathLike, docstore_id: str):
-        from index.atomic import FILE_MODE
+        from umr.index.atomic import FILE_MODE
 
         self.docstore_id = docstore_id
         self._fd = os.open(path_beside(docstore), os.O_RDWR | os.O_CREAT, FILE_MODE)

@@ -10,7 +10,7 @@ import functools
 import inspect
 import sqlite3
 
-from index.errors import IndexDamaged, UmrError
+from umr.index.errors import IndexDamaged, UmrError
 
 CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
 

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from index import vector_index as vi
+from umr.index import vector_index as vi
 
 
 class DeviceFlat:

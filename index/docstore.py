@@ -20,11 +20,11 @@ import numpy as np
 
 from pathlib import Path
 
-from index import vector_file
-from index.document_rules import check_document
-from index.damage import damage_as_error
-from index.errors import InvalidArgument
-from index.vector_rows import FileVectors, SqliteVectors
+from umr.index import vector_file
+from umr.index.document_rules import check_document
+from umr.index.damage import damage_as_error
+from umr.index.errors import InvalidArgument
+from umr.index.vector_rows import FileVectors, SqliteVectors
 
 MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
 CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}

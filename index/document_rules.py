@@ -13,7 +13,7 @@ import math
 import re
 import unicodedata
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 MAX_ID_CHARS = 512
 MAX_METADATA_BYTES = 64 * 1024  # serialised; returned with every hit, so kept small

@@ -64,8 +64,8 @@ def search_copy(index: faiss.Index, kind: str):
     """A device copy of a flat index (a DeviceFlat, any search) or of an IVF-PQ index (GPU
     FAISS, unmasked searches), or None."""
     if kind == "flat" and _torch_device is not None:
-        from index.device_flat import DeviceFlat
-        from index.vector_index import flat_vectors
+        from umr.index.device_flat import DeviceFlat
+        from umr.index.vector_index import flat_vectors
 
         return DeviceFlat(flat_vectors(index), _torch_device)
     if not active() or kind != "ivfpq":

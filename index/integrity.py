@@ -16,11 +16,11 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from index import commit_mark
-from index import vector_index as vi
-from index.atomic import file_sha256
-from index.docstore import DocStore
-from index.errors import IndexDamaged, IndexError_
+from umr.index import commit_mark
+from umr.index import vector_index as vi
+from umr.index.atomic import file_sha256
+from umr.index.docstore import DocStore
+from umr.index.errors import IndexDamaged, IndexError_
 
 DOCSTORE_ID = "docstore_id"  # the key in the manifest and in the document store's meta table
 CHECKPOINT = "checkpoint"  # the key of a segment record's checkpoint facts

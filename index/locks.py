@@ -16,7 +16,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from index.errors import IndexError_
+from umr.index.errors import IndexError_
 
 WRITE_LOCK = "write.lock"
 MANIFEST_LOCK = "manifest.lock"

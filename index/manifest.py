@@ -6,8 +6,8 @@ import time
 import uuid
 from pathlib import Path
 
-from index.atomic import atomic_write_json
-from index.errors import IndexError_, NotFound
+from umr.index.atomic import atomic_write_json
+from umr.index.errors import IndexError_, NotFound
 
 FORMAT = "umr-index"
 FORMAT_VERSION = 1

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from index import vector_index as vi
-from index.errors import InvalidArgument
+from umr.index import vector_index as vi
+from umr.index.errors import InvalidArgument
 
 SAMPLE_QUERIES = 400
 TIMED_QUERIES = 50

@@ -7,7 +7,7 @@ another, under the manifest lock (index/locks.py).
 """
 from __future__ import annotations
 
-from index.errors import IndexError_
+from umr.index.errors import IndexError_
 
 
 def version(manifest: dict, v: int, where) -> dict:

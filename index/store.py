@@ -25,15 +25,15 @@ from typing import Mapping
 
 import numpy as np
 
-from index import modality_calibration as mc
-from index import version_scale
-from index import commit_mark, gpu, integrity, recall_tuning, registry, vector_file
-from index import vector_index as vi
-from index.atomic import atomic_write
-from index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
-from index.errors import IndexError_, IndexMismatch, InvalidArgument, NotFound
-from index.locks import WriterLock, manifest_lock
-from index.manifest import new_manifest, now, read_manifest, write_manifest
+from umr.index import modality_calibration as mc
+from umr.index import version_scale
+from umr.index import commit_mark, gpu, integrity, recall_tuning, registry, vector_file
+from umr.index import vector_index as vi
+from umr.index.atomic import atomic_write
+from umr.index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
+from umr.index.errors import IndexError_, IndexMismatch, InvalidArgument, NotFound
+from umr.index.locks import WriterLock, manifest_lock
+from umr.index.manifest import new_manifest, now, read_manifest, write_manifest
 
 log = logging.getLogger("umr.index")
 
@@ -762,14 +762,14 @@ class IndexStore:
     def search(self, queries: np.ndarray | Mapping[int, np.ndarray], k: int,
                modalities: list[str] | None = None, flt: dict | None = None,
                score_maps: Mapping[int, tuple[np.ndarray, np.ndarray]] | None = None,
-               query_modalities: list[str] | None = None, balance: bool = True) -> list[list[SearchHit]]:
+               query_modalities: list[str] | None = None, calibrated: bool = True) -> list[list[SearchHit]]:
         """Top-k per query, merged over segments by score.
 
         `score_maps` gives, per segment of an older encoder version, each query's (scale,
         offset) onto the active encoder's cosines (index/version_scale.py); with it every
         segment's scores are bent into (-1, 1) alike and hits keep their raw `cosine`.
 
-        With `query_modalities` (one per query) and `balance`, queries over documents of several
+        With `query_modalities` (one per query) and `calibrated`, queries over documents of several
         modalities are searched per document modality and merged by calibrated score
         (`SearchHit.cosine` keeps the raw one); without them every score is a raw cosine.
 
@@ -788,7 +788,7 @@ class IndexStore:
             n_queries = len(next(iter(queries.values()))) if isinstance(queries, Mapping) else len(queries)
             per_query = [[] for _ in range(n_queries)]
             searched = [seg for seg in self.segments if seg.indexed_rows and seg.alive.any()]
-            groups = self._calibrated_groups(searched, query_modalities if balance else None, modalities)
+            groups = self._calibrated_groups(searched, query_modalities if calibrated else None, modalities)
             qmods = np.array(query_modalities) if query_modalities else np.array([None] * n_queries)
             plain = np.flatnonzero(~np.isin(qmods, list(groups)))
             def hits_of(seg: Segment) -> list[tuple[int, list]]:

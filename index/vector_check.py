@@ -15,7 +15,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from index.vector_file import BLOCK_ROWS
+from umr.index.vector_file import BLOCK_ROWS
 
 TOLERANCE = 1e-4  # largest difference per coordinate between a FAISS row and what its stored vector gives
 UNIT = 1e-3  # how far from length 1 a stored vector may be (float32 rounding is 1e-7)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from index.atomic import FILE_MODE, fsync_dir
-from index.errors import IndexDamaged, InvalidArgument
+from umr.index.atomic import FILE_MODE, fsync_dir
+from umr.index.errors import IndexDamaged, InvalidArgument
 
 BLOCK_ROWS = 4096
 DTYPES = {"float32": "f32", "float16": "f16"}  # storage type -> file suffix

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 KINDS = ("flat", "hnsw", "ivfpq")
 HNSW_M = 32

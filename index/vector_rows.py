@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from index import vector_file as vf
-from index.vector_file import BLOCK_ROWS, SegmentFile
+from umr.index import vector_file as vf
+from umr.index.vector_file import BLOCK_ROWS, SegmentFile
 
 
 class SqliteVectors:

@@ -16,10 +16,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from index import vector_check, vector_file
-from index.docstore import DocStore
-from index.errors import IndexDamaged, IndexError_
-from index.store import DOCSTORE, IndexStore
+from umr.index import vector_check, vector_file
+from umr.index.docstore import DocStore
+from umr.index.errors import IndexDamaged, IndexError_
+from umr.index.store import DOCSTORE, IndexStore
 
 SAMPLE_ROWS = 1000  # per segment, without --full
 CANNOT_REPAIR = ("docs.sqlite is damaged and --repair cannot rebuild it (it is the only copy of the documents and "

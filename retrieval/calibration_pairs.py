@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from index.docstore import MODALITY_CODES
-from index.errors import InvalidArgument
-from index.store import IndexStore, Segment
-from retrieval.encoders import Encoder, load_recorded
-from retrieval.generic_queries import generic_queries
-from retrieval.items import Item, stored_item
+from umr.index.docstore import MODALITY_CODES
+from umr.index.errors import InvalidArgument
+from umr.index.store import IndexStore, Segment
+from umr.retrieval.encoders import Encoder, load_recorded
+from umr.retrieval.generic_queries import generic_queries
+from umr.retrieval.items import Item, stored_item
 
 MIN_PAIRS = 20
 DEFAULT_CALIBRATION = ("corpus", "passages")

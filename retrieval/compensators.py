@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 KINDS = ("identity", "mean", "kernel", "linear", "orthogonal", "mlp")
 
@@ -210,7 +210,7 @@ def make(kind: str, **params) -> Compensator:
 
 def agreement_at_k(mapped: np.ndarray, ideal: np.ndarray, corpus: np.ndarray, k: int = 10) -> float:
     """Mean overlap of the top-k a mapped query retrieves with the top-k the ideal query does."""
-    from index.vector_index import exact_topk
+    from umr.index.vector_index import exact_topk
 
     _, got = exact_topk(np.ascontiguousarray(mapped, np.float32), corpus, k)
     _, want = exact_topk(np.ascontiguousarray(ideal, np.float32), corpus, k)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 
 class DeviceError(InvalidArgument):
@@ -43,7 +43,7 @@ def choose(name: str | None) -> torch.device:
     faiss-gpu is installed); returns it."""
     global _chosen
     _chosen = parse(name)
-    from index import gpu
+    from umr.index import gpu
 
     gpu.use((_chosen.index or 0) if _chosen.type == "cuda" else None)
     return _chosen

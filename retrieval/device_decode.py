@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from index.errors import InvalidArgument
-from retrieval.images import EXIF_ORIENTATION, ImageLimits, open_unloaded
+from umr.index.errors import InvalidArgument
+from umr.retrieval.images import EXIF_ORIENTATION, ImageLimits, open_unloaded
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _one(raw: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 def decode_on_cpu(image: EncodedJpeg, preprocess: Callable[[Image.Image], torch.Tensor],
                   limits: ImageLimits) -> torch.Tensor:
     """The CPU path for a JPEG the device would not decode."""
-    from retrieval.images import BadImage, open_image
+    from umr.retrieval.images import BadImage, open_image
 
     try:
         return preprocess(open_image(image.data, limits))

@@ -1,7 +1,9 @@
 """The engine: one encoder and one index behind search / add / delete / get.
 
-The CLI, the HTTP server and Python users all call this object; the server adds only
-transport, batching and policy.
+Searches and writes from the CLI, the HTTP server and Python users go through this object;
+the server adds only transport, batching and policy. Maintenance works on the IndexStore
+directly: the CLI's index info/verify/tune/compact and update commands, the builds
+(retrieval/pipeline.py), and the server's follower when it reopens the index.
 """
 from __future__ import annotations
 
@@ -14,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from index import version_scale as vs
-from index.docstore import DocRecord
-from index.errors import IndexMismatch, InvalidArgument
-from index.store import IndexStore, SearchHit
-from retrieval.encoders import Encoder, load_encoder, load_recorded
-from retrieval.encoders.base import Prepared
-from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
-from retrieval.items import Item, stored_item
-from retrieval.reference_queries import read_references
+from umr.index import version_scale as vs
+from umr.index.docstore import DocRecord
+from umr.index.errors import IndexMismatch, InvalidArgument
+from umr.index.store import IndexStore, SearchHit
+from umr.retrieval.encoders import Encoder, load_encoder, load_recorded
+from umr.retrieval.encoders.base import Prepared
+from umr.retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
+from umr.retrieval.items import Item, stored_item
+from umr.retrieval.reference_queries import read_references
 
 UPLOADS = "images"
 log = logging.getLogger("umr.retrieval")
@@ -64,7 +66,7 @@ class Engine:
         # Calibrated scores unless a request asks for raw cosines: older segments' scores on the
         # active encoder's scale (index/version_scale.py) and documents of several modalities
         # merged by calibrated score (index/modality_calibration.py).
-        self.calibrate_scores = True
+        self.calibrated = True
         self.write_lock = threading.Lock()
         self.timings = {"encode_s": 0.0, "search_s": 0.0, "compensate_s": 0.0, "rerank_s": 0.0}
         self.reranker = None
@@ -75,7 +77,7 @@ class Engine:
 
     def _load_compensators(self) -> dict[int, dict]:
         """{segment id: {query modality: compensator}} for segments built by another version."""
-        from retrieval.compensators import Compensator
+        from umr.retrieval.compensators import Compensator
 
         out: dict[int, dict] = {}
         for seg in self.store.segments:
@@ -121,7 +123,7 @@ class Engine:
 
         if not lacking():
             return
-        from retrieval.version_scales import fit_segment
+        from umr.retrieval.version_scales import fit_segment
 
         with self._scale_lock:
             todo = lacking()  # another request may have fitted them meanwhile
@@ -214,10 +216,10 @@ class Engine:
         and its modality calibration; `calibrated=False` keeps raw cosines."""
         query_modalities = query_modalities or ["text"] * len(vectors)
         queries = self.map_queries(vectors, query_modalities)
-        calibrated = self.calibrate_scores if calibrated is None else calibrated
+        calibrated = self.calibrated if calibrated is None else calibrated
         maps = self.score_maps(query_modalities, modalities) if calibrated else None
         t0 = time.perf_counter()
-        hits = self.store.search(queries, k, modalities, flt, maps, query_modalities, balance=calibrated)
+        hits = self.store.search(queries, k, modalities, flt, maps, query_modalities, calibrated=calibrated)
         self.timings["search_s"] += time.perf_counter() - t0
         return hits
 
@@ -242,7 +244,7 @@ class Engine:
         hits = self.search_vectors(vectors, depth, modalities, flt, [query_modality(p) for p in prepared], calibrated)
         if not reranker:
             return hits
-        from retrieval.reranker import rerank
+        from umr.retrieval.reranker import rerank
 
         t0 = time.perf_counter()
         out = [rerank(reranker, Item(None, p.text, p.image), h, self.rerank_depth, self.rerank_weight, k,
@@ -258,7 +260,7 @@ class Engine:
         digest = hashlib.sha256(data).hexdigest()[:32]
         path = self.store.path / UPLOADS / f"{digest}.img"
         if not path.exists():
-            from index.atomic import atomic_write_bytes
+            from umr.index.atomic import atomic_write_bytes
 
             atomic_write_bytes(path, data)
         return f"{UPLOADS}/{digest}.img"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from index.errors import IndexError_
-from retrieval.engine import Engine
+from umr.index.errors import IndexError_
+from umr.retrieval.engine import Engine
 
 log = logging.getLogger("umr.retrieval")
 
@@ -33,7 +33,7 @@ def engine_for_version(old: Engine, version: int) -> Engine | None:
                                              "run `umr update --no-activate` first") from None
     if version == old.version:
         return None
-    from retrieval.encoders import load_recorded
+    from umr.retrieval.encoders import load_recorded
 
     new = Engine(store, load_recorded(rec))
     alive = {seg.id for seg in store.segments if seg.alive.any()}
@@ -59,6 +59,6 @@ def activate(old: Engine, new: Engine, publish) -> None:
     log.info("encoder version %d (%s) is active; it was %d (%s)", new.version, new.encoder.spec, old.version,
              old.encoder.spec, extra={"version": new.version})
     if old.encoder is not new.encoder:  # requests still on the old engine keep it until they finish
-        from retrieval.encoders.registry import release
+        from umr.retrieval.encoders.registry import release
 
         release(old.encoder)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from index.errors import InvalidArgument
-from retrieval.encoders.base import Encoder
-from retrieval.items import Item
-from retrieval.mbeir import target_modality
-from retrieval.metrics import curve, summarize
-from retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders.base import Encoder
+from umr.retrieval.items import Item
+from umr.retrieval.mbeir import target_modality
+from umr.retrieval.metrics import curve, summarize
+from umr.retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
 
 KS = (1, 5, 10)
 CURVE_DEPTH = 100  # k = 1..100 for the curves `umr eval --plot` draws
@@ -34,7 +34,7 @@ def _encode_all(encoder: Encoder, items: list[Item], role: str, instruction=None
 
 
 def _rank(q: np.ndarray, c: np.ndarray, ids: list[str], k: int) -> list[list[str]]:
-    from index.vector_index import exact_topk
+    from umr.index.vector_index import exact_topk
 
     _, top = exact_topk(np.ascontiguousarray(q, np.float32), c, k)
     return [[ids[j] for j in row if j >= 0] for row in top]
@@ -43,7 +43,7 @@ def _rank(q: np.ndarray, c: np.ndarray, ids: list[str], k: int) -> list[list[str
 def _rank_calibrated(q: np.ndarray, qmods: list[str], c: np.ndarray, cmods: np.ndarray, ids: list[str], k: int,
                      cal) -> list[list[str]]:
     """Per candidate modality the top k, on the calibrated scale, merged (as `IndexStore.search`)."""
-    from index.vector_index import exact_topk
+    from umr.index.vector_index import exact_topk
 
     merged: list[list[tuple[float, str]]] = [[] for _ in range(len(q))]
     qmods = np.asarray(qmods)
@@ -103,7 +103,7 @@ def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", task
     modality_of = dict(zip(cids, cmod))
     cal = None
     if not local and calibrated and len(set(cmod.tolist())) > 1:
-        from index.modality_calibration import fit_dense
+        from umr.index.modality_calibration import fit_dense
 
         cal = fit_dense(cvec, cmod)
     results = {}

@@ -27,8 +27,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from index.atomic import atomic_write
-from index.errors import InvalidArgument
+from umr.index.atomic import atomic_write
+from umr.index.errors import InvalidArgument
 
 SHARD_ROWS = 2048
 SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}  # rows per shard: a killed run keeps all but the last few hundred items
@@ -51,7 +51,7 @@ def bytes_key(data: bytes) -> bytes:
 
 
 def file_key(path: str | os.PathLike) -> bytes:
-    from retrieval.encoders.base import sha256_file
+    from umr.retrieval.encoders.base import sha256_file
 
     return bytes.fromhex(sha256_file(path))
 

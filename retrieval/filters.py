@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 NUMBER = re.compile(r"^-?(0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?$")
 

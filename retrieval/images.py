@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 
 EXIF_ORIENTATION = 0x0112

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 MODALITIES = ("image", "text", "image,text")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from index.errors import InvalidArgument
-from retrieval.items import Item
-from retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
+from umr.index.errors import InvalidArgument
+from umr.retrieval.items import Item
+from umr.retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
 
 
 @dataclass

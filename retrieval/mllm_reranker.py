@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from index.errors import InvalidArgument
-from retrieval.encoders.mllm import ADAPTER_FILE, MllmEncoder
-from retrieval.items import Item
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders.mllm import ADAPTER_FILE, MllmEncoder
+from umr.retrieval.items import Item
 
 CONFIG_FILE = "umr_reranker.json"
 QUESTION = "Does the candidate match the query? Answer Yes or No."

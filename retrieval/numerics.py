@@ -18,7 +18,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 PRECISIONS = ("float32", "float16")
 IMAGE_DECODES = ("cpu", "device")

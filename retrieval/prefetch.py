@@ -9,7 +9,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from retrieval.device import default_workers
+from umr.retrieval.device import default_workers
 
 T = TypeVar("T")
 R = TypeVar("R")

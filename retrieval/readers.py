@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from index.document_rules import InvalidDocument, check_document, has_visible_text
-from index.errors import InvalidArgument
-from retrieval.items import MODALITIES, Item
+from umr.index.document_rules import InvalidDocument, check_document, has_visible_text
+from umr.index.errors import InvalidArgument
+from umr.retrieval.items import MODALITIES, Item
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_TEXT_CHARS = 100_000

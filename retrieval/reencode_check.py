@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from index.errors import InvalidArgument
-from index.store import IndexStore
-from retrieval.encoders import load_recorded
-from retrieval.items import stored_item
+from umr.index.errors import InvalidArgument
+from umr.index.store import IndexStore
+from umr.retrieval.encoders import load_recorded
+from umr.retrieval.items import stored_item
 
 # Encoding the same document twice gives the same vector to float rounding (1e-6); the image
 # path's JPEG draft decoding is deterministic too. Half a per-mille leaves room for another

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from index.atomic import atomic_write
-from index.store import IndexStore
-from retrieval.encoders import Encoder
-from retrieval.generic_queries import generic_queries
+from umr.index.atomic import atomic_write
+from umr.index.store import IndexStore
+from umr.retrieval.encoders import Encoder
+from umr.retrieval.generic_queries import generic_queries
 
 TEXTS = 2000
 PER_MODALITY = 2000

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from index.errors import InvalidArgument
-from retrieval.encoders import towers
-from retrieval.items import Item
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders import towers
+from umr.retrieval.items import Item
 
 CONFIG_FILE = "umr_reranker.json"
 WEIGHTS_FILE = "reranker.safetensors"
@@ -192,7 +192,7 @@ class LitReranker:
 
     @staticmethod
     def accepts(encoder) -> bool:
-        from retrieval.encoders.tower_encoder import TowerEncoder
+        from umr.retrieval.encoders.tower_encoder import TowerEncoder
 
         return isinstance(encoder, TowerEncoder)
 
@@ -271,7 +271,7 @@ def load_reranker(directory: str | Path):
     if not (directory / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{directory} is not a umr re-ranker (no {CONFIG_FILE}); train one with `umr reranker train`")
     if json.loads((directory / CONFIG_FILE).read_text()).get("type") == "mllm-yes-no":
-        from retrieval.mllm_reranker import MllmReranker
+        from umr.retrieval.mllm_reranker import MllmReranker
 
         return MllmReranker.load(directory)
     return LitReranker.load(directory)

@@ -13,14 +13,14 @@ import time
 
 import numpy as np
 
-from index.errors import InvalidArgument
-from index.store import IndexStore, Segment
-from retrieval import compensators as cp
-from retrieval.calibration_pairs import DEFAULT_CALIBRATION, MIN_PAIRS, QUERY_MODALITIES, check_sources, segment_pairs
-from retrieval.encoders import Encoder, load_recorded
-from retrieval.reference_queries import write_references
-from retrieval.version_scales import fit_segment
-from retrieval.update_eval import describe_interval, evaluate_variants, uncovered_eval_modalities
+from umr.index.errors import InvalidArgument
+from umr.index.store import IndexStore, Segment
+from umr.retrieval import compensators as cp
+from umr.retrieval.calibration_pairs import DEFAULT_CALIBRATION, MIN_PAIRS, QUERY_MODALITIES, check_sources, segment_pairs
+from umr.retrieval.encoders import Encoder, load_recorded
+from umr.retrieval.reference_queries import write_references
+from umr.retrieval.version_scales import fit_segment
+from umr.retrieval.update_eval import describe_interval, evaluate_variants, uncovered_eval_modalities
 
 log = logging.getLogger("umr.retrieval")
 
@@ -130,7 +130,7 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
         # New-domain queries show what the update buys; they never refuse it.
         report["eval_new"] = evaluate_variants(store, new, fitted, pairs_of, eval_new_path, reindex_sample=reindex_sample)
     if eval_docs:
-        from retrieval.update_preview import preview
+        from umr.retrieval.update_preview import preview
 
         queries = {label: path for label, path in (("old-domain", eval_path), ("new-domain", eval_new_path)) if path}
         if not queries:

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from index.errors import InvalidArgument
-from index.store import IndexStore
-from retrieval import compensators as cp
-from retrieval.encoders import Encoder, load_recorded
-from retrieval.items import Item, stored_item
+from umr.index.errors import InvalidArgument
+from umr.index.store import IndexStore
+from umr.retrieval import compensators as cp
+from umr.retrieval.encoders import Encoder, load_recorded
+from umr.retrieval.items import Item, stored_item
 
 
 def read_eval_queries(path: str) -> tuple[list[Item], list[set[str]]]:
     """M-BEIR query JSONL (query_txt, query_img_path, pos_cand_list) or {"text", "image", "relevant"}."""
-    from retrieval.readers import mbeir_image_root
+    from umr.retrieval.readers import mbeir_image_root
 
     p = Path(path)
     root = mbeir_image_root(p) if "query_txt" in p.read_text()[:2000] else p.parent
@@ -135,7 +135,7 @@ def evaluate_variants(store: IndexStore, new: Encoder, fitted: list, pairs_of: d
 def _reindexed_sample(store: IndexStore, new: Encoder, new_q, old_q, relevant, n: int, k: int, seed: int = 0) -> dict:
     """What re-indexing would buy, estimated on a sample: the judged documents plus `n` others,
     re-embedded by the new encoder, against the same sample as the old encoders stored it."""
-    from index.vector_index import exact_topk
+    from umr.index.vector_index import exact_topk
 
     wanted = set().union(*relevant)
     docs = list(store.docs.iter_docs())

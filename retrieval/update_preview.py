@@ -18,11 +18,11 @@ from typing import Callable
 
 import numpy as np
 
-from index.store import DOCSTORE, IndexStore
-from retrieval.encoders import Encoder, load_recorded
-from retrieval.engine import Engine, Query
-from retrieval.pipeline import add_to_index
-from retrieval.update_eval import read_eval_queries
+from umr.index.store import DOCSTORE, IndexStore
+from umr.retrieval.encoders import Encoder, load_recorded
+from umr.retrieval.engine import Engine, Query
+from umr.retrieval.pipeline import add_to_index
+from umr.retrieval.update_eval import read_eval_queries
 
 
 def copy_index(src: Path, dst: Path) -> Path:

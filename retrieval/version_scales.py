@@ -13,11 +13,11 @@ import logging
 
 import numpy as np
 
-from index import version_scale as vs
-from index.store import MODALITY_CODES, IndexStore, Segment
-from retrieval.encoders import Encoder
-from retrieval.generic_queries import generic_queries
-from retrieval.items import stored_item
+from umr.index import version_scale as vs
+from umr.index.store import MODALITY_CODES, IndexStore, Segment
+from umr.retrieval.encoders import Encoder
+from umr.retrieval.generic_queries import generic_queries
+from umr.retrieval.items import stored_item
 
 log = logging.getLogger("umr.retrieval")
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
-from index.errors import IndexDamaged, IndexError_
-from retrieval.encoders.base import EncoderError
-from retrieval.engine_swap import SwapRefused, activate, engine_for_version
-from server.auth import requires
-from server.errors import ApiError, declared
-from server.forwarding import relayed
-from server.request_checks import require_json
-from server.schemas import ActivateEncoder
-from server.state import ServerState, state
+from umr.index.errors import IndexDamaged, IndexError_
+from umr.retrieval.encoders.base import EncoderError
+from umr.retrieval.engine_swap import SwapRefused, activate, engine_for_version
+from umr.server.auth import requires
+from umr.server.errors import ApiError, declared
+from umr.server.forwarding import relayed
+from umr.server.request_checks import require_json
+from umr.server.schemas import ActivateEncoder
+from umr.server.state import ServerState, state
 
 router = APIRouter()
 

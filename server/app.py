@@ -11,21 +11,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from retrieval.engine import Engine
-from retrieval.images import ImageLimits
-from server import admin_routes, document_routes, info_routes, page_routes, search_routes
-from server.auth import Access
-from server.batching import QueryBatcher
-from server.checkpoints import Checkpointer
-from server.follower import Follower
-from server.forwarding import WriteForwarder
-from server.errors import InternalErrors, install_error_handlers
-from server.metrics import Metrics
-from server.middleware import BodyLimit, RequestObserver
-from server.request_checks import RequestChecks
-from server.settings import ServerSettings
-from server.state import ServerState
-from server.store_check import StoreCheck
+from umr.retrieval.engine import Engine
+from umr.retrieval.images import ImageLimits
+from umr.server import admin_routes, document_routes, info_routes, page_routes, search_routes
+from umr.server.auth import Access
+from umr.server.batching import QueryBatcher
+from umr.server.checkpoints import Checkpointer
+from umr.server.follower import Follower
+from umr.server.forwarding import WriteForwarder
+from umr.server.errors import InternalErrors, install_error_handlers
+from umr.server.metrics import Metrics
+from umr.server.middleware import BodyLimit, RequestObserver
+from umr.server.request_checks import RequestChecks
+from umr.server.settings import ServerSettings
+from umr.server.state import ServerState
+from umr.server.store_check import StoreCheck
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:

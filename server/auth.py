@@ -14,10 +14,10 @@ from pathlib import Path
 
 from fastapi import Depends, Header, Request
 
-from server.errors import ApiError
-from server.keys import KeyFileError, KeyRing, allows, digest
-from server.settings import ServerSettings
-from server.state import ServerState, state
+from umr.server.errors import ApiError
+from umr.server.keys import KeyFileError, KeyRing, allows, digest
+from umr.server.settings import ServerSettings
+from umr.server.state import ServerState, state
 
 log = logging.getLogger("umr.server")
 KEY_FILE_LOOK_S = 1.0  # how often a server looks whether its key file changed

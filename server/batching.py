@@ -3,9 +3,9 @@
 One dedicated thread encodes and searches each batch of searches, so the event loop never
 blocks on it (what does not go through here runs on the event loop's worker threads: adds embed
 their documents there, and with --no-batching each search runs there on its own); the
-forward and the search each use every core, so the earlier second stage (search on its own
-thread beside the next forward) only split the load into two half-size batches: at concurrency
-32 it averaged 11-13 queries per forward against 27 now, at more CPU per query. A batch starts
+forward and the search each use every core, so a second stage (search on its own thread beside
+the next forward) would only split the load into two half-size batches (docs/benchmarks.md,
+after the search section, has the measurement). A batch starts
 as soon as the thread is free. It waits up to `max_wait`
 for more queries only while some are still being decoded, or while fewer have arrived than
 were waiting at the end of the last batch: under load the clients just answered come straight
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval.encoders.base import Prepared
-from retrieval.engine import Engine
-from server.metrics import Metrics
-from server.settings import ServerSettings
-from server.tasks import cancel
+from umr.retrieval.encoders.base import Prepared
+from umr.retrieval.engine import Engine
+from umr.server.metrics import Metrics
+from umr.server.settings import ServerSettings
+from umr.server.tasks import cancel
 
 log = logging.getLogger("umr.server")
 

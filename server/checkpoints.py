@@ -13,7 +13,7 @@ import time
 
 from fastapi.concurrency import run_in_threadpool
 
-from server.tasks import cancel
+from umr.server.tasks import cancel
 
 log = logging.getLogger("umr.server")
 

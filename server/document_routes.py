@@ -8,16 +8,16 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
-from index.document_rules import InvalidDocument
-from index.errors import IndexMismatch, InvalidArgument, NotFound
-from retrieval.images import BadImage, open_image
-from retrieval.items import Item
-from server.auth import requires
-from server.errors import ApiError, declared
-from server.forwarding import relayed
-from server.request_checks import require_json
-from server.schemas import Document, DocumentsAdded, DocumentsIn
-from server.state import ServerState, state
+from umr.index.document_rules import InvalidDocument
+from umr.index.errors import IndexMismatch, InvalidArgument, NotFound
+from umr.retrieval.images import BadImage, open_image
+from umr.retrieval.items import Item
+from umr.server.auth import requires
+from umr.server.errors import ApiError, declared
+from umr.server.forwarding import relayed
+from umr.server.request_checks import require_json
+from umr.server.schemas import Document, DocumentsAdded, DocumentsIn
+from umr.server.state import ServerState, state
 
 router = APIRouter()
 MAX_THUMBNAIL = 1024

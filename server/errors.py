@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from index.errors import IndexDamaged
-from server.request_log import current_id
+from umr.index.errors import IndexDamaged
+from umr.server.request_log import current_id
 
 log = logging.getLogger("umr.server")
 
@@ -116,7 +116,7 @@ class InternalErrors:
 def declared(*statuses: int) -> dict:
     """OpenAPI `responses` for the error statuses a route can answer (any route may answer 400
     to a request it cannot parse, and 500)."""
-    from server.schemas import ErrorBody
+    from umr.server.schemas import ErrorBody
 
     return {s: {"model": ErrorBody, "description": DESCRIPTIONS[s]} for s in sorted({*statuses, 400, 500})}
 

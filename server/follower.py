@@ -18,8 +18,8 @@ import time
 
 from fastapi.concurrency import run_in_threadpool
 
-from retrieval.engine import Engine
-from server.tasks import cancel
+from umr.retrieval.engine import Engine
+from umr.server.tasks import cancel
 
 log = logging.getLogger("umr.server")
 # Requests that captured the engine a reopen replaced get this long to finish before its
@@ -30,14 +30,14 @@ RETIRE_AFTER_S = 30.0
 def reopened(old: Engine) -> Engine:
     """A fresh read-only engine over the same index, querying with the same encoder object
     unless the writer activated another version."""
-    from index.store import IndexStore
+    from umr.index.store import IndexStore
 
     store = IndexStore.open(old.store.path, "read")
     try:
         same = store.active_version == old.version
         encoder = old.encoder if same else None
         if encoder is None:
-            from retrieval.encoders import load_recorded
+            from umr.retrieval.encoders import load_recorded
 
             encoder = load_recorded(store.version(store.active_version))
         new = Engine(store, encoder)

@@ -13,7 +13,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import Response
 
-from server.errors import ApiError
+from umr.server.errors import ApiError
 
 # Not relayed: they describe one hop, not the request.
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",

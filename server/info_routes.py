@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from server.auth import requires
-from server.errors import declared
-from server.state import ServerState, state
+from umr.server.auth import requires
+from umr.server.errors import declared
+from umr.server.state import ServerState, state
 
 router = APIRouter()
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 SCOPES = ("read", "write", "admin")
 PREFIX = "umr_"
@@ -85,7 +85,7 @@ class KeyRing:
 
 
 def _write(path: Path, entries: list[KeyEntry]) -> None:
-    from index.atomic import atomic_write_bytes
+    from umr.index.atomic import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"keys": [e.__dict__ for e in entries]}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from server.errors import error_response
-from server.metrics import Metrics
-from server.request_log import current_id, log_request, request_id
+from umr.server.errors import error_response
+from umr.server.metrics import Metrics
+from umr.server.request_log import current_id, log_request, request_id
 
 
 class BodyTooLarge(Exception):

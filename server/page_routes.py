@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from server.errors import ApiError
+from umr.server.errors import ApiError
 
 PAGE = Path(__file__).resolve().parent / "page"
 FILES = {"index.html": "text/html; charset=utf-8", "search.js": "text/javascript; charset=utf-8",

@@ -10,11 +10,11 @@ import re
 
 from fastapi import Request
 
-from index.docstore import validate_filter
-from index.document_rules import InvalidDocument, check_document, has_visible_text, unicode_problem
-from retrieval.items import parse_modalities
-from server.errors import ApiError
-from server.settings import ServerSettings
+from umr.index.docstore import validate_filter
+from umr.index.document_rules import InvalidDocument, check_document, has_visible_text, unicode_problem
+from umr.retrieval.items import parse_modalities
+from umr.server.errors import ApiError
+from umr.server.settings import ServerSettings
 
 _DATA_URL = re.compile(r"^data:[\w.+\-]+/[\w.+\-]+(;[\w\-]+=[\w\-.]+)*;base64,", re.I)
 _WHITESPACE = re.compile(rb"\s+")

@@ -8,15 +8,15 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from index.errors import InvalidArgument
-from retrieval.engine import CompensationMissing, Engine, Query
-from retrieval.images import BadImage
-from server.auth import requires
-from server.batching import Pending
-from server.errors import ApiError, declared
-from server.request_checks import require_json
-from server.schemas import BatchSearchRequest, BatchSearchResponse, Hit, SearchRequest, SearchResponse
-from server.state import ServerState, state
+from umr.index.errors import InvalidArgument
+from umr.retrieval.engine import CompensationMissing, Engine, Query
+from umr.retrieval.images import BadImage
+from umr.server.auth import requires
+from umr.server.batching import Pending
+from umr.server.errors import ApiError, declared
+from umr.server.request_checks import require_json
+from umr.server.schemas import BatchSearchRequest, BatchSearchResponse, Hit, SearchRequest, SearchResponse
+from umr.server.state import ServerState, state
 
 router = APIRouter(dependencies=[requires("read")])
 

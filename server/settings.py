@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.keys import KeyRing
+from umr.server.keys import KeyRing
 
 
 @dataclass

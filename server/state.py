@@ -7,18 +7,18 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from retrieval.engine import Engine
-from retrieval.images import ImageLimits
-from server.batching import QueryBatcher
-from server.errors import ApiError
-from server.metrics import Metrics
-from server.request_checks import RequestChecks
-from server.settings import ServerSettings
+from umr.retrieval.engine import Engine
+from umr.retrieval.images import ImageLimits
+from umr.server.batching import QueryBatcher
+from umr.server.errors import ApiError
+from umr.server.metrics import Metrics
+from umr.server.request_checks import RequestChecks
+from umr.server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from server.auth import Access
-    from server.follower import Follower
-    from server.forwarding import WriteForwarder
+    from umr.server.auth import Access
+    from umr.server.follower import Follower
+    from umr.server.forwarding import WriteForwarder
 
 
 @dataclass

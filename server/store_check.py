@@ -9,8 +9,8 @@ import logging
 
 from fastapi.concurrency import run_in_threadpool
 
-from index.docstore import DocStore
-from server.tasks import cancel
+from umr.index.docstore import DocStore
+from umr.server.tasks import cancel
 
 log = logging.getLogger("umr.server")
 

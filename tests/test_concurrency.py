@@ -19,7 +19,7 @@ import pytest
 
 from bench.common import wide_race_window as race_window
 from conftest import served_index
-from retrieval.items import Item
+from umr.retrieval.items import Item
 
 DEADLINE_S = 8.0  # the load runs this long, and on (up to 3x) until it has done ENOUGH of each
 ENOUGH = 150  # documents added, and answers checked
@@ -54,7 +54,7 @@ def test_concurrent_adds_and_searches_keep_vectors_and_answers_right(tmp_path, l
     pool = [{"id": f"add-{i}", "text": t, "metadata": {"phase": "added"}} for i, t in enumerate(texts[120:])]
     queries = [r["text"] for r in initial[:40]]
     with served_index(tmp_path, lit, initial) as (url, engine):
-        from retrieval.engine import Query
+        from umr.retrieval.engine import Query
 
         solo = {q: [(h.id, h.score) for h in engine.search([Query(q)], k=5, flt={"phase": "initial"})[0]]
                 for q in queries}
@@ -124,7 +124,7 @@ def test_concurrent_adds_and_searches_keep_vectors_and_answers_right(tmp_path, l
 def test_threads_sharing_one_encoder_get_each_texts_own_vector(lit, flickr, wide_race_window):
     """The same at the encoder itself: threads embedding batches on both sides of the tower's
     packing threshold at once (without the guard: 21 wrong vectors of 621 in 3 s)."""
-    from retrieval.encoders.base import Prepared
+    from umr.retrieval.encoders.base import Prepared
 
     texts = captions(flickr, 300)
     solo = {t: lit.embed([Prepared(t, None)])[0] for t in texts}

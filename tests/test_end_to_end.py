@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from conftest import cli_in_process, run_cli, write_jsonl
-from retrieval.engine import Engine
-from server.app import create_app
+from umr.retrieval.engine import Engine
+from umr.server.app import create_app
 from umr.demo import BackgroundServer
 
 N_IMAGES = 100  # the first 100 test images of the fixed split; chance of top-5 is 5/100

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import cli_in_process, run_cli
-from retrieval.metrics import hit_rate_at, mrr_at, ndcg_at, recall_at, summarize
+from umr.retrieval.metrics import hit_rate_at, mrr_at, ndcg_at, recall_at, summarize
 
 
 def test_metrics_by_hand():
@@ -111,7 +111,7 @@ def test_umr_train_writes_a_loadable_encoder_that_learns(flickr, tmp_path):
     assert log[-1]["loss"] < 0.6 * log[0]["loss"]
     cfg = json.loads((out / "umr_encoder.json").read_text())
     assert cfg["type"] == "lit" and cfg["dim"] == 64 and cfg["provenance"]["data"]["n_pairs"] == 4000
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     enc = load_encoder(str(out))
     assert enc.dim == 64 and enc.fingerprint != load_encoder("lit-init:64:3").fingerprint

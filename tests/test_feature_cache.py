@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.encoders import towers
-from retrieval.images import open_image
+from umr.retrieval.encoders import towers
+from umr.retrieval.images import open_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_a_damaged_shard_is_skipped_and_recomputed(cache_dir, photos):
     good = it.cached_features(photos[:3])
     (shard,) = shards(cache_dir)
     shard.write_bytes(shard.read_bytes()[:100])  # truncated on disk
-    from retrieval.feature_cache import FeatureCache
+    from umr.retrieval.feature_cache import FeatureCache
 
     towers._image_tower.cache_clear()  # a new process: nothing indexed in memory
     FeatureCache._open.clear()
@@ -104,7 +104,7 @@ def test_turned_off_writes_nothing_and_a_missing_image_names_itself(cache_dir, p
 
 
 def test_lit_encode_reads_the_cache_and_matches_the_prepared_path(cache_dir, lit, photos):
-    from retrieval.items import Item
+    from umr.retrieval.items import Item
 
     items = [Item(None, None, photos[0]), Item(None, "a dog in the snow"), Item(None, "a red shirt", photos[1])]
     cached = lit.encode(items)
@@ -116,8 +116,8 @@ def test_lit_encode_reads_the_cache_and_matches_the_prepared_path(cache_dir, lit
 
 
 def test_reranker_feature_maps_are_cached_as_float16(cache_dir, photos):
-    from retrieval.reranker import TokenCache
-    from retrieval.items import Item
+    from umr.retrieval.reranker import TokenCache
+    from umr.retrieval.items import Item
 
     it = towers.image_tower()
     direct = it.feature_map(torch.stack([it.preprocess(open_image(p, min_side=224)) for p in photos[:3]]))

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from index import IndexStore
-from index import vector_index as vi
-from index.docstore import DocRecord
-from index.errors import IndexError_, IndexMismatch, NotFound
+from umr.index import IndexStore
+from umr.index import vector_index as vi
+from umr.index.docstore import DocRecord
+from umr.index.errors import IndexError_, IndexMismatch, NotFound
 
 DIM = 32
 ENC = {"spec": "synthetic", "fingerprint": "f" * 16, "dim": DIM}
@@ -207,18 +207,21 @@ def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monk
     another, and right; HNSW segments, too quick to be worth a thread, stay in the caller's."""
     import threading
 
-    import index.store as store_module
+    import umr.index.store as store_module
 
     monkeypatch.setattr(store_module, "PARALLEL_MIN_ROWS", 100)  # these segments are small
     rng = np.random.default_rng(1)
     threads = set()
-    real = store_module.IndexStore._search_segment
 
-    def watched(self, seg, *args):
-        threads.add(threading.current_thread().name)
-        return real(self, seg, *args)
+    def watched(real):
+        """vector_index's public kernels, noting the thread each segment is searched on."""
+        def run(*args, **kwargs):
+            threads.add(threading.current_thread().name)
+            return real(*args, **kwargs)
+        return run
 
-    monkeypatch.setattr(store_module.IndexStore, "_search_segment", watched)
+    monkeypatch.setattr(vi, "exact_topk", watched(vi.exact_topk))  # flat segments
+    monkeypatch.setattr(vi, "search_params", watched(vi.search_params))  # HNSW segments
     for kind in ("flat", "hnsw"):
         store, vecs = make(tmp_path, n=300, kind=kind, name=kind)
         everything = {f"d{i}": v for i, v in enumerate(vecs)}
@@ -294,7 +297,7 @@ def test_a_reader_maps_ivfpq_lists_and_follows_the_writer(tmp_path):
 def test_gpu_extra_matches_torch_cuda_major():
     """The extra named to a user must be the faiss-gpu build for torch's CUDA major: a CUDA 12
     build beside a CUDA 13 torch cannot load (what issue 25 found on an H200)."""
-    from index import gpu
+    from umr.index import gpu
 
     assert gpu.matching_extra("13.0") == "gpu-cu13" and gpu.matching_extra("12.8") == "gpu-cu12"
     assert gpu.matching_extra(None) is None and gpu.matching_extra("11.8") is None
@@ -308,7 +311,7 @@ def test_gpu_extra_matches_torch_cuda_major():
 def test_flat_segments_mirrored_on_a_device_answer_as_on_the_cpu(tmp_path):
     """The torch-on-GPU path for flat segments (index/device_flat.py), run with "cpu" as the
     device on machines without one: same hits through adds, deletes, filters and a reopen."""
-    from index import gpu
+    from umr.index import gpu
 
     plain, vecs = make(tmp_path, n=300, name="plain")
     q = vecs[:6] + 0.02

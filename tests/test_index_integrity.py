@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, write_jsonl
-from index import IndexStore
-from index.docstore import DocRecord
-from index.errors import IndexError_
-from index.locks import IndexBusy
-from index.verify import verify
+from umr.index import IndexStore
+from umr.index.docstore import DocRecord
+from umr.index.errors import IndexError_
+from umr.index.locks import IndexBusy
+from umr.index.verify import verify
 
 DIM = 16
 
@@ -183,9 +183,9 @@ def test_every_file_of_an_index_has_the_same_permissions(tmp_path):
 
 
 def test_serving_writes_nothing_it_only_reads_and_checkpoints_in_the_background(tmp_path, tiny):
-    from retrieval.engine import Engine
-    from server.app import create_app
-    from server.settings import ServerSettings
+    from umr.retrieval.engine import Engine
+    from umr.server.app import create_app
+    from umr.server.settings import ServerSettings
     from umr.demo import BackgroundServer
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
@@ -276,7 +276,7 @@ def test_a_compaction_killed_after_its_transaction_keeps_its_checkpoint(tmp_path
 def test_a_crash_between_a_checkpoint_and_its_manifest_leaves_the_recorded_one_sound(tmp_path, monkeypatch):
     """The new FAISS file is written under a new name; the manifest written after it names it.
     Killed in between, the manifest still names the previous file, which is still there."""
-    from index import manifest as manifest_module
+    from umr.index import manifest as manifest_module
 
     idx = tmp_path / "idx"
     store, vecs = make(idx)
@@ -286,10 +286,10 @@ def test_a_crash_between_a_checkpoint_and_its_manifest_leaves_the_recorded_one_s
     def crash(*_):
         raise OSError("killed before the manifest was written")
 
-    monkeypatch.setattr("index.store.write_manifest", crash)
+    monkeypatch.setattr("umr.index.store.write_manifest", crash)
     with pytest.raises(OSError):
         store.save()
-    monkeypatch.setattr("index.store.write_manifest", manifest_module.write_manifest)
+    monkeypatch.setattr("umr.index.store.write_manifest", manifest_module.write_manifest)
     store.close()
     assert checkpoint(idx) == before and before.exists()
     assert len(list((idx / "segments" / "0").glob("index*.faiss"))) == 2  # the unrecorded one
@@ -318,8 +318,8 @@ def test_an_ivfpq_segment_compacts_and_repairs_too(tmp_path):
 
 
 def test_a_read_only_server_beside_the_writer_answers_searches_and_refuses_writes(tmp_path, tiny):
-    from retrieval.engine import Engine
-    from server.app import create_app
+    from umr.retrieval.engine import Engine
+    from umr.server.app import create_app
     from umr.demo import BackgroundServer
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import run_cli, write_jsonl
-from retrieval.items import Item
-from retrieval.mbeir import MbeirQuery, read_pool, read_queries
-from training.losses import info_nce, listwise_kl, margin_mse
-from training.mining import MiningConfig, mine
+from umr.retrieval.items import Item
+from umr.retrieval.mbeir import MbeirQuery, read_pool, read_queries
+from umr.training.losses import info_nce, listwise_kl, margin_mse
+from umr.training.mining import MiningConfig, mine
 
 
 def test_hard_negatives_raise_the_loss_unless_they_are_labelled_positives():
@@ -97,7 +97,7 @@ def test_umr_mine_cli(tiny, pool_and_queries, tmp_path):
 
 
 def test_mbeir_examples_keep_negatives_and_teacher_lists(pool_and_queries):
-    from training.examples import FeatureBank, mbeir_examples
+    from umr.training.examples import FeatureBank, mbeir_examples
 
     pool = read_pool(pool_and_queries[0])
     q = MbeirQuery("1:5", Item("1:5", "red dog"), ["1:0", "1:77"], ["1:3", "1:404"], 1,
@@ -115,8 +115,8 @@ def test_mbeir_examples_keep_negatives_and_teacher_lists(pool_and_queries):
 
 
 def test_instructions_are_prefixed_to_queries_only(tmp_path, pool_and_queries):
-    from retrieval.mbeir import Instructions
-    from training.examples import FeatureBank, mbeir_examples
+    from umr.retrieval.mbeir import Instructions
+    from umr.training.examples import FeatureBank, mbeir_examples
 
     tsv = tmp_path / "query_instructions.tsv"
     tsv.write_text("query_modality\tcand_modality\tdataset\tdataset_id\tprompt_1\tprompt_2\n"

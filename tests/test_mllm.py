@@ -12,14 +12,14 @@ from tests.conftest import FLICKR, require_data, run_cli, write_jsonl
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from retrieval.encoders.tiny_qwen2vl import build
+    from umr.retrieval.encoders.tiny_qwen2vl import build
 
     return build(tmp_path_factory.mktemp("tiny-qwen2vl"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def encoder(base):
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     return load_encoder(f"hf-mllm:{base}", cache=False)
 
@@ -40,7 +40,7 @@ def photos():
 
 
 def test_embeddings_are_unit_rows_from_one_sequence_per_item(encoder, photos):
-    from retrieval.items import Item
+    from umr.retrieval.items import Item
 
     image, caps = photos[0]
     rows = encoder.encode([Item(text=caps[0]), Item(image=image), Item(text=caps[0], image=image)])
@@ -58,8 +58,8 @@ def test_embeddings_are_unit_rows_from_one_sequence_per_item(encoder, photos):
 
 
 def test_attention_is_bidirectional_and_the_instruction_is_not_pooled(encoder):
-    from retrieval.encoders.base import Prepared
-    from retrieval.items import Item
+    from umr.retrieval.encoders.base import Prepared
+    from umr.retrieval.items import Item
 
     batch = encoder.inputs([encoder.render(Prepared("a dog runs across the grass", None))], [])
     changed = dict(batch, input_ids=batch["input_ids"].clone())
@@ -87,10 +87,10 @@ def test_attention_is_bidirectional_and_the_instruction_is_not_pooled(encoder):
 
 
 def test_lora_trains_saves_and_reloads_to_identical_embeddings(base, photos, tmp_path):
-    from retrieval.encoders import load_encoder
-    from retrieval.items import Item
-    from training.contrastive import ContrastiveConfig, train_examples
-    from training.examples import FeatureBank, Example
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.items import Item
+    from umr.training.contrastive import ContrastiveConfig, train_examples
+    from umr.training.examples import FeatureBank, Example
 
     enc = load_encoder(f"hf-mllm:{base}", cache=False)
     before = enc.encode([Item(text=photos[0][1][0]), Item(image=photos[0][0])])
@@ -163,8 +163,8 @@ stages:
     losses = [float(line.split("loss")[1].split()[0]) for line in epochs]
     assert len(losses) == 4 and losses[-1] < losses[0], r.stderr
 
-    from retrieval.items import Item
-    from retrieval.reranker import load_reranker
+    from umr.retrieval.items import Item
+    from umr.retrieval.reranker import load_reranker
 
     rr = load_reranker(tmp_path / "rr")
     p = rr.score(Item(text=photos[2][1][0]), [Item(image=photos[2][0]), Item(image=photos[3][0])])
@@ -181,8 +181,8 @@ stages:
     # over HTTP: a text query and an uploaded image, both re-ranked by the Yes/No model
     import httpx
 
-    from retrieval.engine import Engine
-    from server.app import create_app
+    from umr.retrieval.engine import Engine
+    from umr.server.app import create_app
     from umr.demo import BackgroundServer
 
     eng = Engine.open(tmp_path / "idx")
@@ -198,7 +198,7 @@ stages:
 
 
 def test_a_recipe_resolves_the_model_folder_against_its_own_folder(tmp_path):
-    from training.recipe import RecipeError, load_recipe
+    from umr.training.recipe import RecipeError, load_recipe
 
     (tmp_path / "recipes").mkdir()
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"image": "a.jpg", "text": "a dog"}])
@@ -217,9 +217,9 @@ stages:
 
 @pytest.mark.parametrize("padding", [0, 16])
 def test_a_base_without_instruction_markers_gets_them_deterministically(tmp_path, padding):
-    from retrieval.encoders.mllm import INSTRUCTION_END, INSTRUCTION_START, MllmEncoder
-    from retrieval.encoders.tiny_qwen2vl import build
-    from retrieval.items import Item
+    from umr.retrieval.encoders.mllm import INSTRUCTION_END, INSTRUCTION_START, MllmEncoder
+    from umr.retrieval.encoders.tiny_qwen2vl import build
+    from umr.retrieval.items import Item
 
     base = build(tmp_path / "base", markers=False, vocab_padding=padding)
     rows = json.loads((base / "config.json").read_text())["text_config"]["vocab_size"]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import FLICKR, flickr_captions, write_jsonl
-from index.modality_calibration import ModalityCalibration, fit_dense, table
-from retrieval.engine import Engine, Query
-from retrieval.pipeline import build_index
+from umr.index.modality_calibration import ModalityCalibration, fit_dense, table
+from umr.retrieval.engine import Engine, Query
+from umr.retrieval.pipeline import build_index
 
 
 def test_calibration_is_monotone_per_pair_and_keeps_duplicates_on_top():
@@ -81,9 +81,9 @@ def test_calibration_follows_the_index_when_a_modality_is_added(tmp_path, lit):
     MIN_DOCUMENTS) the next search (and `info`) fits text tables, and a caption query finds its
     photo more often than raw cosines let it beside notes about other photos (text beats photo
     on raw cosine: the modality gap)."""
-    from index import modality_calibration as mc
-    from index.store import IndexStore
-    from retrieval.items import Item
+    from umr.index import modality_calibration as mc
+    from umr.index.store import IndexStore
+    from umr.retrieval.items import Item
 
     photos = json.loads((FLICKR / "split.json").read_text())["test"][:100]
     caps = flickr_captions(photos)

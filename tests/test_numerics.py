@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from conftest import cli_in_process, write_jsonl
-from retrieval import device_decode, numerics
-from retrieval.encoders.base import EncoderError
-from retrieval.images import DEFAULT_LIMITS, BadImage
-from retrieval.items import Item
+from umr.retrieval import device_decode, numerics
+from umr.retrieval.encoders.base import EncoderError
+from umr.retrieval.images import DEFAULT_LIMITS, BadImage
+from umr.retrieval.items import Item
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_numerics_are_recorded_resumed_only_alike_and_refused_where_unsupported(
     chosen("float32", "device")
     with pytest.raises(EncoderError, match="--image-decode device: encoder tiny-clip"):
         tiny.prepare(Item(id="x", image=str(flickr / "images" / names[0])))
-    from retrieval.pipeline import build_index
+    from umr.retrieval.pipeline import build_index
 
     with pytest.raises(Exception, match="not to Ray workers"):
         build_index(corpus, lit, tmp_path / "ray", ray="auto", progress=False)

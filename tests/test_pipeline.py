@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_cli, write_jsonl
-from index import IndexStore
-from retrieval.pipeline import StrictError, build_index
+from umr.index import IndexStore
+from umr.retrieval.build_steps import StrictError
+from umr.retrieval.pipeline import build_index
 
 
 def corpus_with_bad_records(tmp_path):
@@ -105,7 +106,7 @@ def test_build_refuses_another_encoder_on_a_partial_index(tmp_path, tiny):
 
 
 def test_resuming_with_other_index_flags_is_refused(tmp_path, tiny):
-    from index import IndexStore as Store
+    from umr.index import IndexStore as Store
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": str(i), "text": f"t {i}"} for i in range(5)])
     store = Store.create(tmp_path / "idx", tiny.record(), "flat")  # as a build killed before its end

@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 
 from conftest import DATA
-from retrieval.device import bucket, default_batch_size, default_workers, pad_rows, stack_batch
-from retrieval.encoders import load_encoder
-from retrieval.encoders.base import Prepared
-from retrieval.encoders.towers import IMAGE_SIZE, ImageTower, image_tower
-from retrieval.images import open_image
-from retrieval.items import Item
+from umr.retrieval.device import bucket, default_batch_size, default_workers, pad_rows, stack_batch
+from umr.retrieval.encoders import load_encoder
+from umr.retrieval.encoders.base import Prepared
+from umr.retrieval.encoders.towers import IMAGE_SIZE, ImageTower, image_tower
+from umr.retrieval.images import open_image
+from umr.retrieval.items import Item
 
 
 def pil_preprocess(image):
@@ -63,7 +63,7 @@ def test_batches_and_workers_follow_the_machine():
 
 def test_encoding_is_the_same_with_one_worker_or_many():
     """Workers split each batch; results come back in input order whatever their count."""
-    from retrieval.prefetch import prefetch_batches
+    from umr.retrieval.prefetch import prefetch_batches
 
     enc = load_encoder("lit-base")
     items = [Item(p.name, None, str(p)) for p in photos(20)]

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli, write_jsonl
-from index import IndexStore
-from retrieval.engine import Engine, Query
-from retrieval.pipeline import build_index
+from umr.index import IndexStore
+from umr.retrieval.engine import Engine, Query
+from umr.retrieval.pipeline import build_index
 
 pytestmark = pytest.mark.slow
 N_PHOTOS = 72

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import cli_in_process
-from index import IndexStore
-from index import vector_index as vi
-from index.docstore import DocRecord
+from umr.index import IndexStore
+from umr.index import vector_index as vi
+from umr.index.docstore import DocRecord
 from test_index_integrity import encoder_record
 
 DIM = 32

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import cli_in_process, run_cli
-from training.recipe import RecipeError, load_recipe
+from umr.training.recipe import RecipeError, load_recipe
 
 
 def write(path, text):
@@ -80,9 +80,9 @@ def _features(n=192, seed=0):
 
 
 def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path):
-    from retrieval.encoders import load_encoder
-    from retrieval.encoders.lit import LitEncoder
-    from training.contrastive import ContrastiveConfig, train_heads
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.encoders.lit import LitEncoder
+    from umr.training.contrastive import ContrastiveConfig, train_heads
 
     start = load_encoder("lit-init:32:1")
     cfg = ContrastiveConfig(epochs=6, batch_size=64, lr=1e-3, schedule="cosine", trainable="heads")
@@ -109,8 +109,8 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(tmp_path):
 
 
 def test_trainable_and_temperature_settings_are_honoured():
-    from retrieval.encoders import load_encoder
-    from training.contrastive import ContrastiveConfig, train_heads
+    from umr.retrieval.encoders import load_encoder
+    from umr.training.contrastive import ContrastiveConfig, train_heads
 
     enc = load_encoder("lit-init:32:2", cache=False)
     before = copy.deepcopy(enc.heads.state_dict())

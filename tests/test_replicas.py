@@ -72,8 +72,8 @@ def seconds_until(pred, limit):
 
 @pytest.fixture
 def replicated(tmp_path):
-    from retrieval.encoders import load_encoder
-    from retrieval.pipeline import build_index
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.pipeline import build_index
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"note {i} on subject {i % 7}"} for i in range(40)])
     build_index(corpus, load_encoder("tiny-clip"), tmp_path / "idx", progress=False)
@@ -140,7 +140,7 @@ def test_writes_reach_every_replica_within_the_stated_time(replicated):
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, proc.stdout.read()
-    from index.store import IndexStore
+    from umr.index.store import IndexStore
 
     store = IndexStore.open(idx, "read")
     try:
@@ -158,7 +158,7 @@ def test_sockets_umr_serve_binds_answer_without_nagle_delays():
     connection waited 40 ms for the client's delayed ACK (a /healthz took 44 ms, not 0.6)."""
     import asyncio
 
-    from server.replicas import bind
+    from umr.server.replicas import bind
 
     async def accepted_nodelay() -> int:
         sock = bind("127.0.0.1", 0)

@@ -34,7 +34,7 @@ def sideways_with_exif(img: Image.Image) -> bytes:
 
 
 def test_16_bit_palette_transparent_and_turned_images_embed_as_they_look(lit):
-    from retrieval.items import Item
+    from umr.retrieval.items import Item
 
     img = photo()
     grey = img.convert("L")

@@ -45,8 +45,8 @@ def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, li
                 "--batch-size", "8", "--lr", "1e-3")
     assert r.returncode == 0, r.stderr
     assert (rr / "umr_reranker.json").exists() and (rr / "reranker.safetensors").exists()
-    from retrieval.mbeir import read_pool, read_queries
-    from retrieval.reranker import LitReranker
+    from umr.retrieval.mbeir import read_pool, read_queries
+    from umr.retrieval.reranker import LitReranker
 
     items = read_pool(pool)
     q = read_queries(queries)[0]
@@ -57,7 +57,7 @@ def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, li
     assert np.allclose(p1, p2) and ((p1 > 0) & (p1 < 1)).all()
     # The scorer reads token states, not only pooled vectors: permuting a caption's words (same
     # bag of words, nearly the same mean-pooled state) changes its score.
-    from retrieval.items import Item
+    from umr.retrieval.items import Item
 
     words = q.item.text.split()
     shuffled = Item(None, " ".join(words[::-1]))
@@ -75,8 +75,8 @@ def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, li
         assert h["score"] == pytest.approx(h["rerank"]["cosine"] + 0.5 * h["rerank"]["p_yes"], abs=1e-5)
     r = run_cli("search", idx, "x", "--rerank", "6")
     assert r.returncode == 2 and "--reranker" in r.stderr
-    from retrieval.engine import Engine
-    from server.app import create_app
+    from umr.retrieval.engine import Engine
+    from umr.server.app import create_app
     from umr.demo import BackgroundServer
     import httpx
 
@@ -130,9 +130,9 @@ stages:
 
 def test_list_losses_train_a_student_toward_its_teacher():
     """KL and Margin-MSE stages on synthetic features: the student's ranking moves to the teacher's."""
-    from retrieval.encoders import load_encoder
-    from training.contrastive import ContrastiveConfig, train_examples
-    from training.examples import Example, FeatureBank
+    from umr.retrieval.encoders import load_encoder
+    from umr.training.contrastive import ContrastiveConfig, train_examples
+    from umr.training.examples import Example, FeatureBank
 
     g = torch.Generator().manual_seed(0)
     txt = torch.nn.functional.normalize(torch.randn(40, 384, generator=g), dim=1)

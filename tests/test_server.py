@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import png_bytes, served_index
-from server.settings import ServerSettings
+from umr.server.settings import ServerSettings
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,11 @@ def test_image_queries_json_and_multipart(served):
     r = client.post("/v1/search/image", files={"file": ("q.png", img, "image/png")}, data={"k": "1"})
     assert r.status_code == 200 and r.json()["results"][0]["id"] == "blue"
     r = client.post("/v1/search/image", files={"file": ("q.png", img, "image/png")}, data={"k": "3", "text": "blue"})
-    assert r.status_code == 200 and len(r.json()["results"]) == 3
+    fused = r.json()["results"]
+    assert r.status_code == 200 and len(fused) == 3 and fused[0]["id"] == "blue"
+    # The upload and the JSON form of the same image+text query are the same query.
+    same = client.post("/v1/search", json={"image": base64.b64encode(img).decode(), "text": "blue", "k": 3}).json()
+    assert [(h["id"], round(h["score"], 5)) for h in same["results"]] == [(h["id"], round(h["score"], 5)) for h in fused]
 
 
 def test_batch_search_matches_single_queries(served):
@@ -78,7 +82,7 @@ def test_documents_add_get_delete_and_search(served):
     hits = client.post("/v1/search", json={"text": "zebras", "k": 5, "filter": {"group": "new"}}).json()["results"]
     assert [h["id"] for h in hits] == ["new/1"]
     # durable: a fresh open of the index directory (another process would see the same) has them
-    from index import IndexStore
+    from umr.index import IndexStore
 
     other = IndexStore.open(tmp / "idx", "read")
     assert other.get("new/1").text.startswith("a brand new")

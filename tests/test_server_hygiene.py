@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from conftest import png_bytes, run_cli, served_index, write_jsonl
-from retrieval.encoders.base import Prepared
-from retrieval.engine import Engine, Query
-from retrieval.items import Item
-from server.settings import ServerSettings
+from umr.retrieval.encoders.base import Prepared
+from umr.retrieval.engine import Engine, Query
+from umr.retrieval.items import Item
+from umr.server.settings import ServerSettings
 
 
 def png(size, color="red") -> bytes:
@@ -74,8 +74,8 @@ def test_a_member_that_fails_inside_a_batch_fails_alone(served, caplog):
     the tower cannot take) is co-batched with good ones; the good ones get their answers."""
     import torch
 
-    from server.batching import Pending, QueryBatcher
-    from server.metrics import Metrics
+    from umr.server.batching import Pending, QueryBatcher
+    from umr.server.metrics import Metrics
 
     _, _, engine = served
     texts = [f"document number {i}" for i in range(8)]
@@ -202,7 +202,7 @@ def test_extreme_image_shapes_are_refused_or_cut_to_their_centre(served):
 
 
 def test_centre_cut_changes_nothing_a_clip_style_tower_sees(lit):
-    from retrieval.images import ImageLimits, centre_crop_to_aspect, open_image
+    from umr.retrieval.images import ImageLimits, centre_crop_to_aspect, open_image
 
     rng = np.random.default_rng(0)
     wide = Image.fromarray(rng.integers(0, 255, (120, 1500, 3), dtype=np.uint8))
@@ -237,8 +237,8 @@ def test_corpus_records_that_could_not_be_served_are_rejected_by_the_build(tmp_p
 
 
 def test_the_document_store_refuses_what_it_could_not_return(tmp_path):
-    from index.docstore import DocRecord, DocStore
-    from index.document_rules import InvalidDocument
+    from umr.index.docstore import DocRecord, DocStore
+    from umr.index.document_rules import InvalidDocument
 
     store = DocStore(str(tmp_path / "d.sqlite"))
     vec = np.zeros((1, 4), np.float32)
@@ -253,7 +253,7 @@ def test_the_document_store_refuses_what_it_could_not_return(tmp_path):
 
 
 def test_reduced_jpeg_decoding_can_be_switched_off(tmp_path, monkeypatch):
-    from retrieval.images import open_image
+    from umr.retrieval.images import open_image
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", quality=90)

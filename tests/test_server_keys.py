@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli, write_jsonl
-from retrieval.engine import Engine
-from retrieval.pipeline import build_index
-from server.app import create_app
-from server.keys import KeyRing
-from server.settings import ServerSettings
+from umr.retrieval.engine import Engine
+from umr.retrieval.pipeline import build_index
+from umr.server.app import create_app
+from umr.server.keys import KeyRing
+from umr.server.settings import ServerSettings
 from umr.demo import BackgroundServer
 
 
@@ -104,7 +104,7 @@ def wait_for(pred, seconds=5.0) -> float:
 
 
 def test_wrong_keys_lock_out_their_client_only_and_forwarded_headers_are_not_believed(index, tmp_path):
-    from server.keys import add_key, revoke_key
+    from umr.server.keys import add_key, revoke_key
 
     path = tmp_path / "keys.json"
     key = make_key(path, "write")

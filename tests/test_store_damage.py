@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, cli_in_process, run_cli, write_jsonl
-from index import IndexStore, integrity
-from index import vector_index as vi
-from index.errors import IndexDamaged, IndexError_
-from index.verify import verify
+from umr.index import IndexStore, integrity
+from umr.index import vector_index as vi
+from umr.index.errors import IndexDamaged, IndexError_
+from umr.index.verify import verify
 from test_index_integrity import checkpoint, make, top1_is_itself, unit, vector_file_of
 
 
@@ -69,12 +69,12 @@ def test_a_damaged_document_store_is_refused_and_repair_says_it_cannot_mend_it(t
 
 
 def test_a_large_store_is_checked_while_serving_and_a_damaged_one_answers_503(tmp_path, tiny, monkeypatch):
-    from retrieval.engine import Engine
-    from server.app import create_app
+    from umr.retrieval.engine import Engine
+    from umr.server.app import create_app
     from umr.demo import BackgroundServer
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(300)])
-    from retrieval.pipeline import build_index
+    from umr.retrieval.pipeline import build_index
 
     build_index(corpus, tiny, tmp_path / "idx", progress=False)
     damage_an_index_page(tmp_path / "idx", "sqlite_autoindex_docs_1")
@@ -95,8 +95,8 @@ def test_a_large_store_is_checked_while_serving_and_a_damaged_one_answers_503(tm
 WRITER = """
 import sys, time
 import numpy as np
-from index import IndexStore
-from index.docstore import DocRecord
+from umr.index import IndexStore
+from umr.index.docstore import DocRecord
 store = IndexStore.open(sys.argv[1])
 store.save()  # a checkpoint: FAISS and docs.sqlite hold the first 300
 for i in range(40):  # acknowledged one by one; they live in the WAL only
@@ -139,7 +139,7 @@ def test_a_checkpoint_puts_the_wal_into_the_store(tmp_path):
 
 
 def integrity_doc(i):
-    from index.docstore import DocRecord
+    from umr.index.docstore import DocRecord
 
     return DocRecord(f"n{i}", "text", text=f"new {i}")
 
@@ -179,7 +179,7 @@ def test_reencode_finds_a_stored_vector_that_is_not_its_documents_encoding(tmp_p
     r = cli_in_process("index", "verify", tmp_path / "idx", "--reencode", "60", "--repair")
     assert r.returncode == 0 and "repaired: document 't17'" in r.stdout and "replaced by the fresh one" in r.stdout
     assert cli_in_process("index", "verify", tmp_path / "idx", "--reencode", "60", "--full").returncode == 0
-    from retrieval.engine import Engine, Query
+    from umr.retrieval.engine import Engine, Query
 
     engine = Engine.open(tmp_path / "idx", mode="read")
     assert engine.search([Query("a note about topic 17")], k=1)[0][0].id == "t17"

@@ -5,22 +5,52 @@ import numpy as np
 import pytest
 
 from conftest import cli_in_process, run_cli, write_jsonl
-from index import IndexStore
-from retrieval.engine import CompensationMissing, Engine, Query
-from retrieval.items import Item
-from retrieval.pipeline import build_index
-from retrieval.update import fit_update
+from umr.index import IndexStore
+from umr.retrieval.engine import CompensationMissing, Engine, Query
+from umr.retrieval.items import Item
+from umr.retrieval.pipeline import build_index
+from umr.retrieval.update import fit_update
 
 WORDS = "red green blue small large old new fast slow happy sad dog cat bird tree car house river city boat".split()
 
 
-@pytest.fixture()
-def v1_index(tmp_path, tiny):
+def build_v1(tmp_path, encoder):
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, 4)) + f" {i}" for i in range(600)]
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
-    build_index(corpus, tiny, tmp_path / "idx", progress=False)
+    build_index(corpus, encoder, tmp_path / "idx", progress=False)
     return tmp_path / "idx", texts
+
+
+@pytest.fixture()
+def v1_index(tmp_path, tiny):
+    return build_v1(tmp_path, tiny)
+
+
+@pytest.fixture(scope="module")
+def updated(tmp_path_factory, tiny):
+    """A text index of tiny-clip, updated to tiny-clip:1 (built and fitted once for the module):
+    (index folder, its texts, the update's report)."""
+    from umr.retrieval.encoders import load_encoder
+
+    idx, texts = build_v1(tmp_path_factory.mktemp("updated"), tiny)
+    store = IndexStore.open(idx)
+    # A text-only index gives no image calibration: activating drops image queries, so it takes --force.
+    report = fit_update(store, load_encoder("tiny-clip:1"), ["corpus"], force=True)
+    store.close()
+    return idx, texts, report
+
+
+@pytest.fixture()
+def updated_engine(updated, tmp_path):
+    """A writable copy of `updated`, open."""
+    import shutil
+
+    idx, texts, _ = updated
+    shutil.copytree(idx, tmp_path / "idx")
+    engine = Engine.open(tmp_path / "idx")
+    yield engine, texts
+    engine.close()
 
 
 def image_calibration(tmp_path, n=40):
@@ -38,33 +68,44 @@ def top1_rate(engine, texts, n=100):
     return np.mean([h[0].id == f"d{i}" for i, h in enumerate(hits)])
 
 
-def test_update_maps_new_queries_into_the_old_segment(v1_index):
-    from retrieval.encoders import load_encoder
-
-    idx, texts = v1_index
-    v2 = load_encoder("tiny-clip:1")
-    store = IndexStore.open(idx)
-    # A text-only index gives no image calibration: activating drops image queries, so it takes --force.
-    report = fit_update(store, v2, ["corpus"], force=True)
-    store.close()
+def test_the_update_reports_each_modality_of_the_old_segment(updated):
+    _, _, report = updated
     seg0 = report["segments"][0]["modalities"]
     assert seg0["text"]["status"] == "ok" and seg0["text"]["chosen"] in ("linear", "mlp", "orthogonal", "kernel")
     assert "no calibration data" in seg0["image"]["status"]
-    engine = Engine.open(idx)  # the active version is now v2
+
+
+def test_compensated_queries_find_old_documents_that_raw_ones_miss(updated):
+    idx, texts, _ = updated
+    engine = Engine.open(idx, mode="read")  # the active version is now v2
     assert engine.version == 2 and engine.encoder.spec == "tiny-clip:1"
     compensated = top1_rate(engine, texts)
     # without compensation, v2 queries against v1 vectors are noise
-    raw = np.mean([h[0].id == f"d{i}" for i, h in enumerate(engine.store.search(v2.encode_texts(texts[:100]), k=1))])
+    raw = np.mean([h[0].id == f"d{i}" for i, h in enumerate(engine.store.search(engine.encoder.encode_texts(texts[:100]), k=1))])
     assert compensated >= 0.5 and compensated > raw + 0.3, (compensated, raw)
-    # new documents land in a v2 segment, old ones are never re-embedded
+    engine.close()
+
+
+def test_new_documents_land_in_a_segment_of_the_new_version(updated_engine):
+    engine, _ = updated_engine
     engine.add([Item("fresh", "purple elephant 9999")])
     info = engine.info()
     assert [s["encoder_version"] for s in info["segments"]] == [1, 2]
-    assert info["segments"][1]["documents"] == 1 and info["segments"][0]["documents"] == 600
+    assert info["segments"][1]["documents"] == 1 and info["segments"][0]["documents"] == 600  # none re-embedded
     assert engine.search([Query("purple elephant 9999")], k=1)[0][0].id == "fresh"
+
+
+def test_get_and_delete_reach_both_segments(updated_engine):
+    engine, texts = updated_engine
+    engine.add([Item("fresh", "purple elephant 9999")])
     assert engine.get("d5").text == texts[5] and engine.get("fresh").modality == "text"
     assert engine.delete(["d5", "fresh"]) == ["d5", "fresh"]
     assert all(h.id not in ("d5", "fresh") for h in engine.search([Query(texts[5])], k=5)[0])
+
+
+def test_queries_of_a_modality_without_calibration_are_refused(updated):
+    idx, _, _ = updated
+    engine = Engine.open(idx, mode="read")
     with pytest.raises(CompensationMissing, match="image queries"):
         engine.search_vectors(engine.encoder.encode_texts(["x"]), 3, query_modalities=["image"])
     engine.close()
@@ -94,9 +135,9 @@ def test_encoder_swap_over_http_has_no_failed_requests(v1_index, tmp_path):
 
     import httpx
 
-    from retrieval.encoders import load_encoder
-    from server.app import create_app
-    from server.settings import ServerSettings
+    from umr.retrieval.encoders import load_encoder
+    from umr.server.app import create_app
+    from umr.server.settings import ServerSettings
     from umr.demo import BackgroundServer
 
     idx, texts = v1_index
@@ -205,8 +246,8 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
 def test_eval_queries_of_a_modality_without_calibration_are_named_not_scored(v1_index, tmp_path):
     from PIL import Image
 
-    from retrieval.encoders import load_encoder
-    from retrieval.update import UpdateRefused
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.update import UpdateRefused
 
     idx, texts = v1_index  # texts only: the corpus gives text calibration pairs, no image ones
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
@@ -220,7 +261,7 @@ def test_eval_queries_of_a_modality_without_calibration_are_named_not_scored(v1_
 
 
 def test_the_guard_tolerates_what_the_choice_of_queries_explains():
-    from retrieval.update_eval import paired_interval
+    from umr.retrieval.update_eval import paired_interval
 
     old = np.zeros(1000, dtype=bool)
     old[:514] = True
@@ -240,7 +281,7 @@ def test_the_guard_tolerates_what_the_choice_of_queries_explains():
 
 
 def test_passages_are_query_sized_sentences_of_multi_sentence_texts():
-    from retrieval.calibration_pairs import passages
+    from umr.retrieval.calibration_pairs import passages
 
     assert passages("a dog runs on the grass.") == []  # a caption: already calibrated as the document
     assert passages("The wing was tested at Mach two. Lift rose with the angle of attack! Ok.") == [
@@ -249,7 +290,7 @@ def test_passages_are_query_sized_sentences_of_multi_sentence_texts():
 
 
 def test_default_calibration_adds_passages_with_the_old_encoder(tmp_path, tiny):
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     rng = np.random.default_rng(1)
     docs = [{"id": f"d{i}", "text": ". ".join(" ".join(rng.choice(WORDS, 6)) for _ in range(3)) + "."} for i in range(80)]
@@ -270,8 +311,8 @@ def test_default_calibration_adds_passages_with_the_old_encoder(tmp_path, tiny):
 
 
 def test_an_update_that_leaves_a_segment_unsearchable_is_not_activated(tmp_path, tiny):
-    from retrieval.encoders import load_encoder
-    from retrieval.update import UpdateRefused
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.update import UpdateRefused
 
     docs = [{"id": f"d{i}", "text": f"word {i}"} for i in range(5)]  # too few pairs for any compensator
     build_index(write_jsonl(tmp_path / "c.jsonl", docs), tiny, tmp_path / "idx", progress=False)
@@ -290,7 +331,7 @@ def test_an_update_that_leaves_a_segment_unsearchable_is_not_activated(tmp_path,
 
 
 def test_generic_queries_are_the_same_everywhere_and_span_the_forms_people_type():
-    from retrieval.generic_queries import generic_queries
+    from umr.retrieval.generic_queries import generic_queries
 
     queries = generic_queries(3000)
     assert len(set(queries)) == 3000 and generic_queries(3000) == queries  # fixed: the same calibration everywhere
@@ -332,8 +373,8 @@ def test_an_add_embedded_before_a_swap_never_lands_in_the_new_versions_segment(v
     was activated is refused, and nothing of it is stored."""
     import threading
 
-    from index.errors import IndexMismatch
-    from retrieval.encoders import load_encoder
+    from umr.index.errors import IndexMismatch
+    from umr.retrieval.encoders import load_encoder
 
     idx, _ = v1_index
     store = IndexStore.open(idx)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import cli_in_process
-from index import IndexStore
-from index.docstore import ROWS_WITH_VECTORS, DocRecord, SCHEMA
-from index.errors import IndexError_
-from index.vector_file import BLOCK_ROWS
+from umr.index import IndexStore
+from umr.index.docstore import ROWS_WITH_VECTORS, DocRecord, SCHEMA
+from umr.index.errors import IndexError_
+from umr.index.vector_file import BLOCK_ROWS
 from test_index_integrity import encoder_record, make, top1_is_itself, unit, vector_file_of
 from test_store_damage import overwrite_stored_vector
 

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, write_jsonl
-from index import IndexStore
-from retrieval.engine import Engine, Query
-from retrieval.pipeline import StrictError, build_index
-from retrieval.vector_import import build_from_vectors
+from umr.index import IndexStore
+from umr.retrieval.engine import Engine, Query
+from umr.retrieval.build_steps import StrictError
+from umr.retrieval.pipeline import build_index
+from umr.retrieval.vector_import import build_from_vectors
 
 
 def exported(index_dir):
@@ -138,8 +139,8 @@ def test_python_api_builds_from_vectors(tmp_path):
 
 def test_plain_id_lines_read_as_the_json_parser_reads_them(tmp_path):
     """Lines that are a bare JSON string skip the parser; every verdict matches the parser's."""
-    from retrieval.readers import Rejected
-    from retrieval.vector_import import plain_id, read_ids
+    from umr.retrieval.readers import Rejected
+    from umr.retrieval.vector_import import plain_id, read_ids
 
     lines = ['"a"', '"b\\u0041"', '"c" x', '"d\x01"', '""', '"e/image"', '"f"  ', '{"id": "g", "metadata": {"k": 1}}',
              '"h\\"q"', '7', '"caf\u00e9"', ' "i"']
@@ -154,7 +155,7 @@ def test_plain_id_lines_read_as_the_json_parser_reads_them(tmp_path):
 def test_duplicates_across_batches_are_refused_without_a_set_of_every_id(tmp_path):
     """With batches of 2, a repeated id lands in a later batch than its first: the store, not a
     set of every id, finds it; the first record wins, as in one batch."""
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     x = np.random.default_rng(0).standard_normal((7, 256)).astype(np.float32)
     np.save(tmp_path / "emb.npy", x)
@@ -173,7 +174,7 @@ def test_a_fresh_batch_with_a_stored_id_is_refused_whole(tmp_path):
     and nothing of that batch lands."""
     import sqlite3
 
-    from index.docstore import DocRecord
+    from umr.index.docstore import DocRecord
 
     x = np.random.default_rng(1).standard_normal((3, 256)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

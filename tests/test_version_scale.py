@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA, FLICKR, flickr_captions, write_jsonl
-from index import version_scale as vs
-from retrieval.engine import Engine, Query
+from umr.index import version_scale as vs
+from umr.retrieval.engine import Engine, Query
 
 
 def unit(x):
@@ -182,7 +182,7 @@ def test_a_new_domain_added_after_an_update_does_not_push_old_photos_out_of_thei
     engine = Engine.open(tmp_path / "idx")
     assert [s["documents"] for s in engine.info()["segments"]] == [100, len(clothing)]
     merged_old, merged_new = old_rate(engine), new_precision(engine)
-    engine.calibrate_scores = False  # raw cosines, as merged search did before
+    engine.calibrated = False  # raw cosines, as merged search did before
     raw_old = old_rate(engine)
     engine.close()
     assert merged_old >= 0.9 * old_alone and merged_old >= raw_old, (old_alone, merged_old, raw_old)
@@ -199,13 +199,13 @@ def test_merged_search_over_http_fits_missing_scales_once_under_concurrent_first
 
     import httpx
 
-    from index import IndexStore
-    from retrieval.encoders import load_encoder
-    from retrieval.items import Item
-    from retrieval.pipeline import build_index
-    from retrieval.update import fit_update
-    from server.app import create_app
-    from server.settings import ServerSettings
+    from umr.index import IndexStore
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.items import Item
+    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.update import fit_update
+    from umr.server.app import create_app
+    from umr.server.settings import ServerSettings
     from umr.cli import main
     from umr.demo import BackgroundServer
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from index.atomic import atomic_write
+from umr.index.atomic import atomic_write
 
 FILE = "checkpoint.safetensors"
 

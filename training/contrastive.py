@@ -18,13 +18,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from index.errors import InvalidArgument
-from retrieval.encoders.base import Encoder
-from retrieval.encoders.lit import LitEncoder
-from training import checkpoints, distributed
-from training.examples import Example, FeatureBank
-from training.losses import embedding_distillation, info_nce, listwise_kl, margin_mse
-from training.trainees import trainee_for
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders.base import Encoder
+from umr.retrieval.encoders.lit import LitEncoder
+from umr.training import checkpoints, distributed
+from umr.training.examples import Example, FeatureBank
+from umr.training.losses import embedding_distillation, info_nce, listwise_kl, margin_mse
+from umr.training.trainees import trainee_for
 
 
 @dataclass

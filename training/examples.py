@@ -15,13 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index.errors import InvalidArgument
-from retrieval.encoders.base import with_instruction
-from retrieval.encoders.lit import LitHeads
-from retrieval.encoders.tower_encoder import TowerEncoder
-from retrieval.items import Item
-from retrieval.mbeir import Instructions, MbeirQuery
-from training.pairs import Pair
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders.base import with_instruction
+from umr.retrieval.encoders.lit import LitHeads
+from umr.retrieval.encoders.tower_encoder import TowerEncoder
+from umr.retrieval.items import Item
+from umr.retrieval.mbeir import Instructions, MbeirQuery
+from umr.training.pairs import Pair
 
 
 @dataclass
@@ -176,7 +176,7 @@ def compute_with_progress(bank: FeatureBank, encoder: TowerEncoder, label: str) 
         return
     from tqdm import tqdm
 
-    from training.distributed import is_main
+    from umr.training.distributed import is_main
 
     bar = tqdm(total=n, unit="item", desc=f"tower features ({label})", file=sys.stderr, disable=not is_main())
     bank.compute(encoder, lambda kind, k: bar.update(k))

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.vector_index import exact_topk
-from retrieval.encoders import Encoder
-from retrieval.items import Item
-from retrieval.mbeir import Instructions, MbeirQuery, target_modality
-from retrieval.progress import encode_with_bar, in_slices
+from umr.index.vector_index import exact_topk
+from umr.retrieval.encoders import Encoder
+from umr.retrieval.items import Item
+from umr.retrieval.mbeir import Instructions, MbeirQuery, target_modality
+from umr.retrieval.progress import encode_with_bar, in_slices
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

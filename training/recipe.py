@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 
 class RecipeError(InvalidArgument):

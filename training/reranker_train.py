@@ -16,12 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from index.errors import InvalidArgument
-from retrieval.encoders import Encoder
-from retrieval.items import Item
-from retrieval.mbeir import Instructions, MbeirQuery
-from retrieval.reranker import fuse
-from training.mining import portable, retrieve
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders import Encoder
+from umr.retrieval.items import Item
+from umr.retrieval.mbeir import Instructions, MbeirQuery
+from umr.retrieval.reranker import fuse
+from umr.training.mining import portable, retrieve
 
 
 @dataclass(frozen=True)

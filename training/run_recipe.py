@@ -15,18 +15,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from index.atomic import atomic_write_json
-from retrieval.encoders import Encoder, load_encoder
-from retrieval.encoders.concept import ConceptEncoder
-from retrieval.encoders.lit import CONFIG_FILE, LitEncoder
-from retrieval.encoders.mllm import MllmEncoder
-from retrieval.encoders.tower_encoder import TowerEncoder
-from retrieval.mbeir import Instructions, read_sources
-from training import checkpoints, distributed
-from training.contrastive import ContrastiveConfig, save_trained, train_examples
-from training.examples import Example, FeatureBank, compute_with_progress, mbeir_examples, pair_examples
-from training.pairs import read_pairs
-from training.recipe import Recipe, RecipeError, Stage
+from umr.index.atomic import atomic_write_json
+from umr.retrieval.encoders import Encoder, load_encoder
+from umr.retrieval.encoders.concept import ConceptEncoder
+from umr.retrieval.encoders.lit import CONFIG_FILE, LitEncoder
+from umr.retrieval.encoders.mllm import MllmEncoder
+from umr.retrieval.encoders.tower_encoder import TowerEncoder
+from umr.retrieval.mbeir import Instructions, read_sources
+from umr.training import checkpoints, distributed
+from umr.training.contrastive import ContrastiveConfig, save_trained, train_examples
+from umr.training.examples import Example, FeatureBank, compute_with_progress, mbeir_examples, pair_examples
+from umr.training.pairs import read_pairs
+from umr.training.recipe import Recipe, RecipeError, Stage
 
 logger = logging.getLogger("umr.training")
 

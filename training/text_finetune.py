@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.encoders.base import mean_pool
-from training.losses import embedding_distillation, info_nce
+from umr.retrieval.encoders.base import mean_pool
+from umr.training.losses import embedding_distillation, info_nce
 
 
 def _embed(model, tokenizer, texts, max_tokens=128):

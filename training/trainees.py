@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from index.errors import InvalidArgument
-from retrieval.encoders import towers
-from retrieval.encoders.base import Encoder, Prepared
-from retrieval.encoders.concept import ConceptEncoder
-from retrieval.encoders.lit import LitEncoder
-from retrieval.items import Item
-from training.examples import FeatureBank
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders import towers
+from umr.retrieval.encoders.base import Encoder, Prepared
+from umr.retrieval.encoders.concept import ConceptEncoder
+from umr.retrieval.encoders.lit import LitEncoder
+from umr.retrieval.items import Item
+from umr.training.examples import FeatureBank
 
 LIT_TRAINABLE = {"heads": (), "text-head": ("image_proj",), "image-head": ("text_proj",)}
 
@@ -145,7 +145,7 @@ class MllmTrainee:
 
 
 def trainee_for(encoder: Encoder, bank: FeatureBank) -> LitTrainee | ConceptTrainee | MllmTrainee:
-    from retrieval.encoders.mllm import MllmEncoder
+    from umr.retrieval.encoders.mllm import MllmEncoder
 
     if isinstance(encoder, LitEncoder):
         return LitTrainee(encoder, bank)

@@ -1,8 +1,8 @@
 """umr as a library: `umr.Index` and `umr.load_encoder`, over the same engine the CLI and the
 server call, so an index built here is served by `umr serve` and the other way round.
 
-Typed at the edge (Hit, Document), plain values inside. Errors are the engine's own: ValueError
-subclasses with a message that says what to do.
+Typed at the edge (Hit, Document), plain values inside. Errors are the engine's own
+(umr.index.errors), with a message that says what to do; see Index.
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from index.errors import InvalidArgument
-from retrieval.encoders import Encoder
-from retrieval.encoders import load_encoder as _load_encoder
-from retrieval.engine import Engine, Query
-from retrieval.items import Item, parse_modalities
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders import Encoder
+from umr.retrieval.encoders import load_encoder as _load_encoder
+from umr.retrieval.engine import Engine, Query
+from umr.retrieval.items import Item, parse_modalities
 
 DEFAULT_ENCODER = "lit-base"
 
@@ -30,9 +30,20 @@ class Document:
 
 @dataclass(frozen=True)
 class Hit(Document):
-    score: float = 0.0  # what the ranking used: calibrated across modalities, or re-ranked
-    cosine: float | None = None  # the raw cosine behind a calibrated score
-    rerank: dict[str, float] | None = None  # {"cosine", "p_yes"} behind a re-ranked score
+    """One search result: the stored document and how it ranked.
+
+    Attributes:
+        score: what the ranking used. A raw cosine when one encoder version and one document
+            modality are searched (or with `calibrated=False`); otherwise calibrated: in [0, 1]
+            across modalities, the active encoder's cosine across encoder versions; a re-ranker's
+            score when one is installed.
+        cosine: the raw cosine behind a calibrated or re-ranked score, None when `score` is it.
+        rerank: {"cosine", "p_yes"} behind a re-ranked score, else None.
+    """
+
+    score: float = 0.0
+    cosine: float | None = None
+    rerank: dict[str, float] | None = None
 
 
 class EncoderHandle:
@@ -66,6 +77,17 @@ class EncoderHandle:
 
 
 def load_encoder(spec: str) -> EncoderHandle:
+    """An encoder by spec, loaded once per process and shared.
+
+    Args:
+        spec: `lit-base` (the default, pinned versions as `lit-base@1`), `tiny-clip`,
+            `openclip:ARCH@PATH`, `hf-text:PATH`, `hf-mllm:PATH`, or a folder `umr train` wrote.
+    Returns:
+        An EncoderHandle whose `encode(texts=, images=)` gives unit vectors.
+    Raises:
+        EncoderError (a ValueError): an unknown or malformed spec, or weights that cannot load,
+            with what to do instead.
+    """
     return EncoderHandle(_load_encoder(spec))
 
 
@@ -86,7 +108,13 @@ def _document(store_path: Path, doc) -> dict:
 
 class Index:
     """An open index. Use as a context manager, or call close(): it holds the write lock unless
-    opened with `read_only=True` (searching beside a running `umr serve` needs read_only)."""
+    opened with `read_only=True` (searching beside a running `umr serve` needs read_only).
+
+    Errors are subclasses of umr.index.errors.UmrError, each message saying what to do:
+    InvalidArgument (also a ValueError: bad input, nothing stored), NotFound (also a KeyError),
+    IndexBusy (another process holds the write lock), IndexMismatch (the index was built another
+    way: another encoder, other flags), IndexDamaged (a damaged store, refused rather than served).
+    """
 
     def __init__(self, engine: Engine):
         self._engine = engine
@@ -101,7 +129,7 @@ class Index:
         it resumes where the build stopped. `ray="auto"` (or a head node's address) encodes on a
         Ray cluster, as `umr index build --ray` does. `vector_dtype="float16"` keeps the exact
         vectors in half the disk."""
-        from retrieval.pipeline import build_index
+        from umr.retrieval.pipeline import build_index
 
         if out is None:
             raise InvalidArgument("Index.build needs out=FOLDER, where the index is written")
@@ -117,7 +145,7 @@ class Index:
         """An index of precomputed embeddings (an (n, dim) .npy and one id or record per row in a
         JSONL file), as `umr index build --vectors --ids` builds it; `encoder` is the model that
         made them, recorded as the query encoder and never run on the documents."""
-        from retrieval.vector_import import build_from_vectors
+        from umr.retrieval.vector_import import build_from_vectors
 
         if out is None:
             raise InvalidArgument("Index.from_vectors needs out=FOLDER, where the index is written")
@@ -128,7 +156,19 @@ class Index:
 
     @classmethod
     def open(cls, path: str | Path, encoder: str | EncoderHandle | None = None, *, read_only: bool = False) -> "Index":
-        """`encoder` defaults to the index's active query encoder."""
+        """Open a built index.
+
+        Args:
+            path: the index folder `build` or `umr index build` wrote.
+            encoder: the query encoder; default the index's active one. Another spec must
+                match a registered encoder version's fingerprint.
+            read_only: take no write lock, refuse writes: what a process beside a running
+                `umr serve` (or another writer) needs.
+        Raises:
+            IndexBusy: another process writes to it and read_only is False.
+            IndexError_: no index there, or an unfinished build (re-run its build to finish it).
+            IndexMismatch: `encoder` is not one the index registered.
+        """
         return cls(Engine.open(path, _encoder(encoder), mode="read" if read_only else "write"))
 
     @property
@@ -153,8 +193,20 @@ class Index:
     def search(self, text: str | None = None, image: Any = None, *, k: int = 10, modality: str | list[str] | None = None,
                filter: Mapping[str, str | int | float | bool] | None = None, instruction: str | None = None,
                calibrated: bool = True) -> list[Hit]:
-        """The k best documents for a text, an image (path, bytes or PIL image) or both fused.
-        `modality` keeps only documents of those modalities; `filter` is metadata equality."""
+        """The k best documents for a text, an image or both fused.
+
+        Args:
+            text, image: the query; an image is a path, bytes or a PIL image.
+            k: how many hits, 1 or more (fewer come back when fewer documents match).
+            modality: keep only documents of these modalities ("image", "text", "image,text").
+            filter: metadata equality, e.g. {"year": 2001}; a number never equals a string.
+            instruction: a task instruction prefixed to the query text (M-BEIR style).
+            calibrated: False ranks by raw cosine alone (see Hit.score).
+        Returns:
+            Hits, best first.
+        Raises:
+            InvalidArgument: no query, a bad k, modality or filter, an unreadable image.
+        """
         if text is None and image is None:
             raise InvalidArgument("search needs text=, image= or both")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -165,12 +217,20 @@ class Index:
                     cosine=None if h.cosine is None else float(h.cosine), rerank=h.details) for h in hits]
 
     def get(self, doc_id: str) -> Document:
-        """Raises KeyError for an id that is not in the index."""
+        """The stored document `doc_id`; raises NotFound (a KeyError) when it is not there."""
         return Document(**_document(self.path, self._engine.get(doc_id)))
 
     def add(self, documents: Iterable[Mapping[str, Any] | Item]) -> list[str]:
-        """Add or replace documents: {"id", "text", "image" (path or bytes), "metadata"}. All or
-        nothing: a bad document raises before any is stored. Durable on return."""
+        """Add or replace documents; a document whose id exists replaces it.
+
+        Args:
+            documents: mappings with "id", "text", "image" (a path or bytes) and "metadata", or Items.
+        Returns:
+            The ids stored, in order.
+        Raises:
+            InvalidArgument: a bad document (no id, unknown field, unreadable image ...). All or
+                nothing: it raises before any document is stored. Durable on return.
+        """
         items = []
         for d in documents:
             if isinstance(d, Item):
@@ -185,7 +245,8 @@ class Index:
         return self._engine.add(items)
 
     def delete(self, ids: Iterable[str]) -> list[str]:
-        """The ids that were there and are now deleted."""
+        """Delete documents; returns the ids that were there and are now deleted (ids that were
+        not there are skipped, not an error). Durable on return."""
         return self._engine.delete(list(ids))
 
     def update(self, encoder: str | EncoderHandle | None = None, *, to: int | None = None,
@@ -197,8 +258,8 @@ class Index:
         to compare on. With `activate`, this Index then queries with it. Returns the report
         `umr update --json` prints; raises UpdateRefused (a ValueError) when the compensated
         encoder would serve worse than the old one, unless `force`."""
-        from index.errors import InvalidArgument
-        from retrieval.update import fit_update, registered_encoder
+        from umr.index.errors import InvalidArgument
+        from umr.retrieval.update import fit_update, registered_encoder
 
         if (encoder is None) == (to is None):
             raise InvalidArgument("update() takes an encoder (a new one) or to= (a version the index has registered)")

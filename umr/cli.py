@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from retrieval.numerics import IMAGE_DECODES, PRECISIONS
+from umr.retrieval.numerics import IMAGE_DECODES, PRECISIONS
 from umr import __version__
 from umr.logs import LEVELS
 
@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # Idle OpenMP workers (torch, FAISS) and OpenBLAS workers (numpy) spin after each call and
-# steal the two cores from the event loop and from each other; a server wants them asleep
+# steal the machine's cores from the event loop and from each other; a server wants them asleep
 # at once. Set before torch, faiss or numpy is first imported (measured in bench/search.py:
 # p50 at concurrency 1 down about 3 ms, micro-batched QPS at concurrency 32 up about 30%).
 SERVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
@@ -78,8 +78,8 @@ def _print_hits(hits, as_json: bool) -> None:
 
 
 def cmd_index_build(a) -> int:
-    from index.vector_index import parse_bytes
-    from retrieval.encoders import load_encoder
+    from umr.index.vector_index import parse_bytes
+    from umr.retrieval.encoders import load_encoder
 
     if bool(a.vectors) != bool(a.ids):
         raise UserError("--vectors and --ids go together: the embeddings and one id per row")
@@ -90,14 +90,14 @@ def cmd_index_build(a) -> int:
     enc = load_encoder(a.encoder)
     progress = not a.no_progress and not a.json
     if a.vectors:
-        from retrieval.vector_import import build_from_vectors
+        from umr.retrieval.vector_import import build_from_vectors
 
         report = build_from_vectors(a.vectors, a.ids, enc, a.out, modality=a.modality, index_kind=a.index,
                                     memory_budget=parse_bytes(a.memory_budget), batch_size=a.batch_size or 65536,
                                     strict=a.strict, progress=progress, vector_dtype=a.vector_dtype,
                                     target_recall=a.target_recall)
     else:
-        from retrieval.pipeline import build_index
+        from umr.retrieval.pipeline import build_index
 
         report = build_index(a.corpus, enc, a.out, index_kind=a.index, memory_budget=parse_bytes(a.memory_budget),
                              batch_size=a.batch_size, workers=a.workers, strict=a.strict, corpus_format=a.format,
@@ -124,8 +124,8 @@ def cmd_index_build(a) -> int:
 
 
 def cmd_index_add(a) -> int:
-    from retrieval.engine import Engine
-    from retrieval.pipeline import add_to_index
+    from umr.retrieval.engine import Engine
+    from umr.retrieval.pipeline import add_to_index
 
     eng = Engine.open(a.index_dir)
     try:
@@ -140,7 +140,7 @@ def cmd_index_add(a) -> int:
 
 
 def cmd_index_delete(a) -> int:
-    from index.store import IndexStore
+    from umr.index.store import IndexStore
 
     store = IndexStore.open(a.index_dir)
     try:
@@ -155,11 +155,11 @@ def cmd_index_delete(a) -> int:
 
 
 def cmd_index_verify(a) -> int:
-    from index.verify import verify
+    from umr.index.verify import verify
 
     report = verify(a.index_dir, repair=a.repair, full=a.full)
     if a.reencode and not report.fatal and not report.unrepairable:
-        from retrieval.reencode_check import reencode_check
+        from umr.retrieval.reencode_check import reencode_check
 
         reencode_check(a.index_dir, a.reencode, repair=a.repair).add_to(report)
     if a.json:
@@ -182,7 +182,7 @@ def cmd_index_verify(a) -> int:
 
 
 def cmd_index_compact(a) -> int:
-    from index.store import IndexStore
+    from umr.index.store import IndexStore
 
     store = IndexStore.open(a.index_dir)
     try:
@@ -196,7 +196,7 @@ def cmd_index_compact(a) -> int:
 
 
 def cmd_index_tune(a) -> int:
-    from index.store import IndexStore
+    from umr.index.store import IndexStore
 
     store = IndexStore.open(a.index_dir)
     try:
@@ -215,7 +215,7 @@ def cmd_index_tune(a) -> int:
 
 
 def cmd_index_info(a) -> int:
-    from index.store import IndexStore
+    from umr.index.store import IndexStore
 
     store = IndexStore.open(a.index_dir, "read")
     try:
@@ -254,7 +254,7 @@ def cmd_index_info(a) -> int:
             print(f"  tuned for recall@{t['k']} {t['target']}: {t['params'] or 'exact search'}, measured "
                   f"{t['recall']:.3f} on {t['queries']} of its own vectors" + ("" if t["reached"] else " (short of it)"))
         if len(s["by_modality"]) > 1:
-            from index.modality_calibration import MIN_DOCUMENTS
+            from umr.index.modality_calibration import MIN_DOCUMENTS
 
             pairs = ", ".join(s["modality_calibration"]) or "none"
             few = [f"{m} ({n})" for m, n in s["by_modality"].items() if n < MIN_DOCUMENTS]
@@ -279,7 +279,7 @@ def _use_reranker(eng, a) -> None:
     if bool(a.reranker) != bool(a.rerank):
         raise UserError("re-ranking needs both --reranker DIR and --rerank K")
     if a.reranker:
-        from retrieval.reranker import load_reranker
+        from umr.retrieval.reranker import load_reranker
 
         eng.use_reranker(load_reranker(a.reranker), a.rerank, a.rerank_weight)
 
@@ -291,9 +291,9 @@ def _rerank_flags(parser) -> None:
 
 
 def cmd_search(a) -> int:
-    from retrieval.engine import Engine, Query
-    from retrieval.filters import parse_filter
-    from retrieval.items import parse_modalities
+    from umr.retrieval.engine import Engine, Query
+    from umr.retrieval.filters import parse_filter
+    from umr.retrieval.items import parse_modalities
 
     if not a.text and not a.image:
         raise UserError("give a query text, --image PATH, or both")
@@ -328,7 +328,7 @@ def cmd_serve(a) -> int:
     if a.replicas > 1:
         if a.replica_name:
             raise UserError("--replicas starts its own replicas: a replica cannot start more")
-        from server.replicas import supervise
+        from umr.server.replicas import supervise
 
         try:
             return supervise(_without_replicas(a.argv), a.replicas, a.host, a.port, a.read_only)
@@ -336,9 +336,9 @@ def cmd_serve(a) -> int:
             raise UserError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
     import uvicorn
 
-    from retrieval.engine import Engine
-    from server.app import create_app, uvicorn_config
-    from server.settings import ServerSettings
+    from umr.retrieval.engine import Engine
+    from umr.server.app import create_app, uvicorn_config
+    from umr.server.settings import ServerSettings
 
     admin_key = os.environ.get("UMR_ADMIN_KEY")
     if a.admin_key_file:
@@ -363,7 +363,7 @@ def cmd_serve(a) -> int:
               "(make keys with `umr keys add --scope write`)")
     # Bound only now, with the engine loaded: a replica that listened while loading would hold its
     # share of the port's new connections waiting (server/replicas.py).
-    from server.replicas import bind
+    from umr.server.replicas import bind
 
     try:
         sockets = [bind(a.host, a.port, shared=a.reuse_port)]
@@ -374,7 +374,7 @@ def cmd_serve(a) -> int:
         raise UserError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
     print(f"serving {a.index_dir} ({eng.store.count()} documents, encoder {eng.encoder.spec}) on "
           f"http://{a.host}:{sockets[0].getsockname()[1]}  (OpenAPI docs at /docs)", flush=True)
-    from server.request_log import install_filter
+    from umr.server.request_log import install_filter
 
     install_filter()  # every log line made while a request is handled carries its id
     uvicorn.Server(uvicorn_config(app, a.trusted_proxy)).run(sockets=sockets)
@@ -385,7 +385,7 @@ def cmd_serve(a) -> int:
 
 def _serve_keys(a):
     """The key ring `umr serve` uses: --key-file, else $UMR_KEY_FILE or the default file when it exists."""
-    from server.keys import KeyRing, default_key_file
+    from umr.server.keys import KeyRing, default_key_file
 
     path = Path(a.key_file) if a.key_file else default_key_file()
     if not a.key_file and not path.exists():
@@ -395,7 +395,7 @@ def _serve_keys(a):
 
 
 def cmd_keys(a) -> int:
-    from server.keys import add_key, default_key_file, list_keys, revoke_key
+    from umr.server.keys import add_key, default_key_file, list_keys, revoke_key
 
     path = Path(a.file) if a.file else default_key_file()
     if a.keys_command == "add":
@@ -416,9 +416,9 @@ def cmd_keys(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from training import distributed
-    from training.recipe import Continual, Recipe, RecipeError, Stage, StageData, load_recipe
-    from training.run_recipe import run_recipe
+    from umr.training import distributed
+    from umr.training.recipe import Continual, Recipe, RecipeError, Stage, StageData, load_recipe
+    from umr.training.run_recipe import run_recipe
 
     distributed.init_from_env()  # under `torchrun --nproc_per_node N umr train ...`
     main_rank = distributed.is_main()
@@ -441,7 +441,7 @@ def cmd_train(a) -> int:
         raise UserError(str(e)) from None
 
     def evaluate(enc, root):
-        from retrieval.evaluation import evaluate_mbeir, format_table
+        from umr.retrieval.evaluation import evaluate_mbeir, format_table
 
         res = evaluate_mbeir(enc, root)
         print(format_table(res), file=sys.stderr, flush=True)
@@ -458,7 +458,7 @@ def cmd_train(a) -> int:
         raise UserError(str(e)) from None
     if not main_rank:
         return 0
-    from retrieval.encoders import load_encoder
+    from umr.retrieval.encoders import load_encoder
 
     print(f"wrote encoder {final} (fingerprint {load_encoder(str(final), cache=False).fingerprint}); "
           f"use it with --encoder {final}")
@@ -474,8 +474,8 @@ def task_ids(text: str) -> list[int]:
 
 
 def cmd_eval(a) -> int:
-    from retrieval.encoders import load_encoder
-    from retrieval.evaluation import evaluate_beir, evaluate_mbeir, format_table
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.evaluation import evaluate_beir, evaluate_mbeir, format_table
 
     if not a.encoder and not a.index_dir:
         raise UserError("give --encoder SPEC (repeatable) or an index directory whose encoder to evaluate")
@@ -487,8 +487,8 @@ def cmd_eval(a) -> int:
     if a.encoder:
         encoders = [load_encoder(spec) for spec in dict.fromkeys(a.encoder)]
     else:
-        from index.manifest import read_manifest
-        from retrieval.encoders import load_recorded
+        from umr.index.manifest import read_manifest
+        from umr.retrieval.encoders import load_recorded
 
         encoders = [load_recorded(read_manifest(a.index_dir)["encoder"])]
     results = []
@@ -519,9 +519,9 @@ def cmd_eval(a) -> int:
 
 
 def cmd_update(a) -> int:
-    from index.store import IndexStore
-    from retrieval.encoders import load_encoder
-    from retrieval.update import describe_interval, fit_update, registered_encoder
+    from umr.index.store import IndexStore
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.update import describe_interval, fit_update, registered_encoder
 
     if a.reindex_sample and not (a.eval or a.eval_new):
         raise UserError("--reindex-sample compares on judged queries: give --eval QUERIES too")
@@ -624,9 +624,9 @@ def _window(value: str | None) -> tuple[int, int] | None:
 
 
 def cmd_mine(a) -> int:
-    from index.atomic import atomic_write_bytes
-    from retrieval.encoders import load_encoder
-    from training.mining import MiningConfig, mine
+    from umr.index.atomic import atomic_write_bytes
+    from umr.retrieval.encoders import load_encoder
+    from umr.training.mining import MiningConfig, mine
 
     guard = a.guard
     if a.top < 1 or (a.keep is not None and a.keep < 1):
@@ -645,22 +645,22 @@ def cmd_mine(a) -> int:
 
 
 def _mbeir_inputs(a):
-    from retrieval.mbeir import Instructions, read_sources
+    from umr.retrieval.mbeir import Instructions, read_sources
 
     queries, pool = read_sources(a.queries, a.pool)
     return queries, pool, Instructions(a.instructions) if getattr(a, "instructions", None) else None
 
 
 def cmd_reranker_train(a) -> int:
-    from retrieval.reranker import CrossConfig, LitReranker
+    from umr.retrieval.reranker import CrossConfig, LitReranker
     from dataclasses import asdict
 
-    from training.reranker_train import RerankerConfig, train_reranker
+    from umr.training.reranker_train import RerankerConfig, train_reranker
 
     queries, pool, _ = _mbeir_inputs(a)
     cfg = RerankerConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
     if a.backbone.startswith("hf-mllm:"):
-        from retrieval.mllm_reranker import MllmReranker
+        from umr.retrieval.mllm_reranker import MllmReranker
 
         reranker = MllmReranker.fresh(a.backbone.split(":", 1)[1], a.lora_r, a.lora_alpha)
     elif a.backbone == "lit-cross":
@@ -680,10 +680,10 @@ def cmd_reranker_train(a) -> int:
 
 
 def cmd_reranker_score(a) -> int:
-    from index.atomic import atomic_write_bytes
-    from retrieval.encoders import load_encoder
-    from retrieval.reranker import load_reranker
-    from training.reranker_train import score_lists
+    from umr.index.atomic import atomic_write_bytes
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.reranker import load_reranker
+    from umr.training.reranker_train import score_lists
 
     if not 0 < a.fraction <= 1:
         raise UserError("--fraction is the share of queries to score, in (0, 1]")
@@ -1005,14 +1005,14 @@ def main(argv: list[str] | None = None) -> int:
     from umr import logs
 
     logs.configure(args.log_level, args.log_format)
-    from index.errors import UmrError
+    from umr.index.errors import UmrError
 
     try:
         if args.device:
-            from retrieval.device import choose
+            from umr.retrieval.device import choose
 
             choose(args.device)
-        from retrieval import numerics
+        from umr.retrieval import numerics
 
         numerics.choose(args.precision, args.image_decode)
         return args.fn(args)

@@ -39,7 +39,7 @@ class BackgroundServer:
     def __init__(self, app, port: int = 0, trusted_proxies: list[str] | None = None):
         import uvicorn
 
-        from server.app import uvicorn_config
+        from umr.server.app import uvicorn_config
 
         self.port = port or free_port()
         self.server = uvicorn.Server(uvicorn_config(app, trusted_proxies, host="127.0.0.1", port=self.port,
@@ -69,10 +69,10 @@ class BackgroundServer:
 
 
 def run_demo(out: str | None = None, port: int = 0) -> int:
-    from retrieval.encoders import load_encoder
-    from retrieval.engine import Engine
-    from retrieval.pipeline import build_index
-    from server.app import create_app
+    from umr.retrieval.encoders import load_encoder
+    from umr.retrieval.engine import Engine
+    from umr.retrieval.pipeline import build_index
+    from umr.server.app import create_app
 
     tmp = None
     if out is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 COLOURS = ("#2f5bd3", "#e0762b", "#2a9d5c", "#c0392b", "#7b52ab", "#8c6d31", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf", "#1b1b1b", "#ff9896")

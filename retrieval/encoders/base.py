@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index.atomic import file_sha256
-from index.errors import InvalidArgument
-from retrieval import device_decode, numerics
-from retrieval.device import current as current_device
-from retrieval.device import stack_batch
-from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
-from retrieval.items import Item
+from umr.index.atomic import file_sha256
+from umr.index.errors import InvalidArgument
+from umr.retrieval import device_decode, numerics
+from umr.retrieval.device import current as current_device
+from umr.retrieval.device import stack_batch
+from umr.retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
+from umr.retrieval.items import Item
 
 
 def quiet_transformers() -> None:
@@ -264,7 +264,7 @@ class Encoder(ABC):
                batch_size: int = 64) -> np.ndarray:
         """L2-normalised float32 rows, one per item; images decode in worker threads while the
         model runs. An item that cannot be prepared raises what `prepare` raised."""
-        from retrieval.prefetch import prefetch_batches
+        from umr.retrieval.prefetch import prefetch_batches
 
         check_role(role)
         chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]

@@ -7,7 +7,7 @@ ImageNet concept and nothing about people or actions (docs/zero-shot.md).
 
 A folder holds `umr_encoder.json` (type lit-bridge, top k, temperature) and `bridge.safetensors`
 (the class embeddings, so loading needs no minute of MiniLM and the fingerprint pins them).
-Build one with `python -m retrieval.encoders.bridge DIR`.
+Build one with `python -m umr.retrieval.encoders.bridge DIR`.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from retrieval.encoders import concept_bridge, towers
-from retrieval.encoders.base import EncoderError
-from retrieval.encoders.tower_encoder import TowerEncoder, read_folder_config
+from umr.retrieval.encoders import concept_bridge, towers
+from umr.retrieval.encoders.base import EncoderError
+from umr.retrieval.encoders.tower_encoder import TowerEncoder, read_folder_config
 
 WEIGHTS_FILE = "bridge.safetensors"
 TEXT_MAX_TOKENS = 256  # all-MiniLM-L6-v2's own limit: text search is MiniLM's, unchanged
@@ -74,5 +74,5 @@ class BridgeEncoder(TowerEncoder):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m retrieval.encoders.bridge OUT_DIR")
+        sys.exit("usage: python -m umr.retrieval.encoders.bridge OUT_DIR")
     print(BridgeEncoder.build().save(sys.argv[1]))

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from retrieval.encoders import concept_bridge, domain_gate, towers
-from retrieval.encoders.base import EncoderError
-from retrieval.encoders.tower_encoder import TowerEncoder, read_folder_config
+from umr.retrieval.encoders import concept_bridge, domain_gate, towers
+from umr.retrieval.encoders.base import EncoderError
+from umr.retrieval.encoders.tower_encoder import TowerEncoder, read_folder_config
 
 KIND = "lit-concept"
 WEIGHTS_FILE = "concept.safetensors"
@@ -67,8 +67,8 @@ class ConceptParts(torch.nn.Module):
 
 
 def _shipped_class_embeddings() -> torch.Tensor:
-    from retrieval.encoders.bridge import WEIGHTS_FILE as BRIDGE_FILE
-    from retrieval.encoders.registry import builtin_path
+    from umr.retrieval.encoders.bridge import WEIGHTS_FILE as BRIDGE_FILE
+    from umr.retrieval.encoders.builtin import builtin_path
 
     path = builtin_path("lit-bridge") / BRIDGE_FILE
     if not path.exists():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from index.errors import InvalidArgument
+from umr.index.errors import InvalidArgument
 
 KNN = 5
 PERCENTILE = 5.0  # the centre: 95% of the training photos pass at least halfway

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from retrieval.encoders.base import Encoder, EncoderError, mean_pool, quiet_transformers, sha256_file
-from retrieval.encoders.serial import serial
+from umr.retrieval.encoders.base import Encoder, EncoderError, mean_pool, quiet_transformers, sha256_file
+from umr.retrieval.encoders.serial import serial
 
 
 class HfTextEncoder(Encoder):

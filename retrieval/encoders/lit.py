@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from retrieval.encoders import towers
-from retrieval.encoders.tower_encoder import CONFIG_FILE, TowerEncoder, read_folder_config
+from umr.retrieval.encoders import towers
+from umr.retrieval.encoders.tower_encoder import CONFIG_FILE, TowerEncoder, read_folder_config
 
 __all__ = ["CONFIG_FILE", "HEADS_FILE", "LitEncoder", "LitHeads"]
 HEADS_FILE = "heads.safetensors"

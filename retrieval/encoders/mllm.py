@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from index.errors import InvalidArgument
-from retrieval.encoders.base import Encoder, EncoderError, Prepared, l2_normalize, quiet_transformers, sha256_file
-from retrieval.encoders.serial import serial
-from retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
-from retrieval.items import Item
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders.base import Encoder, EncoderError, Prepared, l2_normalize, quiet_transformers, sha256_file
+from umr.retrieval.encoders.serial import serial
+from umr.retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
+from umr.retrieval.items import Item
 
 CONFIG_FILE = "umr_encoder.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -41,7 +41,7 @@ TEMPLATE_TOKENS = 64  # the chat template's own tokens, with room to spare
 
 
 def _device() -> torch.device:
-    from retrieval.device import current
+    from umr.retrieval.device import current
 
     return current()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from retrieval import numerics
-from retrieval.encoders.base import Encoder, EncoderError, sha256_file
-from retrieval.encoders.serial import serial
+from umr.retrieval import numerics
+from umr.retrieval.encoders.base import Encoder, EncoderError, sha256_file
+from umr.retrieval.encoders.serial import serial
 
 # A ~3M-parameter CLIP that runs thousands of items per second on 2 cores: for tests only.
 TINY_CLIP = {
@@ -31,7 +31,7 @@ class OpenClipEncoder(Encoder):
     reduced_precision = True
 
     def __init__(self, model, preprocess, tokenizer, spec: str, arch: str, digest: str):
-        from retrieval.device import current
+        from umr.retrieval.device import current
 
         self.device = current()
         self.model = model.eval().to(self.device)
@@ -107,14 +107,14 @@ class OpenClipEncoder(Encoder):
 
     @torch.inference_mode()
     def embed_images(self, batch: torch.Tensor) -> torch.Tensor:
-        from retrieval.device import to_cpu
+        from umr.retrieval.device import to_cpu
 
         with numerics.current().autocast(self.device):
             return to_cpu(self.model.encode_image(batch.to(self.device)))
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        from retrieval.device import to_cpu
+        from umr.retrieval.device import to_cpu
 
         with numerics.current().autocast(self.device):
             return to_cpu(self.model.encode_text(self.tokenizer(texts).to(self.device)))

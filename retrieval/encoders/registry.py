@@ -18,28 +18,12 @@ import json
 import threading
 from pathlib import Path
 
-from retrieval.encoders.base import Encoder, EncoderError
-from retrieval.encoders.tower_encoder import CONFIG_FILE
+from umr.retrieval.encoders.base import Encoder, EncoderError
+from umr.retrieval.encoders.builtin import BUILTIN_VERSIONS, builtin_path, builtin_versions
+from umr.retrieval.encoders.tower_encoder import CONFIG_FILE
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 _cache: dict[str, Encoder] = {}
 _lock = threading.Lock()
-
-
-# Built-in encoders by version (their folders under retrieval/weights); the bare name is the
-# latest. A new default never breaks an index built with an older one: the index records the
-# fingerprint, and `load_recorded` finds the pinned version that matches it.
-BUILTIN_VERSIONS = {"lit-base": {1: "lit-base-v1", 2: "lit-base-v2"}, "lit-bridge": {1: "lit-bridge"}}
-
-
-def builtin_path(name: str) -> Path:
-    return WEIGHTS / name
-
-
-def builtin_versions(name: str) -> list[str]:
-    """Pinned specs of a built-in encoder, newest first (empty for any other spec)."""
-    base = name.split("@", 1)[0]
-    return [f"{base}@{v}" for v in sorted(BUILTIN_VERSIONS.get(base, {}), reverse=True)]
 
 
 def _builtin_folder(spec: str) -> Path:
@@ -57,19 +41,19 @@ def _load_folder(path: Path, spec: str) -> Encoder:
     """A self-describing encoder folder (a built-in, or one `umr train` saved), by its type."""
     kind = json.loads((path / CONFIG_FILE).read_text()).get("type")
     if kind == "lit":
-        from retrieval.encoders.lit import LitEncoder
+        from umr.retrieval.encoders.lit import LitEncoder
 
         return LitEncoder.load(path, spec=spec)
     if kind == "lit-bridge":
-        from retrieval.encoders.bridge import BridgeEncoder
+        from umr.retrieval.encoders.bridge import BridgeEncoder
 
         return BridgeEncoder.load(path, spec=spec)
     if kind == "lit-concept":
-        from retrieval.encoders.concept import ConceptEncoder
+        from umr.retrieval.encoders.concept import ConceptEncoder
 
         return ConceptEncoder.load(path, spec=spec)
     if kind == "mllm":
-        from retrieval.encoders.mllm import MllmEncoder
+        from umr.retrieval.encoders.mllm import MllmEncoder
 
         return MllmEncoder.load(path)
     raise EncoderError(f"{path}: unknown encoder type {kind!r}")
@@ -89,32 +73,32 @@ def _load(spec: str) -> Encoder:
     if spec.split("@", 1)[0] in BUILTIN_VERSIONS:
         return _load_folder(_builtin_folder(spec), spec)
     if spec == "lit-init" or spec.startswith("lit-init:"):
-        from retrieval.encoders.lit import LitEncoder
+        from umr.retrieval.encoders.lit import LitEncoder
 
         dim, seed = _numbers(spec, "lit-init[:DIM[:SEED]]", (256, 0))
         if dim < 1:
             raise EncoderError(f"{spec!r}: DIM in lit-init[:DIM[:SEED]] is the width of the heads, at least 1")
         return LitEncoder.fresh(dim, seed, spec)
     if spec == "lit-concept-init" or spec.startswith("lit-concept-init:"):
-        from retrieval.encoders.concept import ConceptEncoder
+        from umr.retrieval.encoders.concept import ConceptEncoder
 
         (seed,) = _numbers(spec, "lit-concept-init[:SEED]", (0,))
         return ConceptEncoder.fresh(seed, spec)
     if spec.startswith("openclip:"):
-        from retrieval.encoders.openclip import OpenClipEncoder
+        from umr.retrieval.encoders.openclip import OpenClipEncoder
 
         return OpenClipEncoder.from_spec(spec)
     if spec == "tiny-clip" or spec.startswith("tiny-clip:"):
-        from retrieval.encoders.openclip import OpenClipEncoder
+        from umr.retrieval.encoders.openclip import OpenClipEncoder
 
         (seed,) = _numbers(spec, "tiny-clip[:SEED]", (0,))
         return OpenClipEncoder.tiny(seed)
     if spec.startswith("hf-text:"):
-        from retrieval.encoders.hf_text import HfTextEncoder
+        from umr.retrieval.encoders.hf_text import HfTextEncoder
 
         return HfTextEncoder(spec.split(":", 1)[1], spec)
     if spec.startswith("hf-mllm:"):
-        from retrieval.encoders.mllm import MllmEncoder
+        from umr.retrieval.encoders.mllm import MllmEncoder
 
         return MllmEncoder(spec.split(":", 1)[1], spec)
     path = Path(spec)

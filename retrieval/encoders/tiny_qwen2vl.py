@@ -2,7 +2,7 @@
 
 No model hub is reachable here, so the MLLM path is exercised end to end on this: the same
 classes, processor, chat template and special tokens as Qwen2-VL, a few hundred thousand
-random weights. `python -m retrieval.encoders.tiny_qwen2vl OUT` writes one; `hf-mllm:OUT` loads it.
+random weights. `python -m umr.retrieval.encoders.tiny_qwen2vl OUT` writes one; `hf-mllm:OUT` loads it.
 """
 from __future__ import annotations
 

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from index.errors import InvalidArgument
-from retrieval.encoders import towers
-from retrieval.encoders.base import Encoder, EncoderError, check_role, fuse
-from retrieval.items import Item
+from umr.index.errors import InvalidArgument
+from umr.retrieval.encoders import towers
+from umr.retrieval.encoders.base import Encoder, EncoderError, check_role, fuse
+from umr.retrieval.items import Item
 
 CONFIG_FILE = "umr_encoder.json"
 

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from index.errors import InvalidArgument
-from retrieval import numerics
-from retrieval.device import current, stack_batch, to_cpu, to_device
-from retrieval.encoders import packing
-from retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
-from retrieval.encoders.serial import serial
-from retrieval.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
+from umr.index.errors import InvalidArgument
+from umr.retrieval import numerics
+from umr.retrieval.device import current, stack_batch, to_cpu, to_device
+from umr.retrieval.encoders import packing
+from umr.retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
+from umr.retrieval.encoders.serial import serial
+from umr.retrieval.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
 
 TEXT_TOWER = "all-MiniLM-L6-v2"
 IMAGE_TOWER = "efficientnet_lite0"
@@ -180,8 +180,8 @@ class ImageTower:
 
     def _cached(self, sources: list, forward: Callable[[torch.Tensor], torch.Tensor], cache, dim: int,
                 batch_size: int, workers: int, progress) -> torch.Tensor:
-        from retrieval.images import open_image
-        from retrieval.prefetch import prefetch_batches
+        from umr.retrieval.images import open_image
+        from umr.retrieval.prefetch import prefetch_batches
 
         def prep(src):
             if isinstance(src, torch.Tensor):
