@@ -15,6 +15,8 @@ import threading
 
 import faiss
 
+from umr.index.index_kinds import kind_of
+
 log = logging.getLogger("umr.index")
 MAX_K = 2048  # GPU FAISS returns at most this many neighbours per query
 _device: int | None = None  # FAISS's GPU
@@ -63,12 +65,13 @@ def _res():
 def search_copy(index: faiss.Index, kind: str):
     """A device copy of a flat index (a DeviceFlat, any search) or of an IVF-PQ index (GPU
     FAISS, unmasked searches), or None."""
-    if kind == "flat" and _torch_device is not None:
+    traits = kind_of(kind)
+    if traits.scanned and _torch_device is not None:
         from umr.index.device_flat import DeviceFlat
         from umr.index.vector_index import flat_vectors
 
         return DeviceFlat(flat_vectors(index), _torch_device)
-    if not active() or kind != "ivfpq":
+    if not active() or not traits.faiss_gpu:
         return None
     try:
         options = faiss.GpuClonerOptions()
@@ -98,11 +101,11 @@ def matching_extra(torch_cuda: str | None) -> str | None:
 def where_search_runs(kind: str, copy) -> str:
     """One segment's search, in words: what answers it and on which device (`copy`: the
     segment's device copy, from `search_copy`)."""
-    if copy is not None and kind == "flat":
+    if copy is not None and kind_of(kind).scanned:
         return f"{copy.device} (torch matrix product + top-k)"
     if copy is not None:
         return f"GPU {_device} (faiss-gpu {kind}, unmasked searches; masked ones on the CPU)"
-    if kind == "flat":
+    if kind_of(kind).scanned:
         return "CPU (torch matrix product + top-k)"
     return f"CPU (faiss {kind})"
 

@@ -96,6 +96,8 @@ def tune_segment(store, seg, target: float, k: int = 10, sample: int = SAMPLE_QU
     """Choose and record the segment's search parameters (see the module docstring)."""
     check_target(target)
     choice = seg.choice
+    if choice.kind not in TUNERS:
+        raise InvalidArgument(f"--target-recall: no tuning is known for index kind {choice.kind!r}")
     live = np.flatnonzero(seg.alive)
     if len(live) <= k + 1:
         raise InvalidArgument(f"segment {seg.id} has {len(live)} documents: too few to measure recall@{k}")
@@ -109,12 +111,7 @@ def tune_segment(store, seg, target: float, k: int = 10, sample: int = SAMPLE_QU
     truth_all = exact_truth(store, seg, allowed, q_all, k)
     pick = Sample(q_all[:half], truth_all[:half])
     check = Sample(q_all[half:], truth_all[half:]) if len(check_rows) else pick
-    if choice.kind == "flat":
-        tuning = Tuning(target, k, len(rows), 1.0, True, 0.0, {}, _ms(store, seg, pick.q, {}, k))
-    elif choice.kind == "hnsw":
-        tuning = _tune_hnsw(store, seg, allowed, pick, check, target, k)
-    else:
-        tuning = _tune_ivfpq(store, seg, allowed, pick, check, target, k)
+    tuning = TUNERS[choice.kind](store, seg, allowed, pick, check, target, k)
     seg.record["index"]["params"].update(tuning.params)
     seg.record["index"]["tuned"] = tuning.to_dict()
     return tuning
@@ -169,6 +166,11 @@ def _tune_hnsw(store, seg, allowed, pick: Sample, check: Sample, target, k) -> T
     return _tuning(store, seg, pick, check, target, k, params, c, False, tried)
 
 
+def _exact(store, seg, allowed, pick: Sample, check: Sample, target, k) -> Tuning:
+    """A scan: every answer exact, nothing to tune."""
+    return Tuning(target, k, len(pick.q) + len(check.q), 1.0, True, 0.0, {}, _ms(store, seg, pick.q, {}, k))
+
+
 def _tuning(store, seg, pick: Sample, check: Sample, target, k, params, confirmed, reached, tried,
             ms: float | None = None) -> Tuning:
     """The Tuning recorded: recall as the confirmation sample measured it."""
@@ -218,6 +220,10 @@ def _tune_ivfpq(store, seg, allowed, pick: Sample, check: Sample, target, k) -> 
     cand = _search(store, seg, check.q, k * deepest, {"nprobe": params["nprobe"]}, allowed)
     c = recall(_rescored(store, seg, check.q, cand[:, :k * params["refine"]], k), check.truth)
     return _tuning(store, seg, pick, check, target, k, params, c, False, tried)
+
+
+# How each index kind is tuned, by name (index/index_kinds.py): a new kind adds its tuner here.
+TUNERS = {"flat": _exact, "hnsw": _tune_hnsw, "ivfpq": _tune_ivfpq}
 
 
 def _rescored(store, seg, q: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 from umr.index import modality_calibration as mc
 from umr.index import version_scale
 from umr.index import commit_mark, gpu, integrity, recall_tuning, registry, vector_file
+from umr.index import index_kinds
 from umr.index import vector_index as vi
 from umr.index.atomic import atomic_write
 from umr.index.docstore import CODE_MODALITIES, MODALITY_CODES, DocRecord, DocStore, validate_filter
@@ -196,8 +197,8 @@ class IndexStore:
         path = Path(path)
         if (path / "manifest.json").exists():
             raise IndexError_(f"{path} already holds an index; open it, or choose another --out")
-        if index_kind not in ("auto",) + vi.KINDS:
-            raise InvalidArgument(f"unknown index type {index_kind!r}: use auto, flat, hnsw or ivfpq")
+        if index_kind not in ("auto",) + index_kinds.names():
+            raise InvalidArgument(f"unknown index type {index_kind!r}: use auto, {', '.join(index_kinds.names())}")
         vector_file.check_dtype(vector_dtype)
         recall_tuning.check_target(target_recall)
         path.mkdir(parents=True, exist_ok=True)
@@ -263,7 +264,7 @@ class IndexStore:
         integrity.adopt_recorded_compaction(rec, self.docs.pending_checkpoint(seg.id), epoch)
         faiss_file = self.path / rec["faiss_file"] if rec.get("faiss_file") else None
         # A reader leaves IVF-PQ lists in the file: the index that outgrew memory still serves.
-        mapped = self.mode == "read" and vi.IndexChoice.from_dict(rec["index"]).kind == "ivfpq"
+        mapped = self.mode == "read" and vi.IndexChoice.from_dict(rec["index"]).traits.maps_lists
         loaded, problem = integrity.load_checkpoint(faiss_file, rec, seg.dim, n_rows, epoch, mapped)
         if problem == integrity.DOCSTORE_OLDER and not repair:
             raise IndexError_(integrity.older_docstore_message(self.path, seg.id, n_rows, rec))
@@ -289,7 +290,7 @@ class IndexStore:
     def _restore_vectors(self, seg: Segment, loaded, on_disk: int, n_rows: int, repair: bool) -> None:
         """Rows missing from the segment's vector file, written back from a FAISS checkpoint that
         holds them exactly (with `repair`); otherwise refused, never served without them."""
-        exact = loaded is not None and seg.choice.kind in ("flat", "hnsw") and int(loaded.ntotal) >= n_rows
+        exact = loaded is not None and seg.choice.traits.holds_full_vectors and int(loaded.ntotal) >= n_rows
         if not (repair and exact):
             raise IndexError_(self._missing_vectors_message(seg, on_disk, n_rows, exact))
         rows = np.arange(on_disk, n_rows)
@@ -463,7 +464,7 @@ class IndexStore:
                 built.append(seg)
                 n = len(seg.alive)
                 choice = vi.choose_index(req["kind"], n, seg.dim, req.get("memory_budget"))
-                if choice.kind == "ivfpq" and n < vi.min_training_size(choice):
+                if n < vi.min_training_size(choice):
                     raise IndexError_(
                         f"IVF-PQ needs at least {vi.min_training_size(choice)} vectors to train its codebooks, "
                         f"the corpus has {n}; use --index flat or hnsw (or auto) for a corpus this small"
@@ -829,7 +830,7 @@ class IndexStore:
             # it to a thread costs (bench/segments.py). An empty segment (a new version's before
             # its first add) is not searched at all.
             heavy = [i for i, seg in enumerate(searched)
-                     if seg.choice.kind in ("flat", "ivfpq") and seg.indexed_rows >= PARALLEL_MIN_ROWS]
+                     if seg.choice.traits.worth_a_thread and seg.indexed_rows >= PARALLEL_MIN_ROWS]
             pool = _segment_pool() if SEGMENT_THREADS > 1 and len(searched) > 1 else None
             futures = {i: pool.submit(hits_of, searched[i]) for i in heavy} if pool else {}
             here = {i: hits_of(seg) for i, seg in enumerate(searched) if i not in futures}
@@ -889,17 +890,17 @@ class IndexStore:
             if n_allowed == 0:
                 return empty
             everything = n_allowed == len(allowed)
-        if choice.kind == "flat" and seg.gpu is not None:  # a DeviceFlat takes masks
+        if choice.traits.scanned and seg.gpu is not None:  # a DeviceFlat takes masks
             return seg.gpu.search(q, k, None if everything else allowed)
         on_gpu = seg.gpu is not None and everything and k * 10 <= gpu.MAX_K
-        if choice.kind == "flat":
+        if choice.traits.scanned:
             return vi.exact_topk(q, vi.flat_vectors(seg.faiss), k, None if everything else allowed)
         if not everything and n_allowed <= EXACT_FILTER_ROWS:
             rows = np.flatnonzero(allowed)
             scores, pos = vi.exact_topk(q, self.docs.vectors_at(seg.id, rows), k)
             return scores, np.where(pos >= 0, rows[np.maximum(pos, 0)], -1)
         selector, _bits = (None, None) if everything else vi.bitmap_selector(allowed)
-        refine = int(choice.params.get("refine", 1)) if choice.kind == "ivfpq" else 0
+        refine = int(choice.params.get("refine", 1)) if choice.traits.refines else 0
         kk = min(k * max(1, refine), n_allowed)
         if on_gpu:  # GPU FAISS takes no ID selector: unmasked searches only
             scores, rows = seg.gpu.search(q, kk)

@@ -87,7 +87,7 @@ def check_segment(store, seg, rows: np.ndarray, repair: bool, report, suspect: n
         return
     damaged = wrong[not_unit(store.docs.vectors_at(seg.id, wrong)) | np.isin(wrong, suspect)]
     suspect_faiss = np.setdiff1d(wrong, damaged)
-    exact = seg.choice is not None and seg.choice.kind in ("flat", "hnsw")
+    exact = seg.choice is not None and seg.choice.traits.holds_full_vectors
     if len(damaged):
         what = (f"segment {seg.id}: {len(damaged)} stored vectors are damaged (not of unit length, which every vector "
                 f"umr stores is, or in a block failing its checksum; rows {_rows(damaged)})")

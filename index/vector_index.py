@@ -14,20 +14,10 @@ import faiss
 import numpy as np
 
 from umr.index.errors import InvalidArgument
+from umr.index.index_kinds import kind_of, names
 
-KINDS = ("flat", "hnsw", "ivfpq")
-HNSW_M = 32
 # Below this many vectors an exact scan is fast enough that approximation buys nothing.
 EXACT_UP_TO = 100_000
-PQ_SUBQUANTIZERS = (64, 48, 32, 24, 16, 12, 8, 4)
-# IVF cells: 4 sqrt(n), at most this many. Training k-means and assigning every vector to a
-# cell both cost n x nlist x dim; past ~4096 cells (16M vectors) that grows faster on a CPU
-# than the recall it buys at a fixed share of cells probed (10M x 256: 12,649 cells would train
-# for hours on 2 cores, 4096 in minutes).
-MAX_NLIST = 4096
-# k-means passes over the training sample; FAISS's default of 25 moves the centroids little
-# after 10 on clustered embeddings, and every pass costs sample x nlist x dim.
-IVF_TRAIN_ITERATIONS = 10
 
 
 def parse_bytes(text: str | int | None) -> int | None:
@@ -52,14 +42,13 @@ class IndexChoice:
     params: dict = field(default_factory=dict)
     reason: str = ""
 
+    @property
+    def traits(self):
+        """What this kind is and can do (index/index_kinds.py)."""
+        return kind_of(self.kind)
+
     def factory_string(self) -> str:
-        if self.kind == "flat":
-            return "Flat"
-        if self.kind == "hnsw":
-            return f"HNSW{self.params['M']},Flat"
-        if self.kind == "ivfpq":
-            return f"IVF{self.params['nlist']},PQ{self.params['m']}x8"
-        raise InvalidArgument(f"unknown index kind {self.kind!r}")
+        return self.traits.factory_string(self.params)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,32 +61,7 @@ class IndexChoice:
 
 
 def estimated_bytes(kind: str, n: int, dim: int, params: dict | None = None) -> int:
-    params = params or {}
-    if kind == "flat":
-        return n * dim * 4
-    if kind == "hnsw":
-        m = params.get("M", HNSW_M)
-        return n * (dim * 4 + m * 2 * 4 + 16)
-    if kind == "ivfpq":
-        m = params.get("m", 32)
-        nlist = params.get("nlist", 1024)
-        return n * (m + 8) + nlist * dim * 4 + 256 * dim * 4
-    raise InvalidArgument(f"unknown index kind {kind!r}")
-
-
-def _ivfpq_params(n: int, dim: int, budget: int | None) -> dict:
-    nlist = int(min(max(16, 4 * math.sqrt(max(n, 1))), max(16, n // 39), MAX_NLIST))
-    candidates = [m for m in PQ_SUBQUANTIZERS if dim % m == 0 and m <= dim]
-    if not candidates:
-        raise InvalidArgument(f"no PQ sub-quantizer count divides dimension {dim}")
-    m = candidates[-1]
-    for c in candidates:  # largest code that fits: best recall within the budget
-        if budget is None or estimated_bytes("ivfpq", n, dim, {"m": c, "nlist": nlist}) <= budget:
-            m = c
-            break
-    # refine: re-score the top k*refine PQ candidates with the exact stored vectors.
-    # nprobe: recall of PQ codes saturates early (bench/ann.py), so probe ~3% of the cells.
-    return {"nlist": nlist, "m": m, "nprobe": int(min(max(16, nlist // 32), 256)), "refine": 10}
+    return kind_of(kind).estimated_bytes(n, dim, params or {})
 
 
 def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) -> IndexChoice:
@@ -106,15 +70,11 @@ def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) 
     `auto` prefers exact search while it is both affordable and fast, then HNSW (best recall
     per query time) while it fits, then IVF-PQ (compressed codes) sized to the budget.
     """
-    if kind not in ("auto",) + KINDS:
-        raise InvalidArgument(f"unknown index type {kind!r}: use auto, flat, hnsw or ivfpq")
-    hnsw = {"M": HNSW_M, "efConstruction": 80, "efSearch": 128}
-    if kind == "flat":
-        return IndexChoice("flat", {}, "requested")
-    if kind == "hnsw":
-        return IndexChoice("hnsw", hnsw, "requested")
-    if kind == "ivfpq":
-        return IndexChoice("ivfpq", _ivfpq_params(n, dim, memory_budget), "requested")
+    if kind not in ("auto",) + names():
+        raise InvalidArgument(f"unknown index type {kind!r}: use auto, {', '.join(names())}")
+    if kind != "auto":
+        return IndexChoice(kind, kind_of(kind).default_params(n, dim, memory_budget), "requested")
+    hnsw = kind_of("hnsw").default_params(n, dim, memory_budget)
     budget_txt = "no memory budget" if memory_budget is None else f"budget {memory_budget} bytes"
     flat_bytes = estimated_bytes("flat", n, dim)
     if n <= EXACT_UP_TO and (memory_budget is None or flat_bytes <= memory_budget):
@@ -122,7 +82,7 @@ def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) 
     hnsw_bytes = estimated_bytes("hnsw", n, dim, hnsw)
     if memory_budget is None or hnsw_bytes <= memory_budget:
         return IndexChoice("hnsw", hnsw, f"auto: {n} vectors, HNSW fits ({hnsw_bytes} bytes, {budget_txt})")
-    params = _ivfpq_params(n, dim, memory_budget)
+    params = kind_of("ivfpq").default_params(n, dim, memory_budget)
     need = estimated_bytes("ivfpq", n, dim, params)
     if need > memory_budget:
         raise InvalidArgument(
@@ -133,21 +93,7 @@ def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) 
 
 
 def new_index(choice: IndexChoice, dim: int) -> faiss.Index:
-    if choice.kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    if choice.kind == "hnsw":
-        idx = faiss.IndexHNSWFlat(dim, choice.params["M"], faiss.METRIC_INNER_PRODUCT)
-        idx.hnsw.efConstruction = choice.params.get("efConstruction", 80)
-        idx.hnsw.efSearch = choice.params.get("efSearch", 128)
-        return idx
-    if choice.kind == "ivfpq":
-        p = choice.params
-        quantizer = faiss.IndexFlatIP(dim)
-        idx = faiss.IndexIVFPQ(quantizer, dim, p["nlist"], p["m"], 8, faiss.METRIC_INNER_PRODUCT)
-        idx.nprobe = p.get("nprobe", 16)
-        idx.cp.niter = IVF_TRAIN_ITERATIONS
-        return idx
-    raise InvalidArgument(f"unknown index kind {choice.kind!r}")
+    return choice.traits.new_index(dim, choice.params)
 
 
 def needs_training(index: faiss.Index) -> bool:
@@ -155,10 +101,7 @@ def needs_training(index: faiss.Index) -> bool:
 
 
 def min_training_size(choice: IndexChoice) -> int:
-    if choice.kind != "ivfpq":
-        return 0
-    # k-means wants ~39 points per centroid: 256 per 8-bit PQ codebook, nlist for the cells.
-    return 39 * max(choice.params["nlist"], 256)
+    return choice.traits.min_training_size(choice.params)
 
 
 def balanced_sample(modalities: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
@@ -240,11 +183,7 @@ def exact_topk(q: np.ndarray, xb, k: int, allowed: np.ndarray | None = None,
 
 def search_params(choice: IndexChoice, selector: faiss.IDSelector | None, k: int):
     """Per-call parameters, so concurrent searches never mutate the shared index."""
-    if choice.kind == "hnsw":
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(choice.params.get("efSearch", 128), k))
-    if choice.kind == "ivfpq":
-        return faiss.SearchParametersIVF(sel=selector, nprobe=choice.params.get("nprobe", 16))
-    return faiss.SearchParameters(sel=selector) if selector is not None else None
+    return choice.traits.search_params(selector, k, choice.params)
 
 
 def bitmap_selector(allowed: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:

@@ -75,3 +75,31 @@ def test_orthogonal_refuses_other_dimensions():
     assert got.shape == (50, 5) and np.sum(got * unit(x[150:] @ w), 1).min() > 0.98
     with pytest.raises(ValueError, match="unknown compensator"):
         cp.make("magic")
+
+
+def test_the_registry_is_the_one_list_of_kinds(monkeypatch):
+    """A compensator registered as a plug-in is made, chosen among and offered like the built-in
+    ones; the CLI's --method choices are the registry's."""
+    from umr.cli import build_parser
+
+    for name in ("_CLASSES", "KINDS", "SIMPLEST_FIRST"):
+        monkeypatch.setattr(cp, name, dict(getattr(cp, name)) if name == "_CLASSES" else getattr(cp, name))
+
+    @cp.register
+    class Scale(cp.Compensator):
+        kind = "scale"
+        simplicity = 0.5  # between identity and mean
+
+        def fit(self, new, old):
+            return self
+
+        def _map(self, q):
+            return 2 * q
+
+    assert cp.KINDS[-1] == "scale" and cp.SIMPLEST_FIRST[:3] == ("identity", "scale", "mean")
+    assert isinstance(cp.make("scale"), Scale)
+    with pytest.raises(ValueError, match="registered already"):
+        cp.register(type("Other", (cp.Compensator,), {"kind": "linear"}))
+    method = next(a for a in build_parser()._subparsers._group_actions[0].choices["update"]._actions
+                  if a.dest == "method")
+    assert list(method.choices) == ["auto", *cp.KINDS] and "scale" in method.choices

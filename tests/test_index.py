@@ -4,7 +4,7 @@ import pytest
 from umr.index import IndexStore
 from umr.index import vector_index as vi
 from umr.index.docstore import DocRecord
-from umr.index.errors import IndexError_, IndexMismatch, NotFound
+from umr.index.errors import IndexError_, IndexMismatch, InvalidArgument, NotFound
 
 DIM = 32
 ENC = {"spec": "synthetic", "fingerprint": "f" * 16, "dim": DIM}
@@ -339,3 +339,54 @@ def test_flat_segments_mirrored_on_a_device_answer_as_on_the_cpu(tmp_path):
     finally:
         gpu.mirror_flat_on(None)
     plain.close()
+
+
+def test_an_index_kind_registered_as_a_plug_in_is_built_searched_and_offered(tmp_path, monkeypatch):
+    """index/index_kinds.py is the one place kinds are known: a new one (IVF over full vectors)
+    is chosen by name, built, searched with its own parameters, verified as holding exact
+    vectors, and offered by the CLI, with no name compared anywhere else."""
+    import faiss
+
+    from umr.cli import build_parser
+    from umr.index import index_kinds
+
+    monkeypatch.setattr(index_kinds, "_KINDS", dict(index_kinds._KINDS))
+
+    class IvfFlat(index_kinds.IndexKind):
+        name = "ivfflat"
+        holds_full_vectors = True
+
+        def factory_string(self, params):
+            return f"IVF{params['nlist']},Flat"
+
+        def default_params(self, n, dim, budget):
+            return {"nlist": 8, "nprobe": 8}
+
+        def estimated_bytes(self, n, dim, params):
+            return n * dim * 4
+
+        def new_index(self, dim, params):
+            return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+
+        def search_params(self, selector, k, params):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=params["nprobe"])
+
+    index_kinds.register(IvfFlat())
+    store, vecs = make(tmp_path, n=400, kind="ivfflat")
+    seg = store.segments[0]
+    assert seg.record["index"]["factory"] == "IVF8,Flat" and isinstance(seg.faiss, faiss.IndexIVFFlat)
+    q = vecs[:20]
+    hits = store.search(q, k=5)
+    assert all(h[0].id == f"d{i}" and abs(h[0].score - 1) < 1e-4 for i, h in enumerate(hits))  # all 8 cells probed
+    store.delete(["d3"])
+    assert store.search(q[3:4], k=5)[0][0].id != "d3"
+    store.save()
+    store.close()
+    from umr.index.verify import verify
+
+    assert verify(tmp_path / "idx").ok
+    index_choice = next(a for a in build_parser()._subparsers._group_actions[0].choices["index"]._actions
+                        if a.dest == "index_command").choices["build"]._option_string_actions["--index"]
+    assert list(index_choice.choices) == ["auto", "flat", "hnsw", "ivfpq", "ivfflat"]
+    with pytest.raises(InvalidArgument, match="use auto, flat, hnsw, ivfpq, ivfflat"):
+        IndexStore.create(tmp_path / "bad", ENC, "ivf-nonsense")

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from umr.index import index_kinds
+from umr.retrieval import compensators
 from umr.retrieval.numerics import IMAGE_DECODES, PRECISIONS
 from umr import __version__
 from umr.logs import LEVELS
@@ -737,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modality", default="image", choices=["image", "text", "image,text"],
                    help="with --vectors: the modality of records that do not say (default image)")
     b.add_argument("--out", required=True)
-    b.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    b.add_argument("--index", default="auto", choices=["auto", *index_kinds.names()])
     b.add_argument("--memory-budget", help="e.g. 2G; --index auto picks an index that fits")
     b.add_argument("--vector-dtype", default="float32", choices=["float32", "float16"],
                    help="how the exact vectors for re-scoring are kept on disk: float16 takes half the space "
@@ -901,7 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "old encoder too), 'generic' (umr's own generic queries nearest the index's documents) or a "
                         "JSONL of queries; repeatable; default: corpus and passages, and generic where the index holds "
                         "no texts")
-    u.add_argument("--method", default="auto", choices=["auto", "identity", "mean", "kernel", "linear", "orthogonal", "mlp"])
+    u.add_argument("--method", default="auto", choices=["auto", *compensators.KINDS],
+                   help="the compensator: auto picks by retrieval agreement, the simplest of the best")
     u.add_argument("--sample", type=positive_int, default=2000, help="calibration pairs per modality and source")
     u.add_argument("--eval", help="queries with judgements (M-BEIR query JSONL, or {text, image, relevant}); "
                                  "activation is refused if the compensated new encoder retrieves worse than the old")
