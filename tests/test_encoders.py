@@ -182,3 +182,29 @@ def test_tiny_clip_leaves_the_root_logger_alone(caplog, monkeypatch):
     assert levels == []
     messages = [r.getMessage() for r in caplog.records]
     assert "the application's own warning" in messages and not any("umr-tiny" in m for m in messages), messages
+
+
+def test_encoder_specs_come_from_one_table(tmp_path):
+    """Every spec form is a row of registry.SPECS: the unknown-spec error lists them all, a
+    registered form resolves, and near misses are refused rather than read loosely."""
+    from umr.retrieval.encoders import registry
+    from umr.retrieval.encoders.base import EncoderError
+
+    with pytest.raises(EncoderError) as err:
+        registry.load_encoder("nonsense", cache=False)
+    assert all(f.form in str(err.value) for f in registry.SPECS) and "`umr train`" in str(err.value)
+    for near in ("tiny-clip@3", "lit-base:7", "lit-initx", "hf-text", "openclip:"):
+        with pytest.raises(EncoderError):
+            registry.load_encoder(near, cache=False)
+    with pytest.raises(EncoderError, match="the form is hf-mllm:PATH"):
+        registry.load_encoder("hf-mllm", cache=False)
+    saved = list(registry.SPECS)
+    try:
+        registry.register("tiny-twice", "tiny-twice", "tiny-clip under another name",
+                          lambda spec: registry.load_encoder("tiny-clip"))
+        assert registry.load_encoder("tiny-twice", cache=False) is registry.load_encoder("tiny-clip")
+        assert "tiny-twice" in str(pytest.raises(EncoderError, registry.load_encoder, "zzz", cache=False).value)
+        with pytest.raises(ValueError, match="registered already"):
+            registry.register("tiny-clip", "x", "y", lambda spec: None)
+    finally:
+        registry.SPECS[:] = saved
