@@ -26,6 +26,7 @@ def served_schema(tmp_path_factory, tiny):
         yield schemathesis.openapi.from_url(f"{url}/openapi.json")
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_no_request_gets_a_5xx_or_an_undeclared_status(served_schema):
     """Every operation of the schema, valid and invalid requests (about a minute in all)."""
     operations = [result.ok() for result in served_schema.get_all_operations()]

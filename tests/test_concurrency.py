@@ -48,6 +48,7 @@ def wide_race_window(lit):
         yield
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_concurrent_adds_and_searches_keep_vectors_and_answers_right(tmp_path, lit, flickr, wide_race_window):
     texts = captions(flickr, 2400)
     initial = [{"id": f"base-{i}", "text": t, "metadata": {"phase": "initial"}} for i, t in enumerate(texts[:120])]

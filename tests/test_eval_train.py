@@ -119,6 +119,7 @@ def test_umr_train_writes_a_loadable_encoder_that_learns(flickr, tmp_path):
     assert json.loads(r.stdout)["tasks"]["task0"]["hit_rate@5"] > 0.2  # chance is 0.025
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     r = run_cli("search", tmp_path / "nothing", "hello")
     assert r.returncode == 2 and r.stderr.strip() == f"umr: error: {tmp_path / 'nothing'} is not a umr index (no manifest.json); build one with `umr index build`"

@@ -257,6 +257,7 @@ def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monk
         store.close()
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_a_reader_maps_ivfpq_lists_and_follows_the_writer(tmp_path):
     """Read-only, an IVF-PQ segment's lists stay in the file (memory-mapped); rows committed after
     its checkpoint are searched exactly beside it; follow() brings in the writer's later adds

@@ -153,6 +153,7 @@ def test_an_older_document_store_is_refused_unless_accepted_by_repair(tmp_path):
     again.close()
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_one_writer_at_a_time_readers_need_no_lock(tmp_path, tiny):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
     assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0

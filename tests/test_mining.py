@@ -82,6 +82,7 @@ def test_mining_drops_positives_and_likely_false_negatives(tiny, pool_and_querie
     assert windowed[0]["neg_cand_list"] == full[0]["neg_cand_list"][1:4]
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_umr_mine_cli(tiny, pool_and_queries, tmp_path):
     pool, queries = pool_and_queries
     out = tmp_path / "neg.jsonl"

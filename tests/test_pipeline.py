@@ -59,6 +59,7 @@ def test_rerun_of_a_finished_build_does_nothing(tmp_path, tiny):
     assert again.already_complete and again.indexed == 10
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_resume_after_sigkill_ends_with_every_item_once(tmp_path, flickr, flickr_test):
     names, caps = flickr_test
     records = []
@@ -105,6 +106,7 @@ def test_build_refuses_another_encoder_on_a_partial_index(tmp_path, tiny):
     assert r.returncode == 2 and "was started with encoder tiny-clip" in r.stderr
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_resuming_with_other_index_flags_is_refused(tmp_path, tiny):
     from umr.index import IndexStore as Store
 

@@ -42,6 +42,7 @@ def corpus(tmp_path_factory):
     return work, x, clustered(np.random.default_rng(1), 200)
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_a_build_with_a_target_recall_records_what_it_measured_and_readers_search_with_it(corpus):
     work, x, q = corpus
     idx = work / "ivf"

@@ -90,6 +90,7 @@ def replicated(tmp_path):
             proc.wait()
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_writes_reach_every_replica_within_the_stated_time(replicated):
     proc, port, idx = replicated
     conns = connection_to_each(port, ("writer", "replica-1"))

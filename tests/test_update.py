@@ -111,6 +111,7 @@ def test_queries_of_a_modality_without_calibration_are_refused(updated):
     engine.close()
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_cli_update_and_old_encoder_still_refused_for_adds(v1_index):
     idx, texts = v1_index
     r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--json")
@@ -202,6 +203,7 @@ def test_encoder_swap_over_http_has_no_failed_requests(v1_index, tmp_path):
     engine.close()
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_path, tiny):
     import torch
 
@@ -310,6 +312,7 @@ def test_default_calibration_adds_passages_with_the_old_encoder(tmp_path, tiny):
     store.close()
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_an_update_that_leaves_a_segment_unsearchable_is_not_activated(tmp_path, tiny):
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.update import UpdateRefused
@@ -342,6 +345,7 @@ def test_generic_queries_are_the_same_everywhere_and_span_the_forms_people_type(
     assert not [q for q in queries if q.lower().startswith(("two ", "three ")) and " is " in q.split(" in ")[0]]
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_eval_docs_previews_both_futures_on_copies_and_leaves_the_index_as_it_was(v1_index, tmp_path):
     idx, texts = v1_index
     images = image_calibration(tmp_path)

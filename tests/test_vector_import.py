@@ -92,6 +92,7 @@ def test_import_rejects_bad_rows_and_resumes_after_a_stop(tmp_path, tiny):
         store.close()
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_import_errors_are_one_line(tmp_path):
     from umr.cli import UserError, build_parser, cmd_index_build
 

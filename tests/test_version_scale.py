@@ -37,6 +37,7 @@ def test_a_scale_puts_an_old_space_on_the_new_ones_cosines_and_keeps_order():
     assert not vs.valid([0.0, 1.0]) and not vs.valid([float("nan"), 0.0]) and vs.valid([1.2, -0.1])
 
 
+@pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_the_readme_upgrade_then_add_flow_keeps_old_and_new_documents_findable(tmp_path, capsys):
     """README "From lit-base v1 to v2", then a few new photos added: a new segment of 12 must
     not bury the old photos under their own captions, and finds its own class queries."""
