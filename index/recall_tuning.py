@@ -108,7 +108,9 @@ def tune_segment(store, seg, target: float, k: int = 10, sample: int = SAMPLE_QU
     q_all = np.ascontiguousarray(store.docs.vectors_at(seg.id, rows), dtype=np.float32)
     allowed = seg.alive[: int(seg.faiss.ntotal)].copy()
     allowed[rows] = False  # held back: the samples are queries, never answers
-    truth_all = exact_truth(store, seg, allowed, q_all, k)
+    # A scanned kind answers exactly: its truth would be a second scan of the whole segment for nothing.
+    truth_all = (np.full((len(rows), k), -1, dtype=np.int64) if choice.traits.scanned
+                 else exact_truth(store, seg, allowed, q_all, k))
     pick = Sample(q_all[:half], truth_all[:half])
     check = Sample(q_all[half:], truth_all[half:]) if len(check_rows) else pick
     tuning = TUNERS[choice.kind](store, seg, allowed, pick, check, target, k)
