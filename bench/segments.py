@@ -44,17 +44,20 @@ def build(path: Path, kind: str, n: int, segments: int, rng, centers):
 
 def timed_search(store, queries, batch, repeats):
     """Median seconds per query over `repeats` passes through `queries` in batches of `batch`."""
+    from umr.index.search_plan import SearchPlan
+
     per_pass = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for i in range(0, len(queries), batch):
-            store.search(queries[i : i + batch], K)
+            store.search(SearchPlan(queries[i : i + batch], K))
         per_pass.append((time.perf_counter() - t0) / len(queries))
     return median(per_pass)
 
 
 def main() -> None:
-    import umr.index.store as store_module
+    import umr.index.search_merge as store_module
+    from umr.index.search_plan import SearchPlan
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
@@ -74,9 +77,9 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         for batch in (1, 32):
             store_module.SEGMENT_THREADS = 1
-            same = store.search(q[:8], K)
+            same = store.search(SearchPlan(q[:8], K))
             store_module.SEGMENT_THREADS = threads
-            assert [[h.id for h in x] for x in store.search(q[:8], K)] == [[h.id for h in x] for x in same]
+            assert [[h.id for h in x] for x in store.search(SearchPlan(q[:8], K))] == [[h.id for h in x] for x in same]
             one, side = [], []
             for _ in range(2):  # alternate the two ways, each timed over `repeats` passes
                 store_module.SEGMENT_THREADS = 1

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sqlite3
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 from urllib.parse import quote
 
@@ -22,46 +21,15 @@ from pathlib import Path
 
 from umr.index import vector_file
 from umr.index.document_rules import check_document
+from umr.index.documents import CODE_MODALITIES, MODALITY_CODES, DocRecord, validate_filter
+from umr.index.docstore_schema import ROWS, ROWS_WITH_VECTORS, SCHEMA
 from umr.index.damage import damage_as_error
-from umr.index.errors import InvalidArgument
 from umr.index.vector_rows import FileVectors, SqliteVectors
 
-MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
-CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
-_FILTER_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+__all__ = ["CODE_MODALITIES", "MODALITY_CODES", "Changes", "DocRecord", "DocStore", "validate_filter"]
+
 ID_CHUNK = 900  # ids per "IN (...)" lookup: under SQLite's oldest limit of 999 parameters
 COMMITS = "commits"  # meta key: write transactions committed (index/commit_mark.py)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS docs(
-    id TEXT PRIMARY KEY,
-    segment INTEGER NOT NULL,
-    row INTEGER NOT NULL,
-    modality TEXT NOT NULL,
-    text TEXT,
-    image TEXT,
-    metadata TEXT NOT NULL DEFAULT '{}',
-    UNIQUE(segment, row)
-);
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Rows made dead (deleted, or replaced by a document with the same id), in commit order: what
--- a reader process that follows the writer (a serving replica) applies to its tombstones.
-CREATE TABLE IF NOT EXISTS deaths(seq INTEGER PRIMARY KEY AUTOINCREMENT, segment INTEGER NOT NULL,
-                                  row INTEGER NOT NULL);
-"""
-# A row's state; its vector is in the segment's vector file (index/vector_file.py).
-ROWS = """
-CREATE TABLE rows(segment INTEGER NOT NULL, row INTEGER NOT NULL, modality INTEGER NOT NULL,
-                  alive INTEGER NOT NULL DEFAULT 1, PRIMARY KEY(segment, row)) WITHOUT ROWID;
-"""
-# How indexes made before the vector files keep them (index/vector_rows.py SqliteVectors).
-ROWS_WITH_VECTORS = """
-CREATE TABLE IF NOT EXISTS rows(segment INTEGER NOT NULL, row INTEGER NOT NULL, modality INTEGER NOT NULL,
-                                alive INTEGER NOT NULL DEFAULT 1, vec BLOB NOT NULL, PRIMARY KEY(segment, row));
--- Row states without the vectors beside them: opening an index reads (alive, modality) of
--- every row, and through the table that means every vector's page (40 s at 10M x 256).
-CREATE INDEX IF NOT EXISTS rows_state ON rows(segment, row, modality, alive);
-"""
 
 @dataclass
 class Changes:
@@ -70,33 +38,6 @@ class Changes:
     death_seq: int  # the last death seen: where the next look starts
     deaths: list[tuple[int, int]]  # (segment, row) made dead
     rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # segment -> (vectors, codes, alive) of new rows
-
-
-@dataclass
-class DocRecord:
-    """A stored document: what search results return and what `GET /v1/documents/{id}` shows."""
-
-    id: str
-    modality: str
-    text: str | None = None
-    image: str | None = None
-    metadata: dict = field(default_factory=dict)
-    # The metadata as check_document stored it, when the caller has checked this document
-    # already (an import reads and checks each row once); None: checked here.
-    checked_metadata: str | None = field(default=None, compare=False, repr=False)
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "modality": self.modality, "text": self.text, "image": self.image, "metadata": self.metadata}
-
-
-def validate_filter(flt: dict | None) -> dict:
-    flt = flt or {}
-    for key, value in flt.items():
-        if not _FILTER_KEY.match(key):
-            raise InvalidArgument(f"filter key {key!r} must be 1-64 letters, digits, '_', '.' or '-'")
-        if not isinstance(value, (str, int, float, bool)) or value is None:
-            raise InvalidArgument(f"filter value for {key!r} must be a string, number or boolean (equality only)")
-    return flt
 
 
 class DocStore:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from umr.index import commit_mark
 from umr.index import vector_index as vi
-from umr.index.atomic import file_sha256
+from umr.index.atomic import atomic_write, file_sha256
 from umr.index.docstore import DocStore
 from umr.index.errors import IndexDamaged, IndexError_
 
@@ -32,6 +32,14 @@ OPEN_CHECK_MAX_BYTES = 2 << 30
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def new_docstore(path: Path, manifest: dict, vector_dtype: str) -> DocStore:
+    """A new index's document store, carrying the manifest's id and a commit mark from the start."""
+    docs = DocStore(str(path), vector_dtype=vector_dtype)
+    docs.set_meta(DOCSTORE_ID, manifest[DOCSTORE_ID])
+    docs.keep_mark(commit_mark.MarkWriter(path, manifest[DOCSTORE_ID]))
+    return docs
 
 
 def open_docstore(path: Path, manifest: dict, read_only: bool = False, check: bool = True,
@@ -140,6 +148,16 @@ def adopt_recorded_compaction(record: dict, pending: dict | None, epoch: int) ->
     ck = record.get(CHECKPOINT)
     if pending and pending.get("epoch") == epoch and (ck is None or ck.get("epoch", 0) != epoch):
         adopt_pending(record, pending)
+
+
+def write_checkpoint(index_dir: Path, seg_id: int, index, rows: int, epoch: int) -> tuple[str, dict]:
+    """Write a segment's FAISS index atomically under a new name; (that name, its record).
+
+    A new name per checkpoint, recorded by the manifest written after it: a crash in between
+    leaves the manifest naming the previous file, still there and sound."""
+    name = checkpoint_name(seg_id)
+    atomic_write(index_dir / name, lambda tmp: vi.write_index(index, tmp))
+    return name, checkpoint_record(index_dir / name, rows, epoch)
 
 
 def checkpoint_record(path: Path, rows: int, epoch: int) -> dict:

@@ -63,3 +63,10 @@ def read_manifest(directory: str | Path) -> dict:
 def write_manifest(directory: str | Path, manifest: dict) -> None:
     manifest["updated"] = now()
     atomic_write_json(Path(directory) / MANIFEST, manifest)
+
+
+def same_manifest(a: dict | None, b: dict) -> bool:
+    """Equal as written to disk (JSON), its `updated` time aside."""
+    def as_written(m: dict) -> str:
+        return json.dumps({k: v for k, v in m.items() if k != "updated"}, sort_keys=True)
+    return a is not None and as_written(a) == as_written(b)

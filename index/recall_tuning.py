@@ -34,6 +34,7 @@ import numpy as np
 
 from umr.index import vector_index as vi
 from umr.index.errors import InvalidArgument
+from umr.index.segment_search import search_segment
 
 SAMPLE_QUERIES = 400
 TIMED_QUERIES = 50
@@ -143,7 +144,7 @@ def _ms(store, seg, q: np.ndarray, params: dict, k: int) -> float:
     try:
         for i in range(min(TIMED_QUERIES, len(q))):
             t = time.perf_counter()
-            store.segment_rows(seg, q[i:i + 1], k)
+            search_segment(seg, store.docs, q[i:i + 1], k)
             times.append(time.perf_counter() - t)
     finally:
         seg.record["index"]["params"] = saved

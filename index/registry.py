@@ -8,6 +8,7 @@ another, under the manifest lock (index/locks.py).
 from __future__ import annotations
 
 from umr.index.errors import IndexError_
+from umr.index.manifest import now
 
 
 def version(manifest: dict, v: int, where) -> dict:
@@ -22,6 +23,20 @@ def version_of_fingerprint(manifest: dict, fingerprint: str) -> int | None:
         if rec["fingerprint"] == fingerprint:
             return rec["version"]
     return None
+
+
+def register(manifest: dict, encoder: dict) -> int:
+    """Record an encoder version (not yet active), or find it by fingerprint; its number."""
+    known = version_of_fingerprint(manifest, encoder["fingerprint"])
+    if known is not None:
+        return known
+    v = max(r["version"] for r in manifest["encoders"]) + 1
+    manifest["encoders"].append({**encoder, "version": v, "registered": now()})
+    return v
+
+
+def set_compensator(segment_record: dict, from_version: int, modality: str, record: dict) -> None:
+    segment_record.setdefault("compensators", {}).setdefault(str(from_version), {})[modality] = record
 
 
 def merge(into: dict, source: dict, prefer_source: bool, history: bool = False) -> None:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from umr.index.errors import InvalidArgument
+from umr.index.errors import IndexError_, InvalidArgument
 from umr.index.index_kinds import kind_of, names
 
 # Below this many vectors an exact scan is fast enough that approximation buys nothing.
@@ -90,6 +90,15 @@ def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) 
             f"the smallest (IVF-PQ, m={params['m']}) needs about {need} bytes: raise --memory-budget"
         )
     return IndexChoice("ivfpq", params, f"auto: HNSW needs {hnsw_bytes} bytes, over the {budget_txt}; IVF-PQ needs {need}")
+
+
+def choose_trainable(kind: str, n: int, dim: int, memory_budget: int | None = None) -> IndexChoice:
+    """choose_index, refused where the choice cannot be trained on `n` vectors."""
+    choice = choose_index(kind, n, dim, memory_budget)
+    if n < min_training_size(choice):
+        raise IndexError_(f"IVF-PQ needs at least {min_training_size(choice)} vectors to train its codebooks, "
+                          f"the corpus has {n}; use --index flat or hnsw (or auto) for a corpus this small")
+    return choice
 
 
 def new_index(choice: IndexChoice, dim: int) -> faiss.Index:

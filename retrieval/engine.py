@@ -19,7 +19,8 @@ import numpy as np
 from umr.index import version_scale as vs
 from umr.index.docstore import DocRecord
 from umr.index.errors import IndexMismatch, InvalidArgument
-from umr.index.store import IndexStore, SearchHit
+from umr.index.search_plan import SearchHit, SearchPlan
+from umr.index.store import IndexStore
 from umr.retrieval.encoders import Encoder, load_encoder, load_recorded
 from umr.retrieval.encoders.base import Prepared
 from umr.retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
@@ -99,7 +100,7 @@ class Engine:
             comps = self.compensators.get(seg.id)
             if comps is None or not seg.alive.any():  # an empty segment is not searched
                 continue
-            key = vs.doc_key(modalities, self.store.present_modalities(seg))
+            key = vs.doc_key(modalities, self.store.calibrations.present_modalities(seg))
             pairs = []
             for m in query_modalities:
                 by_key = self.scales.get(seg.id, {}).get(m, {})
@@ -219,7 +220,9 @@ class Engine:
         calibrated = self.calibrated if calibrated is None else calibrated
         maps = self.score_maps(query_modalities, modalities) if calibrated else None
         t0 = time.perf_counter()
-        hits = self.store.search(queries, k, modalities, flt, maps, query_modalities, calibrated=calibrated)
+        plan = SearchPlan(queries, k, modalities, flt, score_maps=maps, query_modalities=query_modalities,
+                          calibrated=calibrated)
+        hits = self.store.search(plan)
         self.timings["search_s"] += time.perf_counter() - t0
         return hits
 

@@ -14,6 +14,7 @@ from umr.index.store import IndexStore
 from umr.retrieval import compensators as cp
 from umr.retrieval.encoders import Encoder, load_recorded
 from umr.retrieval.items import Item, stored_item
+from umr.index.search_plan import SearchPlan
 
 
 def read_eval_queries(path: str) -> tuple[list[Item], list[set[str]]]:
@@ -39,7 +40,7 @@ def read_eval_queries(path: str) -> tuple[list[Item], list[set[str]]]:
 
 def _hits(store: IndexStore, queries: dict[int, np.ndarray], relevant, k: int) -> np.ndarray:
     """Per query: did a relevant document reach the top k."""
-    hits = store.search(queries, k)
+    hits = store.search(SearchPlan(queries, k))
     return np.array([any(h.id in rel for h in hs) for hs, rel in zip(hits, relevant)], dtype=bool)
 
 

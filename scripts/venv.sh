@@ -6,7 +6,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=${UMR_VENV_ROOT:-$HOME/.cache/umr}
-key=$( (cat "$here/pyproject.toml" "$here/constraints.txt"; python3 --version) | sha256sum | cut -c1-12)
+# Only what decides the installed packages keys it: the package layout (tool.setuptools) changes
+# with the code and is applied by the editable install below.
+deps=$(python3 -c 'import json, sys, tomllib; t = tomllib.load(open(sys.argv[1], "rb"))
+print(json.dumps([t.get("build-system"), t["project"].get("dependencies"), t["project"].get("optional-dependencies")]))' \
+  "$here/pyproject.toml")
+key=$( (echo "$deps"; cat "$here/constraints.txt"; python3 --version) | sha256sum | cut -c1-12)
 venv=${UMR_VENV:-$root/venv-$key}
 mkdir -p "$root"
 if [ ! -x "$venv/bin/python" ]; then

@@ -55,9 +55,9 @@ def test_impossible_arguments_get_one_line(tmp_path, args, message):
 
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path):
     """An exception umr did not raise on purpose is not dressed up as a user error."""
-    code = ("import sys, umr.cli as c\n"
+    code = ("import sys, umr.cli as c, umr.cli.serving as s\n"
             "def broken(a): return max([])\n"  # the kind of message the old catch-all printed as if it were advice
-            "c.cmd_demo = broken\n"
+            "s.cmd_demo = broken\n"
             "sys.exit(c.main(['demo']))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 70

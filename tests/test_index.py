@@ -5,6 +5,7 @@ from umr.index import IndexStore
 from umr.index import vector_index as vi
 from umr.index.docstore import DocRecord
 from umr.index.errors import IndexError_, IndexMismatch, InvalidArgument, NotFound
+from umr.index.search_plan import SearchPlan
 
 DIM = 32
 ENC = {"spec": "synthetic", "fingerprint": "f" * 16, "dim": DIM}
@@ -29,7 +30,7 @@ def make(tmp_path, n=200, kind="flat", seed=0, name="idx"):
 def test_exact_search_matches_numpy(tmp_path):
     store, vecs = make(tmp_path)
     q = vecs[:5] + 0.01
-    hits = store.search(q, k=10)
+    hits = store.search(SearchPlan(q, k=10))
     truth = np.argsort(-(q @ vecs.T), axis=1)[:, :10]
     for h, t in zip(hits, truth):
         assert [x.id for x in h] == [f"d{i}" for i in t]
@@ -40,37 +41,37 @@ def test_add_delete_get_replace_without_rebuild(tmp_path):
     store, vecs = make(tmp_path)
     assert store.get("d3").text == "doc 3"
     assert store.delete(["d0", "missing"]) == ["d0"]
-    assert all(h.id != "d0" for h in store.search(vecs[:1], k=5)[0])
+    assert all(h.id != "d0" for h in store.search(SearchPlan(vecs[:1], k=5))[0])
     with pytest.raises(NotFound):
         store.get("d0")
     # same id again replaces the old document
     new = unit(np.random.default_rng(9), 1)
     store.add([DocRecord("d1", "text", text="replaced")], new)
-    top = store.search(new, k=1)[0][0]
+    top = store.search(SearchPlan(new, k=1))[0][0]
     assert (top.id, top.doc.text) == ("d1", "replaced")
     assert store.count() == 199
     store.save()
     store.close()
     again = IndexStore.open(tmp_path / "idx")
     assert again.count() == 199 and again.get("d1").text == "replaced"
-    assert again.search(new, k=1)[0][0].id == "d1"
-    assert all(h.id != "d0" for h in again.search(vecs[:1], k=5)[0])
+    assert again.search(SearchPlan(new, k=1))[0][0].id == "d1"
+    assert all(h.id != "d0" for h in again.search(SearchPlan(vecs[:1], k=5))[0])
 
 
 def test_filters_and_modalities(tmp_path):
     store, vecs = make(tmp_path)
-    hits = store.search(vecs[:3], k=20, modalities=["text"])
+    hits = store.search(SearchPlan(vecs[:3], k=20, modalities=["text"]))
     assert all(h.doc.modality == "text" for hs in hits for h in hs) and len(hits[0]) == 20
-    hits = store.search(vecs[:3], k=50, flt={"tag": "t3"})
+    hits = store.search(SearchPlan(vecs[:3], k=50, flt={"tag": "t3"}))
     assert {h.doc.metadata["tag"] for hs in hits for h in hs} == {"t3"} and len(hits[0]) == 40
-    hits = store.search(vecs[:3], k=5, flt={"parity": 1, "tag": "t1"})
+    hits = store.search(SearchPlan(vecs[:3], k=5, flt={"parity": 1, "tag": "t1"}))
     assert all(h.doc.metadata == {"parity": 1, "tag": "t1"} for hs in hits for h in hs)
     with pytest.raises(ValueError, match="filter key"):
-        store.search(vecs[:1], k=5, flt={"a'b": 1})
+        store.search(SearchPlan(vecs[:1], k=5, flt={"a'b": 1}))
     with pytest.raises(ValueError, match="unknown modality"):
-        store.search(vecs[:1], k=5, modalities=["audio"])
+        store.search(SearchPlan(vecs[:1], k=5, modalities=["audio"]))
     with pytest.raises(IndexMismatch):
-        store.search(np.zeros((1, DIM + 1), np.float32), k=5)
+        store.search(SearchPlan(np.zeros((1, DIM + 1), np.float32), k=5))
 
 
 def test_adds_are_durable_before_any_save(tmp_path):
@@ -79,7 +80,7 @@ def test_adds_are_durable_before_any_save(tmp_path):
     store.add([DocRecord("late", "text", text="added after the last save")], v)
     store.close()  # crash: no save() (closing only releases what a dead process's kernel would)
     again = IndexStore.open(tmp_path / "idx")
-    assert again.search(v, k=1)[0][0].id == "late"
+    assert again.search(SearchPlan(v, k=1))[0][0].id == "late"
 
 
 def test_crash_during_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
@@ -98,7 +99,7 @@ def test_crash_during_save_leaves_previous_checkpoint_readable(tmp_path, monkeyp
     store.close()  # no save: as a crash
     again = IndexStore.open(tmp_path / "idx")
     assert again.count() == 201  # old checkpoint + replayed row
-    assert again.search(vecs[:1], k=1)[0][0].id == "d0"
+    assert again.search(SearchPlan(vecs[:1], k=1))[0][0].id == "d0"
     assert not list((tmp_path / "idx" / "segments" / "0").glob("*.tmp"))
 
 
@@ -132,10 +133,10 @@ def test_hnsw_and_ivfpq_segments_search_well(tmp_path):
         store.add([DocRecord(f"d{i}", "text") for i in range(n)], vecs)
         store.finalize()
         q = vecs[:50] + 0.05 * unit(rng, 50)
-        found = sum(h[0].id == f"d{i}" for i, h in enumerate(store.search(q, k=10)))
+        found = sum(h[0].id == f"d{i}" for i, h in enumerate(store.search(SearchPlan(q, k=10))))
         assert found >= 45, (kind, found)
         store.delete(["d0"])
-        assert store.search(vecs[:1], k=3)[0][0].id != "d0"
+        assert store.search(SearchPlan(vecs[:1], k=3))[0][0].id != "d0"
 
 
 def test_quantizer_trains_on_every_modality():
@@ -155,7 +156,7 @@ def test_ivfpq_refuses_a_corpus_too_small_to_train(tmp_path):
 def test_unfinished_and_missing_indexes_are_refused(tmp_path):
     store = IndexStore.create(tmp_path / "i", ENC, "flat")
     with pytest.raises(IndexError_, match="not finished"):
-        store.search(np.zeros((1, DIM), np.float32), k=1)
+        store.search(SearchPlan(np.zeros((1, DIM), np.float32), k=1))
     with pytest.raises(NotFound, match="not a umr index"):
         IndexStore.open(tmp_path / "nothing")
     with pytest.raises(IndexError_, match="already holds an index"):
@@ -192,7 +193,7 @@ def test_ivfpq_refine_restores_recall(tmp_path):
     truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
 
     def recall():
-        hits = store.search(q, k=10)
+        hits = store.search(SearchPlan(q, k=10))
         return np.mean([len({h.id for h in hs} & {f"d{j}" for j in t}) / 10 for hs, t in zip(hits, truth)])
 
     refined = recall()
@@ -207,7 +208,7 @@ def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monk
     another, and right; HNSW segments, too quick to be worth a thread, stay in the caller's."""
     import threading
 
-    import umr.index.store as store_module
+    import umr.index.search_merge as store_module
 
     monkeypatch.setattr(store_module, "PARALLEL_MIN_ROWS", 100)  # these segments are small
     rng = np.random.default_rng(1)
@@ -238,14 +239,14 @@ def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monk
         q = unit(rng, 16)
 
         threads.clear()
-        side_by_side = store.search(q, k=10)
+        side_by_side = store.search(SearchPlan(q, k=10))
         if kind == "flat":
             assert any(name.startswith("umr-segment") for name in threads), threads
         else:
             assert threads == {threading.current_thread().name}
         monkeypatch.setattr(store_module, "SEGMENT_THREADS", 1)
         threads.clear()
-        one_by_one = store.search(q, k=10)
+        one_by_one = store.search(SearchPlan(q, k=10))
         monkeypatch.setattr(store_module, "SEGMENT_THREADS", 2)
         assert threads == {threading.current_thread().name}
         assert [[(h.id, h.score) for h in hits] for hits in side_by_side] == \
@@ -274,9 +275,9 @@ def test_a_reader_maps_ivfpq_lists_and_follows_the_writer(tmp_path):
     reader = IndexStore.open(tmp_path / "idx", "read")
     seg = reader.segments[0]
     assert seg.mapped and not writer.segments[0].mapped and len(seg.tail) == 3
-    assert [h.id for h in reader.search(late, 1)[0]] == ["late0"]
-    assert [round(h.score, 4) for hits in reader.search(late, 1) for h in hits] == [1.0, 1.0, 1.0]
-    assert "d5" not in [h.id for h in reader.search(x[5:6], 5)[0]]
+    assert [h.id for h in reader.search(SearchPlan(late, 1))[0]] == ["late0"]
+    assert [round(h.score, 4) for hits in reader.search(SearchPlan(late, 1)) for h in hits] == [1.0, 1.0, 1.0]
+    assert "d5" not in [h.id for h in reader.search(SearchPlan(x[5:6], 5))[0]]
     assert reader.count() == writer.count() == 10_002
 
     more = unit(rng, 2)
@@ -284,9 +285,9 @@ def test_a_reader_maps_ivfpq_lists_and_follows_the_writer(tmp_path):
     writer.delete(["late1"])
     done = reader.follow()
     assert (done.rows, done.deaths, done.reopen) == (2, 2, None)
-    assert [h.id for h in reader.search(more, 1)[0]] == ["m0"]
-    assert [h.id for h in reader.search(more[1:], 1)[0]] == ["d7"]
-    assert "late1" not in [h.id for h in reader.search(late[1:2], 3)[0]]
+    assert [h.id for h in reader.search(SearchPlan(more, 1))[0]] == ["m0"]
+    assert [h.id for h in reader.search(SearchPlan(more[1:], 1))[0]] == ["d7"]
+    assert "late1" not in [h.id for h in reader.search(SearchPlan(late[1:2], 3))[0]]
     assert reader.count() == writer.count() == 10_002
     assert reader.follow().rows == 0  # nothing new: nothing applied
     writer.compact()
@@ -328,14 +329,14 @@ def test_flat_segments_mirrored_on_a_device_answer_as_on_the_cpu(tmp_path):
             s.delete(["d0", "d7", "n3"])
         assert store.segments[0].gpu.ntotal == plain.segments[0].faiss.ntotal
         for kwargs in ({}, {"flt": {"parity": 1}}, {"modalities": ["image"]}):
-            want = [[(h.id, round(h.score, 5)) for h in row] for row in plain.search(q, k=10, **kwargs)]
-            got = [[(h.id, round(h.score, 5)) for h in row] for row in store.search(q, k=10, **kwargs)]
+            want = [[(h.id, round(h.score, 5)) for h in row] for row in plain.search(SearchPlan(q, k=10, **kwargs))]
+            got = [[(h.id, round(h.score, 5)) for h in row] for row in store.search(SearchPlan(q, k=10, **kwargs))]
             assert got == want, kwargs
         store.save()
         store.close()
         again = IndexStore.open(tmp_path / "mirrored")
         assert again.segments[0].gpu.ntotal == 1800
-        assert [h.id for h in again.search(q, k=10)[0]] == [h.id for h in plain.search(q, k=10)[0]]
+        assert [h.id for h in again.search(SearchPlan(q, k=10))[0]] == [h.id for h in plain.search(SearchPlan(q, k=10))[0]]
         again.close()
     finally:
         gpu.mirror_flat_on(None)
@@ -377,10 +378,10 @@ def test_an_index_kind_registered_as_a_plug_in_is_built_searched_and_offered(tmp
     seg = store.segments[0]
     assert seg.record["index"]["factory"] == "IVF8,Flat" and isinstance(seg.faiss, faiss.IndexIVFFlat)
     q = vecs[:20]
-    hits = store.search(q, k=5)
+    hits = store.search(SearchPlan(q, k=5))
     assert all(h[0].id == f"d{i}" and abs(h[0].score - 1) < 1e-4 for i, h in enumerate(hits))  # all 8 cells probed
     store.delete(["d3"])
-    assert store.search(q[3:4], k=5)[0][0].id != "d3"
+    assert store.search(SearchPlan(q[3:4], k=5))[0][0].id != "d3"
     store.save()
     store.close()
     from umr.index.verify import verify

@@ -17,6 +17,7 @@ from umr.index.docstore import DocRecord
 from umr.index.errors import IndexError_
 from umr.index.locks import IndexBusy
 from umr.index.verify import verify
+from umr.index.search_plan import SearchPlan
 
 DIM = 16
 
@@ -39,7 +40,7 @@ def make(path, n=300, seed=0, kind="flat"):
 
 
 def top1_is_itself(store, vecs, ids=range(0, 300, 37)) -> bool:
-    hits = store.search(vecs[list(ids)], k=1)
+    hits = store.search(SearchPlan(vecs[list(ids)], k=1))
     return all(h[0].id == f"d{i}" and abs(h[0].score - 1.0) < 1e-4 for i, h in zip(ids, hits))
 
 
@@ -94,7 +95,7 @@ def test_truncated_and_foreign_faiss_files_are_rebuilt(tmp_path):
     assert again.repairs and top1_is_itself(again, vecs)
     fresh = unit(np.random.default_rng(77), 1)
     again.add([DocRecord("fresh", "text", text="added after the repair")], fresh)
-    assert again.search(fresh, k=1)[0][0].id == "fresh"  # new documents are findable
+    assert again.search(SearchPlan(fresh, k=1))[0][0].id == "fresh"  # new documents are findable
     again.close()
     data = checkpoint(idx).read_bytes()
     checkpoint(idx).write_bytes(data[: len(data) // 3])
@@ -227,15 +228,15 @@ def test_compaction_drops_dead_rows_and_survives_a_crash_midway(tmp_path):
     store.add([DocRecord(f"d{i}", "text", text=f"doc {i} again") for i in range(50)], replaced)  # 50 dead rows
     store.delete([f"d{i}" for i in range(250, 260)])
     store.save()
-    expected = [[h.id for h in hs] for hs in store.search(vecs[100:140], k=5)]
+    expected = [[h.id for h in hs] for hs in store.search(SearchPlan(vecs[100:140], k=5))]
     assert store.info()["segments"][0]["deleted_rows"] == 60
     store.close()
     r = run_cli("index", "compact", idx)
     assert r.returncode == 0 and "dropped 60 dead rows" in r.stdout
     store = IndexStore.open(idx, "read")
     assert store.info()["segments"][0]["deleted_rows"] == 0 and store.count() == 290
-    assert [[h.id for h in hs] for hs in store.search(vecs[100:140], k=5)] == expected
-    assert store.search(replaced[:1], k=1)[0][0].id == "d0"
+    assert [[h.id for h in hs] for hs in store.search(SearchPlan(vecs[100:140], k=5))] == expected
+    assert store.search(SearchPlan(replaced[:1], k=1))[0][0].id == "d0"
     store.close()
     assert verify(idx).ok
     # A crash after the document store was compacted but before the FAISS checkpoint was saved.
@@ -245,7 +246,7 @@ def test_compaction_drops_dead_rows_and_survives_a_crash_midway(tmp_path):
     store.close()
     again = IndexStore.open(idx)
     assert any("compacted after its FAISS checkpoint" in m for m in again.repairs)
-    assert again.search(vecs[121:122], k=1)[0][0].id == "d121" and again.count() == 289
+    assert again.search(SearchPlan(vecs[121:122], k=1))[0][0].id == "d121" and again.count() == 289
     again.close()
 
 
@@ -311,7 +312,7 @@ def test_an_ivfpq_segment_compacts_and_repairs_too(tmp_path):
     store.delete([f"d{i}" for i in range(0, 10_000, 3)])
     assert store.compact() == {0: 3334}
     kept = range(1, 600, 3)  # none of them deleted
-    hits = store.search(vecs[list(kept)], k=1)
+    hits = store.search(SearchPlan(vecs[list(kept)], k=1))
     assert np.mean([h[0].id == f"d{i}" for i, h in zip(kept, hits)]) > 0.9
     assert all(int(h[0].id[1:]) % 3 for h in hits)  # no deleted document comes back
     store.close()

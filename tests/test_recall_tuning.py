@@ -13,6 +13,7 @@ from umr.index import IndexStore
 from umr.index import vector_index as vi
 from umr.index.docstore import DocRecord
 from test_index_integrity import encoder_record
+from umr.index.search_plan import SearchPlan
 
 DIM = 32
 
@@ -28,7 +29,7 @@ def clustered(rng, n):
 def held_out_recall(store, q, x, k=10):
     """Recall@k of the store's answers to queries that are not in it, against an exact scan."""
     truth = vi.exact_topk(q, x, k)[1]
-    got = [[int(h.id[1:]) for h in hits] for hits in store.search(q, k)]
+    got = [[int(h.id[1:]) for h in hits] for hits in store.search(SearchPlan(q, k))]
     return float(np.mean([len(set(g) & set(t.tolist())) / k for g, t in zip(got, truth)]))
 
 

@@ -10,6 +10,7 @@ from umr.retrieval.engine import CompensationMissing, Engine, Query
 from umr.retrieval.items import Item
 from umr.retrieval.pipeline import build_index
 from umr.retrieval.update import fit_update
+from umr.index.search_plan import SearchPlan
 
 WORDS = "red green blue small large old new fast slow happy sad dog cat bird tree car house river city boat".split()
 
@@ -81,7 +82,7 @@ def test_compensated_queries_find_old_documents_that_raw_ones_miss(updated):
     assert engine.version == 2 and engine.encoder.spec == "tiny-clip:1"
     compensated = top1_rate(engine, texts)
     # without compensation, v2 queries against v1 vectors are noise
-    raw = np.mean([h[0].id == f"d{i}" for i, h in enumerate(engine.store.search(engine.encoder.encode_texts(texts[:100]), k=1))])
+    raw = np.mean([h[0].id == f"d{i}" for i, h in enumerate(engine.store.search(SearchPlan(engine.encoder.encode_texts(texts[:100]), k=1)))])
     assert compensated >= 0.5 and compensated > raw + 0.3, (compensated, raw)
     engine.close()
 

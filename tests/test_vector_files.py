@@ -18,6 +18,7 @@ from umr.index.errors import IndexError_
 from umr.index.vector_file import BLOCK_ROWS
 from test_index_integrity import encoder_record, make, top1_is_itself, unit, vector_file_of
 from test_store_damage import overwrite_stored_vector
+from umr.index.search_plan import SearchPlan
 
 
 def test_vectors_live_in_a_file_beside_the_store_and_nowhere_in_it(tmp_path):
@@ -53,7 +54,7 @@ def test_a_write_whose_transaction_never_committed_is_cut_off_and_overwritten(tm
     store.close()
     again = IndexStore.open(idx, "read")
     assert np.array_equal(again.docs.vectors_at(0, np.arange(300, 320)), more)
-    assert [h[0].id for h in again.search(more[:3], k=1)] == ["n0", "n1", "n2"]
+    assert [h[0].id for h in again.search(SearchPlan(more[:3], k=1))] == ["n0", "n1", "n2"]
     again.close()
 
 
@@ -129,7 +130,7 @@ def test_float16_halves_the_file_and_faiss_holds_what_the_file_gives_back(tmp_pa
     stored = again.docs.vectors_at(0, np.arange(500))
     assert np.allclose(stored, vecs.astype(np.float16).astype(np.float32))
     assert np.min(np.sum(stored * vecs, axis=1) / np.linalg.norm(stored, axis=1)) > 0.9999
-    assert [h[0].id for h in again.search(vecs[:5], k=1)] == [f"d{i}" for i in range(5)]
+    assert [h[0].id for h in again.search(SearchPlan(vecs[:5], k=1))] == [f"d{i}" for i in range(5)]
     assert again.info()["vectors"]["dtype"] == "float16"
     again.close()
     assert cli_in_process("index", "verify", idx, "--full").returncode == 0  # FAISS and the file agree exactly
@@ -153,6 +154,6 @@ def test_an_index_that_keeps_its_vectors_in_docs_sqlite_still_opens_grows_and_co
     assert not list((idx / "segments" / "0").glob("vectors.*"))
     again = IndexStore.open(idx, "read")
     assert again.info()["vectors"] == {"stored_in": "docs.sqlite", "dtype": "float32"}
-    assert top1_is_itself(again, vecs, ids=[2, 37, 299]) and again.search(more[:1], k=1)[0][0].id == "n0"
+    assert top1_is_itself(again, vecs, ids=[2, 37, 299]) and again.search(SearchPlan(more[:1], k=1))[0][0].id == "n0"
     again.close()
     assert cli_in_process("index", "verify", idx, "--full").returncode == 0

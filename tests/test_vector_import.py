@@ -10,6 +10,7 @@ from umr.retrieval.engine import Engine, Query
 from umr.retrieval.build_steps import StrictError
 from umr.retrieval.pipeline import build_index
 from umr.retrieval.vector_import import build_from_vectors
+from umr.index.search_plan import SearchPlan
 
 
 def exported(index_dir):
@@ -87,7 +88,7 @@ def test_import_rejects_bad_rows_and_resumes_after_a_stop(tmp_path, tiny):
         _, seg, row = store.docs.get("row42")
         v = store.docs.vectors_at(seg, np.array([row]))[0]
         assert np.allclose(v, x[42] / np.linalg.norm(x[42]), atol=1e-6)
-        assert store.search(v[None], 1)[0][0].id == "row42"
+        assert store.search(SearchPlan(v[None], 1))[0][0].id == "row42"
     finally:
         store.close()
 
@@ -132,7 +133,7 @@ def test_python_api_builds_from_vectors(tmp_path):
     try:
         assert index.engine.store.count() == 300
         own = x[17] / np.linalg.norm(x[17])
-        hit = index.engine.store.search(own[None], 1)[0][0]
+        hit = index.engine.store.search(SearchPlan(own[None], 1))[0][0]
         assert hit.id == "v17" and hit.doc.metadata == {"n": 17} and hit.doc.modality == "image"
     finally:
         index.close()

@@ -1,0 +1,53 @@
+"""A document as the index stores and returns it, the modalities it may have, and the rules a
+batch and a metadata filter must pass before anything is written or searched.
+
+Its own module so that every layer (the store, the search plan, the server's request checks)
+can name a document without reaching into the SQLite store that keeps them."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from umr.index.errors import InvalidArgument
+
+MODALITY_CODES = {"image": 1, "text": 2, "image,text": 3}
+CODE_MODALITIES = {v: k for k, v in MODALITY_CODES.items()}
+_FILTER_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+@dataclass
+class DocRecord:
+    """A stored document: what search results return and what `GET /v1/documents/{id}` shows."""
+
+    id: str
+    modality: str
+    text: str | None = None
+    image: str | None = None
+    metadata: dict = field(default_factory=dict)
+    # The metadata as check_document stored it, when the caller has checked this document
+    # already (an import reads and checks each row once); None: checked here.
+    checked_metadata: str | None = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "modality": self.modality, "text": self.text, "image": self.image, "metadata": self.metadata}
+
+
+def validate_filter(flt: dict | None) -> dict:
+    flt = flt or {}
+    for key, value in flt.items():
+        if not _FILTER_KEY.match(key):
+            raise InvalidArgument(f"filter key {key!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        if not isinstance(value, (str, int, float, bool)) or value is None:
+            raise InvalidArgument(f"filter value for {key!r} must be a string, number or boolean (equality only)")
+    return flt
+
+
+def check_batch(docs: list[DocRecord]) -> None:
+    """Every modality known and no id twice: a batch is stored whole or not at all."""
+    seen: set[str] = set()
+    for d in docs:
+        if d.modality not in MODALITY_CODES:
+            raise InvalidArgument(f"document {d.id!r}: unknown modality {d.modality!r}")
+        if d.id in seen:
+            raise InvalidArgument(f"document id {d.id!r} appears twice in one batch")
+        seen.add(d.id)
