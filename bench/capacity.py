@@ -139,7 +139,7 @@ def main():
     args = p.parse_args()
 
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.mbeir import read_pool, read_queries
+    from umr.retrieval.corpus.mbeir import read_pool, read_queries
     from umr.training.contrastive import ContrastiveConfig, train_examples
     from umr.training.examples import FeatureBank, pair_examples
     from umr.training.pairs import read_pairs

@@ -45,7 +45,7 @@ def outcomes(engine, queries: list[tuple[str, str]], ideal: list[list[str]] | No
 def run(tmp: Path) -> dict:
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.engine import Engine
-    from umr.retrieval.update_eval import paired_interval
+    from umr.retrieval.update.judged import paired_interval
     from umr.cli import main as umr
 
     setup = Setup(tmp)

@@ -139,7 +139,7 @@ def _kernel(tower, raw, texts, solo, repeats) -> str:
 def http_run(minutes: float, tmp: Path) -> dict:
     import httpx
 
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
     from umr.retrieval.encoders import load_encoder
 
     pairs = flickr_pairs()
@@ -220,7 +220,7 @@ def http_run(minutes: float, tmp: Path) -> dict:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     from umr.index.verify import verify
-    from umr.retrieval.reencode_check import reencode_check
+    from umr.retrieval.indexing.reencode_check import reencode_check
 
     store_report = verify(tmp / "idx", full=True)
     again = reencode_check(tmp / "idx", n=10**9)

@@ -96,7 +96,7 @@ def new_precision(engine, setup: Setup) -> float:
 
 def build(corpus: Path, encoder, out: Path, more: Path | None = None, more_encoder=None) -> Path:
     from umr.index import IndexStore
-    from umr.retrieval.pipeline import add_to_index, build_index
+    from umr.retrieval.indexing.pipeline import add_to_index, build_index
 
     shutil.rmtree(out, ignore_errors=True)
     build_index(corpus, encoder, out, progress=False)
@@ -109,7 +109,7 @@ def build(corpus: Path, encoder, out: Path, more: Path | None = None, more_encod
 
 def updated(base: Path, out: Path, v2, **kw) -> tuple[Path, dict, float]:
     from umr.index import IndexStore
-    from umr.retrieval.update import fit_update
+    from umr.retrieval.update.fit import fit_update
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(base, out)
@@ -125,7 +125,7 @@ def run_v1(v1_spec: str, setup: Setup, distill: bool = True, merged_too: bool = 
     from umr.index import IndexStore
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.engine import Engine
-    from umr.retrieval.pipeline import add_to_index
+    from umr.retrieval.indexing.pipeline import add_to_index
     from umr.cli import main as umr
 
     tmp = setup.tmp / (v1_spec.replace("@", "-") + ("" if distill else "-nodistill"))

@@ -35,11 +35,11 @@ def main():
     from umr.index import IndexStore
 
     from umr.index.search_plan import SearchPlan
-    from umr.retrieval import compensators as cp
+    from umr.retrieval.update import compensators as cp
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.metrics import summarize
-    from umr.retrieval.pipeline import build_index
-    from umr.retrieval.calibration_pairs import corpus_pairs, passage_pairs
+    from umr.retrieval.evaluation.metrics import summarize
+    from umr.retrieval.indexing.pipeline import build_index
+    from umr.retrieval.update.calibration_pairs import corpus_pairs, passage_pairs
     from umr.training.text_finetune import finetune_text
 
     tmp = Path(tempfile.mkdtemp(prefix="umr-continual-text-"))

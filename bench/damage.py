@@ -38,7 +38,7 @@ QUERIES = 20
 
 def build(tmp: Path) -> tuple[Path, list[str]]:
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     split = json.loads((FLICKR / "split.json").read_text())["test"][:200]
     caps: dict[str, list[str]] = {}
@@ -80,7 +80,7 @@ def served(idx: Path, queries, intact) -> str:
 
 def verified(idx: Path, repair: bool = False) -> str:
     from umr.index.verify import verify
-    from umr.retrieval.reencode_check import reencode_check
+    from umr.retrieval.indexing.reencode_check import reencode_check
 
     report = verify(idx, repair=repair, full=True)
     if report.fatal:

@@ -40,7 +40,7 @@ def main() -> None:
     import ray
 
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     flickr = DATA / "flickr8k-1k"
     images = sorted((flickr / "images").glob("*.jpg"))[: args.limit]

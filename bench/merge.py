@@ -76,8 +76,8 @@ def run_v2(name: str, v2_spec: str, tmp: Path, photos, old_q, clothing, new_q, s
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.engine import Engine, Query
     from umr.retrieval.items import Item
-    from umr.retrieval.update import fit_update
-    from umr.retrieval.vector_import import build_from_vectors
+    from umr.retrieval.update.fit import fit_update
+    from umr.retrieval.indexing.vector_import import build_from_vectors
 
     v1, v2 = load_encoder("lit-base@1"), load_encoder(v2_spec)
     base = tmp / f"{name}-v1"
@@ -187,7 +187,7 @@ def mixed(tmp: Path, clothing) -> dict:
     (lit-base): queries of each modality whose relevant document is a Flickr item."""
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.engine import Engine, Query
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     split = json.loads((FLICKR / "split.json").read_text())["test"]
     caps: dict[str, list[str]] = {}

@@ -49,7 +49,7 @@ def build(tmp: Path, checkpoint: Path) -> tuple[Path, list[str]]:
     from umr.index import IndexStore
     from umr.index import vector_index as vi
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     images = sorted((DATA / "flickr8k-1k" / "images").glob("*.jpg"))
     corpus = tmp / "corpus.jsonl"

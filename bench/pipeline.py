@@ -27,12 +27,12 @@ BATCH = 64
 
 
 def ceiling(enc, corpus: Path, workers: int, passes: int = 2) -> float:
-    """Items/s of the build's preparation alone (retrieval/pipeline.py's prepare and prefetch,
+    """Items/s of the build's preparation alone (retrieval/indexing/pipeline.py's prepare and prefetch,
     batches stacked as the forward pass takes them), the forward replaced by nothing."""
     from umr.retrieval.device import stack_batch
-    from umr.retrieval.build_steps import chunks, numbered
-    from umr.retrieval.prefetch import prefetch_batches
-    from umr.retrieval.readers import open_corpus
+    from umr.retrieval.indexing.build_steps import chunks, numbered
+    from umr.retrieval.encoders.prefetch import prefetch_batches
+    from umr.retrieval.corpus.readers import open_corpus
 
     n, t0 = 0, time.perf_counter()
     for _ in range(passes):
@@ -52,7 +52,7 @@ def main() -> None:
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.encoders.base import Prepared
     from umr.retrieval.images import open_image
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     images = sorted((DATA / "flickr8k-1k" / "images").glob("*.jpg"))[: args.limit]
     enc = load_encoder("lit-base")

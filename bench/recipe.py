@@ -76,8 +76,8 @@ def main():
     args = p.parse_args()
 
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.mbeir import MbeirQuery, read_pool, read_queries
-    from umr.retrieval.reranker import CrossConfig, LitReranker, fuse
+    from umr.retrieval.corpus.mbeir import MbeirQuery, read_pool, read_queries
+    from umr.retrieval.rerank.reranker import CrossConfig, LitReranker, fuse
     from umr.training.contrastive import ContrastiveConfig, train_examples
     from umr.training.examples import FeatureBank, mbeir_examples, pair_examples
     from umr.training.mining import MiningConfig, mine, retrieve

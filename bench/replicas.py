@@ -47,7 +47,7 @@ def free_port() -> int:
 
 def build_captions_index(tmp: Path) -> tuple[Path, list[str]]:
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     with open(DATA / "flickr8k-1k" / "captions.txt", newline="") as f:
         captions = [row["caption"] for row in csv.DictReader(f)]

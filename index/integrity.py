@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from umr.index import commit_mark
+from umr.index import commit_mark, layout
 from umr.index import vector_index as vi
 from umr.index.atomic import atomic_write, file_sha256
 from umr.index.docstore import DocStore
@@ -116,12 +116,12 @@ def lost_message(path: Path, have: int, acknowledged: int) -> str:
 
 
 def checkpoint_name(seg_id: int) -> str:
-    return f"segments/{seg_id}/index.{uuid.uuid4().hex[:12]}.faiss"
+    return layout.new_checkpoint(seg_id)
 
 
 def unrecorded_checkpoints(index_dir: Path, manifest: dict) -> list[str]:
     recorded = {rec.get("faiss_file") for rec in manifest["segments"]}
-    found = [p.relative_to(index_dir).as_posix() for p in (index_dir / "segments").glob("*/index*.faiss")]
+    found = [p.relative_to(index_dir).as_posix() for p in (index_dir / layout.SEGMENTS).glob("*/index*.faiss")]
     return [f for f in found if f not in recorded]
 
 

@@ -16,10 +16,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from umr.index import layout
 from umr.index.errors import IndexError_
 
-WRITE_LOCK = "write.lock"
-MANIFEST_LOCK = "manifest.lock"
+WRITE_LOCK = layout.WRITE_LOCK
+MANIFEST_LOCK = layout.MANIFEST_LOCK
 
 
 class IndexBusy(IndexError_):

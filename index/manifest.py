@@ -6,12 +6,13 @@ import time
 import uuid
 from pathlib import Path
 
+from umr.index import layout
 from umr.index.atomic import atomic_write_json
 from umr.index.errors import IndexError_, NotFound
 
 FORMAT = "umr-index"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = layout.MANIFEST
 
 
 def now() -> str:

@@ -240,3 +240,17 @@ def _rescored(store, seg, q: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray
         top = np.argsort(-exact, kind="stable")[:k]
         out[qi, :len(top)] = c[top]
     return out
+
+
+def tune_store(store, target: float, k: int = 10) -> dict[int, Tuning]:
+    """Pick each segment's search parameters for recall@k of `target` on its own vectors and
+    save them, so every process that opens the index uses them (`umr index tune`)."""
+    store.require_write("tune search parameters")
+    with store.lock:
+        found = {seg.id: tune_segment(store, seg, target, k)
+                 for seg in store.segments if seg.faiss is not None and seg.alive.sum() > k + 1}
+        store.manifest["index_request"]["target_recall"] = target
+        store.record_event("tuned", target_recall=target, k=k,
+                           segments={i: {"params": t.params, "recall": t.recall} for i, t in found.items()})
+    store.save()
+    return found

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from umr.index import gpu
+from umr.index import gpu, layout
 from umr.index import vector_index as vi
 from umr.index.manifest import now
 
@@ -40,7 +40,7 @@ class Segment:
         choice = vi.choose_index(kind, 0, int(encoder["dim"]))
         choice.reason = f"segment for encoder version {encoder['version']} (new documents after an update)"
         record = {"id": seg_id, "encoder": encoder, "index": choice.to_dict(),
-                  "faiss_file": f"segments/{seg_id}/index.faiss", "created": now()}
+                  "faiss_file": layout.first_checkpoint(seg_id), "created": now()}
         seg = cls(record, vi.new_index(choice, int(encoder["dim"])))
         seg.dirty = True
         return seg

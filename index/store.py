@@ -1,10 +1,5 @@
-"""The index directory: segments of FAISS vectors, the document store and the manifest.
-
-Layout:
-    manifest.json              what built it, index choice per segment, history
-    docs.sqlite                documents, row states, tombstones, build cursor (WAL, fsync'd)
-    segments/<id>/vectors.<epoch>.<f32|f16>  the segment's exact vectors (index/vector_file.py)
-    segments/<id>/index.<token>.faiss  the checkpoint of a segment's FAISS index the manifest names
+"""The index directory (its files: index/layout.py): segments of FAISS vectors, the document
+store and the manifest.
 
 Adds are durable when their SQLite transaction commits. FAISS files are checkpoints written
 atomically by `save()`; on open, any rows newer than a checkpoint are replayed into FAISS, so
@@ -27,7 +22,7 @@ import numpy as np
 from umr.index import integrity, recall_tuning, registry, vector_file
 from umr.index import index_kinds
 from umr.index import vector_index as vi
-from umr.index import store_info
+from umr.index import layout, store_info
 from umr.index.calibration_cache import CalibrationCache
 from umr.index.compaction import compact_segments
 from umr.index.documents import check_batch
@@ -43,7 +38,7 @@ from umr.index.segment_loading import index_of_rows, load_segment
 
 log = logging.getLogger("umr.index")
 
-DOCSTORE = "docs.sqlite"
+DOCSTORE = layout.DOCSTORE
 __all__ = ["DOCSTORE", "MODALITY_CODES", "Followed", "IndexStore", "SearchHit", "SearchPlan", "Segment"]
 
 
@@ -73,7 +68,7 @@ class IndexStore:
         """`vector_dtype`: float32, or float16 for half the disk (index/vector_file.py);
         `target_recall`: search parameters tuned for it when the build finishes (index/recall_tuning.py)."""
         path = Path(path)
-        if (path / "manifest.json").exists():
+        if (path / layout.MANIFEST).exists():
             raise IndexError_(f"{path} already holds an index; open it, or choose another --out")
         if index_kind not in ("auto",) + index_kinds.names():
             raise InvalidArgument(f"unknown index type {index_kind!r}: use auto, {', '.join(index_kinds.names())}")
@@ -142,7 +137,7 @@ class IndexStore:
         self.repairs.append(message)
         log.warning("%s: %s", self.path, message)
 
-    def _require_write(self, what: str) -> None:
+    def require_write(self, what: str) -> None:
         if self.mode != "write":
             raise IndexError_(f"{self.path} is open read-only here; cannot {what}")
 
@@ -191,7 +186,7 @@ class IndexStore:
         if len(docs) != len(vectors):
             raise InvalidArgument(f"{len(docs)} documents but {len(vectors)} vectors")
         check_batch(docs)
-        self._require_write("add documents")
+        self.require_write("add documents")
         with self.lock:
             seg = self.active
             if len(docs) and vectors.shape[1] != seg.dim:
@@ -213,7 +208,7 @@ class IndexStore:
         return len(docs)
 
     def delete(self, ids: list[str]) -> list[str]:
-        self._require_write("delete documents")
+        self.require_write("delete documents")
         with self.lock:
             gone = self.docs.delete(ids)
             for _, s_id, row in gone:
@@ -222,7 +217,7 @@ class IndexStore:
 
     def finalize(self) -> None:
         """Choose, train and fill the FAISS index of every segment still without one."""
-        self._require_write("finish the build")
+        self.require_write("finish the build")
         with self.lock:
             req = self.manifest["index_request"]
             built = []
@@ -233,7 +228,7 @@ class IndexStore:
                 n = len(seg.alive)
                 choice = vi.choose_trainable(req["kind"], n, seg.dim, req.get("memory_budget"))
                 seg.record["index"] = choice.to_dict()
-                seg.record["faiss_file"] = f"segments/{seg.id}/index.faiss"
+                seg.record["faiss_file"] = layout.first_checkpoint(seg.id)
                 log.info("segment %d: %s index over %d vectors (%s)", seg.id, choice.kind, n, choice.reason,
                          extra={"segment": seg.id})
                 self._build_faiss(seg)
@@ -255,12 +250,17 @@ class IndexStore:
     def set_compensator(self, seg_id: int, from_version: int, modality: str, record: dict) -> None:
         registry.set_compensator(self._segment(seg_id).record, from_version, modality, record)
 
+    def set_reference(self, version: int, record: dict) -> None:
+        """Name the reference queries of `version` (retrieval/update/reference_queries.py)."""
+        with self.lock:
+            self.version(version)["reference"] = record
+
     def activate(self, version: int) -> Segment:
         """Make `version` the query encoder and give it a segment for new documents.
 
         Older segments are never re-embedded; they are reached through their compensators.
         """
-        self._require_write("activate an encoder version")
+        self.require_write("activate an encoder version")
         with self.lock:
             rec = self.version(version)
             self.manifest["active_version"] = version
@@ -274,7 +274,7 @@ class IndexStore:
 
     def rebuild(self, seg: Segment, why: str) -> None:
         """Rebuild a segment's FAISS index from the document store, recorded as a repair."""
-        self._require_write("rebuild FAISS")
+        self.require_write("rebuild FAISS")
         with self.lock:
             self._repaired(f"{why}; rebuilt its FAISS index from the document store ({len(seg.alive)} rows)")
             self._build_faiss(seg)
@@ -302,7 +302,7 @@ class IndexStore:
         FAISS files are written outside the store lock, so searches go on meanwhile; callers
         keep adds out (the engine holds its write lock, a build is one thread). Should one slip
         in, the file holds more rows than recorded, and the next open rebuilds it."""
-        self._require_write("save")
+        self.require_write("save")
         with self._checkpoint_lock:
             with self.lock:
                 todo = [(seg, int(seg.faiss.ntotal)) for seg in self.segments if seg.faiss is not None and seg.dirty]
@@ -350,7 +350,7 @@ class IndexStore:
 
     def compact(self) -> dict[int, int]:
         """Drop dead rows and their tombstones (index/compaction.py); rows dropped per segment."""
-        self._require_write("compact")
+        self.require_write("compact")
         with self.lock:
             dropped, replaced = compact_segments(self.path, self.docs, self.segments)
             self._stale_files += replaced
@@ -386,19 +386,6 @@ class IndexStore:
         plan.check()
         with self.lock:
             return run_plan(plan, self.segments, self.docs, self.calibrations)
-
-    def tune(self, target: float, k: int = 10) -> dict[int, "recall_tuning.Tuning"]:
-        """Pick each segment's search parameters for recall@k of `target` on its own vectors
-        (index/recall_tuning.py) and save them, so every process that opens the index uses them."""
-        self._require_write("tune search parameters")
-        with self.lock:
-            found = {seg.id: recall_tuning.tune_segment(self, seg, target, k)
-                     for seg in self.segments if seg.faiss is not None and seg.alive.sum() > k + 1}
-            self.manifest["index_request"]["target_recall"] = target
-            self.record_event("tuned", target_recall=target, k=k,
-                              segments={i: {"params": t.params, "recall": t.recall} for i, t in found.items()})
-        self.save()
-        return found
 
     def info(self) -> dict:
         return store_info.describe(self)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from umr.index import layout
 from umr.index.atomic import FILE_MODE, fsync_dir
 from umr.index.errors import IndexDamaged, InvalidArgument
 
@@ -49,7 +50,7 @@ def check_dtype(name: str) -> str:
 
 def file_name(segment: int, epoch: int, dtype: str) -> str:
     """The file's path inside the index directory."""
-    return f"segments/{segment}/vectors.{epoch}.{DTYPES[dtype]}"
+    return f"{layout.segment_dir(segment)}/vectors.{epoch}.{DTYPES[dtype]}"
 
 
 class SegmentFile:

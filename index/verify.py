@@ -1,5 +1,6 @@
 """`umr index verify [--repair] [--full]`: every check an open makes, the document store's own,
-and FAISS's contents against the stored vectors.
+FAISS's contents against the stored vectors, and every other file of the index (index/layout.py):
+compensators and reference queries against their checksums, uploads against their names.
 
 Without --repair nothing is written (the index is opened read-only, so a running server may
 keep it); with it, the index is opened for writing, checkpoints that disagree with the document
@@ -13,10 +14,11 @@ every row with `full`.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from umr.index import vector_check, vector_file
+from umr.index import layout, side_files, vector_check, vector_file
 from umr.index.docstore import DocStore
 from umr.index.errors import IndexDamaged, IndexError_
 from umr.index.store import DOCSTORE, IndexStore
@@ -88,9 +90,14 @@ def _checks(store: IndexStore, report: VerifyReport, repair: bool, full: bool, s
         if blocks and repair:
             blocks = store.docs.vectors.failing_blocks(seg.id, len(seg.alive))
         report.problems += vector_check.failing_block_problems(seg, blocks)
-        for doc_id, why in unreadable(store.docs.raw_docs(seg.id, None if full else rows)):
+        raw = store.docs.raw_docs(seg.id, None if full else rows)
+        for doc_id, why in unreadable(raw):
             report.problems.append(f"document {doc_id!r} (segment {seg.id}) cannot be read back ({why})")
             report.unrepairable.append(f"document {doc_id!r} cannot be read back: delete it and add it again")
+        for doc_id, image in side_files.missing_uploads(store.path, raw):
+            report.problems.append(f"document {doc_id!r}'s uploaded image {image} is missing")
+            report.unrepairable.append(f"document {doc_id!r}'s image is missing: add the document again with it")
+    _side_files(store, report, repair, full)
     if store.docs.vectors.kind == "files":
         report.checked.append("the vector files' checksums, every complete block of "
                               f"{vector_file.BLOCK_ROWS} rows")
@@ -105,11 +112,38 @@ def _checks(store: IndexStore, report: VerifyReport, repair: bool, full: bool, s
     return report
 
 
+def _side_files(store: IndexStore, report: VerifyReport, repair: bool, full: bool) -> None:
+    """The compensators, reference queries and uploads the index keeps beside its segments
+    (index/side_files.py), and a `--ray` build's shards. --repair cannot write any of them
+    again: the first two need the encoders, the uploads their senders."""
+    named = list(side_files.recorded_files(store.manifest))
+    for what, record, fix in named:
+        found = side_files.problem(store.path, record)
+        if found:
+            report.problems.append(f"{what}: {found}")
+            report.unrepairable.append(f"{what}: {fix.replace('INDEX', str(store.path))}")
+    hashed, bad = side_files.upload_problems(store.path, full)
+    report.problems += bad
+    if bad:
+        report.unrepairable.append(f"{len(bad)} uploaded image(s) damaged: delete the documents that use them and "
+                                   "add them again with their images")
+    report.checked.append(f"{len(named)} compensator and reference files against their checksums; {hashed} uploaded "
+                          f"images against the hashes they are named by{'' if full else ' (a sample; --full hashes all)'}")
+    shards = store.path / layout.RAY_SHARDS
+    if shards.is_dir() and store.ready:  # an unfinished build's shards are what its rerun resumes from
+        left = f"{layout.RAY_SHARDS}/ is left from a finished --ray build; nothing reads it"
+        if repair:
+            shutil.rmtree(shards, ignore_errors=True)
+            report.repaired.append(f"{left}: removed")
+        else:
+            report.problems.append(left)
+
+
 def unreadable(raw) -> list[tuple[str, str]]:
     """(id, why) of the stored documents that cannot be read back: text that is not UTF-8,
     metadata that is not JSON (umr stores neither)."""
     bad = []
-    for doc_id, text, meta in raw:
+    for doc_id, text, meta, _image in raw:
         try:
             if text is not None:
                 bytes(text).decode("utf-8")

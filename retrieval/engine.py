@@ -3,11 +3,10 @@
 Searches and writes from the CLI, the HTTP server and Python users go through this object;
 the server adds only transport, batching and policy. Maintenance works on the IndexStore
 directly: the CLI's index info/verify/tune/compact and update commands, the builds
-(retrieval/pipeline.py), and the server's follower when it reopens the index.
+(retrieval/indexing/pipeline.py), and the server's follower when it reopens the index.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from umr.index import side_files
 from umr.index import version_scale as vs
 from umr.index.docstore import DocRecord
 from umr.index.errors import IndexMismatch, InvalidArgument
@@ -25,9 +25,8 @@ from umr.retrieval.encoders import Encoder, load_encoder, load_recorded
 from umr.retrieval.encoders.base import Prepared
 from umr.retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
 from umr.retrieval.items import Item, stored_item
-from umr.retrieval.reference_queries import read_references
+from umr.retrieval.update.reference_queries import read_references
 
-UPLOADS = "images"
 log = logging.getLogger("umr.retrieval")
 
 
@@ -78,13 +77,17 @@ class Engine:
 
     def _load_compensators(self) -> dict[int, dict]:
         """{segment id: {query modality: compensator}} for segments built by another version."""
-        from umr.retrieval.compensators import Compensator
+        from umr.retrieval.update.compensators import Compensator
 
         out: dict[int, dict] = {}
         for seg in self.store.segments:
             if seg.record["encoder"].get("version", 1) == self.version:
                 continue
             recs = seg.record.get("compensators", {}).get(str(self.version), {})
+            for m, r in recs.items():
+                for record in side_files.compensator_files(r):
+                    side_files.check(self.store.path, record, f"segment {seg.id}'s compensator for {m} queries",
+                                     f"`umr update {self.store.path} --to {self.version} --no-activate` fits it again")
             out[seg.id] = {m: Compensator.load(self.store.path / r["dir"], r["name"]) for m, r in recs.items()}
             self.scales[seg.id] = {m: r["scales"] for m, r in recs.items() if r.get("scales")}
         return out
@@ -124,7 +127,7 @@ class Engine:
 
         if not lacking():
             return
-        from umr.retrieval.version_scales import fit_segment
+        from umr.retrieval.update.version_scales import fit_segment
 
         with self._scale_lock:
             todo = lacking()  # another request may have fitted them meanwhile
@@ -247,7 +250,7 @@ class Engine:
         hits = self.search_vectors(vectors, depth, modalities, flt, [query_modality(p) for p in prepared], calibrated)
         if not reranker:
             return hits
-        from umr.retrieval.reranker import rerank
+        from umr.retrieval.rerank.reranker import rerank
 
         t0 = time.perf_counter()
         out = [rerank(reranker, Item(None, p.text, p.image), h, self.rerank_depth, self.rerank_weight, k,
@@ -258,16 +261,6 @@ class Engine:
 
 
     # -- documents ------------------------------------------------------------------------
-    def _keep_image(self, data: bytes) -> str:
-        """Uploaded image bytes are kept inside the index, named by content hash."""
-        digest = hashlib.sha256(data).hexdigest()[:32]
-        path = self.store.path / UPLOADS / f"{digest}.img"
-        if not path.exists():
-            from umr.index.atomic import atomic_write_bytes
-
-            atomic_write_bytes(path, data)
-        return f"{UPLOADS}/{digest}.img"
-
     def add(self, items: list[Item], limits: ImageLimits = DEFAULT_LIMITS) -> list[str]:
         """Encode and store; durable on return. Raises before storing anything if an item is bad."""
         if self.version != self.store.active_version:
@@ -282,7 +275,7 @@ class Engine:
         vectors = self.embed(prepared)
         docs = []
         for it in items:
-            ref = self._keep_image(bytes(it.image)) if isinstance(it.image, (bytes, bytearray)) else it.image_ref()
+            ref = side_files.keep_upload(self.store.path, bytes(it.image)) if isinstance(it.image, (bytes, bytearray)) else it.image_ref()
             docs.append(DocRecord(it.id, it.modality, it.text, ref, it.metadata))
         with self.write_lock:
             # An encoder swap may have activated another version while these were embedded:

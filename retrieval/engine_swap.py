@@ -1,8 +1,10 @@
-"""Switching a live engine to another registered encoder version.
+"""Replacing a live engine: with another registered encoder version, or, for a read-only
+server, with a fresh one over the index its writer changed the shape of (server/follower.py).
 
 The new engine is built beside the old one (weights and compensators loaded while the old one
-keeps serving); only the activation itself takes the write lock, so a write either lands
-before it, embedded by the old version, or after it, by the new one.
+keeps serving) and takes over the old one's re-ranker; only the activation itself takes the
+write lock, so a write either lands before it, embedded by the old version, or after it, by
+the new one.
 """
 from __future__ import annotations
 
@@ -42,12 +44,38 @@ def engine_for_version(old: Engine, version: int) -> Engine | None:
             raise SwapRefused("no_compensators", f"version {version} has no compensator into segment {seg_id}; "
                                                  f"fit them with `umr update {store.path} --to {version} --no-activate` "
                                                  "(beside this server), then activate it again")
-    if old.reranker is not None:
-        try:
-            new.use_reranker(old.reranker, old.rerank_depth, old.rerank_weight)
-        except ValueError as e:
-            raise SwapRefused("reranker", str(e)) from None
+    try:
+        carry_reranker(old, new)
+    except ValueError as e:
+        raise SwapRefused("reranker", str(e)) from None
     return new
+
+
+def carry_reranker(old: Engine, new: Engine) -> None:
+    """The old engine's re-ranker, depth and weight on the new one (ValueError where it cannot
+    re-rank the new encoder's candidates)."""
+    if old.reranker is not None:
+        new.use_reranker(old.reranker, old.rerank_depth, old.rerank_weight)
+
+
+def reopened(old: Engine) -> Engine:
+    """A fresh read-only engine over the same index, querying with the same encoder object
+    unless the writer activated another version."""
+    from umr.index.store import IndexStore
+
+    store = IndexStore.open(old.store.path, "read")
+    try:
+        encoder = old.encoder
+        if store.active_version != old.version:
+            from umr.retrieval.encoders import load_recorded
+
+            encoder = load_recorded(store.version(store.active_version))
+        new = Engine(store, encoder)
+        carry_reranker(old, new)
+        return new
+    except Exception:
+        store.close()
+        raise
 
 
 def activate(old: Engine, new: Engine, publish) -> None:

@@ -1,7 +1,7 @@
 """Options that trade the last digits of the vectors for speed on a device.
 
 `--precision float16` runs the towers' forward passes under autocast; `--image-decode device`
-decodes JPEGs and resizes them on the encoder's device (retrieval/device_decode.py) instead of
+decodes JPEGs and resizes them on the encoder's device (retrieval/encoders/device_decode.py) instead of
 in CPU threads. Both change the vectors slightly, so an index records which were in force
 (`Encoder.record()["numerics"]`, folded into its `vectors_fingerprint`): a build resumes only
 with the same ones, and the feature cache keeps their features apart. Queries may be embedded

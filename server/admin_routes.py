@@ -4,11 +4,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
-from umr.index.errors import IndexDamaged, IndexError_
-from umr.retrieval.encoders.base import EncoderError
-from umr.retrieval.engine_swap import SwapRefused, activate, engine_for_version
+from umr.retrieval.engine_swap import activate, engine_for_version
 from umr.server.auth import requires
-from umr.server.errors import ApiError, declared
+from umr.index.errors import UmrError
+from umr.server.errors import declared, refusal
 from umr.server.forwarding import relayed
 from umr.server.request_checks import require_json
 from umr.server.schemas import ActivateEncoder
@@ -39,9 +38,5 @@ async def activate_encoder(req: ActivateEncoder, request: Request, st: ServerSta
         return await relayed(request, st)
     try:
         return await run_in_threadpool(swap, st, req.version)
-    except SwapRefused as e:
-        raise ApiError(404 if e.reason == "unknown_version" else 409, e.reason, str(e)) from None
-    except IndexDamaged:
-        raise  # the server's fault: 500 (server/errors.py)
-    except (EncoderError, IndexError_) as e:
-        raise ApiError(409, "activation_failed", str(e)) from None
+    except UmrError as e:  # a damaged index stays the server's fault: 500 (server/errors.py)
+        raise refusal(e, "activation") from None

@@ -8,12 +8,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
-from umr.index.document_rules import InvalidDocument
-from umr.index.errors import IndexMismatch, InvalidArgument, NotFound
+from umr.index.errors import NotFound, UmrError
 from umr.retrieval.images import BadImage, open_image
 from umr.retrieval.items import Item
 from umr.server.auth import requires
-from umr.server.errors import ApiError, declared
+from umr.server.errors import ApiError, declared, refusal
 from umr.server.forwarding import relayed
 from umr.server.request_checks import require_json
 from umr.server.schemas import Document, DocumentsAdded, DocumentsIn
@@ -68,14 +67,8 @@ async def add_documents(req: DocumentsIn, request: Request, st: ServerState = De
         items.append(Item(d.id, d.text, image, d.metadata))
     try:
         added = await run_in_threadpool(st.engine.add, items, st.limits)
-    except BadImage as e:
-        raise ApiError(413 if e.code.startswith("limit") else 400, e.code, f"image: {e}") from None
-    except InvalidDocument as e:
-        raise ApiError(422, "invalid_document", str(e)) from None
-    except IndexMismatch as e:  # another encoder version was activated while these were embedded
-        raise ApiError(409, "index_changed", str(e)) from None
-    except InvalidArgument as e:  # what umr refuses on purpose; anything else is the server's fault (500)
-        raise ApiError(400, "invalid_document", str(e)) from None
+    except UmrError as e:  # IndexMismatch: another encoder version was activated while these were embedded
+        raise refusal(e, "document") from None
     return DocumentsAdded(added=added)
 
 
@@ -88,7 +81,7 @@ async def document_image(doc_id: str, size: int | None = Query(None, ge=16, le=M
     try:
         doc = await run_in_threadpool(st.engine.get, doc_id)
     except NotFound as e:
-        raise ApiError(404, "not_found", str(e)) from None
+        raise refusal(e) from None
     path = st.engine.image_path(doc)
     if path is None:
         raise ApiError(404, "no_image", f"document {doc_id!r} has no image")
@@ -107,7 +100,7 @@ async def get_document(doc_id: str, st: ServerState = Depends(state)):
     try:
         return Document.of(await run_in_threadpool(st.engine.get, doc_id))
     except NotFound as e:
-        raise ApiError(404, "not_found", str(e)) from None
+        raise refusal(e) from None
 
 
 @router.delete("/v1/documents/{doc_id:path}", responses=declared(401, 403, 404, 429), dependencies=[requires("write")])

@@ -1,16 +1,27 @@
 """Error bodies: every failure is JSON `{"error": {"code", "message"}}`; the unexpected ones
-also carry an `id` that is logged with the traceback, so a user's report finds the log line."""
+also carry an `id` that is logged with the traceback, so a user's report finds the log line.
+
+What umr raises on purpose (index/errors.py UmrError and its kinds) reaches clients through
+one table, REFUSALS, the same for every route: a route names only what the request was about
+("query", "search", "document"), which words the code of a bad-input answer."""
 from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from umr.index.errors import IndexDamaged
+from umr.index.errors import IndexDamaged, IndexError_, IndexMismatch, InvalidArgument, NotFound, UmrError
+from umr.index.document_rules import InvalidDocument
+from umr.retrieval.encoders.base import EncoderError
+from umr.retrieval.engine import CompensationMissing
+from umr.retrieval.engine_swap import SwapRefused
+from umr.retrieval.images import BadImage
 from umr.server.request_log import current_id
 
 log = logging.getLogger("umr.server")
@@ -21,6 +32,44 @@ class ApiError(Exception):
                  query: int | None = None):
         self.status, self.code, self.message, self.headers = status, code, message, headers
         self.query = query  # in a batch search: which query was refused
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """How one kind of refusal answers: its status and code, each fixed or read off the error."""
+
+    kind: type[UmrError]
+    status: int | Callable[[UmrError], int]
+    code: str | Callable[[UmrError], str]
+    prefix: str = ""  # before the message, e.g. "image: "
+
+
+# Most specific first: the first kind an error is an instance of answers. IndexDamaged is not
+# here: the index, not the request, is at fault (a 500 from its own handler below).
+REFUSALS: list[Refusal] = [
+    Refusal(BadImage, lambda e: 413 if e.code.startswith("limit") else 400, lambda e: e.code, "image: "),
+    Refusal(InvalidDocument, 422, "invalid_document"),
+    Refusal(EncoderError, 409, "encoder_unusable"),
+    Refusal(InvalidArgument, 400, "invalid_{about}"),
+    Refusal(NotFound, 404, "not_found"),
+    Refusal(SwapRefused, lambda e: 404 if e.reason == "unknown_version" else 409, lambda e: e.reason),
+    Refusal(CompensationMissing, 409, "no_compensator"),
+    Refusal(IndexMismatch, 409, "index_changed"),
+    Refusal(IndexError_, 409, "index_state"),
+]
+
+
+def refusal(e: BaseException, about: str = "request") -> BaseException:
+    """The ApiError a route raises for `e`, or `e` itself where it is not a refusal (a damaged
+    index, a bug: the server's fault, answered 500 with an id)."""
+    if isinstance(e, IndexDamaged) or not isinstance(e, UmrError):
+        return e
+    for r in REFUSALS:
+        if isinstance(e, r.kind):
+            status = r.status(e) if callable(r.status) else r.status
+            code = r.code(e) if callable(r.code) else r.code.format(about=about)
+            return ApiError(status, code, f"{r.prefix}{e}")
+    return e
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -42,6 +91,14 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("index damaged (%s) on %s %s: %s", error_id, request.method, request.url.path, e)
         return error_response(500, "index_damaged", "the index this server reads is damaged; its operator should "
                                                     f"run `umr index verify` on it (quote id {error_id})", id=error_id)
+
+    @app.exception_handler(UmrError)
+    async def refused(request: Request, e: UmrError):
+        """A refusal no route turned into an ApiError answers by the same table."""
+        answer = refusal(e)
+        if isinstance(answer, ApiError):
+            return error_response(answer.status, answer.code, answer.message)
+        raise e
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):

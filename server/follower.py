@@ -4,7 +4,7 @@ Replicas (`umr serve --replicas N`) and `umr serve --read-only` beside a writer 
 read-only and take no lock; the writer's adds and deletes reach them through the document store,
 which this task polls (IndexStore.follow: one SQLite pragma when nothing changed). A change of
 shape (another encoder version activated, a compaction) reopens the index and swaps the engine,
-as an encoder swap does, so requests never see a half-applied state.
+as an encoder swap does (retrieval/engine_swap.py), so requests never see a half-applied state.
 
 Visibility: a write is acknowledged once the writer committed it; every follower shows it
 within one poll interval plus the time to apply it, and the replica that forwarded the write
@@ -18,35 +18,13 @@ import time
 
 from fastapi.concurrency import run_in_threadpool
 
-from umr.retrieval.engine import Engine
+from umr.retrieval.engine_swap import reopened
 from umr.server.tasks import cancel
 
 log = logging.getLogger("umr.server")
 # Requests that captured the engine a reopen replaced get this long to finish before its
 # document store is closed under them.
 RETIRE_AFTER_S = 30.0
-
-
-def reopened(old: Engine) -> Engine:
-    """A fresh read-only engine over the same index, querying with the same encoder object
-    unless the writer activated another version."""
-    from umr.index.store import IndexStore
-
-    store = IndexStore.open(old.store.path, "read")
-    try:
-        same = store.active_version == old.version
-        encoder = old.encoder if same else None
-        if encoder is None:
-            from umr.retrieval.encoders import load_recorded
-
-            encoder = load_recorded(store.version(store.active_version))
-        new = Engine(store, encoder)
-        if old.reranker is not None:
-            new.use_reranker(old.reranker, old.rerank_depth, old.rerank_weight)
-        return new
-    except Exception:
-        store.close()
-        raise
 
 
 class Follower:

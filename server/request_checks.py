@@ -13,7 +13,7 @@ from fastapi import Request
 from umr.index.docstore import validate_filter
 from umr.index.document_rules import InvalidDocument, check_document, has_visible_text, unicode_problem
 from umr.retrieval.items import parse_modalities
-from umr.server.errors import ApiError
+from umr.server.errors import ApiError, refusal
 from umr.server.settings import ServerSettings
 
 _DATA_URL = re.compile(r"^data:[\w.+\-]+/[\w.+\-]+(;[\w\-]+=[\w\-.]+)*;base64,", re.I)
@@ -95,6 +95,6 @@ class RequestChecks:
         try:
             check_document(doc_id, text, metadata)
         except InvalidDocument as e:
-            raise ApiError(422, "invalid_document", str(e)) from None
+            raise refusal(e, "document") from None
         if not has_image and not has_visible_text(text):
             raise ApiError(422, "empty_document", f"document {doc_id[:80]!r} has neither text nor image")

@@ -8,12 +8,11 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from umr.index.errors import InvalidArgument
-from umr.retrieval.engine import CompensationMissing, Engine, Query
-from umr.retrieval.images import BadImage
+from umr.retrieval.engine import Engine, Query
 from umr.server.auth import requires
 from umr.server.batching import Pending
-from umr.server.errors import ApiError, declared
+from umr.index.errors import UmrError
+from umr.server.errors import ApiError, declared, refusal
 from umr.server.request_checks import require_json
 from umr.server.schemas import BatchSearchRequest, BatchSearchResponse, Hit, SearchRequest, SearchResponse
 from umr.server.state import ServerState, state
@@ -31,10 +30,8 @@ async def prepare(st: ServerState, eng: Engine, q: Query):
             # tokenises here, work on at most max_text_chars that is not worth a thread hop.
             return eng.prepare_query(q, st.limits)
         return await run_in_threadpool(eng.prepare_query, q, st.limits)
-    except BadImage as e:
-        raise ApiError(413 if e.code.startswith("limit") else 400, e.code, f"image: {e}") from None
-    except InvalidArgument as e:
-        raise ApiError(400, "invalid_query", str(e)) from None
+    except UmrError as e:
+        raise refusal(e, "query") from None
     finally:
         st.batcher.preparing -= 1
 
@@ -54,15 +51,13 @@ async def pending_for(st: ServerState, eng: Engine, req: SearchRequest, modaliti
 
 
 async def run(st: ServerState, pendings: list[Pending]) -> list:
-    """Every query's hits; the first that failed raises, as a 400 when the query was at fault
-    and as itself otherwise (the server's fault: 5xx)."""
+    """Every query's hits; the first that failed raises, answered by server/errors.py's table
+    when umr refused it on purpose and as itself otherwise (the server's fault: 5xx)."""
     results = await st.batcher.run(pendings)
     for i, r in enumerate(results):
         if isinstance(r, BaseException):
             with numbered(i if len(pendings) > 1 else None):
-                if isinstance(r, (InvalidArgument, CompensationMissing)):
-                    raise ApiError(400, "invalid_search", str(r)) from None
-                raise r
+                raise refusal(r, "search") from None
     return results
 
 
@@ -90,7 +85,7 @@ def response(eng: Engine, hits, t0: float) -> Response:
         encoder_version=eng.version))
 
 
-@router.post("/v1/search", response_model=SearchResponse, responses=declared(400, 401, 403, 413, 415, 422, 429),
+@router.post("/v1/search", response_model=SearchResponse, responses=declared(400, 401, 403, 409, 413, 415, 422, 429),
              dependencies=[Depends(require_json)])
 async def search(req: SearchRequest, st: ServerState = Depends(state)):
     """Search with text, a base64 image, or both (fused), optionally with an instruction."""
@@ -100,7 +95,7 @@ async def search(req: SearchRequest, st: ServerState = Depends(state)):
     return response(eng, (await run(st, [await pending_for(st, eng, req, modalities)]))[0], t0)
 
 
-@router.post("/v1/search/image", response_model=SearchResponse, responses=declared(400, 401, 403, 413, 422, 429))
+@router.post("/v1/search/image", response_model=SearchResponse, responses=declared(400, 401, 403, 409, 413, 422, 429))
 async def search_image(file: UploadFile = File(...), text: str | None = Form(None), k: int = Form(10),
                        instruction: str | None = Form(None), modality: str | None = Form(None),
                        calibrated: bool = Form(True), st: ServerState = Depends(state)):
@@ -119,7 +114,7 @@ async def search_image(file: UploadFile = File(...), text: str | None = Form(Non
     return response(eng, (await run(st, [Pending(eng, prepared, k, modalities, None, calibrated)]))[0], t0)
 
 
-@router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=declared(400, 401, 403, 413, 415, 422, 429),
+@router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=declared(400, 401, 403, 409, 413, 415, 422, 429),
              dependencies=[Depends(require_json)])
 async def search_batch(req: BatchSearchRequest, st: ServerState = Depends(state)):
     """Several queries in one request, encoded in one forward."""

@@ -132,7 +132,7 @@ def served_index(tmp: Path, encoder, records, settings=None, images=()):
     from PIL import Image
 
     from umr.retrieval.engine import Engine
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
     from umr.server.app import create_app
     from umr.demo import BackgroundServer
 
@@ -148,7 +148,7 @@ def served_index(tmp: Path, encoder, records, settings=None, images=()):
 
 
 def pytest_configure(config):
-    # pytest puts the warning filters back around each test: the one retrieval/device_decode.py
+    # pytest puts the warning filters back around each test: the one retrieval/encoders/device_decode.py
     # sets for torchvision 0.29's notice on its image decoders (here, not in pyproject.toml, whose
     # every change keys a new 7 GB environment in scripts/venv.sh)
     config.addinivalue_line("filterwarnings",

@@ -15,7 +15,7 @@ from schemathesis.specs.openapi.checks import status_code_conformance
 
 from conftest import served_index
 from umr.index.document_rules import InvalidDocument, check_document, metadata_json
-from umr.retrieval.readers import JsonlCorpus, Rejected
+from umr.retrieval.corpus.readers import JsonlCorpus, Rejected
 
 
 @pytest.fixture(scope="module")

@@ -153,7 +153,7 @@ def test_eval_plot_draws_one_curve_per_encoder(tmp_path):
 
 def test_curves_are_the_metrics_at_every_k(tmp_path):
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.evaluation import evaluate_beir
+    from umr.retrieval.evaluation.benchmarks import evaluate_beir
 
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)

@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
 
-from umr.retrieval import compensators as cp
-
-
+from umr.retrieval.update import compensators as cp
 def unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 

@@ -10,7 +10,7 @@ from umr.index import IndexStore
 from umr.retrieval.encoders import load_encoder
 from umr.retrieval.engine import Engine, Query
 from umr.retrieval.items import Item
-from umr.retrieval.pipeline import build_index
+from umr.retrieval.indexing.pipeline import build_index
 
 pytestmark = pytest.mark.slow
 

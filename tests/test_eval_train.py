@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import cli_in_process, run_cli
-from umr.retrieval.metrics import hit_rate_at, mrr_at, ndcg_at, recall_at, summarize
+from umr.retrieval.evaluation.metrics import hit_rate_at, mrr_at, ndcg_at, recall_at, summarize
 
 
 def test_metrics_by_hand():

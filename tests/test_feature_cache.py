@@ -80,7 +80,7 @@ def test_a_damaged_shard_is_skipped_and_recomputed(cache_dir, photos):
     good = it.cached_features(photos[:3])
     (shard,) = shards(cache_dir)
     shard.write_bytes(shard.read_bytes()[:100])  # truncated on disk
-    from umr.retrieval.feature_cache import FeatureCache
+    from umr.retrieval.encoders.feature_cache import FeatureCache
 
     towers._image_tower.cache_clear()  # a new process: nothing indexed in memory
     FeatureCache._open.clear()
@@ -116,7 +116,7 @@ def test_lit_encode_reads_the_cache_and_matches_the_prepared_path(cache_dir, lit
 
 
 def test_reranker_feature_maps_are_cached_as_float16(cache_dir, photos):
-    from umr.retrieval.reranker import TokenCache
+    from umr.retrieval.rerank.reranker import TokenCache
     from umr.retrieval.items import Item
 
     it = towers.image_tower()

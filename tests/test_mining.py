@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli, write_jsonl
 from umr.retrieval.items import Item
-from umr.retrieval.mbeir import MbeirQuery, read_pool, read_queries
+from umr.retrieval.corpus.mbeir import MbeirQuery, read_pool, read_queries
 from umr.training.losses import info_nce, listwise_kl, margin_mse
 from umr.training.mining import MiningConfig, mine
 
@@ -116,7 +116,7 @@ def test_mbeir_examples_keep_negatives_and_teacher_lists(pool_and_queries):
 
 
 def test_instructions_are_prefixed_to_queries_only(tmp_path, pool_and_queries):
-    from umr.retrieval.mbeir import Instructions
+    from umr.retrieval.corpus.mbeir import Instructions
     from umr.training.examples import FeatureBank, mbeir_examples
 
     tsv = tmp_path / "query_instructions.tsv"

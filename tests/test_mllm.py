@@ -164,7 +164,7 @@ stages:
     assert len(losses) == 4 and losses[-1] < losses[0], r.stderr
 
     from umr.retrieval.items import Item
-    from umr.retrieval.reranker import load_reranker
+    from umr.retrieval.rerank.reranker import load_reranker
 
     rr = load_reranker(tmp_path / "rr")
     p = rr.score(Item(text=photos[2][1][0]), [Item(image=photos[2][0]), Item(image=photos[3][0])])

@@ -7,7 +7,7 @@ import pytest
 from conftest import FLICKR, flickr_captions, write_jsonl
 from umr.index.modality_calibration import ModalityCalibration, fit_dense, table
 from umr.retrieval.engine import Engine, Query
-from umr.retrieval.pipeline import build_index
+from umr.retrieval.indexing.pipeline import build_index
 
 
 def test_calibration_is_monotone_per_pair_and_keeps_duplicates_on_top():

@@ -1,4 +1,4 @@
-"""Reduced precision and decoding on the device (retrieval/numerics.py, retrieval/device_decode.py).
+"""Reduced precision and decoding on the device (retrieval/numerics.py, retrieval/encoders/device_decode.py).
 
 No GPU here or in CI: the device paths run with the CPU as the device, the same code a GPU
 runs with "cuda" in its place (bench/gpu_check.sh measures them on a GPU)."""
@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import cli_in_process, write_jsonl
-from umr.retrieval import device_decode, numerics
+from umr.retrieval.encoders import device_decode
+from umr.retrieval import numerics
 from umr.retrieval.encoders.base import EncoderError
 from umr.retrieval.images import DEFAULT_LIMITS, BadImage
 from umr.retrieval.items import Item
@@ -112,7 +113,7 @@ def test_numerics_are_recorded_resumed_only_alike_and_refused_where_unsupported(
     chosen("float32", "device")
     with pytest.raises(EncoderError, match="--image-decode device: encoder tiny-clip"):
         tiny.prepare(Item(id="x", image=str(flickr / "images" / names[0])))
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     with pytest.raises(Exception, match="not to Ray workers"):
         build_index(corpus, lit, tmp_path / "ray", ray="auto", progress=False)

@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import ROOT, run_cli, write_jsonl
 from umr.index import IndexStore
-from umr.retrieval.build_steps import StrictError
-from umr.retrieval.pipeline import build_index
+from umr.retrieval.indexing.build_steps import StrictError
+from umr.retrieval.indexing.pipeline import build_index
 
 
 def corpus_with_bad_records(tmp_path):

@@ -63,7 +63,7 @@ def test_batches_and_workers_follow_the_machine():
 
 def test_encoding_is_the_same_with_one_worker_or_many():
     """Workers split each batch; results come back in input order whatever their count."""
-    from umr.retrieval.prefetch import prefetch_batches
+    from umr.retrieval.encoders.prefetch import prefetch_batches
 
     enc = load_encoder("lit-base")
     items = [Item(p.name, None, str(p)) for p in photos(20)]

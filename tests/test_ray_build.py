@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, run_cli, write_jsonl
 from umr.index import IndexStore
 from umr.retrieval.engine import Engine, Query
-from umr.retrieval.pipeline import build_index
+from umr.retrieval.indexing.pipeline import build_index
 
 pytestmark = pytest.mark.slow
 N_PHOTOS = 72

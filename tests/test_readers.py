@@ -5,7 +5,7 @@ from PIL import Image
 
 from conftest import write_jsonl
 from umr.retrieval.items import Item
-from umr.retrieval.readers import FolderCorpus, JsonlCorpus, MbeirPoolCorpus, Rejected, open_corpus
+from umr.retrieval.corpus.readers import FolderCorpus, JsonlCorpus, MbeirPoolCorpus, Rejected, open_corpus
 
 
 def test_jsonl_reader_reports_each_bad_record_and_keeps_the_good(tmp_path):

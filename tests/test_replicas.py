@@ -73,7 +73,7 @@ def seconds_until(pred, limit):
 @pytest.fixture
 def replicated(tmp_path):
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"note {i} on subject {i % 7}"} for i in range(40)])
     build_index(corpus, load_encoder("tiny-clip"), tmp_path / "idx", progress=False)

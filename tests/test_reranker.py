@@ -45,8 +45,8 @@ def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, li
                 "--batch-size", "8", "--lr", "1e-3")
     assert r.returncode == 0, r.stderr
     assert (rr / "umr_reranker.json").exists() and (rr / "reranker.safetensors").exists()
-    from umr.retrieval.mbeir import read_pool, read_queries
-    from umr.retrieval.reranker import LitReranker
+    from umr.retrieval.corpus.mbeir import read_pool, read_queries
+    from umr.retrieval.rerank.reranker import LitReranker
 
     items = read_pool(pool)
     q = read_queries(queries)[0]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import write_jsonl
 from umr.retrieval.engine import Engine, Query
-from umr.retrieval.pipeline import build_index
+from umr.retrieval.indexing.pipeline import build_index
 from umr.server.app import create_app
 from umr.server.keys import KeyEntry, KeyRing, digest
 from umr.server.settings import ServerSettings
@@ -184,7 +184,7 @@ def test_search_page_with_keys(photos, browser):
 def test_search_page_shows_the_rerank_detail(photos, browser):
     """When the server re-ranks, the header says so and each re-ranked card shows the cosine and
     P(yes) behind its score, as the API returned them; cards below the depth show their cosine."""
-    from umr.retrieval.reranker import CrossConfig, LitReranker
+    from umr.retrieval.rerank.reranker import CrossConfig, LitReranker
 
     folder, engine, found = photos
     depth, weight = 5, 0.5

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import run_cli, write_jsonl
 from umr.retrieval.engine import Engine
-from umr.retrieval.pipeline import build_index
+from umr.retrieval.indexing.pipeline import build_index
 from umr.server.app import create_app
 from umr.server.keys import KeyRing
 from umr.server.settings import ServerSettings

@@ -74,7 +74,7 @@ def test_a_large_store_is_checked_while_serving_and_a_damaged_one_answers_503(tm
     from umr.demo import BackgroundServer
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(300)])
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
 
     build_index(corpus, tiny, tmp_path / "idx", progress=False)
     damage_an_index_page(tmp_path / "idx", "sqlite_autoindex_docs_1")

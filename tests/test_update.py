@@ -8,8 +8,8 @@ from conftest import cli_in_process, run_cli, write_jsonl
 from umr.index import IndexStore
 from umr.retrieval.engine import CompensationMissing, Engine, Query
 from umr.retrieval.items import Item
-from umr.retrieval.pipeline import build_index
-from umr.retrieval.update import fit_update
+from umr.retrieval.indexing.pipeline import build_index
+from umr.retrieval.update.fit import fit_update
 from umr.index.search_plan import SearchPlan
 
 WORDS = "red green blue small large old new fast slow happy sad dog cat bird tree car house river city boat".split()
@@ -250,7 +250,7 @@ def test_eval_queries_of_a_modality_without_calibration_are_named_not_scored(v1_
     from PIL import Image
 
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.update import UpdateRefused
+    from umr.retrieval.update.fit import UpdateRefused
 
     idx, texts = v1_index  # texts only: the corpus gives text calibration pairs, no image ones
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
@@ -264,7 +264,7 @@ def test_eval_queries_of_a_modality_without_calibration_are_named_not_scored(v1_
 
 
 def test_the_guard_tolerates_what_the_choice_of_queries_explains():
-    from umr.retrieval.update_eval import paired_interval
+    from umr.retrieval.update.judged import paired_interval
 
     old = np.zeros(1000, dtype=bool)
     old[:514] = True
@@ -284,7 +284,7 @@ def test_the_guard_tolerates_what_the_choice_of_queries_explains():
 
 
 def test_passages_are_query_sized_sentences_of_multi_sentence_texts():
-    from umr.retrieval.calibration_pairs import passages
+    from umr.retrieval.update.calibration_pairs import passages
 
     assert passages("a dog runs on the grass.") == []  # a caption: already calibrated as the document
     assert passages("The wing was tested at Mach two. Lift rose with the angle of attack! Ok.") == [
@@ -316,7 +316,7 @@ def test_default_calibration_adds_passages_with_the_old_encoder(tmp_path, tiny):
 @pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_an_update_that_leaves_a_segment_unsearchable_is_not_activated(tmp_path, tiny):
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.update import UpdateRefused
+    from umr.retrieval.update.fit import UpdateRefused
 
     docs = [{"id": f"d{i}", "text": f"word {i}"} for i in range(5)]  # too few pairs for any compensator
     build_index(write_jsonl(tmp_path / "c.jsonl", docs), tiny, tmp_path / "idx", progress=False)
@@ -335,7 +335,7 @@ def test_an_update_that_leaves_a_segment_unsearchable_is_not_activated(tmp_path,
 
 
 def test_generic_queries_are_the_same_everywhere_and_span_the_forms_people_type():
-    from umr.retrieval.generic_queries import generic_queries
+    from umr.retrieval.update.generic_queries import generic_queries
 
     queries = generic_queries(3000)
     assert len(set(queries)) == 3000 and generic_queries(3000) == queries  # fixed: the same calibration everywhere
@@ -405,3 +405,67 @@ def test_an_add_embedded_before_a_swap_never_lands_in_the_new_versions_segment(v
     assert "added" not in outcome and "version 2 was activated" in outcome["error"]
     assert engine.store.count() == before and engine.store.docs.get("late") is None
     engine.close()
+
+
+def _flip_byte(path, at: int = -3) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def test_every_file_beside_the_segments_is_checked_and_a_damaged_one_refused(updated, tmp_path):
+    """Compensators, reference queries, uploads and a finished --ray build's shards: each kind is
+    named with its checksum (an upload by its hash), so `umr index verify` finds damage to any of
+    them, says what --repair cannot mend and how to mend it, and a damaged compensator or
+    reference file is refused where it is read instead of changing answers."""
+    import shutil
+
+    from conftest import png_bytes
+    from umr.index import layout, side_files
+    from umr.index.errors import IndexDamaged
+    from umr.index.manifest import read_manifest
+    from umr.index.verify import verify
+    from umr.retrieval.update.reference_queries import read_references
+
+    idx, texts, _ = updated
+    base = tmp_path / "base"
+    shutil.copytree(idx, base)
+    engine = Engine.open(base)
+    engine.add([Item("photo", "a red square", png_bytes(color="red"))])  # an upload, kept inside the index
+    engine.checkpoint()
+    engine.close()
+    manifest = read_manifest(base)
+    named = list(side_files.recorded_files(manifest))
+    kinds = {what.split("'s ")[1].split(" ")[0] for what, _, _ in named}
+    assert kinds == {"reference", "compensator"}, named
+    assert all("sha256" in record for _, record, _ in named)  # every file written with its checksum
+    uploads = sorted((base / layout.UPLOADS).glob("*.img"))
+    assert len(uploads) == 1
+    clean = verify(base)
+    assert clean.ok, clean.problems
+    assert any("compensator and reference files" in c and "1 uploaded" in c for c in clean.checked), clean.checked
+
+    for what, record, _ in named + [("an uploaded image", {"file": f"{layout.UPLOADS}/{uploads[0].name}"}, "")]:
+        copy = tmp_path / f"damaged-{record['file'].replace('/', '_')}"
+        shutil.copytree(base, copy)
+        _flip_byte(copy / record["file"])
+        report = verify(copy)
+        assert not report.ok and any(record["file"] in p for p in report.problems), (what, report.problems)
+        assert report.unrepairable, what  # --repair cannot write these again: it says who can
+        if "compensator" in what:
+            with pytest.raises(IndexDamaged, match="compensator.*does not match its checksum.*umr update"):
+                Engine.open(copy)
+        elif "reference" in what:
+            store = IndexStore.open(copy, "read")
+            with pytest.raises(IndexDamaged, match="reference queries.*umr update"):
+                read_references(store, store.active_version)
+            store.close()
+        (copy / record["file"]).unlink()
+        assert not verify(copy).ok, f"{what} missing goes unnoticed"
+
+    (base / layout.RAY_SHARDS / "shard-000000").mkdir(parents=True)
+    left = verify(base)
+    assert not left.ok and any(layout.RAY_SHARDS in p for p in left.problems)
+    mended = verify(base, repair=True)
+    assert any(layout.RAY_SHARDS in r for r in mended.repaired) and not (base / layout.RAY_SHARDS).exists()
+    assert verify(base).ok

@@ -7,9 +7,9 @@ import pytest
 from conftest import run_cli, write_jsonl
 from umr.index import IndexStore
 from umr.retrieval.engine import Engine, Query
-from umr.retrieval.build_steps import StrictError
-from umr.retrieval.pipeline import build_index
-from umr.retrieval.vector_import import build_from_vectors
+from umr.retrieval.indexing.build_steps import StrictError
+from umr.retrieval.indexing.pipeline import build_index
+from umr.retrieval.indexing.vector_import import build_from_vectors
 from umr.index.search_plan import SearchPlan
 
 
@@ -141,8 +141,8 @@ def test_python_api_builds_from_vectors(tmp_path):
 
 def test_plain_id_lines_read_as_the_json_parser_reads_them(tmp_path):
     """Lines that are a bare JSON string skip the parser; every verdict matches the parser's."""
-    from umr.retrieval.readers import Rejected
-    from umr.retrieval.vector_import import plain_id, read_ids
+    from umr.retrieval.corpus.readers import Rejected
+    from umr.retrieval.indexing.vector_import import plain_id, read_ids
 
     lines = ['"a"', '"b\\u0041"', '"c" x', '"d\x01"', '""', '"e/image"', '"f"  ', '{"id": "g", "metadata": {"k": 1}}',
              '"h\\"q"', '7', '"caf\u00e9"', ' "i"']

@@ -203,8 +203,8 @@ def test_merged_search_over_http_fits_missing_scales_once_under_concurrent_first
     from umr.index import IndexStore
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.items import Item
-    from umr.retrieval.pipeline import build_index
-    from umr.retrieval.update import fit_update
+    from umr.retrieval.indexing.pipeline import build_index
+    from umr.retrieval.update.fit import fit_update
     from umr.server.app import create_app
     from umr.server.settings import ServerSettings
     from umr.cli import main

@@ -140,6 +140,33 @@ def _distill_loss(trainee, batch: list[Example], q: torch.Tensor, cfg: Contrasti
     return margin_mse(cos, scores, mask)
 
 
+def _usable(examples: list[Example], cfg: ContrastiveConfig) -> list[Example]:
+    """The examples the configured loss can learn from; refused where that is too few."""
+    if cfg.loss in ("kl", "margin-mse"):
+        examples = [ex for ex in examples if ex.teacher_items is not None and len(ex.teacher_items) >= 2]
+        if not examples:
+            raise InvalidArgument(f"loss {cfg.loss} needs teacher lists (`umr reranker score` output); the data has none")
+    if cfg.hard_negatives and not any(len(ex.negatives) for ex in examples):
+        raise InvalidArgument("hard_negatives is set but no query has mined negatives: run `umr mine` and train on its output")
+    if len(examples) < 2:
+        raise InvalidArgument(f"training needs at least 2 examples, got {len(examples)}")
+    return examples
+
+
+def _optimizer(trainee, cfg: ContrastiveConfig):
+    """AdamW over the trainee's parameter groups, the trainee set to train; (optimizer, parameters)."""
+    groups = trainee.parameters(cfg.trainable, cfg.learn_temperature)
+    # A trainee may give parameter groups with an `lr_scale` (pretrained layers learn slower than fresh heads).
+    groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
+    trainee.train(True)
+    if cfg.temperature is not None:
+        with torch.no_grad():
+            trainee.logit_scale.fill_(math.log(1 / cfg.temperature))
+    opt = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": cfg.lr * g.get("lr_scale", 1.0)}
+                             for g in groups], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, [p for g in groups for p in g["params"]]
+
+
 def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example], cfg: ContrastiveConfig,
                    log: Callable[[dict], None] | None = None, teacher: Encoder | None = None,
                    checkpoint: str | Path | None = None, trainee=None, progress: bool = False) -> list[dict]:
@@ -157,28 +184,12 @@ def train_examples(encoder: Encoder, bank: FeatureBank, examples: list[Example],
     Under `torchrun` every rank draws the same batches and embeds a slice of each; see
     training/distributed.py. Only the first rank writes checkpoints. `progress` shows a bar
     over the steps with the running loss and temperature (an MLLM epoch can take hours)."""
-    if cfg.loss in ("kl", "margin-mse"):
-        examples = [ex for ex in examples if ex.teacher_items is not None and len(ex.teacher_items) >= 2]
-        if not examples:
-            raise InvalidArgument(f"loss {cfg.loss} needs teacher lists (`umr reranker score` output); the data has none")
-    if cfg.hard_negatives and not any(len(ex.negatives) for ex in examples):
-        raise InvalidArgument("hard_negatives is set but no query has mined negatives: run `umr mine` and train on its output")
-    if len(examples) < 2:
-        raise InvalidArgument(f"training needs at least 2 examples, got {len(examples)}")
+    examples = _usable(examples, cfg)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     trainee = trainee or trainee_for(encoder, bank)
     teacher = trainee_for(teacher, bank) if teacher is not None else None
-    groups = trainee.parameters(cfg.trainable, cfg.learn_temperature)
-    # A trainee may give parameter groups with an `lr_scale` (pretrained layers learn slower than fresh heads).
-    groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
-    params = [p for g in groups for p in g["params"]]
-    trainee.train(True)
-    if cfg.temperature is not None:
-        with torch.no_grad():
-            trainee.logit_scale.fill_(math.log(1 / cfg.temperature))
-    opt = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": cfg.lr * g.get("lr_scale", 1.0)}
-                             for g in groups], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt, params = _optimizer(trainee, cfg)
     batch_size = min(cfg.batch_size, len(examples))
     steps_per_epoch = max(1, len(examples) // batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.steps is None else min(cfg.steps, cfg.epochs * steps_per_epoch)

@@ -20,7 +20,7 @@ from umr.retrieval.encoders.base import with_instruction
 from umr.retrieval.encoders.lit import LitHeads
 from umr.retrieval.encoders.tower_encoder import TowerEncoder
 from umr.retrieval.items import Item
-from umr.retrieval.mbeir import Instructions, MbeirQuery
+from umr.retrieval.corpus.mbeir import Instructions, MbeirQuery
 from umr.training.pairs import Pair
 
 

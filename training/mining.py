@@ -16,7 +16,7 @@ import numpy as np
 from umr.index.vector_index import exact_topk
 from umr.retrieval.encoders import Encoder
 from umr.retrieval.items import Item
-from umr.retrieval.mbeir import Instructions, MbeirQuery, target_modality
+from umr.retrieval.corpus.mbeir import Instructions, MbeirQuery, target_modality
 from umr.retrieval.progress import encode_with_bar, in_slices
 
 

@@ -19,8 +19,8 @@ import torch
 from umr.index.errors import InvalidArgument
 from umr.retrieval.encoders import Encoder
 from umr.retrieval.items import Item
-from umr.retrieval.mbeir import Instructions, MbeirQuery
-from umr.retrieval.reranker import fuse
+from umr.retrieval.corpus.mbeir import Instructions, MbeirQuery
+from umr.retrieval.rerank.reranker import fuse
 from umr.training.mining import portable, retrieve
 
 

@@ -21,7 +21,7 @@ from umr.retrieval.encoders.concept import ConceptEncoder
 from umr.retrieval.encoders.lit import CONFIG_FILE, LitEncoder
 from umr.retrieval.encoders.mllm import MllmEncoder
 from umr.retrieval.encoders.tower_encoder import TowerEncoder
-from umr.retrieval.mbeir import Instructions, read_sources
+from umr.retrieval.corpus.mbeir import Instructions, read_sources
 from umr.training import checkpoints, distributed
 from umr.training.contrastive import ContrastiveConfig, save_trained, train_examples
 from umr.training.examples import Example, FeatureBank, compute_with_progress, mbeir_examples, pair_examples

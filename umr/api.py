@@ -129,7 +129,7 @@ class Index:
         it resumes where the build stopped. `ray="auto"` (or a head node's address) encodes on a
         Ray cluster, as `umr index build --ray` does. `vector_dtype="float16"` keeps the exact
         vectors in half the disk."""
-        from umr.retrieval.pipeline import build_index
+        from umr.retrieval.indexing.pipeline import build_index
 
         if out is None:
             raise InvalidArgument("Index.build needs out=FOLDER, where the index is written")
@@ -145,7 +145,7 @@ class Index:
         """An index of precomputed embeddings (an (n, dim) .npy and one id or record per row in a
         JSONL file), as `umr index build --vectors --ids` builds it; `encoder` is the model that
         made them, recorded as the query encoder and never run on the documents."""
-        from umr.retrieval.vector_import import build_from_vectors
+        from umr.retrieval.indexing.vector_import import build_from_vectors
 
         if out is None:
             raise InvalidArgument("Index.from_vectors needs out=FOLDER, where the index is written")
@@ -259,7 +259,7 @@ class Index:
         `umr update --json` prints; raises UpdateRefused (a ValueError) when the compensated
         encoder would serve worse than the old one, unless `force`."""
         from umr.index.errors import InvalidArgument
-        from umr.retrieval.update import fit_update, registered_encoder
+        from umr.retrieval.update.fit import fit_update, registered_encoder
 
         if (encoder is None) == (to is None):
             raise InvalidArgument("update() takes an encoder (a new one) or to= (a version the index has registered)")

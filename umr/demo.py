@@ -71,7 +71,7 @@ class BackgroundServer:
 def run_demo(out: str | None = None, port: int = 0) -> int:
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.engine import Engine
-    from umr.retrieval.pipeline import build_index
+    from umr.retrieval.indexing.pipeline import build_index
     from umr.server.app import create_app
 
     tmp = None

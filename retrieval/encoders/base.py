@@ -18,7 +18,8 @@ from PIL import Image
 
 from umr.index.atomic import file_sha256
 from umr.index.errors import InvalidArgument
-from umr.retrieval import device_decode, numerics
+from umr.retrieval.encoders import device_decode
+from umr.retrieval import numerics
 from umr.retrieval.device import current as current_device
 from umr.retrieval.device import stack_batch
 from umr.retrieval.images import DEFAULT_LIMITS, ImageLimits, open_image
@@ -102,7 +103,7 @@ class Preparer:
     image_size: int
     supports_images: bool
     supports_texts: bool
-    decode_on_device: bool = False  # JPEGs go to the device decoder (retrieval/device_decode.py)
+    decode_on_device: bool = False  # JPEGs go to the device decoder (retrieval/encoders/device_decode.py)
 
     def prepare(self, item: Item, limits: ImageLimits = DEFAULT_LIMITS) -> Prepared:
         """A document's Prepared, as its encoder's `prepare(item, "document")` gives it."""
@@ -137,7 +138,7 @@ class Encoder(ABC):
     # Whether the forward passes honour --precision float16 (retrieval/numerics.py).
     reduced_precision = False
     # uint8 CHW pixels on any device -> the preprocessed image, where preprocessing is exactly
-    # that after decoding; what --image-decode device needs (retrieval/device_decode.py).
+    # that after decoding; what --image-decode device needs (retrieval/encoders/device_decode.py).
     device_resize_crop: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- what each backbone implements ---------------------------------------------------
@@ -264,7 +265,7 @@ class Encoder(ABC):
                batch_size: int = 64) -> np.ndarray:
         """L2-normalised float32 rows, one per item; images decode in worker threads while the
         model runs. An item that cannot be prepared raises what `prepare` raised."""
-        from umr.retrieval.prefetch import prefetch_batches
+        from umr.retrieval.encoders.prefetch import prefetch_batches
 
         check_role(role)
         chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]

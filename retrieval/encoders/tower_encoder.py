@@ -1,7 +1,7 @@
 """Encoders whose trained part sits on the locked lit towers' features (MiniLM, EfficientNet-Lite0).
 
 The towers never change, so `encode` reads their features from the on-disk feature cache
-(retrieval/feature_cache.py) by the items' content and only the small trained part runs:
+(retrieval/encoders/feature_cache.py) by the items' content and only the small trained part runs:
 mining, evaluation and calibration over data seen before skip the towers entirely.
 """
 from __future__ import annotations

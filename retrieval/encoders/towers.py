@@ -21,7 +21,7 @@ from umr.retrieval.device import current, stack_batch, to_cpu, to_device
 from umr.retrieval.encoders import packing
 from umr.retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
 from umr.retrieval.encoders.serial import serial
-from umr.retrieval.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
+from umr.retrieval.encoders.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
 
 TEXT_TOWER = "all-MiniLM-L6-v2"
 IMAGE_TOWER = "efficientnet_lite0"
@@ -95,7 +95,7 @@ class TextTower:
 
     def cached_features(self, texts: list[str], max_tokens: int = MAX_TOKENS, batch_size: int = 256,
                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """`features`, looked up in the on-disk feature cache first (retrieval/feature_cache.py)."""
+        """`features`, looked up in the on-disk feature cache first (retrieval/encoders/feature_cache.py)."""
         cache = FeatureCache.for_namespace(
             f"text-{TEXT_TOWER}-{self.digest[:16]}-t{max_tokens}{numerics.current().cache_tag()}", TEXT_DIM)
 
@@ -181,7 +181,7 @@ class ImageTower:
     def _cached(self, sources: list, forward: Callable[[torch.Tensor], torch.Tensor], cache, dim: int,
                 batch_size: int, workers: int, progress) -> torch.Tensor:
         from umr.retrieval.images import open_image
-        from umr.retrieval.prefetch import prefetch_batches
+        from umr.retrieval.encoders.prefetch import prefetch_batches
 
         def prep(src):
             if isinstance(src, torch.Tensor):
@@ -216,7 +216,7 @@ class ImageTower:
 
 def resize_crop(x: torch.Tensor) -> torch.Tensor:
     """uint8 CHW pixels, on any device: shorter side to IMAGE_SIZE (bicubic, antialiased),
-    centre square. Decoding on a GPU (retrieval/device_decode.py) ends here too."""
+    centre square. Decoding on a GPU (retrieval/encoders/device_decode.py) ends here too."""
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
     h, w = x.shape[-2:]

@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
             choose(args.device)
         from umr.retrieval import numerics
-
         numerics.choose(args.precision, args.image_decode)
         return args.fn(args)
     except BrokenPipeError:  # `umr search ... | head` closed the pipe: what was wanted has been read

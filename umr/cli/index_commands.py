@@ -21,14 +21,14 @@ def cmd_index_build(a) -> int:
     enc = load_encoder(a.encoder)
     progress = not a.no_progress and not a.json
     if a.vectors:
-        from umr.retrieval.vector_import import build_from_vectors
+        from umr.retrieval.indexing.vector_import import build_from_vectors
 
         report = build_from_vectors(a.vectors, a.ids, enc, a.out, modality=a.modality, index_kind=a.index,
                                     memory_budget=parse_bytes(a.memory_budget), batch_size=a.batch_size or 65536,
                                     strict=a.strict, progress=progress, vector_dtype=a.vector_dtype,
                                     target_recall=a.target_recall)
     else:
-        from umr.retrieval.pipeline import build_index
+        from umr.retrieval.indexing.pipeline import build_index
 
         report = build_index(a.corpus, enc, a.out, index_kind=a.index, memory_budget=parse_bytes(a.memory_budget),
                              batch_size=a.batch_size, workers=a.workers, strict=a.strict, corpus_format=a.format,
@@ -56,7 +56,7 @@ def cmd_index_build(a) -> int:
 
 def cmd_index_add(a) -> int:
     from umr.retrieval.engine import Engine
-    from umr.retrieval.pipeline import add_to_index
+    from umr.retrieval.indexing.pipeline import add_to_index
 
     eng = Engine.open(a.index_dir)
     try:
@@ -90,7 +90,7 @@ def cmd_index_verify(a) -> int:
 
     report = verify(a.index_dir, repair=a.repair, full=a.full)
     if a.reencode and not report.fatal and not report.unrepairable:
-        from umr.retrieval.reencode_check import reencode_check
+        from umr.retrieval.indexing.reencode_check import reencode_check
 
         reencode_check(a.index_dir, a.reencode, repair=a.repair).add_to(report)
     if a.json:
@@ -127,11 +127,12 @@ def cmd_index_compact(a) -> int:
 
 
 def cmd_index_tune(a) -> int:
+    from umr.index import recall_tuning
     from umr.index.store import IndexStore
 
     store = IndexStore.open(a.index_dir)
     try:
-        found = store.tune(a.target_recall, k=a.k)
+        found = recall_tuning.tune_store(store, a.target_recall, k=a.k)
     finally:
         store.close()
     if a.json:

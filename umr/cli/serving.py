@@ -43,7 +43,7 @@ def _use_reranker(eng, a) -> None:
     if bool(a.reranker) != bool(a.rerank):
         raise UserError("re-ranking needs both --reranker DIR and --rerank K")
     if a.reranker:
-        from umr.retrieval.reranker import load_reranker
+        from umr.retrieval.rerank.reranker import load_reranker
 
         eng.use_reranker(load_reranker(a.reranker), a.rerank, a.rerank_weight)
 

@@ -34,7 +34,7 @@ def cmd_train(a) -> int:
         raise UserError(str(e)) from None
 
     def evaluate(enc, root):
-        from umr.retrieval.evaluation import evaluate_mbeir, format_table
+        from umr.retrieval.evaluation.benchmarks import evaluate_mbeir, format_table
 
         res = evaluate_mbeir(enc, root)
         print(format_table(res), file=sys.stderr, flush=True)
@@ -68,7 +68,7 @@ def task_ids(text: str) -> list[int]:
 
 def cmd_eval(a) -> int:
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.evaluation import evaluate_beir, evaluate_mbeir, format_table
+    from umr.retrieval.evaluation.benchmarks import evaluate_beir, evaluate_mbeir, format_table
 
     if not a.encoder and not a.index_dir:
         raise UserError("give --encoder SPEC (repeatable) or an index directory whose encoder to evaluate")
@@ -146,14 +146,14 @@ def cmd_mine(a) -> int:
 
 
 def _mbeir_inputs(a):
-    from umr.retrieval.mbeir import Instructions, read_sources
+    from umr.retrieval.corpus.mbeir import Instructions, read_sources
 
     queries, pool = read_sources(a.queries, a.pool)
     return queries, pool, Instructions(a.instructions) if getattr(a, "instructions", None) else None
 
 
 def cmd_reranker_train(a) -> int:
-    from umr.retrieval.reranker import CrossConfig, LitReranker
+    from umr.retrieval.rerank.reranker import CrossConfig, LitReranker
     from dataclasses import asdict
 
     from umr.training.reranker_train import RerankerConfig, train_reranker
@@ -161,7 +161,7 @@ def cmd_reranker_train(a) -> int:
     queries, pool, _ = _mbeir_inputs(a)
     cfg = RerankerConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
     if a.backbone.startswith("hf-mllm:"):
-        from umr.retrieval.mllm_reranker import MllmReranker
+        from umr.retrieval.rerank.mllm_reranker import MllmReranker
 
         reranker = MllmReranker.fresh(a.backbone.split(":", 1)[1], a.lora_r, a.lora_alpha)
     elif a.backbone == "lit-cross":
@@ -183,7 +183,7 @@ def cmd_reranker_train(a) -> int:
 def cmd_reranker_score(a) -> int:
     from umr.index.atomic import atomic_write_bytes
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.reranker import load_reranker
+    from umr.retrieval.rerank.reranker import load_reranker
     from umr.training.reranker_train import score_lists
 
     if not 0 < a.fraction <= 1:

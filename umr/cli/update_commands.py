@@ -5,13 +5,11 @@ import json
 import sys
 
 from umr.cli.args import UserError, positive_int
-from umr.retrieval import compensators
-
-
+from umr.retrieval.update import compensators
 def cmd_update(a) -> int:
     from umr.index.store import IndexStore
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.update import describe_interval, fit_update, registered_encoder
+    from umr.retrieval.update.fit import describe_interval, fit_update, registered_encoder
 
     if a.reindex_sample and not (a.eval or a.eval_new):
         raise UserError("--reindex-sample compares on judged queries: give --eval QUERIES too")

@@ -16,7 +16,7 @@ import numpy as np
 from umr.index import version_scale as vs
 from umr.index.store import MODALITY_CODES, IndexStore, Segment
 from umr.retrieval.encoders import Encoder
-from umr.retrieval.generic_queries import generic_queries
+from umr.retrieval.update.generic_queries import generic_queries
 from umr.retrieval.items import stored_item
 
 log = logging.getLogger("umr.retrieval")

@@ -16,7 +16,7 @@ import numpy as np
 
 from umr.index.errors import InvalidArgument
 from umr.retrieval.items import Item
-from umr.retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
+from umr.retrieval.corpus.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
 
 
 @dataclass

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from umr.index.atomic import atomic_write, atomic_write_json
+
 from umr.index.errors import InvalidArgument
 
 # Every compensator class, by kind, in the order registered: `register` is the plug point, and
@@ -73,14 +75,14 @@ class Compensator:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path, name: str) -> dict:
+        """Its parameters (JSON) and arrays (safetensors), each written atomically; their names."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         files = {"params": f"{name}.json"}
-        (directory / files["params"]).write_text(json.dumps({"kind": self.kind, "params": self.params}, indent=2))
+        atomic_write_json(directory / files["params"], {"kind": self.kind, "params": self.params})
         if self.arrays:
             files["arrays"] = f"{name}.safetensors"
-            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.arrays.items()},
-                      str(directory / files["arrays"]))
+            arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.arrays.items()}
+            atomic_write(directory / files["arrays"], lambda tmp: save_file(arrays, tmp))
         return files
 
     @staticmethod

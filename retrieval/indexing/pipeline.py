@@ -11,16 +11,17 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from umr.index import layout
 from umr.index.build_journal import BuildJournal
 from umr.index.errors import IndexMismatch, InvalidArgument
 from umr.index.store import IndexStore
-from umr.retrieval.build_steps import BuildReport, accept, chunks, commit, numbered, problem_of
+from umr.retrieval.indexing.build_steps import BuildReport, accept, chunks, commit, numbered, problem_of
 from umr.retrieval.device import default_batch_size, default_workers
 from umr.retrieval.encoders.base import Encoder
 from umr.retrieval.items import Item
-from umr.retrieval.prefetch import prefetch_batches
+from umr.retrieval.encoders.prefetch import prefetch_batches
 from umr.retrieval.progress import bar as progress_bar
-from umr.retrieval.readers import Rejected, open_corpus
+from umr.retrieval.corpus.readers import Rejected, open_corpus
 
 log = logging.getLogger("umr.retrieval")
 
@@ -56,7 +57,7 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
                 corpus_format: str = "auto", progress: bool = True, ray: str | None = None,
                 shard_size: int = 4096, vector_dtype: str = "float32", target_recall: float | None = None) -> BuildReport:
     """Build (or resume building) the index at `out`. `ray`: encode on that Ray cluster ("auto"
-    or a head node's address) in shards of `shard_size` records (retrieval/distributed_build.py).
+    or a head node's address) in shards of `shard_size` records (retrieval/indexing/distributed_build.py).
     `vector_dtype`: how the exact vectors are kept (float16: half the disk; index/vector_file.py);
     `target_recall`: search parameters tuned for it at the end (index/recall_tuning.py)."""
     corpus = Path(corpus)
@@ -66,13 +67,13 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
         raise InvalidArgument(f"{_numerics_words(encoder.numerics())} applies to this process only, not to "
                               "Ray workers: build with --ray at the defaults, or without --ray")
     if ray:  # before anything is written: a cluster that cannot be reached leaves no half-made index
-        from umr.retrieval.distributed_build import connect
+        from umr.retrieval.indexing.distributed_build import connect
 
         connect(ray)
 
     def run(store, journal, report, start, bar):
         if ray:
-            from umr.retrieval.distributed_build import ray_ingest
+            from umr.retrieval.indexing.distributed_build import ray_ingest
 
             t0 = time.perf_counter()
             report.ray = ray_ingest(store, encoder, reader, report, start=start, address=ray, shard_size=shard_size,
@@ -87,7 +88,7 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
                        batch_size=batch_size, progress=progress, vector_dtype=vector_dtype,
                        target_recall=target_recall)
     if ray:
-        from umr.retrieval.distributed_build import remove_shards
+        from umr.retrieval.indexing.distributed_build import remove_shards
 
         remove_shards(Path(out))
     return report
@@ -107,7 +108,7 @@ def run_build(out: str | Path, encoder: Encoder, source: dict, label: str, total
     build is resumed), `run(store, journal, report, start, bar)` from the cursor, then train and
     fill FAISS, record the report and save. `source` identifies what is being indexed."""
     out = Path(out)
-    if (out / "manifest.json").exists():
+    if (out / layout.MANIFEST).exists():
         store = IndexStore.open(out)
         journal = BuildJournal(store)
         prev = journal.source

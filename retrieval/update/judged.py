@@ -11,7 +11,7 @@ import numpy as np
 
 from umr.index.errors import InvalidArgument
 from umr.index.store import IndexStore
-from umr.retrieval import compensators as cp
+from umr.retrieval.update import compensators as cp
 from umr.retrieval.encoders import Encoder, load_recorded
 from umr.retrieval.items import Item, stored_item
 from umr.index.search_plan import SearchPlan
@@ -19,7 +19,7 @@ from umr.index.search_plan import SearchPlan
 
 def read_eval_queries(path: str) -> tuple[list[Item], list[set[str]]]:
     """M-BEIR query JSONL (query_txt, query_img_path, pos_cand_list) or {"text", "image", "relevant"}."""
-    from umr.retrieval.readers import mbeir_image_root
+    from umr.retrieval.corpus.readers import mbeir_image_root
 
     p = Path(path)
     root = mbeir_image_root(p) if "query_txt" in p.read_text()[:2000] else p.parent

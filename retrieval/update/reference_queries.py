@@ -1,8 +1,8 @@
 """The reference queries of an encoder version: a fixed population, in that version's space,
 that the scales merging older segments (index/version_scale.py) are fitted with, in both spaces.
 
-Written by `umr update` beside the version it registers (`calibration/vN-reference.safetensors`,
-named in the version's record): for text, umr's generic queries, which belong to no segment's
+Written by `umr update` beside the version it registers (index/layout.py names the file; the
+version's record names it with its checksum): for text, umr's generic queries, which belong to no segment's
 domain; for images and image+text, the calibration queries the update embedded.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from umr.index.atomic import atomic_write
+from umr.index import layout, side_files
 from umr.index.store import IndexStore
 from umr.retrieval.encoders import Encoder
-from umr.retrieval.generic_queries import generic_queries
+from umr.retrieval.update.generic_queries import generic_queries
 
 TEXTS = 2000
 PER_MODALITY = 2000
@@ -41,15 +41,15 @@ def write_references(store: IndexStore, version: int, new: Encoder, queries: dic
         if len(rows) > PER_MODALITY:
             rows = rows[np.sort(rng.choice(len(rows), PER_MODALITY, replace=False))]
         arrays[_key(modality)] = np.ascontiguousarray(rows, dtype=np.float32)
-    rel = f"calibration/v{version}-reference.safetensors"
-    atomic_write(store.path / rel, lambda tmp: save_file(arrays, str(tmp)))
-    record = {"file": rel, "queries": {k.replace("+", ","): int(len(v)) for k, v in arrays.items()}}
-    store.version(version)["reference"] = record
+    record = side_files.write_recorded(store.path, layout.reference_file(version), lambda tmp: save_file(arrays, tmp))
+    store.set_reference(version, {**record, "queries": {k.replace("+", ","): int(len(v)) for k, v in arrays.items()}})
     return {k.replace("+", ","): v for k, v in arrays.items()}
 
 
 def read_references(store: IndexStore, version: int) -> dict[str, np.ndarray]:
     rec = store.version(version).get("reference")
-    if not rec or not (store.path / rec["file"]).exists():
+    if not rec:
         return {}
+    side_files.check(store.path, rec, f"encoder version {version}'s reference queries",
+                     f"`umr update {store.path} --to {version} --no-activate` writes them again")
     return {k.replace("+", ","): v for k, v in load_file(str(Path(store.path) / rec["file"])).items()}

@@ -26,14 +26,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from umr.index import layout
 from umr.index.errors import InvalidArgument
 from umr.index.store import IndexStore
 from umr.retrieval.items import Item
-from umr.retrieval.readers import Rejected
+from umr.retrieval.corpus.readers import Rejected
 
 log = logging.getLogger("umr.retrieval")
 
-SHARD_DIR = "ray-shards"
+SHARD_DIR = layout.RAY_SHARDS
 VECTORS = "vectors.npy"
 RECORDS = "records.jsonl"
 # Records held by the driver at once: the shards of one wave, so a 10M-record corpus never
@@ -125,7 +126,7 @@ def _encoder(record: dict):
 def prepare_batch(batch: dict, encoder_record: dict, preparer=None) -> dict:
     """CPU task: decode and preprocess one block of records; a failure is kept per record.
     With the encoder's weight-free `preparer` the task never loads the model."""
-    from umr.retrieval.build_steps import problem_of
+    from umr.retrieval.indexing.build_steps import problem_of
 
     prepare = preparer.prepare if preparer is not None else (lambda item: _encoder(encoder_record).prepare(item, "document"))
     prepared, problems = [], []
@@ -222,7 +223,7 @@ def read_shard(root: Path, shard: Shard) -> tuple[list[tuple[int, Item | Rejecte
 # -- the driver ----------------------------------------------------------------------------------
 def _shards_of(records: Iterable[Item | Rejected], start: int, shard_size: int) -> Iterator[tuple[Shard, list]]:
     """The corpus from ordinal `start`, cut into shards of `shard_size` (ordinal, record)."""
-    from umr.retrieval.build_steps import chunks, numbered
+    from umr.retrieval.indexing.build_steps import chunks, numbered
 
     for chunk in chunks(numbered(records, start), shard_size):
         yield Shard(chunk[0][0], len(chunk)), chunk
@@ -300,7 +301,7 @@ def encode_shards(root: Path, encoder_record: dict, shards: list[tuple[Shard, li
 def ray_ingest(store: IndexStore, encoder, records: Iterable[Item | Rejected], report, *, start: int, address: str,
                shard_size: int, batch_size: int, strict: bool, journal, progress=None) -> RayBuildStats:
     """Encode the corpus from ordinal `start` on a Ray cluster, then merge its shards in order."""
-    from umr.retrieval.build_steps import accept, commit
+    from umr.retrieval.indexing.build_steps import accept, commit
 
     if shard_size < 1:
         raise InvalidArgument("--shard-size must be at least 1")

@@ -271,7 +271,7 @@ def load_reranker(directory: str | Path):
     if not (directory / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{directory} is not a umr re-ranker (no {CONFIG_FILE}); train one with `umr reranker train`")
     if json.loads((directory / CONFIG_FILE).read_text()).get("type") == "mllm-yes-no":
-        from umr.retrieval.mllm_reranker import MllmReranker
+        from umr.retrieval.rerank.mllm_reranker import MllmReranker
 
         return MllmReranker.load(directory)
     return LitReranker.load(directory)

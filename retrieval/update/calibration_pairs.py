@@ -25,7 +25,7 @@ from umr.index.docstore import MODALITY_CODES
 from umr.index.errors import InvalidArgument
 from umr.index.store import IndexStore, Segment
 from umr.retrieval.encoders import Encoder, load_recorded
-from umr.retrieval.generic_queries import generic_queries
+from umr.retrieval.update.generic_queries import generic_queries
 from umr.retrieval.items import Item, stored_item
 
 MIN_PAIRS = 20
@@ -145,7 +145,7 @@ def item_pairs(items: list[Item], old: Encoder, new: Encoder) -> dict[str, tuple
 def generic_pairs(store: IndexStore, seg: Segment, old: Encoder, new: Encoder, limit: int,
                   seed: int = 0) -> tuple[dict, list[str]]:
     """Text calibration for a segment that holds no texts of its own (a photo library): umr's
-    generic queries (retrieval/generic_queries.py), keeping those that lie nearest the
+    generic queries (retrieval/update/generic_queries.py), keeping those that lie nearest the
     segment's documents in its own space, so the map is fitted where the segment's queries
     will be. Returns the pairs and the texts kept."""
     pool = list(generic_queries(GENERIC_POOL))

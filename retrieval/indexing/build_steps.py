@@ -1,8 +1,8 @@
 """The steps every kind of build shares, batch by batch: numbering the corpus, cutting it in
 batches, deciding which rows are indexed, committing a batch with its cursor.
 
-Apart from retrieval/pipeline.py so that the Ray build (retrieval/distributed_build.py) and the
-import of precomputed vectors (retrieval/vector_import.py) use them without importing the
+Apart from retrieval/indexing/pipeline.py so that the Ray build (retrieval/indexing/distributed_build.py) and the
+import of precomputed vectors (retrieval/indexing/vector_import.py) use them without importing the
 pipeline that calls them.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from umr.index.errors import InvalidArgument
 from umr.index.store import IndexStore
 from umr.retrieval.images import BadImage
 from umr.retrieval.items import Item
-from umr.retrieval.readers import Rejected
+from umr.retrieval.corpus.readers import Rejected
 
 MAX_REPORTED = 1000
 

@@ -28,7 +28,7 @@ from umr.index.document_rules import MAX_ID_CHARS, InvalidDocument, check_docume
 from umr.index.errors import IndexMismatch, InvalidArgument
 from umr.retrieval.encoders.base import Encoder
 from umr.retrieval.items import MODALITIES, Item
-from umr.retrieval.readers import Rejected
+from umr.retrieval.corpus.readers import Rejected
 
 
 @dataclass
@@ -189,7 +189,7 @@ def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | Rejected], r
                    batch_size: int, strict: bool, journal, progress=None) -> None:
     """Rows from `start` on, `batch_size` at a time, each batch committed with the cursor; `ids`
     yields the records of those rows (read_ids from the same `start`)."""
-    from umr.retrieval.build_steps import accept, commit
+    from umr.retrieval.indexing.build_steps import accept, commit
 
     seen: set[str] = set()
     t0 = time.perf_counter()
@@ -215,7 +215,7 @@ def build_from_vectors(vectors: str | Path, ids: str | Path, encoder: Encoder, o
                        batch_size: int = 65536, strict: bool = False, progress: bool = True,
                        vector_dtype: str = "float32", target_recall: float | None = None):
     """Build (or resume building) an index of precomputed vectors; resumable like any build."""
-    from umr.retrieval.pipeline import run_build
+    from umr.retrieval.indexing.pipeline import run_build
 
     if modality not in MODALITIES:
         raise InvalidArgument(f"unknown modality {modality!r} (use image, text or image,text)")

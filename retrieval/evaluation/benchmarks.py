@@ -11,9 +11,9 @@ import numpy as np
 from umr.index.errors import InvalidArgument
 from umr.retrieval.encoders.base import Encoder
 from umr.retrieval.items import Item
-from umr.retrieval.mbeir import target_modality
-from umr.retrieval.metrics import curve, summarize
-from umr.retrieval.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
+from umr.retrieval.corpus.mbeir import target_modality
+from umr.retrieval.evaluation.metrics import curve, summarize
+from umr.retrieval.corpus.readers import MbeirPoolCorpus, Rejected, mbeir_image_root
 
 KS = (1, 5, 10)
 CURVE_DEPTH = 100  # k = 1..100 for the curves `umr eval --plot` draws
@@ -85,7 +85,7 @@ def evaluate_mbeir(encoder: Encoder, root: str | Path, split: str = "test", task
                    local: bool = True, instruction: str | None = None, calibrated: bool = True,
                    curves: bool = False) -> dict:
     """Hit rate@1/5/10 (what M-BEIR calls Recall@k), recall@1/5/10, nDCG@10 and MRR@10 per task
-    (retrieval/metrics.py says how each is defined).
+    (retrieval/evaluation/metrics.py says how each is defined).
 
     With `curves`, each task also gets hit rate and recall at k = 1..100 (`curve`).
     Local: candidates restricted to the task's target modality (the modality of its positives).

@@ -1,5 +1,5 @@
 """Registering a new encoder on an index without re-embedding it: fit one compensator per
-(older segment, query modality) from calibration pairs (retrieval/calibration_pairs.py), then
+(older segment, query modality) from calibration pairs (retrieval/update/calibration_pairs.py), then
 activate the new version.
 
 Nothing is written until every check has passed: an update that would leave a query modality
@@ -13,14 +13,15 @@ import time
 
 import numpy as np
 
+from umr.index import layout, side_files
 from umr.index.errors import InvalidArgument
 from umr.index.store import IndexStore, Segment
-from umr.retrieval import compensators as cp
-from umr.retrieval.calibration_pairs import DEFAULT_CALIBRATION, MIN_PAIRS, QUERY_MODALITIES, check_sources, segment_pairs
+from umr.retrieval.update import compensators as cp
+from umr.retrieval.update.calibration_pairs import DEFAULT_CALIBRATION, MIN_PAIRS, QUERY_MODALITIES, check_sources, segment_pairs
 from umr.retrieval.encoders import Encoder, load_recorded
-from umr.retrieval.reference_queries import write_references
-from umr.retrieval.version_scales import fit_segment
-from umr.retrieval.update_eval import describe_interval, evaluate_variants, uncovered_eval_modalities
+from umr.retrieval.update.reference_queries import write_references
+from umr.retrieval.update.version_scales import fit_segment
+from umr.retrieval.update.judged import describe_interval, evaluate_variants, uncovered_eval_modalities
 
 log = logging.getLogger("umr.retrieval")
 
@@ -130,7 +131,7 @@ def fit_update(store: IndexStore, new: Encoder, calibration: list[str] | None = 
         # New-domain queries show what the update buys; they never refuse it.
         report["eval_new"] = evaluate_variants(store, new, fitted, pairs_of, eval_new_path, reindex_sample=reindex_sample)
     if eval_docs:
-        from umr.retrieval.update_preview import preview
+        from umr.retrieval.update.preview import preview
 
         queries = {label: path for label, path in (("old-domain", eval_path), ("new-domain", eval_new_path)) if path}
         if not queries:
@@ -189,11 +190,11 @@ def commit(store: IndexStore, new: Encoder, fitted: list, pairs_of: dict, report
     scales = {seg.id: fit_segment(store, seg, new, {m: c for s, m, c, _, _ in fitted if s.id == seg.id}, references)
               for seg in {s.id: s for s, *_ in fitted}.values()}
     for seg, modality, comp, table, n in fitted:
-        name = f"v{version}-{modality.replace(',', '+')}"
-        rel = f"segments/{seg.id}/compensators"
+        name, rel = layout.compensator_name(version, modality), layout.compensator_dir(seg.id)
         files = comp.save(store.path / rel, name)
         store.set_compensator(seg.id, version, modality, {
             "kind": comp.kind, "dir": rel, "name": name, "files": files, "pairs": int(n),
+            "checksums": side_files.checksums(store.path / rel, files.values()),
             "scales": scales[seg.id].get(modality, {}),
             "comparison": table, "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     store.record_event("update", version=version, fingerprint=new.fingerprint, calibration=calibration,

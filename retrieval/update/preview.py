@@ -21,8 +21,8 @@ import numpy as np
 from umr.index.store import DOCSTORE, IndexStore
 from umr.retrieval.encoders import Encoder, load_recorded
 from umr.retrieval.engine import Engine, Query
-from umr.retrieval.pipeline import add_to_index
-from umr.retrieval.update_eval import read_eval_queries
+from umr.retrieval.indexing.pipeline import add_to_index
+from umr.retrieval.update.judged import read_eval_queries
 
 
 def copy_index(src: Path, dst: Path) -> Path:
