@@ -121,11 +121,11 @@ def test_umr_train_writes_a_loadable_encoder_that_learns(flickr, tmp_path):
 
 @pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
-    r = run_cli("search", tmp_path / "nothing", "hello")
+    r = cli_in_process("search", tmp_path / "nothing", "hello")
     assert r.returncode == 2 and r.stderr.strip() == f"umr: error: {tmp_path / 'nothing'} is not a umr index (no manifest.json); build one with `umr index build`"
-    r = run_cli("index", "build", tmp_path / "nope.jsonl", "--out", tmp_path / "i", "--encoder", "tiny-clip")
+    r = cli_in_process("index", "build", tmp_path / "nope.jsonl", "--out", tmp_path / "i", "--encoder", "tiny-clip")
     assert r.returncode == 2 and "corpus not found" in r.stderr
-    r = run_cli("eval", "--encoder", "tiny-clip")
+    r = cli_in_process("eval", "--encoder", "tiny-clip")
     assert r.returncode == 2 and "--mbeir" in r.stderr
-    r = run_cli("index", "build", tmp_path / "nope.jsonl", "--out", tmp_path / "i", "--encoder", "bogus")
+    r = cli_in_process("index", "build", tmp_path / "nope.jsonl", "--out", tmp_path / "i", "--encoder", "bogus")
     assert r.returncode == 2 and "unknown encoder 'bogus'" in r.stderr

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_jsonl
+from conftest import cli_in_process, run_cli, write_jsonl
 from umr.index import IndexStore
 from umr.index.docstore import DocRecord
 from umr.index.errors import IndexError_
@@ -66,7 +66,7 @@ def test_random_bytes_in_a_faiss_file_are_found_and_rebuilt_from_the_document_st
         f.write(os.urandom(4096))
     report = verify(idx)
     assert not report.ok and any("checksum" in p for p in report.problems)
-    r = run_cli("index", "verify", idx)
+    r = cli_in_process("index", "verify", idx)
     assert r.returncode == 1 and "checksum" in r.stdout
     before = checkpoint(idx).read_bytes()
     reader = IndexStore.open(idx, "read")  # a reader rebuilds it in memory and says it left the file alone
@@ -80,7 +80,7 @@ def test_random_bytes_in_a_faiss_file_are_found_and_rebuilt_from_the_document_st
     again.save()
     again.close()
     assert verify(idx).ok
-    r = run_cli("index", "verify", idx)
+    r = cli_in_process("index", "verify", idx)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok")
 
 
@@ -99,7 +99,7 @@ def test_truncated_and_foreign_faiss_files_are_rebuilt(tmp_path):
     again.close()
     data = checkpoint(idx).read_bytes()
     checkpoint(idx).write_bytes(data[: len(data) // 3])
-    r = run_cli("index", "verify", idx, "--repair")
+    r = cli_in_process("index", "verify", idx, "--repair")
     assert r.returncode == 0 and "repaired: segment 0" in r.stdout and "bytes" in r.stdout, r.stdout + r.stderr
     final = IndexStore.open(idx, "read")
     assert not final.repairs and final.count() == 301 and top1_is_itself(final, vecs)
@@ -117,14 +117,14 @@ def test_a_missing_foreign_or_damaged_document_store_is_refused_in_one_line(tmp_
             os.remove(idx / f"docs.sqlite{suffix}")
     with pytest.raises(IndexError_, match="docs.sqlite is missing"):
         IndexStore.open(idx)
-    r = run_cli("index", "info", idx)
+    r = cli_in_process("index", "info", idx)
     assert r.returncode == 2 and "is missing" in r.stderr and "Traceback" not in r.stderr
     assert not (idx / "docs.sqlite").exists()  # refusing did not create an empty one
     shutil.copy(other / "docs.sqlite", idx / "docs.sqlite")
     with pytest.raises(IndexError_, match="belongs to another index"):
         IndexStore.open(idx)
     (idx / "docs.sqlite").write_bytes(b"not a database at all" * 100)
-    r = run_cli("search", idx, "anything", "--encoder", "tiny-clip")
+    r = cli_in_process("search", idx, "anything", "--encoder", "tiny-clip")
     assert r.returncode == 2 and "damaged" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     shutil.copy(backup, idx / "docs.sqlite")
@@ -146,7 +146,7 @@ def test_an_older_document_store_is_refused_unless_accepted_by_repair(tmp_path):
     shutil.copy(tmp_path / "old.sqlite", idx / "docs.sqlite")
     with pytest.raises(IndexError_, match="older than the rest of the index"):
         IndexStore.open(idx)
-    r = run_cli("index", "verify", idx)
+    r = cli_in_process("index", "verify", idx)
     assert r.returncode == 2 and "--repair" in r.stderr
     assert verify(idx, repair=True).ok
     again = IndexStore.open(idx, "read")
@@ -157,7 +157,7 @@ def test_an_older_document_store_is_refused_unless_accepted_by_repair(tmp_path):
 @pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_one_writer_at_a_time_readers_need_no_lock(tmp_path, tiny):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
-    assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    assert cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
     writer = IndexStore.open(tmp_path / "idx")
     with pytest.raises(IndexBusy, match=f"pid {os.getpid()}") as busy:
         IndexStore.open(tmp_path / "idx")
@@ -165,14 +165,14 @@ def test_one_writer_at_a_time_readers_need_no_lock(tmp_path, tiny):
     more = write_jsonl(tmp_path / "more.jsonl", [{"id": "m1", "text": "more"}])
     r = run_cli("index", "add", tmp_path / "idx", more)
     assert r.returncode == 2 and "open for writing by pid" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("search", tmp_path / "idx", "text number 3", "-k", "1")
+    r = cli_in_process("search", tmp_path / "idx", "text number 3", "-k", "1")
     assert r.returncode == 0 and "t3" in r.stdout  # a reader beside the writer
     reader = IndexStore.open(tmp_path / "idx", "read")
     with pytest.raises(IndexError_, match="read-only"):
         reader.add([DocRecord("x", "text", text="x")], np.zeros((1, writer.segments[0].dim), np.float32))
     reader.close()
     writer.close()
-    assert run_cli("index", "add", tmp_path / "idx", more).returncode == 0  # the lock went with its holder
+    assert cli_in_process("index", "add", tmp_path / "idx", more).returncode == 0  # the lock went with its holder
 
 
 def test_every_file_of_an_index_has_the_same_permissions(tmp_path):
@@ -191,7 +191,7 @@ def test_serving_writes_nothing_it_only_reads_and_checkpoints_in_the_background(
     from umr.demo import BackgroundServer
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
-    assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    assert cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
     files = lambda: {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "idx").rglob("*")  # noqa: E731
                      if p.is_file() and "docs.sqlite" not in p.name and not p.name.endswith(".lock")}
     before = files()
@@ -231,7 +231,7 @@ def test_compaction_drops_dead_rows_and_survives_a_crash_midway(tmp_path):
     expected = [[h.id for h in hs] for hs in store.search(SearchPlan(vecs[100:140], k=5))]
     assert store.info()["segments"][0]["deleted_rows"] == 60
     store.close()
-    r = run_cli("index", "compact", idx)
+    r = cli_in_process("index", "compact", idx)
     assert r.returncode == 0 and "dropped 60 dead rows" in r.stdout
     store = IndexStore.open(idx, "read")
     assert store.info()["segments"][0]["deleted_rows"] == 0 and store.count() == 290
@@ -325,7 +325,7 @@ def test_a_read_only_server_beside_the_writer_answers_searches_and_refuses_write
     from umr.demo import BackgroundServer
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"text number {i}"} for i in range(30)])
-    assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    assert cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
     writer = Engine.open(tmp_path / "idx")
     reader = Engine.open(tmp_path / "idx", mode="read")
     with BackgroundServer(create_app(reader)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:

@@ -99,3 +99,20 @@ def test_no_import_circles():
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def test_rooms_stay_small():
+    """No module in the package folders over 400 lines and no function over 80 (parsers
+    included): a room that outgrows this is split by job, not squeezed."""
+    too_big, too_long = [], []
+    for folder in ("index", "retrieval", "training", "server", "umr"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            lines = len(text.splitlines())
+            if lines > 400:
+                too_big.append(f"{path.relative_to(ROOT)}: {lines} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
+                                    f"{node.end_lineno - node.lineno + 1} lines")
+    assert not too_big and not too_long, too_big + too_long

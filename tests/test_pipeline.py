@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import ROOT, cli_in_process, write_jsonl
 from umr.index import IndexStore
 from umr.retrieval.indexing.build_steps import StrictError
 from umr.retrieval.indexing.pipeline import build_index
@@ -47,7 +47,7 @@ def test_strict_makes_a_bad_record_fatal(tmp_path, tiny):
     corpus = corpus_with_bad_records(tmp_path)
     with pytest.raises(StrictError, match="missing"):
         build_index(corpus, tiny, tmp_path / "idx", strict=True, progress=False)
-    r = run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx2", "--strict")
+    r = cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx2", "--strict")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("umr: error: bad record missing")
 
@@ -102,7 +102,7 @@ def test_resume_after_sigkill_ends_with_every_item_once(tmp_path, flickr, flickr
 def test_build_refuses_another_encoder_on_a_partial_index(tmp_path, tiny):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "text": "x"}])
     build_index(corpus, tiny, tmp_path / "idx", progress=False)
-    r = run_cli("index", "build", corpus, "--encoder", "tiny-clip:1", "--out", tmp_path / "idx")
+    r = cli_in_process("index", "build", corpus, "--encoder", "tiny-clip:1", "--out", tmp_path / "idx")
     assert r.returncode == 2 and "was started with encoder tiny-clip" in r.stderr
 
 
@@ -115,7 +115,7 @@ def test_resuming_with_other_index_flags_is_refused(tmp_path, tiny):
     store.manifest["build"] = {"source": {"corpus": str(corpus.resolve()), "format": "jsonl"}}
     store.save()
     store.close()
-    r = run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx", "--index", "hnsw")
+    r = cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx", "--index", "hnsw")
     assert r.returncode == 2 and "was started with --index flat" in r.stderr
-    r = run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx", "--index", "flat")
+    r = cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx", "--index", "flat")
     assert r.returncode == 0 and "indexed 5 items" in r.stdout

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_in_process
 
 SAMPLE = ROOT / "umr" / "sample"
 
@@ -37,11 +37,11 @@ def sample_mbeir(tmp_path_factory):
 def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, lit):
     pool, queries, root = sample_mbeir
     neg = root / "neg.jsonl"
-    r = run_cli("mine", "--encoder", "lit-base", "--queries", queries, "--pool", pool, "--out", neg,
+    r = cli_in_process("mine", "--encoder", "lit-base", "--queries", queries, "--pool", pool, "--out", neg,
                 "--keep", "3", "--guard", "none")
     assert r.returncode == 0, r.stderr
     rr = root / "rr"
-    r = run_cli("reranker", "train", "--queries", neg, "--pool", pool, "--out", rr, "--epochs", "6",
+    r = cli_in_process("reranker", "train", "--queries", neg, "--pool", pool, "--out", rr, "--epochs", "6",
                 "--batch-size", "8", "--lr", "1e-3")
     assert r.returncode == 0, r.stderr
     assert (rr / "umr_reranker.json").exists() and (rr / "reranker.safetensors").exists()
@@ -65,15 +65,15 @@ def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, li
 
     # Retrieve-then-rerank, from the CLI and over HTTP.
     idx = root / "idx"
-    r = run_cli("index", "build", pool, "--out", idx, "--encoder", "lit-base")
+    r = cli_in_process("index", "build", pool, "--out", idx, "--encoder", "lit-base")
     assert r.returncode == 0, r.stderr
-    r = run_cli("search", idx, q.item.text, "-k", "3", "--reranker", rr, "--rerank", "6", "--rerank-weight", "0.5", "--json")
+    r = cli_in_process("search", idx, q.item.text, "-k", "3", "--reranker", rr, "--rerank", "6", "--rerank-weight", "0.5", "--json")
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)
     assert len(hits) == 3 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     for h in hits:
         assert h["score"] == pytest.approx(h["rerank"]["cosine"] + 0.5 * h["rerank"]["p_yes"], abs=1e-5)
-    r = run_cli("search", idx, "x", "--rerank", "6")
+    r = cli_in_process("search", idx, "x", "--rerank", "6")
     assert r.returncode == 2 and "--reranker" in r.stderr
     from umr.retrieval.engine import Engine
     from umr.server.app import create_app
@@ -92,7 +92,7 @@ def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, li
     assert image.status_code == 200 and all(h["rerank"] for h in image.json()["results"])
 
     lists = root / "lists.jsonl"
-    r = run_cli("reranker", "score", "--reranker", rr, "--encoder", "lit-base", "--queries", queries, "--pool", pool,
+    r = cli_in_process("reranker", "score", "--reranker", rr, "--encoder", "lit-base", "--queries", queries, "--pool", pool,
                 "--out", lists, "--top", "5", "--fraction", "1", "--weight", "0.5")
     assert r.returncode == 0, r.stderr
     recs = [json.loads(x) for x in lists.read_text().splitlines()]
@@ -117,12 +117,12 @@ stages:
     lr: 1e-3
     schedule: constant
 """)
-    r = run_cli("train", recipe)
+    r = cli_in_process("train", recipe)
     assert r.returncode == 0, r.stderr
     log = [json.loads(x) for x in (root / "run" / "01-distill" / "training_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
     recipe.write_text(recipe.read_text().replace("loss: kl", "loss: margin-mse"))
-    r = run_cli("train", recipe)
+    r = cli_in_process("train", recipe)
     assert r.returncode == 0, r.stderr
     log = [json.loads(x) for x in (root / "run" / "01-distill" / "training_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]

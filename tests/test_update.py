@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import cli_in_process, run_cli, write_jsonl
+from conftest import cli_in_process, write_jsonl
 from umr.index import IndexStore
 from umr.retrieval.engine import CompensationMissing, Engine, Query
 from umr.retrieval.items import Item
@@ -115,10 +115,10 @@ def test_queries_of_a_modality_without_calibration_are_refused(updated):
 @pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_cli_update_and_old_encoder_still_refused_for_adds(v1_index):
     idx, texts = v1_index
-    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--json")
+    r = cli_in_process("update", idx, "--encoder", "tiny-clip:1", "--json")
     assert r.returncode == 2 and "image and image,text queries, which segment 0 answers now" in r.stderr, r.stderr
     assert "--force" in r.stderr and json.loads((idx / "manifest.json").read_text())["active_version"] == 1
-    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--json", "--force")
+    r = cli_in_process("update", idx, "--encoder", "tiny-clip:1", "--json", "--force")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["active_version"] == 2 and rep["segments"][0]["modalities"]["text"]["pairs"] == 600
@@ -212,7 +212,7 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     queries = write_jsonl(tmp_path / "q.jsonl", [{"text": texts[i], "relevant": [f"d{i}"]} for i in range(0, 600, 6)])
     images = image_calibration(tmp_path)
     before = json.loads((idx / "manifest.json").read_text())
-    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries,
+    r = cli_in_process("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries,
                 "--calibration", "corpus", "--calibration", images)  # a shift cannot map two random models
     assert r.returncode == 2 and "not activated" in r.stderr and "--force" in r.stderr, r.stderr
     assert "beyond the noise" in r.stderr and "95% interval" in r.stderr
@@ -222,7 +222,7 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     ckpt = tmp_path / "same.pt"
     torch.save(tiny.model.state_dict(), ckpt)
     plot = tmp_path / "update.png"
-    r = run_cli("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--reindex-sample", "200",
+    r = cli_in_process("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--reindex-sample", "200",
                 "--calibration", "corpus", "--calibration", images, "--json", "--plot", plot)
     assert r.returncode == 0, r.stderr
     # The comparison as bars: one colour per variant (five or more here), the chosen one outlined.
@@ -237,10 +237,10 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     assert sample["new encoder re-indexed on the sample"] == pytest.approx(sample["old encoders on the sample"])
     ev = json.loads(r.stdout)["eval"]["hit_rate@5"]
     assert ev["chosen"] >= ev["old encoders"] and {"mean", "linear", "mlp", "new, uncompensated"} <= set(ev)
-    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries, "--force", "--json")
+    r = cli_in_process("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries, "--force", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["active_version"] == 3
     # new-domain queries are shown beside the old ones; they never refuse an update
-    r = run_cli("update", idx, "--method", "mean", "--eval-new", queries,
+    r = cli_in_process("update", idx, "--method", "mean", "--eval-new", queries,
                 "--calibration", "corpus", "--calibration", images, "--no-activate", "--encoder", "tiny-clip:2")
     assert r.returncode == 0, r.stderr
     assert "new-domain queries): old encoders" in r.stdout and "chosen against the old encoders" in r.stdout
@@ -330,7 +330,7 @@ def test_an_update_that_leaves_a_segment_unsearchable_is_not_activated(tmp_path,
     # by default, a segment with too few texts of its own is calibrated with umr's generic queries
     assert report["segments"][0]["modalities"]["text"]["sources"] == ["corpus", "generic"]
     store.close()
-    r = run_cli("update", tmp_path / "idx", "--encoder", "tiny-clip:2")
+    r = cli_in_process("update", tmp_path / "idx", "--encoder", "tiny-clip:2")
     assert r.returncode == 2 and "not activated" in r.stderr
 
 
@@ -355,7 +355,7 @@ def test_eval_docs_previews_both_futures_on_copies_and_leaves_the_index_as_it_wa
     new_q = write_jsonl(tmp_path / "newq.jsonl", [{"text": f"purple elephant {i} {i * 7}", "relevant": [f"n{i}"]}
                                                   for i in range(40)])
     before = json.loads((idx / "manifest.json").read_text())
-    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--calibration", "corpus", "--calibration", images,
+    r = cli_in_process("update", idx, "--encoder", "tiny-clip:1", "--calibration", "corpus", "--calibration", images,
                 "--eval", old_q, "--eval-new", new_q, "--eval-docs", new_docs, "--no-activate", "--json")
     assert r.returncode == 0, r.stderr
     preview = json.loads(r.stdout)["preview"]
@@ -369,7 +369,7 @@ def test_eval_docs_previews_both_futures_on_copies_and_leaves_the_index_as_it_wa
     store.close()
     after = json.loads((idx / "manifest.json").read_text())["segments"]
     assert [(s["id"], s["count"], s["encoder"]) for s in after] == [(s["id"], s["count"], s["encoder"]) for s in before["segments"]]
-    r = run_cli("update", idx, "--encoder", "tiny-clip:1", "--eval-docs", new_docs, "--no-activate")
+    r = cli_in_process("update", idx, "--encoder", "tiny-clip:1", "--eval-docs", new_docs, "--no-activate")
     assert r.returncode == 2 and "give at least one of them" in r.stderr
 
 

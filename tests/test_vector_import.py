@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_jsonl
+from conftest import cli_in_process, run_cli, write_jsonl
 from umr.index import IndexStore
 from umr.retrieval.engine import Engine, Query
 from umr.retrieval.indexing.build_steps import StrictError
@@ -115,7 +115,7 @@ def test_import_errors_are_one_line(tmp_path):
         (["--vectors", tmp_path / "emb2.npy"], "has 3 vectors but"),
     ]
     for args, message in cases:
-        r = run_cli("index", "build", *args, "--ids", tmp_path / "ids.jsonl", "--encoder", "tiny-clip",
+        r = cli_in_process("index", "build", *args, "--ids", tmp_path / "ids.jsonl", "--encoder", "tiny-clip",
                     "--out", tmp_path / "out")
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
