@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FLICKR, ROOT, run_cli, write_jsonl
+from conftest import FLICKR, ROOT, cli_in_process, write_jsonl
 from umr.index import IndexStore
 from umr.retrieval.encoders import load_encoder
 from umr.retrieval.engine import Engine, Query
@@ -62,7 +62,7 @@ def test_an_index_of_the_old_default_still_searches_and_upgrades_without_reindex
     store.close()
     # No calibration flags: a photo-only index has no texts of its own, so text queries are
     # calibrated with umr's generic queries, and image+text ones with its photos paired with them.
-    r = run_cli("update", tmp_path / "idx", "--encoder", "lit-base", "--json")
+    r = cli_in_process("update", tmp_path / "idx", "--encoder", "lit-base", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["active_version"] == 2

@@ -77,7 +77,7 @@ def test_lit_base_meets_the_baseline_with_umr_eval(flickr):
     assert list(res) == ["task3"] and res["task3"]["candidates"] == 1200
     assert res["task3"]["pool"].startswith("global (calibrated") and res["task3"]["hit_rate@5"] >= 0.35
     r = cli_in_process("eval", "--encoder", "lit-base", "--mbeir", flickr / "mbeir", "--global", "--task", "3",
-                "--no-calibration", "--json")
+                       "--no-calibration", "--json")
     raw = json.loads(r.stdout)["tasks"]["task3"]
     assert raw["pool"] == "global" and raw["hit_rate@5"] < res["task3"]["hit_rate@5"] - 0.2  # the modality gap
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, write_jsonl
+from conftest import cli_in_process, write_jsonl
 from umr.retrieval.items import Item
 from umr.retrieval.corpus.mbeir import MbeirQuery, read_pool, read_queries
 from umr.training.losses import info_nce, listwise_kl, margin_mse
@@ -86,14 +86,14 @@ def test_mining_drops_positives_and_likely_false_negatives(tiny, pool_and_querie
 def test_umr_mine_cli(tiny, pool_and_queries, tmp_path):
     pool, queries = pool_and_queries
     out = tmp_path / "neg.jsonl"
-    r = run_cli("mine", "--encoder", "tiny-clip", "--queries", queries, "--pool", pool, "--out", out, "--keep", "2")
+    r = cli_in_process("mine", "--encoder", "tiny-clip", "--queries", queries, "--pool", pool, "--out", out, "--keep", "2")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [len(x["neg_cand_list"]) for x in lines] == [2, 2] and "4 negatives for 2 queries" in r.stdout
     assert read_queries(out)[0].negatives == lines[0]["neg_cand_list"]  # the output is itself M-BEIR query data
-    r = run_cli("mine", "--encoder", "tiny-clip", "--queries", queries, "--pool", pool, "--out", out, "--window", "5:2")
+    r = cli_in_process("mine", "--encoder", "tiny-clip", "--queries", queries, "--pool", pool, "--out", out, "--window", "5:2")
     assert r.returncode == 2 and "--window" in r.stderr
-    r = run_cli("mine", "--encoder", "tiny-clip", "--queries", pool, "--pool", pool, "--out", out)
+    r = cli_in_process("mine", "--encoder", "tiny-clip", "--queries", pool, "--pool", pool, "--out", out)
     assert r.returncode == 2 and "qid" in r.stderr
 
 

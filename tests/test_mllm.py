@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FLICKR, require_data, run_cli, write_jsonl
+from conftest import FLICKR, cli_in_process, require_data, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ stages:
     lr: 0.003
     schedule: constant
 """)
-    r = run_cli("train", tmp_path / "recipe.yaml")
+    r = cli_in_process("train", tmp_path / "recipe.yaml")
     assert r.returncode == 0, r.stderr
     enc_dir = tmp_path / "run" / "01-pairs"
     log = [json.loads(line) for line in (enc_dir / "training_log.jsonl").read_text().splitlines()]
@@ -141,9 +141,9 @@ stages:
     corpus = write_jsonl(tmp_path / "corpus.jsonl",
                          [{"id": f"img{i}", "image": img} for i, (img, _) in enumerate(photos)] +
                          [{"id": f"cap{i}", "text": caps[0]} for i, (_, caps) in enumerate(photos)])
-    r = run_cli("index", "build", corpus, "--out", tmp_path / "idx", "--encoder", enc_dir)
+    r = cli_in_process("index", "build", corpus, "--out", tmp_path / "idx", "--encoder", enc_dir)
     assert r.returncode == 0, r.stderr
-    r = run_cli("search", tmp_path / "idx", photos[3][1][0], "-k", "3", "--json")
+    r = cli_in_process("search", tmp_path / "idx", photos[3][1][0], "-k", "3", "--json")
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)
     assert hits[0]["id"] == "cap3"  # the indexed copy of the query text ranks first
@@ -155,8 +155,8 @@ stages:
         {"qid": f"q{i}:{j}", "query_txt": c, "query_img_path": None, "query_modality": "text", "task_id": 0,
          "pos_cand_list": [f"d{i}"], "neg_cand_list": [f"d{(i + 1) % len(photos)}", f"d{(i + 5) % len(photos)}"]}
         for i, (_, caps) in enumerate(photos) for j, c in enumerate(caps[:2])])
-    r = run_cli("reranker", "train", "--backbone", f"hf-mllm:{base}", "--queries", queries, "--pool", pool,
-                "--out", tmp_path / "rr", "--epochs", "4", "--batch-size", "8", "--lr", "3e-3", "--lora-r", "4")
+    r = cli_in_process("reranker", "train", "--backbone", f"hf-mllm:{base}", "--queries", queries, "--pool", pool,
+                       "--out", tmp_path / "rr", "--epochs", "4", "--batch-size", "8", "--lr", "3e-3", "--lora-r", "4")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "rr" / "umr_reranker.json").read_text())["type"] == "mllm-yes-no"
     epochs = [line for line in r.stderr.splitlines() if line.startswith("epoch")]
@@ -171,8 +171,8 @@ stages:
     assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
     assert np.array_equal(p, load_reranker(tmp_path / "rr").score(Item(text=photos[2][1][0]),
                                                                   [Item(image=photos[2][0]), Item(image=photos[3][0])]))
-    r = run_cli("search", tmp_path / "idx", photos[2][1][0], "-k", "3", "--json", "--reranker", tmp_path / "rr",
-                "--rerank", "5", "--rerank-weight", "0.01")
+    r = cli_in_process("search", tmp_path / "idx", photos[2][1][0], "-k", "3", "--json", "--reranker", tmp_path / "rr",
+                       "--rerank", "5", "--rerank-weight", "0.01")
     assert r.returncode == 0, r.stderr
     hits = json.loads(r.stdout)
     assert all(0 < h["rerank"]["p_yes"] < 1 for h in hits)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli_in_process, run_cli
+from conftest import cli_in_process
 from umr.training.recipe import RecipeError, load_recipe
 
 
@@ -66,9 +66,9 @@ def test_bad_recipes_name_the_problem(tmp_path, body, message):
 
 
 def test_bad_recipe_is_a_one_line_cli_error(tmp_path):
-    r = run_cli("train", write(tmp_path / "r.yaml", "out: o\nstages:\n  - {name: a, data: {pairs: nope.jsonl}}"))
+    r = cli_in_process("train", write(tmp_path / "r.yaml", "out: o\nstages:\n  - {name: a, data: {pairs: nope.jsonl}}"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope.jsonl does not exist" in r.stderr
-    r = run_cli("train", tmp_path / "r.yaml", "--pairs", "x.csv")
+    r = cli_in_process("train", tmp_path / "r.yaml", "--pairs", "x.csv")
     assert r.returncode == 2 and "not both" in r.stderr
 
 
@@ -142,7 +142,7 @@ stages:
     continual: {{teacher: run/01-text, weight: 0.5}}
 """
     recipe = write(tmp_path / "r.yaml", body)
-    r = run_cli("train", recipe, "--eval", flickr / "mbeir")
+    r = cli_in_process("train", recipe, "--eval", flickr / "mbeir")
     assert r.returncode == 0, r.stderr
     s1 = json.loads((tmp_path / "run" / "01-text" / "stage.json").read_text())
     s2 = json.loads((tmp_path / "run" / "02-images" / "stage.json").read_text())
@@ -173,7 +173,7 @@ stages:
     # M-BEIR image paths are relative to the folder above mbeir/: point it at the real images.
     (tmp_path / "images").symlink_to(flickr / "images")
     r = cli_in_process("mine", "--encoder", tmp_path / "run" / "02-images", "--queries", queries, "--pool", images_pool,
-                "--out", tmp_path / "neg.jsonl", "--keep", "4")
+                       "--out", tmp_path / "neg.jsonl", "--keep", "4")
     assert r.returncode == 0, r.stderr
     mined = [json.loads(x) for x in (tmp_path / "neg.jsonl").read_text().splitlines()]
     assert len(mined) == 1000 and sum(len(m["neg_cand_list"]) for m in mined) > 3000

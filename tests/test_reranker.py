@@ -38,11 +38,11 @@ def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, li
     pool, queries, root = sample_mbeir
     neg = root / "neg.jsonl"
     r = cli_in_process("mine", "--encoder", "lit-base", "--queries", queries, "--pool", pool, "--out", neg,
-                "--keep", "3", "--guard", "none")
+                       "--keep", "3", "--guard", "none")
     assert r.returncode == 0, r.stderr
     rr = root / "rr"
     r = cli_in_process("reranker", "train", "--queries", neg, "--pool", pool, "--out", rr, "--epochs", "6",
-                "--batch-size", "8", "--lr", "1e-3")
+                       "--batch-size", "8", "--lr", "1e-3")
     assert r.returncode == 0, r.stderr
     assert (rr / "umr_reranker.json").exists() and (rr / "reranker.safetensors").exists()
     from umr.retrieval.corpus.mbeir import read_pool, read_queries
@@ -93,7 +93,7 @@ def test_reranker_trains_saves_reloads_and_scores_teacher_lists(sample_mbeir, li
 
     lists = root / "lists.jsonl"
     r = cli_in_process("reranker", "score", "--reranker", rr, "--encoder", "lit-base", "--queries", queries, "--pool", pool,
-                "--out", lists, "--top", "5", "--fraction", "1", "--weight", "0.5")
+                       "--out", lists, "--top", "5", "--fraction", "1", "--weight", "0.5")
     assert r.returncode == 0, r.stderr
     recs = [json.loads(x) for x in lists.read_text().splitlines()]
     assert len(recs) == len(read_queries(queries))

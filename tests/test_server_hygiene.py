@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import png_bytes, run_cli, served_index, write_jsonl
+from conftest import cli_in_process, png_bytes, served_index, write_jsonl
 from umr.retrieval.encoders.base import Prepared
 from umr.retrieval.engine import Engine, Query
 from umr.retrieval.items import Item
@@ -224,7 +224,7 @@ def test_corpus_records_that_could_not_be_served_are_rejected_by_the_build(tmp_p
              '{"id": "deep", "text": "deep", "metadata": {"a": %s}}' % ("[" * 40 + "]" * 40),
              '{"id": "ok2", "text": "another fine record"}']
     corpus = write_jsonl(tmp_path / "c.jsonl", lines)
-    r = run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx", "--json")
+    r = cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx", "--json")
     assert r.returncode == 0, r.stderr
     engine = Engine.open(tmp_path / "idx", "tiny-clip")
     assert engine.store.count() == 2

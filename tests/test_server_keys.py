@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import run_cli, write_jsonl
+from conftest import cli_in_process, run_cli, write_jsonl
 from umr.retrieval.engine import Engine
 from umr.retrieval.indexing.pipeline import build_index
 from umr.server.app import create_app
@@ -21,7 +21,7 @@ from umr.demo import BackgroundServer
 
 
 def make_key(path, scope):
-    r = run_cli("keys", "add", "--scope", scope, "--file", path)
+    r = cli_in_process("keys", "add", "--scope", scope, "--file", path)
     assert r.returncode == 0, r.stderr
     key = r.stdout.strip()
     assert key.startswith("umr_") and len(key) > 40 and "only time" in r.stderr
@@ -47,11 +47,11 @@ def test_key_file_holds_hashes_only_and_keys_are_shown_once(tmp_path):
     ring = KeyRing.load(path)
     assert {scope: ring.scope_of(k) for scope, k in keys.items()} == {"read": "read", "write": "write", "admin": "admin"}
     assert ring.scope_of(keys["read"] + "x") is None and ring.scope_of("") is None
-    listed = run_cli("keys", "list", "--file", path)
+    listed = cli_in_process("keys", "list", "--file", path)
     assert "read-1\tread" in listed.stdout and not any(k in listed.stdout for k in keys.values())
-    assert run_cli("keys", "revoke", "read-1", "--file", path).returncode == 0
+    assert cli_in_process("keys", "revoke", "read-1", "--file", path).returncode == 0
     assert KeyRing.load(path).scope_of(keys["read"]) is None
-    bad = run_cli("keys", "revoke", "nobody", "--file", path)
+    bad = cli_in_process("keys", "revoke", "nobody", "--file", path)
     assert bad.returncode == 2 and "no key named 'nobody'" in bad.stderr
     path.write_text("{\"keys\": 3}")
     r = run_cli("serve", tmp_path, "--key-file", path)

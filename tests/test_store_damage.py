@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, cli_in_process, run_cli, write_jsonl
+from conftest import ROOT, cli_in_process, write_jsonl
 from umr.index import IndexStore, integrity
 from umr.index import vector_index as vi
 from umr.index.errors import IndexDamaged, IndexError_
@@ -166,7 +166,7 @@ def test_faiss_holding_other_vectors_behind_a_matching_record_is_found_and_repai
 
 def test_reencode_finds_a_stored_vector_that_is_not_its_documents_encoding(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"a note about topic {i}"} for i in range(60)])
-    assert run_cli("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    assert cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
     db = sqlite3.connect(tmp_path / "idx" / "docs.sqlite")
     seg, row = db.execute("SELECT segment, row FROM docs WHERE id='t17'").fetchone()
     db.close()

@@ -213,7 +213,7 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     images = image_calibration(tmp_path)
     before = json.loads((idx / "manifest.json").read_text())
     r = cli_in_process("update", idx, "--encoder", "tiny-clip:1", "--method", "mean", "--eval", queries,
-                "--calibration", "corpus", "--calibration", images)  # a shift cannot map two random models
+                       "--calibration", "corpus", "--calibration", images)  # a shift cannot map two random models
     assert r.returncode == 2 and "not activated" in r.stderr and "--force" in r.stderr, r.stderr
     assert "beyond the noise" in r.stderr and "95% interval" in r.stderr
     after = json.loads((idx / "manifest.json").read_text())
@@ -223,7 +223,7 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     torch.save(tiny.model.state_dict(), ckpt)
     plot = tmp_path / "update.png"
     r = cli_in_process("update", idx, "--encoder", f"openclip:umr-tiny@{ckpt}", "--eval", queries, "--reindex-sample", "200",
-                "--calibration", "corpus", "--calibration", images, "--json", "--plot", plot)
+                       "--calibration", "corpus", "--calibration", images, "--json", "--plot", plot)
     assert r.returncode == 0, r.stderr
     # The comparison as bars: one colour per variant (five or more here), the chosen one outlined.
     from test_cli_behaviour import colour_pixels
@@ -241,7 +241,7 @@ def test_eval_guard_refuses_a_worse_update_and_changes_nothing(v1_index, tmp_pat
     assert r.returncode == 0 and json.loads(r.stdout)["active_version"] == 3
     # new-domain queries are shown beside the old ones; they never refuse an update
     r = cli_in_process("update", idx, "--method", "mean", "--eval-new", queries,
-                "--calibration", "corpus", "--calibration", images, "--no-activate", "--encoder", "tiny-clip:2")
+                       "--calibration", "corpus", "--calibration", images, "--no-activate", "--encoder", "tiny-clip:2")
     assert r.returncode == 0, r.stderr
     assert "new-domain queries): old encoders" in r.stdout and "chosen against the old encoders" in r.stdout
 
@@ -356,7 +356,7 @@ def test_eval_docs_previews_both_futures_on_copies_and_leaves_the_index_as_it_wa
                                                   for i in range(40)])
     before = json.loads((idx / "manifest.json").read_text())
     r = cli_in_process("update", idx, "--encoder", "tiny-clip:1", "--calibration", "corpus", "--calibration", images,
-                "--eval", old_q, "--eval-new", new_q, "--eval-docs", new_docs, "--no-activate", "--json")
+                       "--eval", old_q, "--eval-new", new_q, "--eval-docs", new_docs, "--no-activate", "--json")
     assert r.returncode == 0, r.stderr
     preview = json.loads(r.stdout)["preview"]
     assert preview["added"] == 40

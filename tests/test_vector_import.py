@@ -116,7 +116,7 @@ def test_import_errors_are_one_line(tmp_path):
     ]
     for args, message in cases:
         r = cli_in_process("index", "build", *args, "--ids", tmp_path / "ids.jsonl", "--encoder", "tiny-clip",
-                    "--out", tmp_path / "out")
+                           "--out", tmp_path / "out")
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
