@@ -336,3 +336,36 @@ def test_a_read_only_server_beside_the_writer_answers_searches_and_refuses_write
     reader.close()
     assert writer.store.count() == 30
     writer.close()
+
+
+def test_a_damaged_manifest_or_commit_mark_is_named_not_guessed_around(tmp_path):
+    """The last two kinds of file index/layout.py names: a manifest that is not JSON (cut short
+    mid-write by a tool that did not write it atomically) is refused in one line by every
+    command and by verify, and nothing is written; a commit mark that cannot be read proves
+    nothing either way, so the index opens and verify passes (the mark is rewritten by the next
+    write)."""
+    from umr.index import commit_mark, layout
+
+    idx = tmp_path / "idx"
+    store, vecs = make(idx)
+    store.close()
+    manifest = (idx / layout.MANIFEST).read_bytes()
+    (idx / layout.MANIFEST).write_bytes(manifest[: len(manifest) // 2])
+    with pytest.raises(IndexError_, match="manifest.json is not valid JSON"):
+        IndexStore.open(idx, "read")
+    report = verify(idx)
+    assert not report.ok and "not valid JSON" in report.fatal
+    r = cli_in_process("index", "verify", idx)
+    assert r.returncode == 2 and "not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (idx / layout.MANIFEST).read_bytes() == manifest[: len(manifest) // 2]  # refusing wrote nothing
+    (idx / layout.MANIFEST).write_bytes(manifest)
+
+    mark = commit_mark.path_beside(idx / layout.DOCSTORE)
+    assert mark.exists()
+    mark.write_bytes(b"\x00garbage")
+    store = IndexStore.open(idx)
+    assert top1_is_itself(store, vecs) and not store.repairs
+    store.add([DocRecord("new", "text", text="new")], vecs[:1])
+    store.close()
+    assert commit_mark.read(idx / layout.DOCSTORE) is not None  # a write wrote it whole again
+    assert verify(idx).ok
