@@ -72,7 +72,7 @@ def exact_top(q: np.ndarray, docs: np.ndarray, ids: list[str], k: int) -> list[l
 
 def run_v2(name: str, v2_spec: str, tmp: Path, photos, old_q, clothing, new_q, sizes) -> dict:
     from umr.index import IndexStore
-    from umr.index.docstore import DocRecord
+    from umr.index.documents import DocRecord
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.engine import Engine, Query
     from umr.retrieval.items import Item

@@ -46,7 +46,7 @@ def build_index(path: Path, enc) -> None:
     import numpy as np
 
     from umr.index import IndexStore
-    from umr.index.docstore import DocRecord
+    from umr.index.documents import DocRecord
 
     rng = np.random.default_rng(0)
     store = IndexStore.create(path, enc.record(), "flat")

@@ -28,7 +28,7 @@ K = 10
 
 def build(path: Path, kind: str, n: int, segments: int, rng, centers):
     from umr.index import IndexStore
-    from umr.index.docstore import DocRecord
+    from umr.index.documents import DocRecord
 
     enc = {"spec": "synthetic", "fingerprint": "0" * 16, "dim": DIM}
     store = IndexStore.create(path, enc, kind)
@@ -56,7 +56,7 @@ def timed_search(store, queries, batch, repeats):
 
 
 def main() -> None:
-    import umr.index.search_merge as store_module
+    from umr.index import search_merge
     from umr.index.search_plan import SearchPlan
 
     ap = argparse.ArgumentParser()
@@ -69,22 +69,22 @@ def main() -> None:
     centers = rng.standard_normal((1024, DIM)).astype(np.float32)
     tmp = Path(tempfile.mkdtemp(prefix="umr-bench-segments-"))
     q = clustered(rng, a.queries, centers)
-    threads = store_module.SEGMENT_THREADS
+    threads = search_merge.SEGMENT_THREADS
     rows, plot = [], {}
     for kind in ("flat", "hnsw"):
         t0 = time.perf_counter()
         store = build(tmp / kind, kind, a.n, a.segments, rng, centers)
         build_s = time.perf_counter() - t0
         for batch in (1, 32):
-            store_module.SEGMENT_THREADS = 1
+            search_merge.SEGMENT_THREADS = 1
             same = store.search(SearchPlan(q[:8], K))
-            store_module.SEGMENT_THREADS = threads
+            search_merge.SEGMENT_THREADS = threads
             assert [[h.id for h in x] for x in store.search(SearchPlan(q[:8], K))] == [[h.id for h in x] for x in same]
             one, side = [], []
             for _ in range(2):  # alternate the two ways, each timed over `repeats` passes
-                store_module.SEGMENT_THREADS = 1
+                search_merge.SEGMENT_THREADS = 1
                 one.append(timed_search(store, q, batch, a.repeats))
-                store_module.SEGMENT_THREADS = threads
+                search_merge.SEGMENT_THREADS = threads
                 side.append(timed_search(store, q, batch, a.repeats))
             one_ms, side_ms = median(one) * 1e3, median(side) * 1e3
             rows.append(f"| {kind} | {batch} | {one_ms:.2f} | {side_ms:.2f} | {one_ms / side_ms:.2f}x |")

@@ -10,7 +10,8 @@ import threading
 import numpy as np
 
 from umr.index import modality_calibration as mc
-from umr.index.docstore import MODALITY_CODES, DocStore
+from umr.index.documents import MODALITY_CODES
+from umr.index.docstore import DocStore
 from umr.index.segment import Segment
 from umr.index.segment_search import search_segment
 
@@ -88,8 +89,8 @@ class CalibrationCache:
         if len({m for _, ms in wanted for m in ms}) < 2:
             return {}
         out = {}
+        cals = [self.of(seg) for seg, _ in wanted]
         for qm in set(query_modalities):
-            cals = [self.of(seg) for seg, _ in wanted]
             if all(c is not None and c.covers(qm, ms) for c, (_, ms) in zip(cals, wanted)):
                 out[qm] = wanted
         return out

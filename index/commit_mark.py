@@ -22,7 +22,6 @@ from pathlib import Path
 
 from umr.index import layout
 
-SUFFIX = layout.COMMIT_MARK_SUFFIX
 MAGIC = "umr-commits 1"
 WIDTH = 96  # one fixed-size record, rewritten in place
 
@@ -34,7 +33,7 @@ class Mark:
 
 
 def path_beside(docstore: str | os.PathLike) -> Path:
-    return Path(f"{os.fspath(docstore)}{SUFFIX}")
+    return Path(f"{os.fspath(docstore)}{layout.COMMIT_MARK_SUFFIX}")
 
 
 def read(docstore: str | os.PathLike) -> Mark | None:

@@ -20,12 +20,10 @@ import numpy as np
 
 from umr.index import vector_file
 from umr.index.document_rules import check_document
-from umr.index.documents import CODE_MODALITIES, MODALITY_CODES, DocRecord, validate_filter
+from umr.index.documents import MODALITY_CODES, DocRecord, validate_filter
 from umr.index.docstore_schema import ROWS, ROWS_WITH_VECTORS, SCHEMA
 from umr.index.damage import damage_as_error
 from umr.index.vector_rows import FileVectors, SqliteVectors
-
-__all__ = ["CODE_MODALITIES", "MODALITY_CODES", "Changes", "DocRecord", "DocStore", "validate_filter"]
 
 ID_CHUNK = 900  # ids per "IN (...)" lookup: under SQLite's oldest limit of 999 parameters
 COMMITS = "commits"  # meta key: write transactions committed (index/commit_mark.py)

@@ -52,9 +52,9 @@ class ReaderPosition:
     def at_open(cls, path: Path, docs: DocStore) -> "ReaderPosition":
         return cls(docs.last_death(), manifest_stamp(path))
 
-    def catch_up(self, path: Path, manifest: dict, segments: list[Segment], docs: DocStore) -> Followed:
-        """Costs one stat and one SQLite pragma when nothing was committed. The caller holds
-        the store lock."""
+    def catch_up(self, path: Path, manifest: dict, segments: list[Segment], docs: DocStore, lock) -> Followed:
+        """Costs one stat and one SQLite pragma when nothing was committed, both taken without
+        `lock` (the store's), which searches need: only applying changes holds it."""
         stamp = manifest_stamp(path)
         if stamp != self.manifest_stamp:
             why = shape_change(path, manifest, segments)
@@ -64,6 +64,10 @@ class ReaderPosition:
         version = docs.data_version()
         if version == self.data_version:
             return Followed()
+        with lock:
+            return self._apply(version, segments, docs)
+
+    def _apply(self, version: int, segments: list[Segment], docs: DocStore) -> Followed:
         for seg in segments:
             if docs.epoch(seg.id) != self.epochs.get(seg.id, 0):
                 return Followed(reopen=f"segment {seg.id} was compacted")

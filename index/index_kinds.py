@@ -161,6 +161,13 @@ def names() -> tuple[str, ...]:
     return tuple(_KINDS)
 
 
+def check_requested(kind: str) -> str:
+    """`kind` as `--index` takes it: auto or a registered kind."""
+    if kind != "auto" and kind not in _KINDS:
+        raise InvalidArgument(f"unknown index type {kind!r}: use auto, {', '.join(_KINDS)}")
+    return kind
+
+
 def kind_of(name: str) -> IndexKind:
     try:
         return _KINDS[name]

@@ -115,10 +115,6 @@ def lost_message(path: Path, have: int, acknowledged: int) -> str:
             f"{path.parent} --repair` (the documents of the last {acknowledged - have} writes are then gone)")
 
 
-def checkpoint_name(seg_id: int) -> str:
-    return layout.new_checkpoint(seg_id)
-
-
 def unrecorded_checkpoints(index_dir: Path, manifest: dict) -> list[str]:
     recorded = {rec.get("faiss_file") for rec in manifest["segments"]}
     found = [p.relative_to(index_dir).as_posix() for p in (index_dir / layout.SEGMENTS).glob("*/index*.faiss")]
@@ -155,7 +151,7 @@ def write_checkpoint(index_dir: Path, seg_id: int, index, rows: int, epoch: int)
 
     A new name per checkpoint, recorded by the manifest written after it: a crash in between
     leaves the manifest naming the previous file, still there and sound."""
-    name = checkpoint_name(seg_id)
+    name = layout.new_checkpoint(seg_id)
     atomic_write(index_dir / name, lambda tmp: vi.write_index(index, tmp))
     return name, checkpoint_record(index_dir / name, rows, epoch)
 

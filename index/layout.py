@@ -33,7 +33,7 @@ SEGMENTS = "segments"
 UPLOADS = "images"
 CALIBRATION = "calibration"
 RAY_SHARDS = "ray-shards"
-UPLOAD_NAME = re.compile(r"^images/([0-9a-f]{32})\.img$")
+UPLOAD_NAME = re.compile(rf"^{UPLOADS}/([0-9a-f]{{32}})\.img$")
 
 
 def segment_dir(seg_id: int) -> str:

@@ -19,8 +19,6 @@ from pathlib import Path
 from umr.index import layout
 from umr.index.errors import IndexError_
 
-WRITE_LOCK = layout.WRITE_LOCK
-MANIFEST_LOCK = layout.MANIFEST_LOCK
 
 
 class IndexBusy(IndexError_):
@@ -29,7 +27,7 @@ class IndexBusy(IndexError_):
 
 class WriterLock:
     def __init__(self, directory: Path):
-        self.path = Path(directory) / WRITE_LOCK
+        self.path = Path(directory) / layout.WRITE_LOCK
         self._fd: int | None = None
 
     def acquire(self) -> "WriterLock":
@@ -57,7 +55,7 @@ class WriterLock:
 
 @contextmanager
 def manifest_lock(directory: Path):
-    fd = os.open(Path(directory) / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(Path(directory) / layout.MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

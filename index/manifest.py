@@ -12,7 +12,6 @@ from umr.index.errors import IndexError_, NotFound
 
 FORMAT = "umr-index"
 FORMAT_VERSION = 1
-MANIFEST = layout.MANIFEST
 
 
 def now() -> str:
@@ -44,9 +43,9 @@ def new_manifest(encoder: dict, index_request: dict) -> dict:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
+    path = Path(directory) / layout.MANIFEST
     if not path.exists():
-        raise NotFound(f"{directory} is not a umr index (no {MANIFEST}); build one with `umr index build`")
+        raise NotFound(f"{directory} is not a umr index (no {layout.MANIFEST}); build one with `umr index build`")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -63,7 +62,7 @@ def read_manifest(directory: str | Path) -> dict:
 
 def write_manifest(directory: str | Path, manifest: dict) -> None:
     manifest["updated"] = now()
-    atomic_write_json(Path(directory) / MANIFEST, manifest)
+    atomic_write_json(Path(directory) / layout.MANIFEST, manifest)
 
 
 def same_manifest(a: dict | None, b: dict) -> bool:

@@ -39,6 +39,10 @@ def set_compensator(segment_record: dict, from_version: int, modality: str, reco
     segment_record.setdefault("compensators", {}).setdefault(str(from_version), {})[modality] = record
 
 
+def set_reference(manifest: dict, v: int, record: dict, where) -> None:
+    version(manifest, v, where)["reference"] = record
+
+
 def merge(into: dict, source: dict, prefer_source: bool, history: bool = False) -> None:
     """Copy into `into` the encoder versions and compensators `source` registered (and its
     history events, with `history`). Where both hold a compensator for the same segment,

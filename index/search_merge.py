@@ -16,7 +16,8 @@ import numpy as np
 
 from umr.index import version_scale
 from umr.index.calibration_cache import CalibrationCache
-from umr.index.docstore import DocRecord, DocStore
+from umr.index.documents import DocRecord
+from umr.index.docstore import DocStore
 from umr.index.search_plan import SearchHit, SearchPlan
 from umr.index.segment import Segment
 from umr.index.segment_search import search_segment

@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from umr.index.docstore import MODALITY_CODES, DocRecord, validate_filter
+from umr.index.documents import DocRecord, MODALITY_CODES, validate_filter
 from umr.index.errors import IndexMismatch, InvalidArgument
 from umr.index.segment import Segment
 
@@ -30,7 +30,7 @@ class SearchPlan:
     `queries` is one (n, dim) array for every segment, or a mapping segment id -> array when
     queries were mapped into each segment's space (older encoder versions).
 
-    `modalities` and `flt` restrict the documents searched (a filter as in index/docstore.py).
+    `modalities` and `flt` restrict the documents searched (a filter as in index/documents.py).
 
     `score_maps` gives, per segment of an older encoder version, each query's (scale, offset)
     onto the active encoder's cosines (index/version_scale.py); with it every segment's scores

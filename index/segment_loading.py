@@ -48,8 +48,7 @@ def load_segment(path: Path, docs: DocStore, rec: dict, read_only: bool, repair:
                      "rewrites it)") if read_only else ""
             on_repair(f"segment {seg.id}: {problem}; rebuilt its FAISS index from the document store "
                       f"({n_rows} rows){where}")
-        seg.set_index(index_of_rows(seg, docs))
-        seg.dirty = True
+        rebuild(seg, docs)
     else:
         seg.set_index(loaded)
     if seg.indexed_rows < n_rows:  # replay rows committed after the last checkpoint
@@ -59,6 +58,12 @@ def load_segment(path: Path, docs: DocStore, rec: dict, read_only: bool, repair:
             seg.append(vecs)
         seg.dirty = True
     return seg, epoch
+
+
+def rebuild(seg: Segment, docs: DocStore) -> None:
+    """The segment's FAISS index built anew from every row in the store, to be checkpointed."""
+    seg.set_index(index_of_rows(seg, docs))
+    seg.dirty = True
 
 
 def index_of_rows(seg: Segment, docs: DocStore, rows: np.ndarray | None = None):

@@ -10,7 +10,8 @@ import numpy as np
 
 from umr.index import gpu
 from umr.index import vector_index as vi
-from umr.index.docstore import MODALITY_CODES, DocStore
+from umr.index.documents import MODALITY_CODES
+from umr.index.docstore import DocStore
 from umr.index.segment import Segment
 
 # With this few candidates left after filtering, scoring them exactly beats a filtered ANN walk.

@@ -21,7 +21,16 @@ def write_recorded(index_dir: Path, rel: str, write: Callable[[str], None]) -> d
     """Write `rel` atomically through `write(tmp_path)`; the record the manifest keeps of it."""
     path = Path(index_dir) / rel
     atomic_write(path, write)
-    return {"file": rel, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"file": rel, **_sums(path)}
+
+
+def checksums(directory: Path, names) -> dict[str, dict]:
+    """name -> {bytes, sha256} of files just written in `directory`."""
+    return {n: _sums(Path(directory) / n) for n in names}
+
+
+def _sums(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def problem(index_dir: Path, record: dict) -> str | None:
@@ -38,11 +47,31 @@ def problem(index_dir: Path, record: dict) -> str | None:
     return None
 
 
-def check(index_dir: Path, record: dict, what: str, fix: str) -> None:
-    """Refuse a damaged file where it is about to be read."""
+def check_reference(index_dir: Path, version: int, record: dict) -> None:
+    """Refuse version `version`'s damaged reference queries where they are about to be read."""
+    _check(index_dir, record, *_reference_words(index_dir, version))
+
+
+def check_compensator(index_dir: Path, seg_id: int, version: int | str, modality: str, comp: dict) -> None:
+    """Refuse a damaged compensator (any of its files) where it is about to be loaded."""
+    for record in compensator_files(comp):
+        _check(index_dir, record, *_compensator_words(index_dir, seg_id, version, modality))
+
+
+def _check(index_dir: Path, record: dict, what: str, fix: str) -> None:
     found = problem(index_dir, record)
     if found:
         raise IndexDamaged(f"{what}: {found}; {fix} (`umr index verify {index_dir}` lists what else is damaged)")
+
+
+def _reference_words(index_dir: Path, version: int | str) -> tuple[str, str]:
+    return (f"encoder version {version}'s reference queries",
+            f"`umr update {index_dir} --to {version} --no-activate` writes them again")
+
+
+def _compensator_words(index_dir: Path, seg_id: int, version: int | str, modality: str) -> tuple[str, str]:
+    return (f"segment {seg_id}'s compensator for version {version}'s {modality} queries",
+            f"`umr update {index_dir} --to {version} --no-activate` fits it again")
 
 
 def keep_upload(index_dir: Path, data: bytes) -> str:
@@ -73,25 +102,18 @@ def missing_uploads(index_dir: Path, raw_docs) -> list[tuple[str, str]]:
             if d[3] and layout.UPLOAD_NAME.match(d[3]) and not (Path(index_dir) / d[3]).exists()]
 
 
-def recorded_files(manifest: dict) -> Iterator[tuple[str, dict, str]]:
+def recorded_files(manifest: dict, index_dir: Path) -> Iterator[tuple[str, dict, str]]:
     """(what it is, its record, how to write it again) for every side file the manifest names."""
     for rec in manifest.get("encoders", []):
-        ref = rec.get("reference")
-        if ref:
-            v = rec["version"]
-            yield (f"encoder version {v}'s reference queries", ref,
-                   f"`umr update INDEX --to {v} --no-activate` writes them again")
+        if rec.get("reference"):
+            what, fix = _reference_words(index_dir, rec["version"])
+            yield what, rec["reference"], fix
     for seg in manifest.get("segments", []):
         for version, by_modality in seg.get("compensators", {}).items():
             for modality, comp in by_modality.items():
+                what, fix = _compensator_words(index_dir, seg["id"], version, modality)
                 for record in compensator_files(comp):
-                    yield (f"segment {seg['id']}'s compensator for version {version}'s {modality} queries", record,
-                           f"`umr update INDEX --to {version} --no-activate` fits it again")
-
-
-def checksums(directory: Path, names) -> dict[str, dict]:
-    """name -> {bytes, sha256} of files just written in `directory`."""
-    return {n: {"bytes": (Path(directory) / n).stat().st_size, "sha256": file_sha256(Path(directory) / n)} for n in names}
+                    yield what, record, fix
 
 
 def compensator_files(comp: dict) -> list[dict]:

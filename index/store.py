@@ -26,7 +26,8 @@ from umr.index import layout, store_info
 from umr.index.calibration_cache import CalibrationCache
 from umr.index.compaction import compact_segments
 from umr.index.documents import check_batch
-from umr.index.docstore import MODALITY_CODES, DocRecord, DocStore
+from umr.index.documents import DocRecord, MODALITY_CODES
+from umr.index.docstore import DocStore
 from umr.index.errors import IndexError_, IndexMismatch, InvalidArgument, NotFound
 from umr.index.follow import Followed, ReaderPosition
 from umr.index.locks import WriterLock, manifest_lock
@@ -34,12 +35,10 @@ from umr.index.manifest import new_manifest, now, read_manifest, same_manifest, 
 from umr.index.search_merge import run_plan
 from umr.index.search_plan import SearchHit, SearchPlan
 from umr.index.segment import Segment
-from umr.index.segment_loading import index_of_rows, load_segment
+from umr.index import segment_loading
 
 log = logging.getLogger("umr.index")
 
-DOCSTORE = layout.DOCSTORE
-__all__ = ["DOCSTORE", "MODALITY_CODES", "Followed", "IndexStore", "SearchHit", "SearchPlan", "Segment"]
 
 
 class IndexStore:
@@ -70,8 +69,7 @@ class IndexStore:
         path = Path(path)
         if (path / layout.MANIFEST).exists():
             raise IndexError_(f"{path} already holds an index; open it, or choose another --out")
-        if index_kind not in ("auto",) + index_kinds.names():
-            raise InvalidArgument(f"unknown index type {index_kind!r}: use auto, {', '.join(index_kinds.names())}")
+        index_kinds.check_requested(index_kind)
         vector_file.check_dtype(vector_dtype)
         recall_tuning.check_target(target_recall)
         path.mkdir(parents=True, exist_ok=True)
@@ -79,7 +77,7 @@ class IndexStore:
         try:
             manifest = new_manifest(encoder, {"kind": index_kind, "memory_budget": memory_budget,
                                               "vector_dtype": vector_dtype, "target_recall": target_recall})
-            docs = integrity.new_docstore(path / DOCSTORE, manifest, vector_dtype)
+            docs = integrity.new_docstore(path / layout.DOCSTORE, manifest, vector_dtype)
             write_manifest(path, manifest)
         except BaseException:
             writer.release()
@@ -103,7 +101,7 @@ class IndexStore:
         writer = WriterLock(path).acquire() if mode == "write" else None
         try:
             accepted: list[str] = []
-            docs = integrity.open_docstore(path / DOCSTORE, manifest, read_only=mode == "read", check=check,
+            docs = integrity.open_docstore(path / layout.DOCSTORE, manifest, read_only=mode == "read", check=check,
                                            accept_loss=accepted.append if repair else None)
             store = cls(path, manifest, docs, mode, writer)
             for message in accepted:
@@ -111,8 +109,8 @@ class IndexStore:
             # Before the rows are read: a death committed meanwhile is applied again, never missed.
             store._position = ReaderPosition.at_open(path, docs)
             for rec in manifest["segments"]:
-                seg, store._position.epochs[rec["id"]] = load_segment(path, docs, rec, mode == "read", repair,
-                                                                      store._repaired)
+                seg, epoch = segment_loading.load_segment(path, docs, rec, mode == "read", repair, store._repaired)
+                store._position.epochs[rec["id"]] = epoch
                 store.segments.append(seg)
             if mode == "write":  # files of checkpoints a crash wrote but never recorded
                 integrity.remove_checkpoints(path, integrity.unrecorded_checkpoints(path, manifest))
@@ -130,8 +128,7 @@ class IndexStore:
         the result says to reopen. Costs one SQLite pragma when nothing was committed."""
         if self.mode != "read":
             raise InvalidArgument("follow() is for an index opened read-only; the writer has every change already")
-        with self.lock:
-            return self._position.catch_up(self.path, self.manifest, self.segments, self.docs)
+        return self._position.catch_up(self.path, self.manifest, self.segments, self.docs, self.lock)
 
     def _repaired(self, message: str) -> None:
         self.repairs.append(message)
@@ -231,7 +228,7 @@ class IndexStore:
                 seg.record["faiss_file"] = layout.first_checkpoint(seg.id)
                 log.info("segment %d: %s index over %d vectors (%s)", seg.id, choice.kind, n, choice.reason,
                          extra={"segment": seg.id})
-                self._build_faiss(seg)
+                segment_loading.rebuild(seg, self.docs)
             target = req.get("target_recall")
             for seg in built if target else []:
                 tuning = recall_tuning.tune_segment(self, seg, target)
@@ -253,7 +250,7 @@ class IndexStore:
     def set_reference(self, version: int, record: dict) -> None:
         """Name the reference queries of `version` (retrieval/update/reference_queries.py)."""
         with self.lock:
-            self.version(version)["reference"] = record
+            registry.set_reference(self.manifest, version, record, self.path)
 
     def activate(self, version: int) -> Segment:
         """Make `version` the query encoder and give it a segment for new documents.
@@ -277,11 +274,7 @@ class IndexStore:
         self.require_write("rebuild FAISS")
         with self.lock:
             self._repaired(f"{why}; rebuilt its FAISS index from the document store ({len(seg.alive)} rows)")
-            self._build_faiss(seg)
-
-    def _build_faiss(self, seg: Segment) -> None:
-        seg.set_index(index_of_rows(seg, self.docs))
-        seg.dirty = True
+            segment_loading.rebuild(seg, self.docs)
 
     def refresh_registrations(self) -> dict | None:
         """Merge encoder versions and compensators that another process (`umr update

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from umr.index import gpu
-from umr.index.docstore import CODE_MODALITIES
+from umr.index.documents import CODE_MODALITIES
 
 if TYPE_CHECKING:
     from umr.index.segment import Segment

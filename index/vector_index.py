@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from umr.index.errors import IndexError_, InvalidArgument
-from umr.index.index_kinds import kind_of, names
+from umr.index.index_kinds import check_requested, kind_of
 
 # Below this many vectors an exact scan is fast enough that approximation buys nothing.
 EXACT_UP_TO = 100_000
@@ -70,9 +70,7 @@ def choose_index(kind: str, n: int, dim: int, memory_budget: int | None = None) 
     `auto` prefers exact search while it is both affordable and fast, then HNSW (best recall
     per query time) while it fits, then IVF-PQ (compressed codes) sized to the budget.
     """
-    if kind not in ("auto",) + names():
-        raise InvalidArgument(f"unknown index type {kind!r}: use auto, {', '.join(names())}")
-    if kind != "auto":
+    if check_requested(kind) != "auto":
         return IndexChoice(kind, kind_of(kind).default_params(n, dim, memory_budget), "requested")
     hnsw = kind_of("hnsw").default_params(n, dim, memory_budget)
     budget_txt = "no memory budget" if memory_budget is None else f"budget {memory_budget} bytes"

@@ -21,7 +21,8 @@ from pathlib import Path
 from umr.index import layout, side_files, vector_check, vector_file
 from umr.index.docstore import DocStore
 from umr.index.errors import IndexDamaged, IndexError_
-from umr.index.store import DOCSTORE, IndexStore
+from umr.index.layout import DOCSTORE
+from umr.index.store import IndexStore
 
 SAMPLE_ROWS = 1000  # per segment, without --full
 CANNOT_REPAIR = ("docs.sqlite is damaged and --repair cannot rebuild it (it is the only copy of the documents and "
@@ -116,12 +117,12 @@ def _side_files(store: IndexStore, report: VerifyReport, repair: bool, full: boo
     """The compensators, reference queries and uploads the index keeps beside its segments
     (index/side_files.py), and a `--ray` build's shards. --repair cannot write any of them
     again: the first two need the encoders, the uploads their senders."""
-    named = list(side_files.recorded_files(store.manifest))
+    named = list(side_files.recorded_files(store.manifest, store.path))
     for what, record, fix in named:
         found = side_files.problem(store.path, record)
         if found:
             report.problems.append(f"{what}: {found}")
-            report.unrepairable.append(f"{what}: {fix.replace('INDEX', str(store.path))}")
+            report.unrepairable.append(f"{what}: {fix}")
     hashed, bad = side_files.upload_problems(store.path, full)
     report.problems += bad
     if bad:

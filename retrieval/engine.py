@@ -17,7 +17,7 @@ import numpy as np
 
 from umr.index import side_files
 from umr.index import version_scale as vs
-from umr.index.docstore import DocRecord
+from umr.index.documents import DocRecord
 from umr.index.errors import IndexMismatch, InvalidArgument
 from umr.index.search_plan import SearchHit, SearchPlan
 from umr.index.store import IndexStore
@@ -85,9 +85,7 @@ class Engine:
                 continue
             recs = seg.record.get("compensators", {}).get(str(self.version), {})
             for m, r in recs.items():
-                for record in side_files.compensator_files(r):
-                    side_files.check(self.store.path, record, f"segment {seg.id}'s compensator for {m} queries",
-                                     f"`umr update {self.store.path} --to {self.version} --no-activate` fits it again")
+                side_files.check_compensator(self.store.path, seg.id, self.version, m, r)
             out[seg.id] = {m: Compensator.load(self.store.path / r["dir"], r["name"]) for m, r in recs.items()}
             self.scales[seg.id] = {m: r["scales"] for m, r in recs.items() if r.get("scales")}
         return out

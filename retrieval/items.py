@@ -53,7 +53,7 @@ def parse_modalities(text: str | list[str] | None) -> list[str] | None:
 
 
 def stored_item(root: Path, doc) -> Item:
-    """A stored document (index.docstore.DocRecord) as an Item to encode or re-rank again;
+    """A stored document (umr.index.documents.DocRecord) as an Item to encode or re-rank again;
     uploaded images are kept inside the index, under paths relative to its folder."""
     image = doc.image
     if image and not Path(image).is_absolute():

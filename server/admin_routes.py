@@ -4,9 +4,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from umr.index.errors import UmrError
 from umr.retrieval.engine_swap import activate, engine_for_version
 from umr.server.auth import requires
-from umr.index.errors import UmrError
 from umr.server.errors import declared, refusal
 from umr.server.forwarding import relayed
 from umr.server.request_checks import require_json

@@ -10,7 +10,7 @@ import re
 
 from fastapi import Request
 
-from umr.index.docstore import validate_filter
+from umr.index.documents import validate_filter
 from umr.index.document_rules import InvalidDocument, check_document, has_visible_text, unicode_problem
 from umr.retrieval.items import parse_modalities
 from umr.server.errors import ApiError, refusal

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from umr.index.errors import UmrError
 from umr.retrieval.engine import Engine, Query
 from umr.server.auth import requires
 from umr.server.batching import Pending
-from umr.index.errors import UmrError
 from umr.server.errors import ApiError, declared, refusal
 from umr.server.request_checks import require_json
 from umr.server.schemas import BatchSearchRequest, BatchSearchResponse, Hit, SearchRequest, SearchResponse

@@ -3,7 +3,7 @@ import pytest
 
 from umr.index import IndexStore
 from umr.index import vector_index as vi
-from umr.index.docstore import DocRecord
+from umr.index.documents import DocRecord
 from umr.index.errors import IndexError_, IndexMismatch, InvalidArgument, NotFound
 from umr.index.search_plan import SearchPlan
 
@@ -208,9 +208,9 @@ def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monk
     another, and right; HNSW segments, too quick to be worth a thread, stay in the caller's."""
     import threading
 
-    import umr.index.search_merge as store_module
+    from umr.index import search_merge
 
-    monkeypatch.setattr(store_module, "PARALLEL_MIN_ROWS", 100)  # these segments are small
+    monkeypatch.setattr(search_merge, "PARALLEL_MIN_ROWS", 100)  # these segments are small
     rng = np.random.default_rng(1)
     threads = set()
 
@@ -244,10 +244,10 @@ def test_segments_are_searched_side_by_side_with_the_same_answers(tmp_path, monk
             assert any(name.startswith("umr-segment") for name in threads), threads
         else:
             assert threads == {threading.current_thread().name}
-        monkeypatch.setattr(store_module, "SEGMENT_THREADS", 1)
+        monkeypatch.setattr(search_merge, "SEGMENT_THREADS", 1)
         threads.clear()
         one_by_one = store.search(SearchPlan(q, k=10))
-        monkeypatch.setattr(store_module, "SEGMENT_THREADS", 2)
+        monkeypatch.setattr(search_merge, "SEGMENT_THREADS", 2)
         assert threads == {threading.current_thread().name}
         assert [[(h.id, h.score) for h in hits] for hits in side_by_side] == \
             [[(h.id, h.score) for h in hits] for hits in one_by_one]

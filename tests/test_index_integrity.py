@@ -13,7 +13,7 @@ import pytest
 
 from conftest import cli_in_process, run_cli, write_jsonl
 from umr.index import IndexStore
-from umr.index.docstore import DocRecord
+from umr.index.documents import DocRecord
 from umr.index.errors import IndexError_
 from umr.index.locks import IndexBusy
 from umr.index.verify import verify

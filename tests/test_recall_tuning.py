@@ -11,7 +11,7 @@ import pytest
 from conftest import cli_in_process
 from umr.index import IndexStore
 from umr.index import vector_index as vi
-from umr.index.docstore import DocRecord
+from umr.index.documents import DocRecord
 from test_index_integrity import encoder_record
 from umr.index.search_plan import SearchPlan
 

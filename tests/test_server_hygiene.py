@@ -237,7 +237,8 @@ def test_corpus_records_that_could_not_be_served_are_rejected_by_the_build(tmp_p
 
 
 def test_the_document_store_refuses_what_it_could_not_return(tmp_path):
-    from umr.index.docstore import DocRecord, DocStore
+    from umr.index.documents import DocRecord
+    from umr.index.docstore import DocStore
     from umr.index.document_rules import InvalidDocument
 
     store = DocStore(str(tmp_path / "d.sqlite"))

@@ -96,7 +96,7 @@ WRITER = """
 import sys, time
 import numpy as np
 from umr.index import IndexStore
-from umr.index.docstore import DocRecord
+from umr.index.documents import DocRecord
 store = IndexStore.open(sys.argv[1])
 store.save()  # a checkpoint: FAISS and docs.sqlite hold the first 300
 for i in range(40):  # acknowledged one by one; they live in the WAL only
@@ -139,7 +139,7 @@ def test_a_checkpoint_puts_the_wal_into_the_store(tmp_path):
 
 
 def integrity_doc(i):
-    from umr.index.docstore import DocRecord
+    from umr.index.documents import DocRecord
 
     return DocRecord(f"n{i}", "text", text=f"new {i}")
 

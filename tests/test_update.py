@@ -435,7 +435,7 @@ def test_every_file_beside_the_segments_is_checked_and_a_damaged_one_refused(upd
     engine.checkpoint()
     engine.close()
     manifest = read_manifest(base)
-    named = list(side_files.recorded_files(manifest))
+    named = list(side_files.recorded_files(manifest, base))
     kinds = {what.split("'s ")[1].split(" ")[0] for what, _, _ in named}
     assert kinds == {"reference", "compensator"}, named
     assert all("sha256" in record for _, record, _ in named)  # every file written with its checksum

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import cli_in_process
 from umr.index import IndexStore
-from umr.index.docstore import ROWS_WITH_VECTORS, DocRecord, SCHEMA
+from umr.index.documents import DocRecord
+from umr.index.docstore_schema import ROWS_WITH_VECTORS, SCHEMA
 from umr.index.errors import IndexError_
 from umr.index.vector_file import BLOCK_ROWS
 from test_index_integrity import encoder_record, make, top1_is_itself, unit, vector_file_of

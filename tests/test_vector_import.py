@@ -95,7 +95,9 @@ def test_import_rejects_bad_rows_and_resumes_after_a_stop(tmp_path, tiny):
 
 @pytest.mark.slow  # over 9 s: the full suite (make test), not the inner loop (make test-fast)
 def test_import_errors_are_one_line(tmp_path):
-    from umr.cli import UserError, build_parser, cmd_index_build
+    from umr.cli import build_parser
+    from umr.cli.args import UserError
+    from umr.cli.index_commands import cmd_index_build
 
     np.save(tmp_path / "emb.npy", np.ones((3, 8), dtype=np.float32))
     write_jsonl(tmp_path / "ids.jsonl", ["\"a\"", "\"b\""])
@@ -176,7 +178,7 @@ def test_a_fresh_batch_with_a_stored_id_is_refused_whole(tmp_path):
     and nothing of that batch lands."""
     import sqlite3
 
-    from umr.index.docstore import DocRecord
+    from umr.index.documents import DocRecord
 
     x = np.random.default_rng(1).standard_normal((3, 256)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from umr.index.build_journal import BuildJournal
-from umr.index.docstore import DocRecord
+from umr.index.documents import DocRecord
 from umr.index.errors import InvalidArgument
 from umr.index.store import IndexStore
 from umr.retrieval.images import BadImage

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from umr.index.docstore import DocRecord
+from umr.index.documents import DocRecord
 from umr.index.document_rules import MAX_ID_CHARS, InvalidDocument, check_document
 from umr.index.errors import IndexMismatch, InvalidArgument
 from umr.retrieval.encoders.base import Encoder

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from umr.index.docstore import MODALITY_CODES
+from umr.index.documents import MODALITY_CODES
 from umr.index.errors import InvalidArgument
 from umr.index.store import IndexStore, Segment
 from umr.retrieval.encoders import Encoder, load_recorded

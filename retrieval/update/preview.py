@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from umr.index.store import DOCSTORE, IndexStore
+from umr.index.layout import DOCSTORE
+from umr.index.store import IndexStore
 from umr.retrieval.encoders import Encoder, load_recorded
 from umr.retrieval.engine import Engine, Query
 from umr.retrieval.indexing.pipeline import add_to_index

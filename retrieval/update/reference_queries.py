@@ -50,6 +50,5 @@ def read_references(store: IndexStore, version: int) -> dict[str, np.ndarray]:
     rec = store.version(version).get("reference")
     if not rec:
         return {}
-    side_files.check(store.path, rec, f"encoder version {version}'s reference queries",
-                     f"`umr update {store.path} --to {version} --no-activate` writes them again")
+    side_files.check_reference(store.path, version, rec)
     return {k.replace("+", ","): v for k, v in load_file(str(Path(store.path) / rec["file"])).items()}

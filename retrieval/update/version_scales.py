@@ -14,7 +14,8 @@ import logging
 import numpy as np
 
 from umr.index import version_scale as vs
-from umr.index.store import MODALITY_CODES, IndexStore, Segment
+from umr.index.documents import MODALITY_CODES
+from umr.index.store import IndexStore, Segment
 from umr.retrieval.encoders import Encoder
 from umr.retrieval.update.generic_queries import generic_queries
 from umr.retrieval.items import stored_item

@@ -11,7 +11,6 @@ import sys
 from umr import __version__
 from umr.cli import index_commands, serving, training_commands, update_commands
 from umr.cli.args import Parser, UserError, leaf_parsers
-from umr.cli.index_commands import cmd_index_build
 from umr.cli.serving import SERVE_ENV
 from umr.logs import LEVELS
 from umr.retrieval.numerics import IMAGE_DECODES, PRECISIONS
@@ -20,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-__all__ = ["SERVE_ENV", "UserError", "build_parser", "cmd_index_build", "main", "one_line"]
+__all__ = ["SERVE_ENV", "UserError", "build_parser", "main", "one_line"]
 
 
 def build_parser() -> argparse.ArgumentParser:
