@@ -83,9 +83,15 @@ def test_resume_after_sigkill_ends_with_every_item_once(tmp_path, flickr, flickr
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the build finished before it could be killed"
+    workers = children(proc.pid)
+    assert len(workers) == len(os.sched_getaffinity(0))  # images prepared in worker processes, one per core
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 40 <= cursor < len(records)
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(w) for w in workers)  # they die with the build
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "resumed at record" in r.stdout
@@ -97,6 +103,20 @@ def test_resume_after_sigkill_ends_with_every_item_once(tmp_path, flickr, flickr
     store = IndexStore.open(out)
     assert store.count() == len(records) and store.info()["segments"][0]["vectors_in_faiss"] == len(records)
     assert store.manifest["build"]["report"]["indexed"] == len(records)
+
+
+def children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_build_refuses_another_encoder_on_a_partial_index(tmp_path, tiny):

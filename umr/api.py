@@ -123,19 +123,21 @@ class Index:
     def build(cls, corpus: str | Path, encoder: str | EncoderHandle = DEFAULT_ENCODER, out: str | Path | None = None, *,
               index_kind: str = "auto", batch_size: int = 64, memory_budget: int | None = None,
               progress: bool = False, ray: str | None = None, shard_size: int = 4096,
-              vector_dtype: str = "float32") -> "Index":
+              vector_dtype: str = "float32", workers: int | None = None, worker_kind: str = "auto") -> "Index":
         """Read `corpus` (JSONL, an image folder with captions, an M-BEIR pool), encode it and
         write the index to `out`; returns it open for writing. Run again on an unfinished `out`,
         it resumes where the build stopped. `ray="auto"` (or a head node's address) encodes on a
         Ray cluster, as `umr index build --ray` does. `vector_dtype="float16"` keeps the exact
-        vectors in half the disk."""
+        vectors in half the disk. `workers` processes (`worker_kind="threads"`: threads) decode
+        the images, one per core by default."""
         from umr.retrieval.indexing.pipeline import build_index
 
         if out is None:
             raise InvalidArgument("Index.build needs out=FOLDER, where the index is written")
         enc = _encoder(encoder)
         build_index(corpus, enc, out, index_kind=index_kind, batch_size=batch_size, memory_budget=memory_budget,
-                    progress=progress, ray=ray, shard_size=shard_size, vector_dtype=vector_dtype)
+                    progress=progress, ray=ray, shard_size=shard_size, vector_dtype=vector_dtype,
+                    workers=workers, worker_kind=worker_kind)
         return cls(Engine.open(out, enc))
 
     @classmethod

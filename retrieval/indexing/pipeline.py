@@ -19,7 +19,9 @@ from umr.retrieval.indexing.build_steps import BuildReport, accept, chunks, comm
 from umr.retrieval.device import default_batch_size, default_workers
 from umr.retrieval.encoders.base import Encoder
 from umr.retrieval.items import Item
+from umr.retrieval.encoders import prepare_processes
 from umr.retrieval.encoders.prefetch import prefetch_batches
+from umr.retrieval.encoders.prepare_processes import prefetch_in_processes
 from umr.retrieval.progress import bar as progress_bar
 from umr.retrieval.corpus.readers import Rejected, open_corpus
 
@@ -27,20 +29,14 @@ log = logging.getLogger("umr.retrieval")
 
 def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejected], report: BuildReport, *,
            start: int = 0, batch_size: int | None = None, workers: int | None = None, strict: bool = False,
-           progress=None, journal: BuildJournal | None = None) -> BuildReport:
+           progress=None, journal: BuildJournal | None = None, worker_kind: str = "auto") -> BuildReport:
     """Encode and store records from ordinal `start` on; bad records are counted, not fatal.
     `batch_size` and `workers` default to the device's (retrieval/device.py)."""
     seen: set[str] = set()
-    batch_size, workers = batch_size or default_batch_size(), workers or default_workers()
-
-    def prepare(entry):
-        _, rec = entry
-        if isinstance(rec, Rejected):
-            return rec
-        return encoder.prepare(rec, "document")
-
+    batch_size = batch_size or default_batch_size()
     t0 = time.perf_counter()
-    for chunk, prepared in prefetch_batches(chunks(numbered(records, start), batch_size), prepare, workers):
+    for chunk, prepared in prepared_chunks(encoder, chunks(numbered(records, start), batch_size), batch_size,
+                                           workers, worker_kind):
         rows = [(ordinal, rec, None if isinstance(rec, Rejected) else problem_of(prep))
                 for (ordinal, rec), prep in zip(chunk, prepared)]
         kept = accept(rows, report, seen, journal, strict)
@@ -52,15 +48,56 @@ def ingest(store: IndexStore, encoder: Encoder, records: Iterable[Item | Rejecte
     return report
 
 
+WORKER_KINDS = ("auto", "processes", "threads")
+
+
+def prepared_chunks(encoder: Encoder, numbered_chunks: Iterable[list[tuple[int, Item | Rejected]]], batch_size: int,
+                    workers: int | None = None, worker_kind: str = "auto"):
+    """(chunk, each record's Prepared or the exception it raised) for chunks of (ordinal,
+    record), prepared ahead of the forward pass in `workers` processes or threads
+    (retrieval/encoders/prepare_processes.py says why processes, where the platform forks)."""
+    workers = workers or default_workers()
+
+    def prepare(entry):
+        _, rec = entry
+        if isinstance(rec, Rejected):
+            return rec
+        return encoder.prepare(rec, "document")
+
+    preparer = _process_preparer(encoder, worker_kind)
+    if preparer is None:
+        return prefetch_batches(numbered_chunks, prepare, workers)
+    return prefetch_in_processes(numbered_chunks, prepare, lambda entry: entry[1], preparer, workers,
+                                 rows=batch_size, row_bytes=prepare_processes.image_bytes(preparer))
+
+
+def _process_preparer(encoder: Encoder, worker_kind: str):
+    """The preparer the worker processes run, or None for threads."""
+    if worker_kind not in WORKER_KINDS:
+        raise InvalidArgument(f"unknown worker kind {worker_kind!r}: use {', '.join(WORKER_KINDS)}")
+    if worker_kind == "threads" or not encoder.supports_images:
+        return None
+    preparer = encoder.preparer() if prepare_processes.available() else None
+    if preparer is None and worker_kind == "processes":
+        why = ("this platform cannot fork" if not prepare_processes.available()
+               else f"encoder {encoder.spec} needs its model to prepare images")
+        raise InvalidArgument(f"--worker-kind processes: {why}; use --worker-kind threads (or auto)")
+    return preparer
+
+
 def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_kind: str = "auto",
                 memory_budget: int | None = None, batch_size: int | None = None, workers: int | None = None, strict: bool = False,
                 corpus_format: str = "auto", progress: bool = True, ray: str | None = None,
-                shard_size: int = 4096, vector_dtype: str = "float32", target_recall: float | None = None) -> BuildReport:
+                shard_size: int = 4096, vector_dtype: str = "float32", target_recall: float | None = None,
+                worker_kind: str = "auto") -> BuildReport:
     """Build (or resume building) the index at `out`. `ray`: encode on that Ray cluster ("auto"
     or a head node's address) in shards of `shard_size` records (retrieval/indexing/distributed_build.py).
     `vector_dtype`: how the exact vectors are kept (float16: half the disk; index/vector_file.py);
-    `target_recall`: search parameters tuned for it at the end (index/recall_tuning.py)."""
+    `target_recall`: search parameters tuned for it at the end (index/recall_tuning.py).
+    `worker_kind`: where images are prepared, processes or threads ("auto": processes where
+    the platform forks and the encoder prepares without its model)."""
     corpus = Path(corpus)
+    _process_preparer(encoder, worker_kind)  # refused before anything is written
     batch_size = batch_size or default_batch_size()
     reader = open_corpus(corpus, corpus_format)
     if ray and encoder.numerics():  # workers would embed at their own process's settings
@@ -81,7 +118,7 @@ def build_index(corpus: str | Path, encoder: Encoder, out: str | Path, *, index_
             report.seconds += time.perf_counter() - t0
         else:
             ingest(store, encoder, reader, report, start=start, batch_size=batch_size, workers=workers,
-                   strict=strict, progress=bar, journal=journal)
+                   strict=strict, progress=bar, journal=journal, worker_kind=worker_kind)
 
     report = run_build(out, encoder, {"corpus": str(corpus.resolve()), "format": reader.kind}, str(corpus),
                        _length(reader), run, index_kind=index_kind, memory_budget=memory_budget,
@@ -182,13 +219,16 @@ def _numerics_words(n: dict) -> str:
 
 
 def add_to_index(store: IndexStore, encoder: Encoder, corpus: str | Path, *, batch_size: int | None = None,
-                 workers: int | None = None, strict: bool = False, corpus_format: str = "auto", progress: bool = True) -> BuildReport:
+                 workers: int | None = None, strict: bool = False, corpus_format: str = "auto", progress: bool = True,
+                 worker_kind: str = "auto") -> BuildReport:
     """Add a corpus to a finished index without rebuilding it; same ids replace old documents."""
+    _process_preparer(encoder, worker_kind)
     reader = open_corpus(corpus, corpus_format)
     report = BuildReport(str(corpus))
     bar = progress_bar(None, "adding", progress)
     try:
-        ingest(store, encoder, reader, report, batch_size=batch_size, workers=workers, strict=strict, progress=bar)
+        ingest(store, encoder, reader, report, batch_size=batch_size, workers=workers, strict=strict, progress=bar,
+               worker_kind=worker_kind)
     finally:
         if bar is not None:
             bar.close()

@@ -47,7 +47,10 @@ def ingest_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int,
                    help="items per batch (default 64 on a CPU, 256 on a GPU; 65536 with --vectors)")
     p.add_argument("--workers", type=positive_int, default=None,
-                   help="image decoding threads (default: one per core, at most 32)")
+                   help="image decoding workers (default: one per core, at most 32)")
+    p.add_argument("--worker-kind", default="auto", choices=["auto", "processes", "threads"],
+                   help="decode images in forked processes, which scale with the cores, or in threads of this "
+                        "process (default auto: processes where the platform forks and the encoder allows)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
     p.add_argument("--no-progress", action="store_true")
 

@@ -33,7 +33,7 @@ def cmd_index_build(a) -> int:
         report = build_index(a.corpus, enc, a.out, index_kind=a.index, memory_budget=parse_bytes(a.memory_budget),
                              batch_size=a.batch_size, workers=a.workers, strict=a.strict, corpus_format=a.format,
                              progress=progress, ray=a.ray, shard_size=a.shard_size, vector_dtype=a.vector_dtype,
-                             target_recall=a.target_recall)
+                             target_recall=a.target_recall, worker_kind=a.worker_kind)
     if a.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -61,7 +61,7 @@ def cmd_index_add(a) -> int:
     eng = Engine.open(a.index_dir)
     try:
         report = add_to_index(eng.store, eng.encoder, a.corpus, batch_size=a.batch_size, workers=a.workers, strict=a.strict,
-                              corpus_format=a.format, progress=not a.no_progress)
+                              corpus_format=a.format, progress=not a.no_progress, worker_kind=a.worker_kind)
     finally:
         eng.close()
     print(f"added {report.indexed} items to {a.index_dir}; {report.rejected} bad records skipped")

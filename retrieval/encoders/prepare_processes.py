@@ -1,0 +1,268 @@
+"""Image preparation in forked worker processes: what lets a build's decoding scale with the cores.
+
+Threads stop scaling early: opening a file, parsing its JPEG markers, reading EXIF and
+dispatching the resize hold the GIL for a good part of each image, so two threads on two cores
+prepared 1.5-1.6x what one did, and sixteen could not feed a GPU. Processes share no GIL. They
+are forked, so they start in milliseconds with the preparer already in memory and nothing to
+import or pickle, and each writes its preprocessed images straight into one shared anonymous
+mapping: a few bytes per image cross a pipe, and the parent copies each row out once. Items
+with nothing to decode (texts, tensors) are prepared in the parent.
+
+Forking a process that holds a model is safe for this work because the children never touch
+what the parent's threads may hold: they set torch to one thread (no OpenMP team is entered),
+never use CUDA (a preparer decodes on the CPU or hands the JPEG's bytes back), never write to
+the index, and exit without running the parent's finalisers. They die with the parent
+(PR_SET_PDEATHSIG), so a killed build leaves none behind and resumes as before.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+
+from umr.retrieval.encoders.base import Prepared, Preparer
+
+T = TypeVar("T")
+WAIT_S = 0.5  # how often a waiting parent checks that its workers are alive
+
+
+class WorkerDied(ChildProcessError):
+    """A preparation process ended without answering (killed, out of memory, a crashing decoder)."""
+
+
+def available() -> bool:
+    """Whether this platform can fork (Linux, the BSDs); elsewhere builds prepare in threads."""
+    return "fork" in mp.get_all_start_methods()
+
+
+def offloaded(item) -> bool:
+    """Whether an item has an image to decode, the only work worth another process."""
+    return isinstance(getattr(item, "image", None), (str, Path, bytes, bytearray))
+
+
+@dataclass(frozen=True)
+class _InSlab:
+    """A prepared image left in the shared mapping: what the parent needs to read it back."""
+
+    text: str | None
+    shape: tuple[int, ...]
+    dtype: str  # a torch dtype's name: "uint8", "float32"
+
+
+def _itemsize(dtype: str) -> int:
+    return getattr(torch, dtype).itemsize
+
+
+def _numpy_dtype(name: str) -> np.dtype | None:
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16: torch's alone
+        return None
+
+
+def image_bytes(preparer: Preparer) -> int:
+    """Bytes of one preprocessed image, learnt from a blank image: uint8 for the lit towers,
+    float32 for open_clip's transforms."""
+    from PIL import Image
+
+    probe = preparer.preprocess(Image.new("RGB", (preparer.image_size, preparer.image_size)))
+    return probe.numel() * probe.element_size()
+
+
+class PreparationProcesses:
+    """`workers` forked processes applying `preparer.prepare` to items; `slots` x `rows` images
+    of at most `row_bytes` each are in flight at once (larger ones, and JPEGs left for the
+    device, are sent pickled). Use as a context manager: leaving it stops the workers."""
+
+    def __init__(self, preparer: Preparer, workers: int, rows: int, slots: int, row_bytes: int):
+        ctx = mp.get_context("fork")
+        self.rows, self.slots, self.row_bytes = rows, slots, row_bytes
+        self.slab = mmap.mmap(-1, max(1, rows * slots * row_bytes))  # MAP_SHARED | MAP_ANONYMOUS
+        self.pixels = np.frombuffer(self.slab, dtype=np.uint8)
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        parent = os.getpid()
+        self.procs = [ctx.Process(target=_serve, name=f"umr-prepare-{i}", daemon=True,
+                                  args=(preparer, self.tasks, self.results, self.pixels, row_bytes, parent))
+                      for i in range(workers)]
+        for p in self.procs:
+            p.start()
+        self.early: dict[tuple[int, int], list] = {}
+
+    def submit(self, seq: int, part: int, rows: list[int], items: list) -> None:
+        """Prepare `items` into rows `rows` of slot seq % slots; answered as (seq, part)."""
+        base = (seq % self.slots) * self.rows
+        self.tasks.put((seq, part, [(base + r) * self.row_bytes for r in rows], items))
+
+    def collect(self, seq: int, part: int) -> list:
+        """The answers to (seq, part), in its items' order; images still in the mapping (read them
+        with `read`)."""
+        key = (seq, part)
+        while key not in self.early:
+            try:
+                got_seq, got_part, out = self.results.get(timeout=WAIT_S)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            self.early[(got_seq, got_part)] = out
+        return self.early.pop(key)
+
+    def read(self, seq: int, answers: dict[int, object], n: int) -> dict[int, object]:
+        """`answers` (row -> answer) of chunk `seq` with each image in the mapping copied out.
+        One copy serves the whole chunk, so images of one shape arrive as consecutive rows of
+        one tensor, which device.stack_batch takes as the batch without copying again."""
+        inslab = {row: a for row, a in answers.items() if isinstance(a, _InSlab)}
+        if not inslab:
+            return answers
+        first = (seq % self.slots) * self.rows * self.row_bytes
+        raw = self.pixels[first : first + n * self.row_bytes].copy()
+        dtypes = {a.dtype for a in inslab.values()}
+        typed = _numpy_dtype(dtypes.pop()) if len(dtypes) == 1 else None
+        if typed is not None and self.row_bytes % typed.itemsize:
+            typed = None
+        block = torch.from_numpy(raw.view(typed) if typed is not None else raw).view(n, -1)
+        out = dict(answers)
+        for row, a in inslab.items():
+            size = math.prod(a.shape)
+            if typed is not None:
+                pixels = block[row] if size == block.shape[1] else block[row, :size]
+            else:  # images of several kinds in one chunk: each its own copy
+                pixels = block[row, : size * _itemsize(a.dtype)].clone().view(getattr(torch, a.dtype))
+            out[row] = Prepared(a.text, pixels.view(a.shape))
+        return out
+
+    def _check_alive(self) -> None:
+        for p in self.procs:
+            if p.exitcode is not None:
+                how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+                raise WorkerDied(
+                    f"an image preparation process ended ({how}), perhaps out of memory or on a file that "
+                    "crashed its decoder; what was committed is kept: run the same command again to go on, "
+                    "with --worker-kind threads to decode in this process")
+
+    def close(self) -> None:
+        for _ in self.procs:
+            try:
+                self.tasks.put(None)
+            except (OSError, ValueError):
+                break
+        for p in self.procs:
+            p.join(timeout=2)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()
+            q.close()
+        del self.pixels
+        self.slab.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:  # an error or an abandoned iteration: nothing more is wanted
+            for p in self.procs:
+                p.kill()
+        self.close()
+
+
+def prefetch_in_processes(chunks: Iterable[list[T]], inline: Callable[[T], object], item_of: Callable[[T], object],
+                          preparer: Preparer, workers: int, rows: int, row_bytes: int,
+                          ahead: int = 2) -> Iterator[tuple[list[T], list]]:
+    """As prefetch.prefetch_batches: yield (chunk, prepared or the exception per element), in
+    order, `ahead` chunks in flight. Elements whose `item_of` has an image to decode go to the
+    worker processes; the others get `inline` here. Chunks hold at most `rows` elements."""
+    with PreparationProcesses(preparer, workers, rows, ahead + 2, row_bytes) as pool:
+        pending: deque = deque()
+        for seq, chunk in enumerate(chunks):
+            if len(chunk) > rows:
+                raise ValueError(f"a chunk of {len(chunk)} elements, over the {rows} rows of a slot")
+            away = [i for i, e in enumerate(chunk) if offloaded(item_of(e))]
+            parts = max(1, min(workers, len(away)))
+            for part in range(parts if away else 0):
+                mine = away[part::parts]
+                pool.submit(seq, part, mine, [item_of(chunk[i]) for i in mine])
+            sent = set(away)
+            here = {i: _call(inline, e) for i, e in enumerate(chunk) if i not in sent}
+            pending.append((seq, chunk, away, parts, here))
+            if len(pending) > ahead:
+                yield _gather(pool, *pending.popleft())
+        while pending:
+            yield _gather(pool, *pending.popleft())
+
+
+def _call(fn, x):
+    try:
+        return fn(x)
+    except Exception as e:  # reported per element by the caller, as the threads do
+        return e
+
+
+def _gather(pool: PreparationProcesses, seq, chunk, away, parts, here):
+    answers = {}
+    for part in range(parts if away else 0):
+        answers.update(zip(away[part::parts], pool.collect(seq, part)))
+    answers = pool.read(seq, answers, len(chunk))
+    return chunk, [answers[i] if i in answers else here[i] for i in range(len(chunk))]
+
+
+# -- in the worker ----------------------------------------------------------------------------
+
+def _serve(preparer: Preparer, tasks, results, pixels: np.ndarray, row_bytes: int, parent: int) -> None:
+    _die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(1)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        seq, part, offsets, items = task
+        results.put((seq, part, [_prepare_one(preparer, item, pixels, offset, row_bytes)
+                                 for offset, item in zip(offsets, items)]))
+
+
+def _prepare_one(preparer: Preparer, item, pixels: np.ndarray, offset: int, row_bytes: int):
+    try:
+        p = preparer.prepare(item)
+    except Exception as e:  # noqa: BLE001 - the item's problem, reported by the build
+        return _portable(e)
+    image = p.image
+    if isinstance(image, torch.Tensor) and image.numel() * image.element_size() <= row_bytes:
+        raw = image.contiguous().view(-1).view(torch.uint8).numpy()
+        pixels[offset : offset + len(raw)] = raw
+        return _InSlab(p.text, tuple(image.shape), str(image.dtype).removeprefix("torch."))
+    return p
+
+
+def _portable(e: Exception) -> Exception:
+    """`e` as it can cross the pipe: itself when it pickles back whole, else a RuntimeError
+    carrying its kind and message (what a build reports of it)."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{e.__class__.__name__}: {e}")
+
+
+def _die_with(parent: int) -> None:
+    """End this process when the parent ends, however it ends (Linux; elsewhere the closed
+    task queue ends it)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)

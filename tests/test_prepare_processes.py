@@ -1,0 +1,129 @@
+"""Images prepared in forked worker processes: the same documents, vectors and refusals as in
+threads, a dead worker named instead of waited for, and nothing of a build left behind."""
+import os
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import cli_in_process, write_jsonl
+from umr.index import IndexStore
+from umr.index.errors import InvalidArgument
+from umr.retrieval.device import already_stacked, stack_batch
+from umr.retrieval.encoders.base import Prepared
+from umr.retrieval.encoders.prepare_processes import WorkerDied, prefetch_in_processes
+from umr.retrieval.images import BadImage
+from umr.retrieval.indexing.pipeline import build_index
+from umr.retrieval.items import Item
+
+
+def mixed_corpus(tmp_path, flickr, n=30):
+    """Photos (some captioned), a text, and every kind of image a decoder treats apart."""
+    photos = sorted((flickr / "images").glob("*.jpg"))[:n]
+    good = photos[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 3])
+    (tmp_path / "words.jpg").write_text("not an image")
+    Image.new("RGBA", (300, 200), (0, 0, 255, 60)).save(tmp_path / "clear.png")
+    Image.new("L", (90, 700), 128).save(tmp_path / "tall.png")
+    Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")
+    records = [{"id": f"p{i}", "image": str(p), **({"text": f"photo {i}"} if i % 4 == 0 else {})}
+               for i, p in enumerate(photos)]
+    records[7:7] = [{"id": "cut", "image": "cut.jpg"}, {"id": "words", "image": "words.jpg"},
+                    {"id": "note", "text": "a text among the photos"}, {"id": "clear", "image": "clear.png"},
+                    {"id": "tall", "image": "tall.png"}, {"id": "bomb", "image": "bomb.png"},
+                    {"id": "gone", "image": "gone.jpg"}, {"id": "p3", "text": "a second p3"}]
+    return write_jsonl(tmp_path / "c.jsonl", records)
+
+
+def contents(path):
+    store = IndexStore.open(path, mode="read")
+    try:
+        flat = store.active.faiss
+        vectors = flat.reconstruct_n(0, flat.ntotal)
+        report = store.manifest["build"]["report"]
+        docs = {d["id"]: d for d in (store.get(i).to_dict() for i in report_ids(store))}
+        return vectors, docs, sorted((r["id"], r["reason"]) for r in report["rejections"])
+    finally:
+        store.close()
+
+
+def report_ids(store):
+    import sqlite3
+
+    with sqlite3.connect(store.path / "docs.sqlite") as db:
+        return [r[0] for r in db.execute("SELECT id FROM docs ORDER BY id")]
+
+
+@pytest.mark.parametrize("spec", ["lit", "tiny"])  # uint8 images (the towers') and float32 (open_clip's transforms)
+def test_processes_give_what_threads_give(tmp_path, flickr, spec, request):
+    enc = request.getfixturevalue(spec)
+    corpus = mixed_corpus(tmp_path, flickr)
+    runs = {}
+    for kind in ("processes", "threads"):
+        # Batches of 4: chunks wrap around the shared slots several times.
+        report = build_index(corpus, enc, tmp_path / kind, batch_size=4, workers=2, worker_kind=kind,
+                             index_kind="flat", progress=False)
+        assert report.indexed == 33 and report.rejected == 5
+        runs[kind] = contents(tmp_path / kind)
+    (vp, dp, rp), (vt, dt, rt) = runs["processes"], runs["threads"]
+    assert np.array_equal(vp, vt)  # to the bit
+    assert dp == dt and rp == rt
+    reasons = dict(rp)
+    assert "truncated" in reasons["cut"] and "pixels" in reasons["bomb"] and "not found" in reasons["gone"]
+    assert "duplicate" in reasons["p3"] and dp["p3"]["image"]  # the first p3 kept
+
+
+@dataclass(frozen=True)
+class Dies:
+    """A preparer that kills its process on the item named "boom"."""
+
+    image_size: int = 8
+
+    def prepare(self, item):
+        if item.id == "boom":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if item.id == "odd":
+            raise BadImage("odd image", "limit_image_aspect")
+        return Prepared(item.text, torch.full((3, 8, 8), int(item.text), dtype=torch.uint8))
+
+
+def test_a_dead_worker_is_named_and_what_came_before_is_whole():
+    chunks = [[Item(f"{c}-{i}", str(c * 10 + i), image=f"{c}-{i}.jpg") for i in range(4)] for c in range(6)]
+    chunks[1][2] = Item("odd", "0", image="odd.jpg")
+    chunks[4][1] = Item("boom", "0", image="boom.jpg")
+    got = []
+    with pytest.raises(WorkerDied, match="killed by signal 9.*run the same command again"):
+        for chunk, prepared in prefetch_in_processes(iter(chunks), lambda it: it, lambda it: it, Dies(), 2, 4, 192, ahead=1):
+            got.append((chunk, prepared))
+    assert [c for c, _ in got] == chunks[:4]  # every chunk before the dead worker's, in order
+    for chunk, prepared in got:
+        for item, p in zip(chunk, prepared):
+            if item.id == "odd":  # an item's own error crosses the pipe whole
+                assert isinstance(p, BadImage) and p.code == "limit_image_aspect"
+            else:
+                assert torch.equal(p.image, torch.full((3, 8, 8), int(item.text), dtype=torch.uint8))
+
+
+def test_images_handed_over_as_one_tensor_are_not_copied_again():
+    block = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).view(4, -1)
+    rows = [block[i].view(3, 2, 2) for i in range(4)]
+    batch = stack_batch(rows)
+    assert batch.data_ptr() == block.data_ptr() and torch.equal(batch, torch.stack(rows))
+    assert already_stacked(rows[:3]) is None  # not the whole tensor
+    assert already_stacked([rows[1], rows[0], rows[2], rows[3]]) is None  # not in order
+    assert already_stacked([torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in range(4)]) is None
+    floats = torch.from_numpy(np.zeros(2 * 48, dtype=np.uint8).view(np.float32)).view(2, -1)  # as the slab's are read
+    assert stack_batch([floats[i].view(3, 2, 2) for i in range(2)]).data_ptr() == floats.data_ptr()
+
+
+def test_processes_are_refused_where_they_cannot_run(tmp_path, tiny):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "1", "text": "x"}])
+    with pytest.raises(InvalidArgument, match="unknown worker kind 'fibers'"):
+        build_index(corpus, tiny, tmp_path / "idx", worker_kind="fibers", progress=False)
+    assert not (tmp_path / "idx").exists()  # refused before anything is written
+    r = cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx2",
+                       "--worker-kind", "fibers")
+    assert r.returncode == 2 and "invalid choice: 'fibers'" in r.stderr
