@@ -91,16 +91,16 @@ def already_stacked(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """The tensor whose consecutive rows `tensors` are, whole and in order, or None."""
     first = tensors[0] if tensors else None
     base = getattr(first, "_base", None)
-    if base is None or not base.is_contiguous():
+    if base is None or not base.is_contiguous() or base.dtype != first.dtype:
         return None
     step = first.numel() * first.element_size()
-    if base.numel() * base.element_size() != len(tensors) * step or first.data_ptr() != base.data_ptr():
+    if base.numel() != len(tensors) * first.numel() or first.data_ptr() != base.data_ptr():
         return None
     for i, t in enumerate(tensors):
         if (t._base is not base or t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous()
                 or t.data_ptr() != base.data_ptr() + i * step):
             return None
-    return base.view(-1).view(first.dtype).view(len(tensors), *first.shape)
+    return base.view(len(tensors), *first.shape)
 
 
 def bucket(n: int) -> int:

@@ -82,6 +82,9 @@ class Dies:
 
     image_size: int = 8
 
+    def preprocess(self, image):
+        return torch.zeros((3, 8, 8), dtype=torch.uint8)
+
     def prepare(self, item):
         if item.id == "boom":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -96,7 +99,7 @@ def test_a_dead_worker_is_named_and_what_came_before_is_whole():
     chunks[4][1] = Item("boom", "0", image="boom.jpg")
     got = []
     with pytest.raises(WorkerDied, match="killed by signal 9.*run the same command again"):
-        for chunk, prepared in prefetch_in_processes(iter(chunks), lambda it: it, lambda it: it, Dies(), 2, 4, 192, ahead=1):
+        for chunk, prepared in prefetch_in_processes(iter(chunks), lambda it: it, lambda it: it, Dies(), 2, 4, ahead=1):
             got.append((chunk, prepared))
     assert [c for c, _ in got] == chunks[:4]  # every chunk before the dead worker's, in order
     for chunk, prepared in got:

@@ -15,7 +15,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _apply_all(fn: Callable[[T], R], chunk: list[T]) -> list[R | Exception]:
+def apply_each(fn: Callable[[T], R], chunk: list[T]) -> list[R | Exception]:
+    """fn of each element, or the exception it raised: one bad item never ends a batch."""
     out: list[R | Exception] = []
     for x in chunk:
         try:
@@ -36,7 +37,7 @@ def prefetch_batches(chunks: Iterable[list[T]], fn: Callable[[T], R], workers: i
             # Split each chunk across the workers so one batch decodes in parallel too; never into
             # more parts than items (a one-query call must not start a thread per core).
             parts = max(1, min(workers, len(chunk)))
-            pending.append((chunk, parts, [pool.submit(_apply_all, fn, chunk[i::parts]) for i in range(parts)]))
+            pending.append((chunk, parts, [pool.submit(apply_each, fn, chunk[i::parts]) for i in range(parts)]))
             if len(pending) > ahead:
                 yield _collect(*pending.popleft())
         while pending:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from umr.retrieval.encoders.base import Prepared, Preparer
+from umr.retrieval.encoders.prefetch import apply_each
 
 T = TypeVar("T")
 WAIT_S = 0.5  # how often a waiting parent checks that its workers are alive
@@ -58,43 +59,33 @@ class _InSlab:
 
     text: str | None
     shape: tuple[int, ...]
-    dtype: str  # a torch dtype's name: "uint8", "float32"
 
 
-def _itemsize(dtype: str) -> int:
-    return getattr(torch, dtype).itemsize
-
-
-def _numpy_dtype(name: str) -> np.dtype | None:
-    try:
-        return np.dtype(name)
-    except TypeError:  # bfloat16: torch's alone
-        return None
-
-
-def image_bytes(preparer: Preparer) -> int:
-    """Bytes of one preprocessed image, learnt from a blank image: uint8 for the lit towers,
-    float32 for open_clip's transforms."""
+def probe(preparer: Preparer) -> torch.Tensor:
+    """A blank image preprocessed: its dtype and size lay out the shared rows (uint8 for the
+    lit towers, float32 for open_clip's transforms). Run before the fork, it also pays the
+    resize's first-call import once rather than in every worker."""
     from PIL import Image
 
-    probe = preparer.preprocess(Image.new("RGB", (preparer.image_size, preparer.image_size)))
-    return probe.numel() * probe.element_size()
+    return preparer.preprocess(Image.new("RGB", (preparer.image_size, preparer.image_size)))
 
 
 class PreparationProcesses:
     """`workers` forked processes applying `preparer.prepare` to items; `slots` x `rows` images
-    of at most `row_bytes` each are in flight at once (larger ones, and JPEGs left for the
-    device, are sent pickled). Use as a context manager: leaving it stops the workers."""
+    of the probe's dtype and at most its size are in flight at once (other images, and JPEGs left
+    for the device, are sent pickled). Use as a context manager: leaving it stops the workers."""
 
-    def __init__(self, preparer: Preparer, workers: int, rows: int, slots: int, row_bytes: int):
+    def __init__(self, preparer: Preparer, workers: int, rows: int, slots: int):
         ctx = mp.get_context("fork")
+        blank = probe(preparer)
+        self.dtype, row_bytes = blank.dtype, blank.numel() * blank.element_size()
         self.rows, self.slots, self.row_bytes = rows, slots, row_bytes
         self.slab = mmap.mmap(-1, max(1, rows * slots * row_bytes))  # MAP_SHARED | MAP_ANONYMOUS
         self.pixels = np.frombuffer(self.slab, dtype=np.uint8)
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         parent = os.getpid()
         self.procs = [ctx.Process(target=_serve, name=f"umr-prepare-{i}", daemon=True,
-                                  args=(preparer, self.tasks, self.results, self.pixels, row_bytes, parent))
+                                  args=(preparer, self.tasks, self.results, self.pixels, self.dtype, row_bytes, parent))
                       for i in range(workers)]
         for p in self.procs:
             p.start()
@@ -126,21 +117,9 @@ class PreparationProcesses:
         if not inslab:
             return answers
         first = (seq % self.slots) * self.rows * self.row_bytes
-        raw = self.pixels[first : first + n * self.row_bytes].copy()
-        dtypes = {a.dtype for a in inslab.values()}
-        typed = _numpy_dtype(dtypes.pop()) if len(dtypes) == 1 else None
-        if typed is not None and self.row_bytes % typed.itemsize:
-            typed = None
-        block = torch.from_numpy(raw.view(typed) if typed is not None else raw).view(n, -1)
-        out = dict(answers)
-        for row, a in inslab.items():
-            size = math.prod(a.shape)
-            if typed is not None:
-                pixels = block[row] if size == block.shape[1] else block[row, :size]
-            else:  # images of several kinds in one chunk: each its own copy
-                pixels = block[row, : size * _itemsize(a.dtype)].clone().view(getattr(torch, a.dtype))
-            out[row] = Prepared(a.text, pixels.view(a.shape))
-        return out
+        block = torch.from_numpy(self.pixels[first : first + n * self.row_bytes].copy()).view(self.dtype).view(n, -1)
+        return {**answers, **{row: Prepared(a.text, block[row, : math.prod(a.shape)].view(a.shape))
+                              for row, a in inslab.items()}}
 
     def _check_alive(self) -> None:
         for p in self.procs:
@@ -179,23 +158,23 @@ class PreparationProcesses:
 
 
 def prefetch_in_processes(chunks: Iterable[list[T]], inline: Callable[[T], object], item_of: Callable[[T], object],
-                          preparer: Preparer, workers: int, rows: int, row_bytes: int,
-                          ahead: int = 2) -> Iterator[tuple[list[T], list]]:
+                          preparer: Preparer, workers: int, rows: int, ahead: int = 2) -> Iterator[tuple[list[T], list]]:
     """As prefetch.prefetch_batches: yield (chunk, prepared or the exception per element), in
     order, `ahead` chunks in flight. Elements whose `item_of` has an image to decode go to the
     worker processes; the others get `inline` here. Chunks hold at most `rows` elements."""
-    with PreparationProcesses(preparer, workers, rows, ahead + 2, row_bytes) as pool:
+    with PreparationProcesses(preparer, workers, rows, ahead + 2) as pool:
         pending: deque = deque()
         for seq, chunk in enumerate(chunks):
             if len(chunk) > rows:
                 raise ValueError(f"a chunk of {len(chunk)} elements, over the {rows} rows of a slot")
             away = [i for i, e in enumerate(chunk) if offloaded(item_of(e))]
-            parts = max(1, min(workers, len(away)))
-            for part in range(parts if away else 0):
+            parts = min(workers, len(away))
+            for part in range(parts):
                 mine = away[part::parts]
                 pool.submit(seq, part, mine, [item_of(chunk[i]) for i in mine])
             sent = set(away)
-            here = {i: _call(inline, e) for i, e in enumerate(chunk) if i not in sent}
+            kept = [i for i in range(len(chunk)) if i not in sent]
+            here = dict(zip(kept, apply_each(inline, [chunk[i] for i in kept])))
             pending.append((seq, chunk, away, parts, here))
             if len(pending) > ahead:
                 yield _gather(pool, *pending.popleft())
@@ -203,16 +182,9 @@ def prefetch_in_processes(chunks: Iterable[list[T]], inline: Callable[[T], objec
             yield _gather(pool, *pending.popleft())
 
 
-def _call(fn, x):
-    try:
-        return fn(x)
-    except Exception as e:  # reported per element by the caller, as the threads do
-        return e
-
-
 def _gather(pool: PreparationProcesses, seq, chunk, away, parts, here):
     answers = {}
-    for part in range(parts if away else 0):
+    for part in range(parts):
         answers.update(zip(away[part::parts], pool.collect(seq, part)))
     answers = pool.read(seq, answers, len(chunk))
     return chunk, [answers[i] if i in answers else here[i] for i in range(len(chunk))]
@@ -220,7 +192,8 @@ def _gather(pool: PreparationProcesses, seq, chunk, away, parts, here):
 
 # -- in the worker ----------------------------------------------------------------------------
 
-def _serve(preparer: Preparer, tasks, results, pixels: np.ndarray, row_bytes: int, parent: int) -> None:
+def _serve(preparer: Preparer, tasks, results, pixels: np.ndarray, dtype: torch.dtype, row_bytes: int,
+           parent: int) -> None:
     _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
@@ -229,20 +202,20 @@ def _serve(preparer: Preparer, tasks, results, pixels: np.ndarray, row_bytes: in
         if task is None:
             return
         seq, part, offsets, items = task
-        results.put((seq, part, [_prepare_one(preparer, item, pixels, offset, row_bytes)
+        results.put((seq, part, [_prepare_one(preparer, item, pixels, offset, dtype, row_bytes)
                                  for offset, item in zip(offsets, items)]))
 
 
-def _prepare_one(preparer: Preparer, item, pixels: np.ndarray, offset: int, row_bytes: int):
+def _prepare_one(preparer: Preparer, item, pixels: np.ndarray, offset: int, dtype: torch.dtype, row_bytes: int):
     try:
         p = preparer.prepare(item)
     except Exception as e:  # noqa: BLE001 - the item's problem, reported by the build
         return _portable(e)
     image = p.image
-    if isinstance(image, torch.Tensor) and image.numel() * image.element_size() <= row_bytes:
+    if isinstance(image, torch.Tensor) and image.dtype == dtype and image.numel() * image.element_size() <= row_bytes:
         raw = image.contiguous().view(-1).view(torch.uint8).numpy()
         pixels[offset : offset + len(raw)] = raw
-        return _InSlab(p.text, tuple(image.shape), str(image.dtype).removeprefix("torch."))
+        return _InSlab(p.text, tuple(image.shape))
     return p
 
 

@@ -21,7 +21,6 @@ from umr.retrieval.encoders.base import Encoder
 from umr.retrieval.items import Item
 from umr.retrieval.encoders import prepare_processes
 from umr.retrieval.encoders.prefetch import prefetch_batches
-from umr.retrieval.encoders.prepare_processes import prefetch_in_processes
 from umr.retrieval.progress import bar as progress_bar
 from umr.retrieval.corpus.readers import Rejected, open_corpus
 
@@ -67,8 +66,8 @@ def prepared_chunks(encoder: Encoder, numbered_chunks: Iterable[list[tuple[int, 
     preparer = _process_preparer(encoder, worker_kind)
     if preparer is None:
         return prefetch_batches(numbered_chunks, prepare, workers)
-    return prefetch_in_processes(numbered_chunks, prepare, lambda entry: entry[1], preparer, workers,
-                                 rows=batch_size, row_bytes=prepare_processes.image_bytes(preparer))
+    return prepare_processes.prefetch_in_processes(numbered_chunks, prepare, lambda entry: entry[1], preparer,
+                                                   workers, rows=batch_size)
 
 
 def _process_preparer(encoder: Encoder, worker_kind: str):
