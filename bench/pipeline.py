@@ -6,7 +6,7 @@ Over the 1,000 flickr8k-1k images with lit-base, in this process, alternating, R
            pass) with the forward pass replaced by nothing, at 1 and 2 workers (and one per
            core when there are more)
   forward  the image tower + head on tensors decoded beforehand, at the build's batch size
-  build    build_index() from a JSONL corpus: reading, decoding in worker threads, forward,
+  build    build_index() from a JSONL corpus: reading, decoding in worker processes, forward,
            committing each batch with its cursor, training/filling FAISS and saving
 Targets (issue 25): ceiling >= 4x the forward rate, 1 -> 2 workers >= 1.8x, build >= 0.95x forward.
 Run: python bench/pipeline.py [--repeats 3]

@@ -1,7 +1,7 @@
 """The encoder interface shared by every backbone, with fusion and instructions done once here.
 
 Encoding is split in two so the indexing pipeline can overlap them: `prepare` (decode and
-preprocess, CPU-bound, runs in worker threads) and `embed` (the model forward on a batch).
+preprocess, CPU-bound, runs in worker processes or threads) and `embed` (the model forward on a batch).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """JPEGs decoded and resized on the encoder's device (`--image-decode device`).
 
 On a GPU build the CPU threads that decode and resize are what the GPU waits for (issue 25's
-profile: PIL's resize took half of every batch). Here a worker thread only reads the file and
+profile: PIL's resize took half of every batch). Here a preparation worker only reads the file and
 its header, checks every limit (retrieval/images.py), and passes the bytes on; the whole
 batch is then decoded by torchvision's `decode_jpeg` on the device (nvJPEG on CUDA) and resized
 there with the same kernel the CPU path uses (towers.resize_crop).

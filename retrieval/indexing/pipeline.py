@@ -1,4 +1,4 @@
-"""The indexing pipeline: corpus -> prepared items (worker threads) -> encoder forward -> index.
+"""The indexing pipeline: corpus -> prepared items (worker processes or threads) -> encoder forward -> index.
 
 Resumable: every batch is committed to the document store in one transaction together with
 the corpus cursor, so a build killed at any point (SIGKILL included) continues from its last

@@ -49,8 +49,8 @@ def _add_common_flags(leaf: argparse.ArgumentParser) -> None:
                       help="the encoders' forward passes: float32 (the default, or $UMR_PRECISION) or float16 "
                            "autocast, within cosine 0.999 of float32 and faster on a GPU")
     leaf.add_argument("--image-decode", choices=IMAGE_DECODES,
-                      help="where JPEGs are decoded and resized: cpu (the default, or $UMR_IMAGE_DECODE, worker "
-                           "threads) or device (torchvision's decoder on the --device, nvJPEG on a GPU)")
+                      help="where JPEGs are decoded and resized: cpu (the default, or $UMR_IMAGE_DECODE, the "
+                           "preparation workers) or device (torchvision's decoder on the --device, nvJPEG on a GPU)")
 
 
 def main(argv: list[str] | None = None) -> int:
