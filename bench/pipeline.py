@@ -8,12 +8,18 @@ Over the 1,000 flickr8k-1k images with lit-base, in this process, alternating, R
   forward  the image tower + head on tensors decoded beforehand, at the build's batch size
   build    build_index() from a JSONL corpus: reading, decoding in worker processes, forward,
            committing each batch with its cursor, training/filling FAISS and saving
+and over 20,480 of its captions in calls of 512 (the text side of issue 25):
+  tokens   token ids (and padded batches, what a GPU forward takes) from the tokenizer's own
+           wrapper, one call at a time as before, and from retrieval/encoders/token_ids.py on
+           1 and 2 threads
+  texts    lit-base's text forward (embed_texts) on this CPU
 Targets (issue 25): ceiling >= 4x the forward rate, 1 -> 2 workers >= 1.8x, build >= 0.95x forward.
 Run: python bench/pipeline.py [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import tempfile
@@ -25,6 +31,33 @@ from bench.common import DATA, figure, machine, median, write_section  # noqa: E
 from umr.plots import bars  # noqa: E402
 
 BATCH = 64
+TEXT_CALL = 512
+
+
+def texts_per_s(fn, texts: list[str], call: int = TEXT_CALL) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), call):
+        fn(texts[i : i + call])
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def text_rates(enc, captions: list[str], n: int = 20_480) -> dict[str, float]:
+    """Texts/s of tokenisation by the wrapper and in bulk, and of the text forward, side by side."""
+    from umr.retrieval.encoders.towers import MAX_TOKENS
+    from umr.retrieval.encoders.token_ids import BulkTokenizer
+
+    texts = (captions * (n // len(captions) + 1))[:n]
+    wrapper = enc.text.tokenizer
+    bulk = {t: BulkTokenizer(wrapper, threads=t) for t in (1, 2)}
+    return {
+        "ids, wrapper (before)": texts_per_s(lambda b: wrapper(b, truncation=True, max_length=MAX_TOKENS)["input_ids"], texts),
+        **{f"ids, bulk, {t} thread{'s' if t > 1 else ''}": texts_per_s(lambda b, k=k: k.ids(b, MAX_TOKENS), texts)
+           for t, k in bulk.items()},
+        "padded batch, wrapper (before)": texts_per_s(
+            lambda b: wrapper(b, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"), texts),
+        "padded batch, bulk, 2 threads": texts_per_s(lambda b: bulk[2].padded(b, MAX_TOKENS), texts),
+        "text forward (embed_texts)": texts_per_s(enc.embed_texts, texts[:2048]),
+    }
 
 
 def ceiling(enc, corpus: Path, workers: int, kind: str, passes: int = 2) -> float:
@@ -60,6 +93,9 @@ def main() -> None:
     enc = load_encoder("lit-base")
     tensors = [enc.preprocess_image(open_image(p, min_side=enc.image_size)) for p in images]
     enc.embed([Prepared(None, t) for t in tensors[:BATCH]])  # warm-up
+    with open(DATA / "flickr8k-1k" / "captions.txt", newline="") as f:
+        captions = [row["caption"] for row in csv.DictReader(f)]
+    enc.embed_texts(captions[:TEXT_CALL])
 
     tmp = Path(tempfile.mkdtemp(prefix="umr-bench-"))
     corpus = tmp / "corpus.jsonl"
@@ -68,6 +104,7 @@ def main() -> None:
     kinds = ("processes", "threads")
     prep: dict[tuple[str, int], list[float]] = {(k, w): [] for k in kinds for w in worker_counts}
     raw, build, steady = [], [], []
+    text: dict[str, list[float]] = {}
     for r in range(args.repeats):
         for w in worker_counts:
             for k in kinds:
@@ -80,12 +117,18 @@ def main() -> None:
         report = build_index(corpus, enc, tmp / f"idx{r}", batch_size=BATCH, progress=False)
         build.append(report.indexed / (time.perf_counter() - t0))
         steady.append(report.items_per_s)
+        for what, rate in text_rates(enc, captions).items():
+            text.setdefault(what, []).append(rate)
         print(f"run {r + 1}: preparation {', '.join(f'{k} {w} {prep[k, w][-1]:.0f}/s' for k in kinds for w in worker_counts)}; "
-              f"forward {raw[-1]:.1f}/s, build {build[-1]:.1f}/s end to end ({steady[-1]:.1f}/s in the loop)",
-              file=sys.stderr)
+              f"forward {raw[-1]:.1f}/s, build {build[-1]:.1f}/s end to end ({steady[-1]:.1f}/s in the loop); "
+              f"texts: {', '.join(f'{w} {v[-1]:,.0f}/s' for w, v in text.items())}", file=sys.stderr)
     ratio = median([b / r for b, r in zip(build, raw)])
     scaling = {k: median([b / a for a, b in zip(prep[k, 1], prep[k, 2])]) for k in kinds}
     headroom = median([c / r for c, r in zip(prep["processes", max(worker_counts)], raw)])
+    bulk_gain = median([b / a for a, b in zip(text["ids, wrapper (before)"], text["ids, bulk, 2 threads"])])
+    bulk_scaling = median([b / a for a, b in zip(text["ids, bulk, 1 thread"], text["ids, bulk, 2 threads"])])
+    padded_gain = median([b / a for a, b in zip(text["padded batch, wrapper (before)"], text["padded batch, bulk, 2 threads"])])
+    text_rows = "\n".join(f"| {w} | {median(v):,.0f} |" for w, v in text.items())
     rows = "\n".join(f"| preparation alone in {k}, {w} worker{'s' if w > 1 else ''} (forward replaced by nothing) | "
                      f"{median(prep[k, w]):.1f} |" for k in kinds for w in worker_counts)
     body = f"""## Indexing pipeline (`bench/pipeline.py`)
@@ -105,6 +148,17 @@ platform forks) or threads, and batch assembly.
 (target >= 1.8x; {scaling["threads"]:.2f}x in threads);
 **build / forward: {ratio:.3f}** (median of per-run ratios; target >= 0.95). For reference, the team's notes on peer systems (../shared/GUIDE.md, beside the repository) measured
 clip-retrieval at 0.69 of its raw forward in steady state and 0.50 end to end.
+
+Texts: {len(captions):,} flickr8k-1k captions repeated to 20,480, in calls of {TEXT_CALL} (the text forward on 2,048 of them),
+tokenised to at most 128 tokens as lit-base does; the same runs, medians.
+
+| what | texts/s |
+|---|---|
+{text_rows}
+
+Token ids in bulk on 2 threads: **{bulk_gain:.2f}x** the wrapper's one call at a time, **{bulk_scaling:.2f}x** from 1 to 2 threads;
+padded batches (what a GPU forward takes) **{padded_gain:.2f}x**. The ids are the wrapper's, the vectors the same to the bit
+(tests/test_token_ids.py). On this CPU the text forward, not tokenisation, sets the rate; the threads are for a GPU's.
 
 {figure("pipeline", bars, {"lit-base, items/s": {"forward (pre-decoded)": median(raw), "umr index build, end to end": median(build),
                                                  "umr index build, encoding loop": median(steady)}},

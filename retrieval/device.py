@@ -117,6 +117,20 @@ def pad_rows(batch: torch.Tensor, rows: int) -> torch.Tensor:
     return batch if rows <= n else torch.cat([batch, batch[-1:].expand(rows - n, *batch.shape[1:])])
 
 
+def pad_multiple(device: torch.device) -> int:
+    """What a text batch's padded length is rounded up to: 8 on CUDA, so that calls meet a few
+    shapes (and tensor-core-aligned ones) rather than one per longest text; 1 elsewhere, where
+    padding costs compute and no kernels are chosen per shape."""
+    return 8 if device.type == "cuda" else 1
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; to CUDA through page-locked memory, so the copy does not block the host."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def to_device(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
     """(the batch on `device`, padded to `bucket` rows on CUDA; the number of real rows)."""
     n = len(batch)

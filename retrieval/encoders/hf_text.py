@@ -8,6 +8,7 @@ from PIL import Image
 
 from umr.retrieval.encoders.base import Encoder, EncoderError, mean_pool, quiet_transformers, sha256_file
 from umr.retrieval.encoders.serial import serial
+from umr.retrieval.encoders.token_ids import BulkTokenizer
 
 
 class HfTextEncoder(Encoder):
@@ -23,6 +24,7 @@ class HfTextEncoder(Encoder):
             raise EncoderError(f"hf-text needs a local model folder; {path} is not a directory")
         try:
             self.tokenizer = serial(AutoTokenizer.from_pretrained(str(p)))
+            self.tokens = BulkTokenizer(self.tokenizer)
             self.model = AutoModel.from_pretrained(str(p)).eval()
         except Exception as e:
             raise EncoderError(f"could not load a transformers model from {path}: {str(e)[:200]}") from None
@@ -48,5 +50,5 @@ class HfTextEncoder(Encoder):
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        tok = self.tokens.padded(texts, self.max_tokens)
         return mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])

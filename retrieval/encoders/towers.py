@@ -17,10 +17,11 @@ from PIL import Image
 
 from umr.index.errors import InvalidArgument
 from umr.retrieval import numerics
-from umr.retrieval.device import current, stack_batch, to_cpu, to_device
+from umr.retrieval.device import current, pad_multiple, stack_batch, to_cpu, to_device, upload
 from umr.retrieval.encoders import packing
 from umr.retrieval.encoders.base import EncoderError, mean_pool, quiet_transformers, sha256_file
 from umr.retrieval.encoders.serial import serial
+from umr.retrieval.encoders.token_ids import BulkTokenizer
 from umr.retrieval.encoders.feature_cache import FeatureCache, bytes_key, cached_rows, chunked, file_key, text_key
 
 TEXT_TOWER = "all-MiniLM-L6-v2"
@@ -65,6 +66,7 @@ class TextTower:
         path = minilm_path()
         # Shared by the server's threads: one call at a time (retrieval/encoders/serial.py).
         self.tokenizer = serial(AutoTokenizer.from_pretrained(str(path)))
+        self.tokens = BulkTokenizer(self.tokenizer)
         self.device = current()
         self.model = AutoModel.from_pretrained(str(path)).eval().to(self.device)
         self.digest = sha256_file(path / "model.safetensors")
@@ -76,7 +78,7 @@ class TextTower:
         # Packing saves the CPU the padding; a GPU computes padding for free.
         with numerics.current().autocast(self.device):
             if self.device.type == "cpu" and len(texts) >= packing.MIN_TEXTS and self.packs:
-                ids = self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
+                ids = self.tokens.ids(texts, max_tokens)
                 pooled = packing.packed_mean_pool(self.model, ids, self.tokenizer.pad_token_id or 0)
             else:
                 pooled = self.padded_mean_pool(texts, max_tokens)
@@ -84,7 +86,7 @@ class TextTower:
 
     @torch.inference_mode()
     def padded_mean_pool(self, texts: list[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
-        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(self.device)
+        tok = {k: upload(v, self.device) for k, v in self.tokens.padded(texts, max_tokens, pad_multiple(self.device)).items()}
         return mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])
 
     @property
