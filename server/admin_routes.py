@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
+from umr.server.threads import in_thread
 
 from umr.index.errors import UmrError
 from umr.retrieval.engine_swap import activate, engine_for_version
@@ -37,6 +37,6 @@ async def activate_encoder(req: ActivateEncoder, request: Request, st: ServerSta
     if st.forwarder is not None:
         return await relayed(request, st)
     try:
-        return await run_in_threadpool(swap, st, req.version)
+        return await in_thread(swap, st, req.version)
     except UmrError as e:  # a damaged index stays the server's fault: 500 (server/errors.py)
         raise refusal(e, "activation") from None

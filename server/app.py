@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.concurrency import run_in_threadpool
+from umr.server.threads import in_thread
 
 from umr.retrieval.engine import Engine
 from umr.retrieval.images import ImageLimits
@@ -59,7 +59,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         await store_check.stop()
         await st.batcher.stop()
         if st.engine.store.mode == "write":
-            await run_in_threadpool(st.engine.checkpoint)
+            await in_thread(st.engine.checkpoint)
 
     app = FastAPI(title="umr", version="0.1.0", lifespan=lifespan,
                   description="Universal multimodal retrieval: search images, texts and image+text items.")

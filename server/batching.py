@@ -1,10 +1,11 @@
 """Micro-batching: concurrent queries share one encoder forward and one index search call.
 
 One dedicated thread encodes and searches each batch of searches, so the event loop never
-blocks on it (what does not go through here runs on the event loop's worker threads: adds embed
-their documents there, and with --no-batching each search runs there on its own); the
-forward and the search each use every core, so a second stage (search on its own thread beside
-the next forward) would only split the load into two half-size batches (docs/benchmarks.md,
+blocks on it. It is the only thread of the process with an OpenMP team: what does not go through
+here runs single-threaded on the event loop's worker threads (adds embed their documents there,
+and with --no-batching each search runs there on its own; retrieval/cpu_threads.py says why).
+The forward and the search each use every core, so a second stage (search on its own thread
+beside the next forward) would only split the load into two half-size batches (docs/benchmarks.md,
 after the search section, has the measurement). A batch starts
 as soon as the thread is free. It waits up to `max_wait`
 for more queries only while some are still being decoded, or while fewer have arrived than
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from umr.retrieval.cpu_threads import alone_then
 from umr.retrieval.encoders.base import Prepared
 from umr.retrieval.engine import Engine
 from umr.server.metrics import Metrics
@@ -70,11 +72,11 @@ class QueryBatcher:
         loop = asyncio.get_running_loop()
         if not self.settings.micro_batching:
             try:
-                return await loop.run_in_executor(None, self._execute, items)
+                return await loop.run_in_executor(None, alone_then(self._execute), items)
             except Exception as e:  # noqa: BLE001 - isolated below
                 if len(items) == 1:
                     return [e]
-                return [await self._alone(p, loop.run_in_executor(None, self._execute, [p])) for p in items]
+                return [await self._alone(p, loop.run_in_executor(None, alone_then(self._execute), [p])) for p in items]
         for p in items:
             p.future = loop.create_future()
             self.queue.put_nowait(p)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from fastapi.concurrency import run_in_threadpool
+from umr.server.threads import in_thread
 
 from umr.server.tasks import cancel
 
@@ -38,7 +38,7 @@ class Checkpointer:
             if not self.due():
                 continue
             try:
-                await run_in_threadpool(self.state.engine.checkpoint)
+                await in_thread(self.state.engine.checkpoint)
                 self.done += 1
             except Exception:  # noqa: BLE001 - logged; the rows stay durable in the document store
                 log.exception("background checkpoint failed; retrying at the next interval")

@@ -5,7 +5,7 @@ import functools
 import io
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from umr.server.threads import in_thread
 from fastapi.responses import FileResponse, Response
 
 from umr.index.errors import NotFound, UmrError
@@ -66,7 +66,7 @@ async def add_documents(req: DocumentsIn, request: Request, st: ServerState = De
         image = st.checks.base64_image(d.image, f"document {d.id[:80]!r} image") if d.image else None
         items.append(Item(d.id, d.text, image, d.metadata))
     try:
-        added = await run_in_threadpool(st.engine.add, items, st.limits)
+        added = await in_thread(st.engine.add, items, st.limits)
     except UmrError as e:  # IndexMismatch: another encoder version was activated while these were embedded
         raise refusal(e, "document") from None
     return DocumentsAdded(added=added)
@@ -79,7 +79,7 @@ async def document_image(doc_id: str, size: int | None = Query(None, ge=16, le=M
                          st: ServerState = Depends(state)):
     """The stored image of a document, or a thumbnail of it (`?size=`)."""
     try:
-        doc = await run_in_threadpool(st.engine.get, doc_id)
+        doc = await in_thread(st.engine.get, doc_id)
     except NotFound as e:
         raise refusal(e) from None
     path = st.engine.image_path(doc)
@@ -87,8 +87,8 @@ async def document_image(doc_id: str, size: int | None = Query(None, ge=16, le=M
         raise ApiError(404, "no_image", f"document {doc_id!r} has no image")
     try:
         if size is None:
-            return FileResponse(path, media_type=await run_in_threadpool(media_type, str(path)), headers=CACHE)
-        data = await run_in_threadpool(thumbnail, str(path), path.stat().st_mtime_ns, size)
+            return FileResponse(path, media_type=await in_thread(media_type, str(path)), headers=CACHE)
+        data = await in_thread(thumbnail, str(path), path.stat().st_mtime_ns, size)
     except (OSError, BadImage):
         raise ApiError(404, "image_missing", f"the image of document {doc_id!r} is missing or unreadable on the server") from None
     return Response(data, media_type="image/jpeg", headers=CACHE)
@@ -98,7 +98,7 @@ async def document_image(doc_id: str, size: int | None = Query(None, ge=16, le=M
             dependencies=[requires("read")])
 async def get_document(doc_id: str, st: ServerState = Depends(state)):
     try:
-        return Document.of(await run_in_threadpool(st.engine.get, doc_id))
+        return Document.of(await in_thread(st.engine.get, doc_id))
     except NotFound as e:
         raise refusal(e) from None
 
@@ -108,7 +108,7 @@ async def delete_document(doc_id: str, request: Request, st: ServerState = Depen
     if st.forwarder is not None:
         return await relayed(request, st)
     refuse_if_read_only(st)
-    gone = await run_in_threadpool(st.engine.delete, [doc_id])
+    gone = await in_thread(st.engine.delete, [doc_id])
     if not gone:
         raise ApiError(404, "not_found", f"no document with id {doc_id!r}")
     return {"deleted": gone}

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from fastapi.concurrency import run_in_threadpool
+from umr.server.threads import in_thread
 
 from umr.retrieval.engine_swap import reopened
 from umr.server.tasks import cancel
@@ -39,10 +39,10 @@ class Follower:
         """Apply what the writer committed; one look at a time."""
         async with self._lock:
             engine = self.state.engine
-            done = await run_in_threadpool(engine.store.follow)
+            done = await in_thread(engine.store.follow)
             if done.reopen:
                 log.info("reopening the index: %s", done.reopen)
-                new = await run_in_threadpool(reopened, engine)
+                new = await in_thread(reopened, engine)
                 self.state.engine = new
                 self.reopens += 1
                 asyncio.get_running_loop().call_later(RETIRE_AFTER_S, engine.close)

@@ -6,7 +6,7 @@ import re
 from pathlib import PurePosixPath, PureWindowsPath
 
 from fastapi import APIRouter, Depends
-from fastapi.concurrency import run_in_threadpool
+from umr.server.threads import in_thread
 from fastapi.responses import Response
 
 from umr.server.auth import requires
@@ -32,7 +32,7 @@ def without_paths(value):
 
 @router.get("/v1/index", dependencies=[requires("read")], responses=declared(401, 403, 429))
 async def index_info(st: ServerState = Depends(state)):
-    info = without_paths(await run_in_threadpool(st.engine.info))
+    info = without_paths(await in_thread(st.engine.info))
     info["serving"] = {"mode": st.engine.store.mode, "replica": st.settings.replica_name, "pid": os.getpid(),
                        "relays_writes": st.forwarder is not None,
                        "follows": st.follower.info() if st.follower is not None else None}

@@ -5,7 +5,7 @@ import contextlib
 import time
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from umr.server.threads import in_thread
 from fastapi.responses import Response
 
 from umr.index.errors import UmrError
@@ -29,7 +29,7 @@ async def prepare(st: ServerState, eng: Engine, q: Query):
             # tokenise in the batched forward; the MLLM encoder applies its chat template and
             # tokenises here, work on at most max_text_chars that is not worth a thread hop.
             return eng.prepare_query(q, st.limits)
-        return await run_in_threadpool(eng.prepare_query, q, st.limits)
+        return await in_thread(eng.prepare_query, q, st.limits)
     except UmrError as e:
         raise refusal(e, "query") from None
     finally:

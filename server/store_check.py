@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi.concurrency import run_in_threadpool
+from umr.server.threads import in_thread
 
 from umr.index.docstore import DocStore
 from umr.server.tasks import cancel
@@ -36,7 +36,7 @@ class StoreCheck:
     async def _run(self, path: str) -> None:
         log.info("checking the document store %s in the background (too large to check before serving)", path)
         try:
-            problems = await run_in_threadpool(problems_of, path)
+            problems = await in_thread(problems_of, path)
         except Exception as e:  # noqa: BLE001 - a store that cannot even be opened again is damaged too
             problems = [f"{e.__class__.__name__}: {e}"]
         if problems:

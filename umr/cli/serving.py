@@ -12,9 +12,13 @@ from umr.cli.args import UserError, rerank_flags, count_or_zero, float_or_zero, 
 
 # Idle OpenMP workers (torch, FAISS) and OpenBLAS workers (numpy) spin after each call and
 # steal the machine's cores from the event loop and from each other; a server wants them asleep
-# at once. Set before torch, faiss or numpy is first imported (measured in bench/search.py:
-# p50 at concurrency 1 down about 3 ms, micro-batched QPS at concurrency 32 up about 30%).
-SERVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
+# soon, but not between the few hundred short parallel regions of one forward, where a
+# sleeping helper costs a futex wake-up each time. So GNU OpenMP spins 10,000 rounds (a fraction
+# of a millisecond) before it sleeps, and other OpenMP runtimes sleep at once. With the model
+# thread holding the only team (retrieval/cpu_threads.py), this against sleeping at once (PASSIVE
+# alone) gave a lone query's p50 31.4 -> 24.7 ms and QPS at 8 connections 114 -> 146 over 100k
+# vectors (bench/search.py's index). Set before torch, faiss or numpy is first imported.
+SERVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def _print_hits(hits, as_json: bool) -> None:
@@ -110,6 +114,9 @@ def cmd_serve(a) -> int:
                               keys=keys, public_read=a.public_read, checkpoint_every_rows=a.checkpoint_rows,
                               checkpoint_every_s=a.checkpoint_seconds, follow_every_s=a.follow_interval,
                               writer_url=a.writer_url, replica_name=a.replica_name, key_file=key_file)
+    from umr.retrieval.cpu_threads import alone
+
+    alone()  # loading here must not start an OpenMP team: the model thread keeps the only one
     eng = Engine.open(a.index_dir, a.encoder, mode="read" if a.read_only else "write")
     _use_reranker(eng, a)
     app = create_app(eng, settings)
