@@ -258,6 +258,8 @@ and load generator in separate processes on 127.0.0.1; both sides with `umr serv
 
 **HTTP p50 minus in-process p50 at concurrency 1: {gap:.2f} ms** (target <= 1 ms; median of {len(gaps)} paired
 blocks of 30 requests, in-process and HTTP alternating; quartiles {percentile(gaps, 25):.2f} / {percentile(gaps, 75):.2f} ms).
+In-process is the Python API called from a pool of threads, each of which starts an OpenMP team of its own; the server
+keeps one team, on its model thread (retrieval/cpu_threads.py), so it can answer faster than the in-process call.
 The HTTP stack alone (uvicorn, middlewares, FastAPI, validation, the load generator), timed on a search refused
 after validation (k=0, 422): p50 {median(floors):.2f} ms.
 The least a FastAPI service can do around the same engine (`bench/minimal_server.py`: one route, a two-field
