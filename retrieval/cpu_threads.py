@@ -28,29 +28,48 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 # Libraries that keep a thread count: OpenMP runtimes (GNU, Intel, LLVM; bundled copies too) and
 # MKL, whose calls name their own thread count and so start a team whatever OpenMP's is (torch
-# links it into libtorch_cpu).
+# links it into libtorch_cpu; MKL_Set_Num_Threads_Local takes its count by value, the lower-case
+# name is Fortran's and takes a pointer).
 _SETTERS = ((re.compile(r"^lib(gomp|iomp5|omp)\b[-.\w]*\.so"), "omp_set_num_threads"),
-            (re.compile(r"^lib(mkl_rt|torch_cpu)\b[-.\w]*\.so"), "MKL_Set_Num_Threads_Local"))  # by value (the lower-case name is Fortran's, by reference)
+            (re.compile(r"^lib(mkl_rt|torch_cpu)\b[-.\w]*\.so"), "MKL_Set_Num_Threads_Local"))
 _here = threading.local()
+_lock = threading.Lock()
+_known: frozenset[tuple[str, str]] | None = None
 
 
 def alone() -> int:
     """Run torch and FAISS single-threaded on this thread from now on (OpenMP's and MKL's local
-    thread counts are per thread, so other threads keep theirs); returns how many libraries were told.
-    Idempotent; cheap after the first call on a thread."""
-    import faiss  # noqa: F401 - both runtimes loaded before they are looked for
+    thread counts are per thread, so other threads keep theirs); returns how many libraries were
+    told. Cheap after the first call on a thread, which a server makes on every hop to a pool
+    thread."""
+    told = getattr(_here, "told", None)
+    if told is not None:
+        return told
     import torch
 
-    done: set = getattr(_here, "told", set())
     torch.get_num_threads()  # torch's own per-thread set-up first, or its first kernel here would undo ours
-    for path, setter in thread_counts() - done:
+    told = 0
+    for path, setter in _libraries():
         try:
             getattr(ctypes.CDLL(path), setter)(1)
         except (OSError, AttributeError):
             continue
-        done.add((path, setter))
-    _here.told = done
-    return len(done)
+        told += 1
+    _here.told = told
+    return told
+
+
+def _libraries() -> frozenset[tuple[str, str]]:
+    """`thread_counts()`, looked up once per process (reading the memory map takes about 0.6 ms),
+    with torch and FAISS loaded first so that their runtimes are in it."""
+    global _known
+    with _lock:
+        if _known is None:
+            import faiss  # noqa: F401
+            import torch  # noqa: F401
+
+            _known = frozenset(thread_counts())
+        return _known
 
 
 def alone_then(fn: Callable[..., T]) -> Callable[..., T]:
