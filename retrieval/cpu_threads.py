@@ -33,8 +33,6 @@ T = TypeVar("T")
 _SETTERS = ((re.compile(r"^lib(gomp|iomp5|omp)\b[-.\w]*\.so"), "omp_set_num_threads"),
             (re.compile(r"^lib(mkl_rt|torch_cpu)\b[-.\w]*\.so"), "MKL_Set_Num_Threads_Local"))
 _here = threading.local()
-_lock = threading.Lock()
-_known: frozenset[tuple[str, str]] | None = None
 
 
 def alone() -> int:
@@ -49,7 +47,7 @@ def alone() -> int:
 
     torch.get_num_threads()  # torch's own per-thread set-up first, or its first kernel here would undo ours
     told = 0
-    for path, setter in _libraries():
+    for path, setter in thread_counts():
         try:
             getattr(ctypes.CDLL(path), setter)(1)
         except (OSError, AttributeError):
@@ -57,19 +55,6 @@ def alone() -> int:
         told += 1
     _here.told = told
     return told
-
-
-def _libraries() -> frozenset[tuple[str, str]]:
-    """`thread_counts()`, looked up once per process (reading the memory map takes about 0.6 ms),
-    with torch and FAISS loaded first so that their runtimes are in it."""
-    global _known
-    with _lock:
-        if _known is None:
-            import faiss  # noqa: F401
-            import torch  # noqa: F401
-
-            _known = frozenset(thread_counts())
-        return _known
 
 
 def alone_then(fn: Callable[..., T]) -> Callable[..., T]:
@@ -82,13 +67,18 @@ def alone_then(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def thread_counts() -> set[tuple[str, str]]:
+@functools.cache
+def thread_counts() -> frozenset[tuple[str, str]]:
     """(library path, its per-thread setter) for what is mapped into this process: torch's and
-    FAISS's OpenMP runtimes, torch's MKL."""
+    FAISS's OpenMP runtimes, torch's MKL. Read once per process (the memory map takes about
+    0.6 ms), with torch and FAISS loaded first so that their runtimes are in it."""
+    import faiss  # noqa: F401
+    import torch  # noqa: F401
+
     try:
         with open(f"/proc/{os.getpid()}/maps") as f:
             paths = {parts[5].strip() for parts in map(lambda line: line.split(None, 5), f)
                      if len(parts) == 6 and parts[5].startswith("/")}
     except OSError:  # not Linux: nothing known to throttle, nothing done
-        return set()
-    return {(p, setter) for p in paths for pattern, setter in _SETTERS if pattern.match(os.path.basename(p))}
+        return frozenset()
+    return frozenset((p, setter) for p in paths for pattern, setter in _SETTERS if pattern.match(os.path.basename(p)))

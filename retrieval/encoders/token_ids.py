@@ -8,9 +8,9 @@ that thread alone held texts under issue 25's 30,000/s. Here every thread encode
 of the backend it alone holds, with the settings of its own call, and one call's texts are
 split across the threads.
 
-The copies must tokenise as the wrapper does. `BulkTokenizer.parallel` compares them with the wrapper
-once per tokenizer on a probe and, where they differ (a slow tokenizer, a wrapper that edits
-its input in Python), calls the wrapper instead.
+The copies must tokenise as the wrapper does. `BulkTokenizer.parallel` compares them with the
+wrapper once per tokenizer on a probe and, where they differ (a slow tokenizer, a wrapper that
+edits its input in Python), calls the wrapper instead.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class BulkTokenizer:
         if not self.parallel:
             return dict(self.wrapper(texts, padding=True, truncation=True, max_length=max_tokens,
                                      pad_to_multiple_of=multiple if multiple > 1 else None, return_tensors="pt"))
-        return self.pad(self._split(texts, max_tokens), multiple)
+        return self._pad(self._split(texts, max_tokens), multiple)
 
     def _split(self, texts: list[str], max_tokens: int) -> list[list[int]]:
         shards = min(self.threads, len(texts) // MIN_SHARD)
@@ -85,7 +85,7 @@ class BulkTokenizer:
             out.extend(part)
         return out
 
-    def pad(self, ids: list[list[int]], multiple: int = 1) -> dict[str, torch.Tensor]:
+    def _pad(self, ids: list[list[int]], multiple: int = 1) -> dict[str, torch.Tensor]:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         width = int(lengths.max(initial=0))
         width = -(-width // multiple) * multiple
@@ -126,4 +126,3 @@ class BulkTokenizer:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="umr-tokenize")
             return self._pool
-

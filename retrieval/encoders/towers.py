@@ -79,7 +79,7 @@ class TextTower:
         with numerics.current().autocast(self.device):
             if self.device.type == "cpu" and len(texts) >= packing.MIN_TEXTS and self.packs:
                 ids = self.tokens.ids(texts, max_tokens)
-                pooled = packing.packed_mean_pool(self.model, ids, self.tokenizer.pad_token_id or 0)
+                pooled = packing.packed_mean_pool(self.model, ids, self.tokens.pad_id)
             else:
                 pooled = self.padded_mean_pool(texts, max_tokens)
         return to_cpu(torch.nn.functional.normalize(pooled.float(), dim=-1))
