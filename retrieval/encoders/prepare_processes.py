@@ -22,8 +22,8 @@ import mmap
 import multiprocessing as mp
 import os
 import pickle
-import queue
 import signal
+from multiprocessing.connection import wait
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from umr.retrieval.encoders.base import Prepared, Preparer
 from umr.retrieval.encoders.prefetch import apply_each
 
 T = TypeVar("T")
-WAIT_S = 0.5  # how often a waiting parent checks that its workers are alive
+WAIT_S = 0.5  # how often a waiting parent checks that its workers are alive, besides their pipes' ends
 
 
 class WorkerDied(ChildProcessError):
@@ -82,13 +82,20 @@ class PreparationProcesses:
         self.rows, self.slots, self.row_bytes = rows, slots, row_bytes
         self.slab = mmap.mmap(-1, max(1, rows * slots * row_bytes))  # MAP_SHARED | MAP_ANONYMOUS
         self.pixels = np.frombuffer(self.slab, dtype=np.uint8)
-        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.tasks = ctx.Queue()
         parent = os.getpid()
-        self.procs = [ctx.Process(target=_serve, name=f"umr-prepare-{i}", daemon=True,
-                                  args=(preparer, self.tasks, self.results, self.pixels, self.dtype, row_bytes, parent))
-                      for i in range(workers)]
-        for p in self.procs:
+        # Each worker answers on a pipe of its own, written as it answers (no feeder thread): an
+        # answer sent before a worker dies is read, and its death is the pipe's end. The
+        # parent's copy of each writing end is closed at once, so no later worker inherits it.
+        self.procs, self.answers = [], []
+        for i in range(workers):
+            reader, writer = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_serve, name=f"umr-prepare-{i}", daemon=True,
+                            args=(preparer, self.tasks, writer, self.pixels, self.dtype, row_bytes, parent))
             p.start()
+            writer.close()
+            self.procs.append(p)
+            self.answers.append(reader)
         self.early: dict[tuple[int, int], list] = {}
 
     def submit(self, seq: int, part: int, rows: list[int], items: list) -> None:
@@ -101,12 +108,15 @@ class PreparationProcesses:
         with `read`)."""
         key = (seq, part)
         while key not in self.early:
-            try:
-                got_seq, got_part, out = self.results.get(timeout=WAIT_S)
-            except queue.Empty:
+            ready = wait(self.answers, timeout=WAIT_S)
+            if not ready:
                 self._check_alive()
-                continue
-            self.early[(got_seq, got_part)] = out
+            for pipe in ready:
+                try:
+                    got_seq, got_part, out = pipe.recv()
+                except (EOFError, OSError):  # the worker's end closed: it died, and said all it had
+                    self._died(self.procs[self.answers.index(pipe)])
+                self.early[(got_seq, got_part)] = out
         return self.early.pop(key)
 
     def read(self, seq: int, answers: dict[int, object], n: int) -> dict[int, object]:
@@ -124,11 +134,17 @@ class PreparationProcesses:
     def _check_alive(self) -> None:
         for p in self.procs:
             if p.exitcode is not None:
-                how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
-                raise WorkerDied(
-                    f"an image preparation process ended ({how}), perhaps out of memory or on a file that "
-                    "crashed its decoder; what was committed is kept: run the same command again to go on, "
-                    "with --worker-kind threads to decode in this process")
+                self._died(p)
+
+    @staticmethod
+    def _died(p) -> None:
+        p.join(timeout=5)  # its pipe closes as it dies; its exit status follows
+        how = ("gone" if p.exitcode is None else f"killed by signal {-p.exitcode}" if p.exitcode < 0
+               else f"exit code {p.exitcode}")
+        raise WorkerDied(
+            f"an image preparation process ended ({how}), perhaps out of memory or on a file that "
+            "crashed its decoder; what was committed is kept: run the same command again to go on, "
+            "with --worker-kind threads to decode in this process")
 
     def close(self) -> None:
         for _ in self.procs:
@@ -141,9 +157,10 @@ class PreparationProcesses:
             if p.exitcode is None:
                 p.kill()
                 p.join()
-        for q in (self.tasks, self.results):
-            q.cancel_join_thread()
-            q.close()
+        self.tasks.cancel_join_thread()
+        self.tasks.close()
+        for pipe in self.answers:
+            pipe.close()
         del self.pixels
         self.slab.close()
 
@@ -192,7 +209,7 @@ def _gather(pool: PreparationProcesses, seq, chunk, away, parts, here):
 
 # -- in the worker ----------------------------------------------------------------------------
 
-def _serve(preparer: Preparer, tasks, results, pixels: np.ndarray, dtype: torch.dtype, row_bytes: int,
+def _serve(preparer: Preparer, tasks, answers, pixels: np.ndarray, dtype: torch.dtype, row_bytes: int,
            parent: int) -> None:
     _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -202,8 +219,8 @@ def _serve(preparer: Preparer, tasks, results, pixels: np.ndarray, dtype: torch.
         if task is None:
             return
         seq, part, offsets, items = task
-        results.put((seq, part, [_prepare_one(preparer, item, pixels, offset, dtype, row_bytes)
-                                 for offset, item in zip(offsets, items)]))
+        answers.send((seq, part, [_prepare_one(preparer, item, pixels, offset, dtype, row_bytes)
+                                  for offset, item in zip(offsets, items)]))
 
 
 def _prepare_one(preparer: Preparer, item, pixels: np.ndarray, offset: int, dtype: torch.dtype, row_bytes: int):
