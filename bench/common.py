@@ -22,6 +22,18 @@ DATA = ROOT.parent / "shared" / "data"
 DOC = ROOT / "docs" / "benchmarks.md"
 
 
+def baseline_checkout(rev: str, tmp: Path) -> Path:
+    """Revision `rev` of this repository checked out under `tmp`, to run beside this code."""
+    where = tmp / f"baseline-{rev}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(where), rev], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    return where
+
+
+def remove_checkout(where: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, timeout=120)
+
+
 def median(xs) -> float:
     return statistics.median(xs)
 

@@ -13,21 +13,25 @@ and over 20,480 of its captions in calls of 512 (the text side of issue 25):
            wrapper, one call at a time as before, and from retrieval/encoders/token_ids.py on
            1 and 2 threads
   texts    lit-base's text forward (embed_texts) on this CPU
+  baseline with --baseline REV: the preparation ceiling (processes, 1 and 2 workers) of that git
+           revision and of this code, each in a fresh process, alternating in every run
 Targets (issue 25): ceiling >= 4x the forward rate, 1 -> 2 workers >= 1.8x, build >= 0.95x forward.
-Run: python bench/pipeline.py [--repeats 3]
+Run: python bench/pipeline.py [--repeats 3] [--baseline REV]
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DATA, figure, machine, median, write_section  # noqa: E402
+from bench.common import DATA, ROOT, baseline_checkout, figure, machine, median, remove_checkout, write_section  # noqa: E402
 from umr.plots import bars  # noqa: E402
 
 BATCH = 64
@@ -78,10 +82,66 @@ def ceiling(enc, corpus: Path, workers: int, kind: str, passes: int = 2) -> floa
     return n / (time.perf_counter() - t0)
 
 
+# Run in a fresh process with a revision's own code first on sys.path (`python -c` puts the
+# working directory there): its bench.pipeline.ceiling over its own preparation.
+CEILING_OF_A_REVISION = """
+import json, resource, sys
+from pathlib import Path
+from bench.pipeline import ceiling
+from umr.retrieval.encoders import load_encoder
+enc = load_encoder("lit-base")
+corpus = Path(sys.argv[1])
+items = 2 * sum(1 for _ in open(corpus))
+ceiling(enc, corpus, 1, "processes", passes=1)  # the resize's first call, the page cache
+out = {}
+for w in sys.argv[2:]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, once they are reaped
+    rate = ceiling(enc, corpus, int(w), "processes")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    out[w] = [rate, cpu / items * 1e3]
+print(json.dumps(out))
+"""
+
+
+def ceiling_of(code: Path, corpus: Path, workers: list[int]) -> dict[int, tuple[float, float]]:
+    """(items/s, the workers' CPU ms per item) of the preparation ceiling in processes of the
+    code at `code`, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", CEILING_OF_A_REVISION, str(corpus), *map(str, workers)], cwd=code,
+                          env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"the ceiling of {code} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return {int(w): tuple(got) for w, got in json.loads(done.stdout).items()}
+
+
+def versus_baseline(rev: str, runs: list[tuple[dict, dict]]) -> str:
+    """The side-by-side ceilings as a table, with per-run ratios' medians."""
+    rows = []
+    for w in sorted(runs[0][0]):
+        ours, theirs = [r[0][w][0] for r in runs], [r[1][w][0] for r in runs]
+        cpu_ours, cpu_theirs = [r[0][w][1] for r in runs], [r[1][w][1] for r in runs]
+        rows.append(f"| {w} worker{'s' if w > 1 else ''} | {median(ours):.1f} | {median(theirs):.1f} | "
+                    f"{median([a / b for a, b in zip(ours, theirs)]):.3f}x | {median(cpu_ours):.3f} | {median(cpu_theirs):.3f} | "
+                    f"{median([b / a for a, b in zip(cpu_ours, cpu_theirs)]):.3f}x |")
+    scaling = [median([r[i][2][0] / r[i][1][0] for r in runs]) for i in (0, 1)]
+    return f"""
+Beside {rev}: the preparation ceiling in processes of this code and of {rev}, each in a fresh process, alternating, {len(runs)} runs
+(medians; ratios are medians of per-run ratios). CPU is what the worker processes used per item, user and system: on a
+machine shared with others it varies less than the rate.
+
+| workers | this code, items/s | {rev}, items/s | ratio | this code, worker CPU ms/item | {rev}, worker CPU ms/item | {rev} / this code |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+1 -> 2 workers in these fresh processes: **{scaling[0]:.2f}x** this code, {scaling[1]:.2f}x {rev}.
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, default=1000)
+    ap.add_argument("--baseline", help="a git revision whose preparation ceiling to measure beside this code's")
     args = ap.parse_args()
     from umr.retrieval.device import default_workers
     from umr.retrieval.encoders import load_encoder
@@ -105,23 +165,35 @@ def main() -> None:
     prep: dict[tuple[str, int], list[float]] = {(k, w): [] for k in kinds for w in worker_counts}
     raw, build, steady = [], [], []
     text: dict[str, list[float]] = {}
-    for r in range(args.repeats):
-        for w in worker_counts:
-            for k in kinds:
-                prep[k, w].append(ceiling(enc, corpus, w, k))
-        t0 = time.perf_counter()
-        for i in range(0, len(tensors), BATCH):
-            enc.embed([Prepared(None, t) for t in tensors[i : i + BATCH]])
-        raw.append(len(tensors) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        report = build_index(corpus, enc, tmp / f"idx{r}", batch_size=BATCH, progress=False)
-        build.append(report.indexed / (time.perf_counter() - t0))
-        steady.append(report.items_per_s)
-        for what, rate in text_rates(enc, captions).items():
-            text.setdefault(what, []).append(rate)
-        print(f"run {r + 1}: preparation {', '.join(f'{k} {w} {prep[k, w][-1]:.0f}/s' for k in kinds for w in worker_counts)}; "
-              f"forward {raw[-1]:.1f}/s, build {build[-1]:.1f}/s end to end ({steady[-1]:.1f}/s in the loop); "
-              f"texts: {', '.join(f'{w} {v[-1]:,.0f}/s' for w, v in text.items())}", file=sys.stderr)
+    side_by_side: list[tuple[dict, dict]] = []
+    worktree = baseline_checkout(args.baseline, tmp) if args.baseline else None
+    try:
+        for r in range(args.repeats):
+            if worktree is not None:
+                first, second = (ROOT, worktree) if r % 2 == 0 else (worktree, ROOT)  # each goes first in turn
+                got = {first: ceiling_of(first, corpus, [1, 2]), second: ceiling_of(second, corpus, [1, 2])}
+                side_by_side.append((got[ROOT], got[worktree]))
+                print(f"run {r + 1}: ceiling (items/s, worker CPU ms/item) at 1 and 2 workers, this code {side_by_side[-1][0]}, "
+                      f"{args.baseline} {side_by_side[-1][1]}", file=sys.stderr)
+            for w in worker_counts:
+                for k in kinds:
+                    prep[k, w].append(ceiling(enc, corpus, w, k))
+            t0 = time.perf_counter()
+            for i in range(0, len(tensors), BATCH):
+                enc.embed([Prepared(None, t) for t in tensors[i : i + BATCH]])
+            raw.append(len(tensors) / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            report = build_index(corpus, enc, tmp / f"idx{r}", batch_size=BATCH, progress=False)
+            build.append(report.indexed / (time.perf_counter() - t0))
+            steady.append(report.items_per_s)
+            for what, rate in text_rates(enc, captions).items():
+                text.setdefault(what, []).append(rate)
+            print(f"run {r + 1}: preparation {', '.join(f'{k} {w} {prep[k, w][-1]:.0f}/s' for k in kinds for w in worker_counts)}; "
+                  f"forward {raw[-1]:.1f}/s, build {build[-1]:.1f}/s end to end ({steady[-1]:.1f}/s in the loop); "
+                  f"texts: {', '.join(f'{w} {v[-1]:,.0f}/s' for w, v in text.items())}", file=sys.stderr)
+    finally:
+        if worktree is not None:
+            remove_checkout(worktree)
     ratio = median([b / r for b, r in zip(build, raw)])
     scaling = {k: median([b / a for a, b in zip(prep[k, 1], prep[k, 2])]) for k in kinds}
     headroom = median([c / r for c, r in zip(prep["processes", max(worker_counts)], raw)])
@@ -159,7 +231,7 @@ tokenised to at most 128 tokens as lit-base does; the same runs, medians.
 Token ids in bulk on 2 threads: **{bulk_gain:.2f}x** the wrapper's one call at a time, **{bulk_scaling:.2f}x** from 1 to 2 threads;
 padded batches (what a GPU forward takes) **{padded_gain:.2f}x**. The ids are the wrapper's, the vectors the same to the bit
 (tests/test_token_ids.py). On this CPU the text forward, not tokenisation, sets the rate; the threads are for a GPU's.
-
+{versus_baseline(args.baseline, side_by_side) if side_by_side else ""}
 {figure("pipeline", bars, {"lit-base, items/s": {"forward (pre-decoded)": median(raw), "umr index build, end to end": median(build),
                                                  "umr index build, encoding loop": median(steady)}},
         ylabel="items/s (median)", title="Indexing against the encoder's forward")}

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from umr.cli import SERVE_ENV  # noqa: E402
 
 os.environ.update(SERVE_ENV)  # the in-process engine runs with the same thread settings as `umr serve`
-from bench.common import DATA, ROOT, figure, machine, median, percentile, run_loadgen, wait_until_up, write_section  # noqa: E402
+from bench.common import (DATA, ROOT, baseline_checkout, figure, machine, median, percentile,  # noqa: E402
+                          remove_checkout, run_loadgen, wait_until_up, write_section)
 from umr.plots import bars  # noqa: E402
 
 N_VECTORS = 100_000
@@ -144,13 +145,6 @@ def refused_round_trip(port: int, tmp: Path, requests: int = 200) -> float:
     return percentile(run_loadgen(port, bad, 1, requests, max_seconds=60)["latencies_ms"], 50)
 
 
-def baseline_checkout(rev: str, tmp: Path) -> Path:
-    where = tmp / f"baseline-{rev}"
-    subprocess.run(["git", "worktree", "add", "--detach", str(where), rev], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
-    return where
-
-
 def summary(runs):
     p50 = median([percentile(r["latencies_ms"], 50) for r in runs])
     p99 = median([percentile(r["latencies_ms"], 99) for r in runs])
@@ -225,7 +219,7 @@ def main():
             proc.terminate()
             proc.wait(timeout=30)
         if worktree is not None:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, timeout=120)
+            remove_checkout(worktree)
     rows = []
     table = {}
     for mode, by_c in results.items():

@@ -12,6 +12,7 @@ import os
 import torch
 
 from umr.index.errors import InvalidArgument
+from umr.retrieval.batch_layout import already_stacked, empty_batch
 
 
 class DeviceError(InvalidArgument):
@@ -74,33 +75,18 @@ def default_batch_size(device: torch.device | None = None) -> int:
 
 
 def stack_batch(tensors: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """Preprocessed images as one batch; for a CUDA device stacked straight into page-locked
-    memory, so that the copy to the device can run without blocking the host. Images that are
-    already the consecutive rows of one tensor (as worker processes hand them over,
-    retrieval/encoders/prepare_processes.py) are that tensor: no second copy, and no parallel
+    """Preprocessed images as one batch, each row in its images' memory layout
+    (retrieval/batch_layout.py); for a CUDA device stacked straight into page-locked memory, so
+    that the copy to the device can run without blocking the host. Images that are already the
+    consecutive rows of one buffer (as worker processes hand them over,
+    retrieval/encoders/prepare_processes.py) are that batch: no second copy, and no parallel
     copy whose idle threads then spin on the cores the workers need."""
     stacked = already_stacked(tensors)
-    if (device or current()).type != "cuda":
-        return stacked if stacked is not None else torch.stack(tensors)
-    first = tensors[0]
-    out = torch.empty((len(tensors), *first.shape), dtype=first.dtype, pin_memory=True)
+    cuda = (device or current()).type == "cuda"
+    if stacked is not None and not cuda:
+        return stacked
+    out = empty_batch(tensors[0], len(tensors), pin_memory=cuda)
     return out.copy_(stacked) if stacked is not None else torch.stack(tensors, out=out)
-
-
-def already_stacked(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensor whose consecutive rows `tensors` are, whole and in order, or None."""
-    first = tensors[0] if tensors else None
-    base = getattr(first, "_base", None)
-    if base is None or not base.is_contiguous() or base.dtype != first.dtype:
-        return None
-    step = first.numel() * first.element_size()
-    if base.numel() != len(tensors) * first.numel() or first.data_ptr() != base.data_ptr():
-        return None
-    for i, t in enumerate(tensors):
-        if (t._base is not base or t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous()
-                or t.data_ptr() != base.data_ptr() + i * step):
-            return None
-    return base.view(len(tensors), *first.shape)
 
 
 def bucket(n: int) -> int:

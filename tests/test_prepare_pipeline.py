@@ -9,7 +9,7 @@ from conftest import DATA
 from umr.retrieval.device import bucket, default_batch_size, default_workers, pad_rows, stack_batch
 from umr.retrieval.encoders import load_encoder
 from umr.retrieval.encoders.base import Prepared
-from umr.retrieval.encoders.towers import IMAGE_SIZE, ImageTower, image_tower
+from umr.retrieval.encoders.towers import IMAGE_SIZE, ImageTower, image_tower, resize_crop
 from umr.retrieval.images import open_image
 from umr.retrieval.items import Item
 
@@ -42,6 +42,18 @@ def test_torch_resize_gives_pil_pixels_and_vectors():
         assert (a.int() - b.int()).abs().float().mean() < 0.5  # grey levels of 255
     cos = (enc.embed([Prepared(None, t) for t in new]) * enc.embed([Prepared(None, t) for t in old])).sum(1)
     assert cos.min() > 0.999, cos.min()
+
+
+def test_images_keep_the_layout_the_resize_wrote_and_vectors_do_not_change():
+    enc = load_encoder("lit-base")
+    images = [ImageTower.preprocess(open_image(p, min_side=IMAGE_SIZE)) for p in photos(8)]
+    assert all(t.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and t.permute(1, 2, 0).is_contiguous() for t in images)  # HWC
+    assert stack_batch(images).is_contiguous(memory_format=torch.channels_last)  # what the convolutions read
+    as_chw = [t.contiguous() for t in images]
+    assert np.array_equal(enc.embed([Prepared(None, t) for t in images]), enc.embed([Prepared(None, t) for t in as_chw]))
+    decoded_chw = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)  # as a device decoder gives them
+    out = resize_crop(decoded_chw)
+    assert out.is_contiguous() and torch.equal(out, resize_crop(decoded_chw.permute(1, 2, 0).contiguous().permute(2, 0, 1)))
 
 
 def test_padding_to_a_bucket_leaves_the_real_rows_alone():

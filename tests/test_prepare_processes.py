@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import cli_in_process, write_jsonl
 from umr.index import IndexStore
 from umr.index.errors import InvalidArgument
-from umr.retrieval.device import already_stacked, stack_batch
+from umr.retrieval.batch_layout import already_stacked, flat_bytes, from_flat, memory_order
+from umr.retrieval.device import stack_batch
 from umr.retrieval.encoders.base import Prepared
 from umr.retrieval.encoders.prepare_processes import WorkerDied, prefetch_in_processes
 from umr.retrieval.images import BadImage
@@ -115,11 +116,33 @@ def test_images_handed_over_as_one_tensor_are_not_copied_again():
     rows = [block[i].view(3, 2, 2) for i in range(4)]
     batch = stack_batch(rows)
     assert batch.data_ptr() == block.data_ptr() and torch.equal(batch, torch.stack(rows))
-    assert already_stacked(rows[:3]) is None  # not the whole tensor
+    first_three = already_stacked(rows[:3])  # the leading rows of a buffer are a batch too
+    assert first_three.data_ptr() == block.data_ptr() and torch.equal(first_three, torch.stack(rows[:3]))
     assert already_stacked([rows[1], rows[0], rows[2], rows[3]]) is None  # not in order
+    assert already_stacked([rows[0], rows[2]]) is None  # a gap
     assert already_stacked([torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in range(4)]) is None
     floats = torch.from_numpy(np.zeros(2 * 48, dtype=np.uint8).view(np.float32)).view(2, -1)  # as the slab's are read
     assert stack_batch([floats[i].view(3, 2, 2) for i in range(2)]).data_ptr() == floats.data_ptr()
+    # rows laid out as HWC (what the resize writes) are a batch in that layout, still uncopied
+    hwc = torch.arange(4 * 2 * 2 * 3, dtype=torch.uint8).view(4, 2, 2, 3)
+    seen_as_chw = [hwc[i].permute(2, 0, 1) for i in range(4)]
+    batch = stack_batch(seen_as_chw)
+    assert batch.data_ptr() == hwc.data_ptr() and torch.equal(batch, torch.stack(seen_as_chw))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_batch_keeps_its_images_memory_layout_and_values():
+    hwc = [torch.randint(0, 255, (5, 7, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(3)]
+    batch = stack_batch(hwc)  # separate tensors: copied once, rows stay HWC in memory
+    assert torch.equal(batch, torch.stack(hwc)) and batch.is_contiguous(memory_format=torch.channels_last)
+    chw = [t.contiguous() for t in hwc]
+    assert stack_batch(chw).is_contiguous() and torch.equal(stack_batch(chw), batch)
+    mixed = stack_batch([hwc[0], chw[1], hwc[2]])  # the first image's layout, every value
+    assert torch.equal(mixed, batch)
+    for t in (hwc[0], chw[0], hwc[0][:, 1:4, 2:6], torch.randn(2, 3, 4).transpose(0, 2)):
+        flat, order = flat_bytes(t)
+        assert flat.is_contiguous() and torch.equal(from_flat(flat.clone(), tuple(t.shape), order), t)
+    assert memory_order(hwc[0]) == (1, 2, 0) and memory_order(hwc[0][:, 1:4, 2:6]) is None
 
 
 def test_processes_are_refused_where_they_cannot_run(tmp_path, tiny):

@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from umr.retrieval.batch_layout import flat_bytes, from_flat
 from umr.retrieval.encoders.base import Prepared, Preparer
 from umr.retrieval.encoders.prefetch import apply_each
 
@@ -59,6 +60,7 @@ class _InSlab:
 
     text: str | None
     shape: tuple[int, ...]
+    order: tuple[int, ...]  # its dimensions as they lie in the row (batch_layout.flat_bytes)
 
 
 def probe(preparer: Preparer) -> torch.Tensor:
@@ -128,7 +130,7 @@ class PreparationProcesses:
             return answers
         first = (seq % self.slots) * self.rows * self.row_bytes
         block = torch.from_numpy(self.pixels[first : first + n * self.row_bytes].copy()).view(self.dtype).view(n, -1)
-        return {**answers, **{row: Prepared(a.text, block[row, : math.prod(a.shape)].view(a.shape))
+        return {**answers, **{row: Prepared(a.text, from_flat(block[row, : math.prod(a.shape)], a.shape, a.order))
                               for row, a in inslab.items()}}
 
     def _check_alive(self) -> None:
@@ -230,9 +232,10 @@ def _prepare_one(preparer: Preparer, item, pixels: np.ndarray, offset: int, dtyp
         return _portable(e)
     image = p.image
     if isinstance(image, torch.Tensor) and image.dtype == dtype and image.numel() * image.element_size() <= row_bytes:
-        raw = image.contiguous().view(-1).view(torch.uint8).numpy()
+        flat, order = flat_bytes(image)
+        raw = flat.view(torch.uint8).numpy()
         pixels[offset : offset + len(raw)] = raw
-        return _InSlab(p.text, tuple(image.shape))
+        return _InSlab(p.text, tuple(image.shape), order)
     return p
 
 
