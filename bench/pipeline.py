@@ -13,6 +13,8 @@ and over 20,480 of its captions in calls of 512 (the text side of issue 25):
            wrapper, one call at a time as before, and from retrieval/encoders/token_ids.py on
            1 and 2 threads
   texts    lit-base's text forward (embed_texts) on this CPU
+  memory   the forward in fresh processes, alternating: with glibc's malloc defaults (UMR_MALLOC=system)
+           and with freed memory kept for reuse, as umr's own processes run (retrieval/cpu_memory.py)
   baseline with --baseline REV: the preparation ceiling (processes, 1 and 2 workers) of that git
            revision and of this code, each in a fresh process, alternating in every run
 Targets (issue 25): ceiling >= 4x the forward rate, 1 -> 2 workers >= 1.8x, build >= 0.95x forward.
@@ -104,6 +106,52 @@ print(json.dumps(out))
 """
 
 
+FORWARD_IN_A_PROCESS = """
+import json, resource, sys, time
+import torch
+from umr.retrieval.cpu_memory import keep_freed_memory
+from umr.retrieval.encoders import load_encoder
+kept = keep_freed_memory()
+enc = load_encoder("lit-base")
+batch = torch.randint(0, 256, (64, 224, 224, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # as the resize lays it out
+enc.image.features(batch)
+before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(4):
+    enc.image.features(batch)
+after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+print(json.dumps({"kept": kept, "items_per_s": 4 * 64 / wall, "faults_per_batch": (after.ru_minflt - before.ru_minflt) / 4,
+                  "system_s_per_batch": (after.ru_stime - before.ru_stime) / 4, "peak_rss_mb": after.ru_maxrss / 1024}))
+"""
+
+
+def forward_in_a_process(malloc: str) -> dict:
+    """lit-base's image forward, batches of 64, in a fresh process with UMR_MALLOC=`malloc`."""
+    done = subprocess.run([sys.executable, "-c", FORWARD_IN_A_PROCESS], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "UMR_MALLOC": malloc}, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"the forward in a process failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout)
+
+
+def memory_rows(runs: list[dict[str, dict]]) -> str:
+    """The forward with glibc's defaults and with freed memory kept, as a table."""
+    names = {"system": "glibc's defaults (UMR_MALLOC=system)", "keep": "freed memory kept (umr's processes)"}
+    rows = [f"| {names[m]} | {median([r[m]['items_per_s'] for r in runs]):.1f} | "
+            f"{median([r[m]['faults_per_batch'] for r in runs]):,.0f} | {median([r[m]['system_s_per_batch'] for r in runs]):.2f} | "
+            f"{median([r[m]['peak_rss_mb'] for r in runs]):,.0f} |" for m in names]
+    gain = median([r["keep"]["items_per_s"] / r["system"]["items_per_s"] for r in runs])
+    return f"""
+The image forward (lit-base, batches of 64) in fresh processes, alternating, {len(runs)} runs, medians
+(retrieval/cpu_memory.py says why):
+
+| malloc | items/s | page faults per batch | system CPU s per batch | peak RSS MB |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Freed memory kept: **{gain:.2f}x** the forward rate (median of per-run ratios).
+"""
+
+
 def ceiling_of(code: Path, corpus: Path, workers: list[int]) -> dict[int, tuple[float, float]]:
     """(items/s, the workers' CPU ms per item) of the preparation ceiling in processes of the
     code at `code`, in a fresh process."""
@@ -143,7 +191,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--baseline", help="a git revision whose preparation ceiling to measure beside this code's")
     args = ap.parse_args()
+    from umr.retrieval.cpu_memory import keep_freed_memory
     from umr.retrieval.device import default_workers
+
+    keep_freed_memory()  # as the CLI's processes run
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.encoders.base import Prepared
     from umr.retrieval.images import open_image
@@ -166,9 +217,13 @@ def main() -> None:
     raw, build, steady = [], [], []
     text: dict[str, list[float]] = {}
     side_by_side: list[tuple[dict, dict]] = []
+    malloc_runs: list[dict[str, dict]] = []
     worktree = baseline_checkout(args.baseline, tmp) if args.baseline else None
     try:
         for r in range(args.repeats):
+            order = ("system", "keep") if r % 2 == 0 else ("keep", "system")
+            malloc_runs.append({m: forward_in_a_process(m) for m in order})
+            print(f"run {r + 1}: forward in fresh processes {malloc_runs[-1]}", file=sys.stderr)
             if worktree is not None:
                 first, second = (ROOT, worktree) if r % 2 == 0 else (worktree, ROOT)  # each goes first in turn
                 got = {first: ceiling_of(first, corpus, [1, 2]), second: ceiling_of(second, corpus, [1, 2])}
@@ -231,7 +286,7 @@ tokenised to at most 128 tokens as lit-base does; the same runs, medians.
 Token ids in bulk on 2 threads: **{bulk_gain:.2f}x** the wrapper's one call at a time, **{bulk_scaling:.2f}x** from 1 to 2 threads;
 padded batches (what a GPU forward takes) **{padded_gain:.2f}x**. The ids are the wrapper's, the vectors the same to the bit
 (tests/test_token_ids.py). On this CPU the text forward, not tokenisation, sets the rate; the threads are for a GPU's.
-{versus_baseline(args.baseline, side_by_side) if side_by_side else ""}
+{memory_rows(malloc_runs)}{versus_baseline(args.baseline, side_by_side) if side_by_side else ""}
 {figure("pipeline", bars, {"lit-base, items/s": {"forward (pre-decoded)": median(raw), "umr index build, end to end": median(build),
                                                  "umr index build, encoding loop": median(steady)}},
         ylabel="items/s (median)", title="Indexing against the encoder's forward")}

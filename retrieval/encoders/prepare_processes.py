@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from umr.retrieval import cpu_memory
 from umr.retrieval.batch_layout import flat_bytes, from_flat
 from umr.retrieval.encoders.base import Prepared, Preparer
 from umr.retrieval.encoders.prefetch import apply_each
@@ -214,6 +215,7 @@ def _gather(pool: PreparationProcesses, seq, chunk, away, parts, here):
 def _serve(preparer: Preparer, tasks, answers, pixels: np.ndarray, dtype: torch.dtype, row_bytes: int,
            parent: int) -> None:
     _die_with(parent)
+    cpu_memory.release_free_memory()  # the parent's next forward is written there: let it not copy each page first
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(1)
     while True:

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from umr.retrieval.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # this process is umr's own: forwards reuse their memory (retrieval/cpu_memory.py)
     if args.command == "serve":
         for key, value in SERVE_ENV.items():
             os.environ.setdefault(key, value)
