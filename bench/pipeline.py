@@ -124,13 +124,18 @@ print(json.dumps({"kept": kept, "items_per_s": 4 * 64 / wall, "faults_per_batch"
 """
 
 
+def in_a_fresh_process(script: str, *args: str, code: Path = ROOT, **env: str):
+    """What `script` prints as JSON, run with the code at `code` first on sys.path."""
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=code, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(code), **env}, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"a benchmark process over {code} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout)
+
+
 def forward_in_a_process(malloc: str) -> dict:
     """lit-base's image forward, batches of 64, in a fresh process with UMR_MALLOC=`malloc`."""
-    done = subprocess.run([sys.executable, "-c", FORWARD_IN_A_PROCESS], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "UMR_MALLOC": malloc}, timeout=1800)
-    if done.returncode != 0:
-        raise SystemExit(f"the forward in a process failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout)
+    return in_a_fresh_process(FORWARD_IN_A_PROCESS, UMR_MALLOC=malloc)
 
 
 def memory_rows(runs: list[dict[str, dict]]) -> str:
@@ -155,11 +160,8 @@ Freed memory kept: **{gain:.2f}x** the forward rate (median of per-run ratios).
 def ceiling_of(code: Path, corpus: Path, workers: list[int]) -> dict[int, tuple[float, float]]:
     """(items/s, the workers' CPU ms per item) of the preparation ceiling in processes of the
     code at `code`, in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", CEILING_OF_A_REVISION, str(corpus), *map(str, workers)], cwd=code,
-                          env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise SystemExit(f"the ceiling of {code} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return {int(w): tuple(got) for w, got in json.loads(done.stdout).items()}
+    got = in_a_fresh_process(CEILING_OF_A_REVISION, str(corpus), *map(str, workers), code=code)
+    return {int(w): tuple(rate_cpu) for w, rate_cpu in got.items()}
 
 
 def versus_baseline(rev: str, runs: list[tuple[dict, dict]]) -> str:

@@ -66,6 +66,4 @@ def already_stacked(tensors: list[torch.Tensor]) -> torch.Tensor | None:
                 or t.device != first.device or t.untyped_storage().data_ptr() != storage
                 or t.data_ptr() != first.data_ptr() + i * step):
             return None
-    if first.storage_offset() * first.element_size() + len(tensors) * step > first.untyped_storage().nbytes():
-        return None
     return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))

@@ -18,7 +18,6 @@ MALLOC_TRIM_THRESHOLD_ in its environment. UMR_MALLOC=system leaves glibc's defa
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from functools import cache
 
@@ -31,7 +30,7 @@ KEEP_UP_TO = 2**31 - 1  # the most mallopt takes: freed memory at the heap's top
 def _glibc():
     """The C library where it is glibc; None elsewhere (musl, macOS, Windows)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        libc = ctypes.CDLL(None)  # the symbols already loaded: find_library would run ldconfig at every start
         libc.gnu_get_libc_version  # noqa: B018 - glibc only
     except (OSError, AttributeError):
         return None
