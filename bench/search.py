@@ -159,6 +159,9 @@ def main():
     ap.add_argument("--port", type=int, default=18731)
     ap.add_argument("--baseline", help="a git revision to serve beside this one (e.g. the commit an issue measured)")
     args = ap.parse_args()
+    from umr.retrieval.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # what is measured in this process runs as umr's own processes run it
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.engine import Engine
 
