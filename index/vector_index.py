@@ -148,6 +148,9 @@ def as_tensor(x: np.ndarray):
         return torch.from_numpy(x)
 
 
+SCORES_BYTES = 64 << 20
+
+
 def exact_topk(q: np.ndarray, xb, k: int, allowed: np.ndarray | None = None,
                chunk: int = 131_072) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k by matrix products over chunks of the database.
@@ -156,11 +159,14 @@ def exact_topk(q: np.ndarray, xb, k: int, allowed: np.ndarray | None = None,
     queries about 1.8x faster than numpy's GEMM + single-threaded argpartition and 3-7x faster
     than IndexFlatIP.search on the 2-core machines here; a lone query costs about the same
     either way (docs/benchmarks.md, section kernels). `allowed` masks rows out (deletes, filters).
-    `xb` may also be a float32 tensor on a device (a GPU): the products run there.
+    `xb` may also be a float32 tensor on a device (a GPU): the products run there. Chunks shrink
+    as queries grow, so the scores in flight stay near SCORES_BYTES: 800 queries over chunks of
+    131,072 rows held 420 MB of them, what set a build's peak when it tuned recall.
     """
     import torch
 
     nq, kk = len(q), min(k, len(xb))
+    chunk = min(chunk, max(4096, SCORES_BYTES // (4 * max(1, nq))))
     if nq == 0 or kk < 1:
         return np.zeros((nq, max(kk, 0)), dtype=np.float32), np.zeros((nq, max(kk, 0)), dtype=np.int64)
     on_device = isinstance(xb, torch.Tensor)  # a DeviceFlat's rows (index/device_flat.py)

@@ -11,8 +11,10 @@ about twice as fast. The process keeps its peak (a build's batch adds about 0.5 
 than returning it between batches, as jemalloc and tcmalloc, which PyTorch suggests for CPU
 inference, also do.
 
-umr's own processes (the CLI, `umr serve`, the benchmarks) ask for this; a program that
-imports umr decides for itself, with `keep_freed_memory()` or glibc's MALLOC_MMAP_MAX_=0 and
+umr's commands that run encoder forwards (umr.cli.runs_forwards), `umr serve`, Ray's model
+actors and the benchmarks ask for this. Commands that only move stored vectors do not: their
+large arrays come in uneven sizes that a heap cannot reuse as it reuses a batch's, and a
+2M-vector import peaked 30% higher with it. A program that imports umr decides for itself, with `keep_freed_memory()` or glibc's MALLOC_MMAP_MAX_=0 and
 MALLOC_TRIM_THRESHOLD_ in its environment. UMR_MALLOC=system leaves glibc's defaults.
 """
 from __future__ import annotations

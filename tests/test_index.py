@@ -181,6 +181,27 @@ def test_exact_topk_matches_brute_force_across_chunks_and_masks():
     assert s.shape == i.shape == (0, 5)
 
 
+def test_exact_topk_of_many_queries_bounds_its_scores_and_stays_exact(monkeypatch):
+    import torch
+
+    rng = np.random.default_rng(3)
+    x, q = unit(rng, 12_000), unit(rng, 600)
+    monkeypatch.setattr(vi, "SCORES_BYTES", 600 * 4 * 5000)  # 5,000 rows of scores at a time, not 131,072
+    seen, real_topk = [], torch.topk
+
+    def counting_topk(scores, *a, **kw):
+        seen.append(scores.shape)
+        return real_topk(scores, *a, **kw)
+
+    monkeypatch.setattr("torch.topk", counting_topk)
+    s, i = vi.exact_topk(q, x, 10)
+    assert max(shape[1] for shape in seen) == 5000  # the bound held
+    ref = q @ x.T
+    truth = np.argsort(-ref, axis=1, kind="stable")[:, :10]
+    assert (i == truth).all()
+    np.testing.assert_allclose(s, np.take_along_axis(ref, truth, 1), rtol=1e-5)
+
+
 def test_ivfpq_refine_restores_recall(tmp_path):
     rng = np.random.default_rng(2)
     basis = rng.standard_normal((8, DIM)).astype(np.float32)  # low intrinsic dimension, like real embeddings

@@ -145,6 +145,9 @@ class EmbedActor:
     """One model per actor: the forward pass over prepared blocks."""
 
     def __init__(self, encoder_record: dict):
+        from umr.retrieval.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()  # the actor's process only runs forwards: as in umr's own (retrieval/cpu_memory.py)
         self.encoder = _encoder(encoder_record)
         self.dim = int(encoder_record["dim"])
 

@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    from umr.retrieval.cpu_memory import keep_freed_memory
+    if runs_forwards(args):
+        from umr.retrieval.cpu_memory import keep_freed_memory
 
-    keep_freed_memory()  # this process is umr's own: forwards reuse their memory (retrieval/cpu_memory.py)
+        keep_freed_memory()  # forwards reuse their memory (retrieval/cpu_memory.py)
     if args.command == "serve":
         for key, value in SERVE_ENV.items():
             os.environ.setdefault(key, value)
@@ -92,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"umr: internal error (umr {__version__}, `umr {args.command}`): this is a bug in umr, not in your input. "
               "Please report it with the traceback above.", file=sys.stderr)
         return 70
+
+
+def runs_forwards(args: argparse.Namespace) -> bool:
+    """Whether a command runs an encoder's forward passes over and over, the work that keeping
+    freed memory speeds up. Those that only move stored vectors (an import of precomputed ones,
+    tuning, verify, compact) keep glibc's defaults: serving their large, uneven arrays from the
+    heap raised a 2M-vector import's peak by 30% and kept it to the end."""
+    return getattr(args, "forwards", True) and not getattr(args, "vectors", None)
 
 
 def _silence_stdout() -> None:

@@ -252,7 +252,7 @@ def add_serve_commands(sub) -> None:
     kr.add_argument("name")
     for kp in (ka, kl, kr):
         kp.add_argument("--file", help="key file (default: $UMR_KEY_FILE or ~/.config/umr/keys.json)")
-    ks.set_defaults(fn=cmd_keys)
+    ks.set_defaults(fn=cmd_keys, forwards=False)
 
 
 def add_demo_command(sub) -> None:
