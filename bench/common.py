@@ -9,6 +9,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -179,6 +180,31 @@ def proc_memory(pid: int | str = "self") -> dict:
         if line.startswith("Pss:"):
             out["Pss"] = int(line.split()[1]) / 1024
     return out
+
+
+def run_sampling_memory(cmd: list[str], every_s: float = 0.25, **popen) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `cmd` to its end as subprocess.run would (stdout and stderr captured as text), and
+    the peaks of its anonymous and file-backed resident memory in MiB, sampled every `every_s`:
+    a peak RSS alone cannot tell the memory a process holds from file pages it maps."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    peaks = {"RssAnon": 0.0, "RssFile": 0.0}
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(every_s):
+            try:
+                mem = proc_memory(proc.pid)
+            except (OSError, ValueError, IndexError):  # ended between two samples
+                continue
+            for key in peaks:
+                peaks[key] = max(peaks[key], mem.get(key, 0.0))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), peaks
 
 
 @contextlib.contextmanager

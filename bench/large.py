@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import figure, machine, median, proc_memory, run_loadgen, wait_until_up, write_section  # noqa: E402
+from bench.common import (figure, machine, median, proc_memory, run_loadgen, run_sampling_memory,  # noqa: E402
+                          wait_until_up, write_section)
 from umr.index.vector_index import parse_bytes  # noqa: E402
 from umr.plots import bars  # noqa: E402
 
@@ -181,11 +182,11 @@ def main() -> None:
         return serve_phases(args, work, index, umr, stages, reused=retune(args, index, umr))
     shutil.rmtree(index, ignore_errors=True)
     t = time.perf_counter()
-    build = subprocess.run([str(umr), "index", "build", "--vectors", str(work / "emb.npy"), "--ids", str(work / "ids.jsonl"),
-                            "--encoder", ENCODER.format(dim=args.dim), "--out", str(index), "--memory-budget", args.budget,
-                            "--vector-dtype", args.vector_dtype, "--json", "--no-progress",
-                            *(["--target-recall", str(args.target_recall)] if args.target_recall else [])],
-                           capture_output=True, text=True)
+    build, build_peaks = run_sampling_memory([
+        str(umr), "index", "build", "--vectors", str(work / "emb.npy"), "--ids", str(work / "ids.jsonl"),
+        "--encoder", ENCODER.format(dim=args.dim), "--out", str(index), "--memory-budget", args.budget,
+        "--vector-dtype", args.vector_dtype, "--json", "--no-progress",
+        *(["--target-recall", str(args.target_recall)] if args.target_recall else [])])
     ingest_s = json.loads(build.stdout)["seconds"] if build.returncode == 0 else float("nan")
     stages["build"] = time.perf_counter() - t
     if build.returncode:
@@ -193,7 +194,7 @@ def main() -> None:
     import resource
 
     build_peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    serve_phases(args, work, index, umr, stages, built=(ingest_s, build_peak_mib))
+    serve_phases(args, work, index, umr, stages, built=(ingest_s, build_peak_mib, build_peaks))
 
 
 def retune(args, index: Path, umr: Path) -> str:
@@ -243,7 +244,8 @@ def serve_phases(args, work: Path, index: Path, umr: Path, stages: dict, built=N
                     f"FAISS file {faiss_bytes / 2**20:.0f} MiB"),
         ("generate", f"{stages.get('generate', float('nan')):.0f} s" if "generate" in stages else "reused"),
         *([("build (CLI, end to end)", f"{stages['build']:.0f} s ({args.n / stages['build']:,.0f} vectors/s), "
-                                       f"peak RSS {built[1]:,.0f} MiB"),
+                                       f"peak RSS {built[1]:,.0f} MiB: anonymous at most {built[2]['RssAnon']:,.0f}, "
+                                       f"file-backed (mapped libraries and files) at most {built[2]['RssFile']:,.0f}"),
            ("of which ingest (read, check, store)", f"{built[0]:.0f} s ({args.n / built[0]:,.0f} vectors/s)")]
           if built else [("build", reused)]),
         ("open read-only", f"{s['open_s']:.1f} s; RSS after open {s['after_open']['VmRSS']:,.0f} MiB"),
