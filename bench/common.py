@@ -184,10 +184,13 @@ def proc_memory(pid: int | str = "self") -> dict:
 
 def run_sampling_memory(cmd: list[str], every_s: float = 0.25, **popen) -> tuple[subprocess.CompletedProcess, dict]:
     """Run `cmd` to its end as subprocess.run would (stdout and stderr captured as text), and
-    the peaks of its anonymous and file-backed resident memory in MiB, sampled every `every_s`:
-    a peak RSS alone cannot tell the memory a process holds from file pages it maps."""
+    the peaks of its resident memory in MiB, sampled every `every_s`: anonymous and file-backed
+    apart (a peak RSS alone cannot tell the memory a process holds from file pages it maps),
+    and VmHWM, its own high-water mark as last read. Not getrusage(RUSAGE_CHILDREN).ru_maxrss:
+    Linux starts a forked child's high-water mark at its parent's resident size and keeps it
+    across exec, so a child of a process that once held 10 GB reports 10 GB."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-    peaks = {"RssAnon": 0.0, "RssFile": 0.0}
+    peaks = {"RssAnon": 0.0, "RssFile": 0.0, "VmHWM": 0.0}
     done = threading.Event()
 
     def sample():
