@@ -43,6 +43,15 @@ def test_bad_records_are_skipped_counted_and_reported(tmp_path, tiny):
     assert store.manifest["build"]["report"]["rejected"] == 4
 
 
+def test_a_first_batch_of_only_bad_records_commits_its_cursor_and_the_build_goes_on(tmp_path, tiny):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "m1", "image": "nope1.png"}, {"id": "m2", "image": "nope2.png"},
+                                                {"id": "t1", "text": "first text"}, {"id": "t2", "text": "second text"}])
+    report = build_index(corpus, tiny, tmp_path / "idx", batch_size=2, progress=False)  # crashed on an empty write
+    assert report.indexed == 2 and {r["id"] for r in report.rejections} == {"m1", "m2"}
+    store = IndexStore.open(tmp_path / "idx")
+    assert sorted(d.id for d in store.docs.iter_docs()) == ["t1", "t2"] and store.get("t2").text == "second text"
+
+
 def test_strict_makes_a_bad_record_fatal(tmp_path, tiny):
     corpus = corpus_with_bad_records(tmp_path)
     with pytest.raises(StrictError, match="missing"):

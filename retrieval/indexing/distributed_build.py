@@ -131,6 +131,9 @@ def prepare_batch(batch: dict, encoder_record: dict, preparer=None) -> dict:
     prepare = preparer.prepare if preparer is not None else (lambda item: _encoder(encoder_record).prepare(item, "document"))
     prepared, problems = [], []
     for rid, text, image, metadata in zip(batch["id"], batch["text"], batch["image"], batch["metadata"]):
+        # A block whose records all lack a text (or an image) holds that column as floats, NaN
+        # for None: every record of an images-only corpus came back "text" NaN and was rejected.
+        text, image = (text if isinstance(text, str) else None), (image if isinstance(image, str) else None)
         try:
             prepared.append(prepare(Item(rid, text, image, json.loads(metadata))))
             problems.append("")
