@@ -112,7 +112,9 @@ preprocessing tasks on a local 2-CPU Ray cluster) alternate, {args.repeats} runs
 The model actor keeping freed memory (retrieval/cpu_memory.py): **{kept_gain:.2f}x** the Ray build with
 glibc's defaults (median of per-run ratios).
 
-On two cores the Ray build cannot be faster: it runs the same forward on the same cores and pays
+A CPU model actor reserves one CPU of the two it is counted for and runs its forward on both
+(`torch.set_num_threads`; Ray sets OMP_NUM_THREADS to the one it reserves), as the single process
+runs its forward on every core beside its preparation workers. On two cores the Ray build cannot be faster: it runs the same forward on the same cores and pays
 for worker processes, one model load per actor and moving preprocessed images through the
 object store. What it buys is that the same command runs on a cluster (README, "Distributed
 builds"), where actors multiply with nodes and GPUs. The merge of the shards into the document

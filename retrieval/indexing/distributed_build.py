@@ -147,10 +147,14 @@ def prepare_batch(batch: dict, encoder_record: dict, preparer=None) -> dict:
 class EmbedActor:
     """One model per actor: the forward pass over prepared blocks."""
 
-    def __init__(self, encoder_record: dict):
+    def __init__(self, encoder_record: dict, threads: int = 0):
+        import torch
+
         from umr.retrieval.cpu_memory import keep_freed_memory
 
         keep_freed_memory()  # the actor's process only runs forwards: as in umr's own (retrieval/cpu_memory.py)
+        if threads:  # Ray sets OMP_NUM_THREADS to the 1 CPU the actor reserves; its forward may use its share
+            torch.set_num_threads(threads)
         self.encoder = _encoder(encoder_record)
         self.dim = int(encoder_record["dim"])
 
@@ -235,15 +239,20 @@ def _shards_of(records: Iterable[Item | Rejected], start: int, shard_size: int) 
         yield Shard(chunk[0][0], len(chunk)), chunk
 
 
+CPUS_PER_ACTOR = 2
+
+
 def _resources() -> tuple[int, float]:
     """How many model actors, and GPUs for each: one per GPU when the cluster has GPUs,
-    else one per two CPUs (the preprocessing tasks need the others)."""
+    else one per CPUS_PER_ACTOR CPUs. A CPU actor reserves one of them, so the preprocessing
+    tasks are scheduled beside it, and runs its forward on all of them, as a single-process
+    build runs its forward on every core beside its preparation workers."""
     import ray
 
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
     cpus = int(total.get("CPU", 1))
-    return (gpus, 1.0) if gpus else (max(1, cpus // 2), 0.0)
+    return (gpus, 1.0) if gpus else (max(1, cpus // CPUS_PER_ACTOR), 0.0)
 
 
 def encode_shards(root: Path, encoder_record: dict, shards: list[tuple[Shard, list]], stats: RayBuildStats,
@@ -286,7 +295,9 @@ def encode_shards(root: Path, encoder_record: dict, shards: list[tuple[Shard, li
     # requests) not fused into the actors, so decoding runs beside the forward, not before it.
     ds = ds.map_batches(prepare_batch, fn_kwargs={"encoder_record": encoder_record, "preparer": preparer},
                         batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
-    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"encoder_record": encoder_record}, batch_size=batch_size,
+    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"encoder_record": encoder_record,
+                                                           "threads": 0 if gpus else CPUS_PER_ACTOR},
+                        batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus,
                         num_cpus=0 if gpus else 1)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
