@@ -121,10 +121,9 @@ before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 for _ in range(4):
     enc.image.features(batch)
 after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
-# This process's own high-water mark: ru_maxrss would start from the benchmark's size at the fork.
-hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+from bench.common import proc_memory
 print(json.dumps({"kept": kept, "items_per_s": 4 * 64 / wall, "faults_per_batch": (after.ru_minflt - before.ru_minflt) / 4,
-                  "system_s_per_batch": (after.ru_stime - before.ru_stime) / 4, "peak_rss_mb": hwm / 1024}))
+                  "system_s_per_batch": (after.ru_stime - before.ru_stime) / 4, "peak_rss_mb": proc_memory()["VmHWM"]}))  # its own: ru_maxrss starts from the benchmark's size at the fork
 """
 
 

@@ -153,7 +153,8 @@ class DocStore:
                 "INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
                 ((doc.id, segment, first_row + i, doc.modality, doc.text, doc.image, blob)
                  for i, (doc, blob) in enumerate(zip(docs, blobs))))
-            self.vectors.insert(cur, segment, first_row, [MODALITY_CODES[doc.modality] for doc in docs], vectors)
+            if docs:  # a batch whose every record was rejected commits only its cursor
+                self.vectors.insert(cur, segment, first_row, [MODALITY_CODES[doc.modality] for doc in docs], vectors)
             for k, v in (meta or {}).items():
                 cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (k, v))
         return replaced

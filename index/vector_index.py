@@ -166,9 +166,9 @@ def exact_topk(q: np.ndarray, xb, k: int, allowed: np.ndarray | None = None,
     import torch
 
     nq, kk = len(q), min(k, len(xb))
-    chunk = min(chunk, max(4096, SCORES_BYTES // (4 * max(1, nq))))
     if nq == 0 or kk < 1:
         return np.zeros((nq, max(kk, 0)), dtype=np.float32), np.zeros((nq, max(kk, 0)), dtype=np.int64)
+    chunk = min(chunk, max(4096, SCORES_BYTES // (4 * nq)))
     on_device = isinstance(xb, torch.Tensor)  # a DeviceFlat's rows (index/device_flat.py)
     device = xb.device if on_device else torch.device("cpu")
     tq = as_tensor(q).to(device)

@@ -100,8 +100,6 @@ class FileVectors:
         return int(f.path.name.split(".")[1])
 
     def insert(self, cur, segment: int, first_row: int, codes: list[int], vectors: np.ndarray) -> None:
-        if not codes:  # a batch whose every record was rejected commits only its cursor
-            return
         f = self.file(segment)
         new_dim = f.dim is None
         f.write(first_row, vectors)

@@ -99,8 +99,10 @@ def runs_forwards(args: argparse.Namespace) -> bool:
     """Whether a command runs an encoder's forward passes over and over, the work that keeping
     freed memory speeds up. Those that only move stored vectors (an import of precomputed ones,
     tuning, verify, compact) keep glibc's defaults: serving their large, uneven arrays from the
-    heap raised a 2M-vector import's peak by 30% and kept it to the end."""
-    return getattr(args, "forwards", True) and not getattr(args, "vectors", None)
+    heap raised a 2M-vector import's peak by 30% and kept it to the end. A command says so
+    with `forwards` (True, False, or a function of its arguments), True where it says nothing."""
+    forwards = getattr(args, "forwards", True)
+    return bool(forwards(args) if callable(forwards) else forwards)
 
 
 def _silence_stdout() -> None:

@@ -234,7 +234,7 @@ def add_index_commands(sub) -> None:
     b.add_argument("--shard-size", type=positive_int, default=4096,
                    help="records per shard of a --ray build (the unit a rerun resumes by)")
     b.add_argument("--json", action="store_true")
-    b.set_defaults(fn=cmd_index_build)
+    b.set_defaults(fn=cmd_index_build, forwards=lambda a: not a.vectors)  # precomputed vectors: no encoder runs
     ad = ix.add_parser("add", help="add a corpus to an index without rebuilding it")
     ad.add_argument("index_dir")
     ad.add_argument("corpus")
