@@ -168,14 +168,18 @@ def connection_to_each(port: int, names, seconds: float = 120) -> dict:
     return found
 
 
-def proc_memory(pid: int | str = "self") -> dict:
+def proc_memory(pid: int | str = "self", pss: bool = True) -> dict:
     """Resident memory of a process in MiB: VmRSS, RssAnon, RssFile (mapped files), VmHWM (peak)
-    and Pss (a page mapped by k processes counts 1/k to each)."""
+    and, with `pss`, Pss (a page mapped by k processes counts 1/k to each). Pss walks every page
+    table of the process under its memory map's lock, which its own mmap and munmap then wait
+    for: a sampler leaves it out."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
             out[key] = int(value.split()[0]) / 1024
+    if not pss:
+        return out
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
             out["Pss"] = int(line.split()[1]) / 1024
@@ -196,7 +200,7 @@ def run_sampling_memory(cmd: list[str], every_s: float = 0.25, **popen) -> tuple
     def sample():
         while not done.wait(every_s):
             try:
-                mem = proc_memory(proc.pid)
+                mem = proc_memory(proc.pid, pss=False)
             except (OSError, ValueError, IndexError):  # ended between two samples
                 continue
             for key in peaks:
