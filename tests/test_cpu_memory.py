@@ -17,13 +17,26 @@ import json, resource, sys
 import torch
 
 how = sys.argv[1]
-if how == "call":
+if how.split()[0] == "call":
     from umr.retrieval.cpu_memory import keep_freed_memory
     kept = keep_freed_memory()
 elif how.startswith("cli "):  # a command refused at once: the CLI decides before it runs it
     from umr.cli import main
     assert main(how.split()[1:]) == 2
     kept = None
+elif how.startswith("import "):  # a real import of precomputed vectors, noting how its ingest ran
+    import numpy as np
+    from umr.retrieval import cpu_memory
+    from umr.retrieval.indexing import vector_import
+    from umr.cli import main
+    work = how.split()[1]
+    np.save(f"{work}/emb.npy", np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32))
+    open(f"{work}/ids.jsonl", "w").write("".join(f'"v{i}"\n' for i in range(300)))
+    ingest, seen = vector_import.ingest_vectors, []
+    vector_import.ingest_vectors = lambda *a, **k: (seen.append(cpu_memory._kept), ingest(*a, **k))[1]
+    assert main(["index", "build", "--vectors", f"{work}/emb.npy", "--ids", f"{work}/ids.jsonl", "--encoder",
+                 "lit-init:16:0", "--out", f"{work}/idx", "--batch-size", "64", "--no-progress"]) == 0
+    kept = seen
 else:
     kept = None
 
@@ -40,9 +53,17 @@ def rounds(n):
 
 
 rounds(10)  # torch's first use, and the heap growing to hold the block
+answer = {"kept": kept}
+if how.endswith("phase"):  # one phase keeps freed memory (an import's ingest), what follows may not
+    from umr.retrieval.cpu_memory import keeping_freed_memory
+    with keeping_freed_memory() as answer["phase"]:
+        rounds(10)
+        before = faults()
+        rounds(10)
+        answer["inside"] = faults() - before
 before = faults()
 rounds(10)
-print(json.dumps({"kept": kept, "faults": faults() - before}))
+print(json.dumps({**answer, "faults": faults() - before}))
 """
 
 PAGES = (64 << 20) // 4096  # one 64 MB block's pages
@@ -70,3 +91,21 @@ def test_freed_memory_is_reused_and_the_cli_asks_for_it_where_forwards_run():
         assert run(f"cli {stored}")["faults"] > 8 * PAGES, stored
     refused = run("call", malloc="system")  # UMR_MALLOC=system keeps glibc's defaults
     assert refused["kept"] is False and refused["faults"] > 8 * PAGES
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_phase_keeps_freed_memory_while_it_runs_and_gives_it_back_after():
+    phase = run("phase")  # an import: its equal batches reuse their pages, FAISS training after them does not
+    assert phase["phase"] is True and phase["inside"] < PAGES // 4
+    assert phase["faults"] > 8 * PAGES  # glibc's defaults again: blocks mapped afresh, freed memory returned
+    within = run("call phase")  # a process that keeps freed memory throughout is left as it is
+    assert within["phase"] is True and within["inside"] < PAGES // 4 and within["faults"] < PAGES // 4
+    refused = run("phase", malloc="system")
+    assert refused["phase"] is False and refused["inside"] > 8 * PAGES
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_an_import_keeps_freed_memory_while_it_ingests_only(tmp_path):
+    done = run(f"import {tmp_path}")
+    assert done["kept"] == [True]  # its batches of rows reuse their pages
+    assert done["faults"] > 8 * PAGES  # FAISS training and what follows at glibc's values

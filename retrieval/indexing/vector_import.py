@@ -26,6 +26,7 @@ import numpy as np
 from umr.index.documents import DocRecord
 from umr.index.document_rules import MAX_ID_CHARS, InvalidDocument, check_document
 from umr.index.errors import IndexMismatch, InvalidArgument
+from umr.retrieval.cpu_memory import keeping_freed_memory
 from umr.retrieval.encoders.base import Encoder
 from umr.retrieval.items import MODALITIES, Item
 from umr.retrieval.corpus.readers import Rejected
@@ -229,8 +230,9 @@ def build_from_vectors(vectors: str | Path, ids: str | Path, encoder: Encoder, o
     source = {"vectors": str(vectors.resolve()), "ids": str(ids.resolve()), "format": "vectors"}
 
     def run(store, journal, report, start, bar):
-        ingest_vectors(store, x, read_ids(ids, modality, start), report, start=start, batch_size=batch_size,
-                       strict=strict, journal=journal, progress=bar)
+        with keeping_freed_memory():  # equal batches of rows; FAISS training and tuning follow at glibc's defaults
+            ingest_vectors(store, x, read_ids(ids, modality, start), report, start=start, batch_size=batch_size,
+                           strict=strict, journal=journal, progress=bar)
 
     return run_build(out, encoder, source, str(vectors), len(x), run, index_kind=index_kind,
                      memory_budget=memory_budget, batch_size=batch_size, progress=progress, vector_dtype=vector_dtype,
