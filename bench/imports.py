@@ -15,19 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, median, run_sampling_memory, write_section  # noqa: E402
-from bench.large import ENCODER, generate  # noqa: E402
+from bench.large import ENCODER, ensure_vectors, vector_flags  # noqa: E402
 
 MODES = {"umr": "ingest keeps freed memory (umr's default)", "system": "glibc's defaults throughout (UMR_MALLOC=system)"}
-FAULTS = "import json, resource, sys\nfrom umr.cli import main\nrc = main(sys.argv[1:])\nprint(json.dumps({'faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt}), file=sys.stderr)\nsys.exit(rc)"
 
 
 def one_import(work: Path, mode: str, args) -> dict:
@@ -36,9 +34,10 @@ def one_import(work: Path, mode: str, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "UMR_MALLOC"}
     if mode == "system":
         env["UMR_MALLOC"] = "system"
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt  # a reaped child's own, from its fork on
     t = time.perf_counter()
     done, peaks = run_sampling_memory([
-        sys.executable, "-c", FAULTS, "index", "build", "--vectors", str(work / "emb.npy"), "--ids",
+        str(Path(sys.executable).parent / "umr"), "index", "build", "--vectors", str(work / "emb.npy"), "--ids",
         str(work / "ids.jsonl"), "--encoder", ENCODER.format(dim=args.dim), "--out", str(out), "--memory-budget",
         args.budget, "--vector-dtype", "float16", "--json", "--no-progress",
         *(["--target-recall", str(args.target_recall)] if args.target_recall else [])], env=env)
@@ -48,24 +47,17 @@ def one_import(work: Path, mode: str, args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     report = json.loads(done.stdout)
     return {"ingest": args.n / report["seconds"], "wall": wall, "anon": peaks["RssAnon"],
-            "faults": json.loads(done.stderr.strip().splitlines()[-1])["faults"]}
+            "faults": resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=2_000_000)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--clusters", type=int, default=20_000)
-    ap.add_argument("--budget", default="2G")
+    vector_flags(ap, 2_000_000, "/tmp/umr-bench-imports")
     ap.add_argument("--target-recall", type=float, default=0.95, help="passed to the build (0: no tuning)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--work", default="/tmp/umr-bench-imports")
     args = ap.parse_args()
     work = Path(args.work)
-    if not (work / "ids.jsonl").exists() or np.load(work / "emb.npy", mmap_mode="r").shape != (args.n, args.dim):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        generate(work, args.n, args.dim, args.clusters)
+    ensure_vectors(work, args.n, args.dim, args.clusters)
     runs = {mode: [] for mode in MODES}
     for r in range(args.repeats):
         for mode in (MODES if r % 2 == 0 else reversed(MODES)):  # alternating which goes first

@@ -40,6 +40,26 @@ CHUNK = 250_000
 ENCODER = "lit-init:{dim}:0"
 
 
+def vector_flags(ap: argparse.ArgumentParser, n: int, work: str) -> None:
+    """The flags of the generated vectors and the build's budget (bench/imports.py has them too)."""
+    ap.add_argument("--n", type=int, default=n)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--clusters", type=int, default=20_000)
+    ap.add_argument("--budget", default="2G")
+    ap.add_argument("--work", default=work)
+
+
+def ensure_vectors(work: Path, n: int, dim: int, clusters: int) -> bool:
+    """emb.npy and ids.jsonl of n x dim under `work`, generated unless they are there already;
+    returns whether they were generated."""
+    if (work / "ids.jsonl").exists() and np.load(work / "emb.npy", mmap_mode="r").shape == (n, dim):
+        return False
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    generate(work, n, dim, clusters)
+    return True
+
+
 def generate(work: Path, n: int, dim: int, clusters: int, seed: int = 0) -> None:
     """Clustered unit vectors, chunk by chunk into a memory-mapped .npy (memory stays flat)."""
     rng = np.random.default_rng(seed)
@@ -148,14 +168,10 @@ def http_phase(index: Path, work: Path, port: int, requests: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=10_000_000)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--clusters", type=int, default=20_000)
-    ap.add_argument("--budget", default="2G")
+    vector_flags(ap, 10_000_000, "/tmp/umr-bench-large")
     ap.add_argument("--vector-dtype", default="float16", choices=["float32", "float16"])
     ap.add_argument("--target-recall", type=float, default=0.95,
                     help="passed to the build (0 for the untuned defaults)")
-    ap.add_argument("--work", default="/tmp/umr-bench-large")
     ap.add_argument("--recall-sample", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=60, help="time bound of each query loop")
     ap.add_argument("--http-requests", type=int, default=400)
@@ -171,11 +187,8 @@ def main() -> None:
         return serve_child(index, work, args.seconds)
 
     stages = {}
-    if not (work / "ids.jsonl").exists() or np.load(work / "emb.npy", mmap_mode="r").shape != (args.n, args.dim):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        t = time.perf_counter()
-        generate(work, args.n, args.dim, args.clusters)
+    t = time.perf_counter()
+    if ensure_vectors(work, args.n, args.dim, args.clusters):
         stages["generate"] = time.perf_counter() - t
     umr = Path(sys.executable).parent / "umr"
     if args.reuse_index:

@@ -29,9 +29,9 @@ from contextlib import contextmanager
 from functools import cache
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 KEEP_UP_TO = 2**31 - 1  # the most mallopt takes: freed memory at the heap's top is returned past 2 GB
-M_MMAP_THRESHOLD = -3
 # glibc's values once its own adjusting has met a freed block of 32 MiB or more (malloc/malloc.c:
 # DEFAULT_MMAP_MAX, DEFAULT_MMAP_THRESHOLD_MAX, and a trim threshold of twice the mmap threshold)
 GLIBC_MMAP_MAX, GLIBC_MMAP_THRESHOLD, GLIBC_TRIM_THRESHOLD = 65536, 32 << 20, 64 << 20
@@ -75,13 +75,15 @@ def keeping_freed_memory() -> Iterator[bool]:
     (keep_freed_memory, or glibc's MALLOC_ variables in its environment) is left as it is.
     Yields whether the phase keeps freed memory."""
     libc = _glibc()
-    if _kept or libc is None or any(k in os.environ for k in MALLOC_ENV) or not keep_freed_memory():
+    if _kept or libc is None or any(k in os.environ for k in MALLOC_ENV):  # the process's own choice stands
         yield _kept
-        return
-    try:
-        yield True
-    finally:
-        _restore_glibc(libc)
+    elif not keep_freed_memory():  # UMR_MALLOC=system
+        yield False
+    else:
+        try:
+            yield True
+        finally:
+            _restore_glibc(libc)
 
 
 def _restore_glibc(libc) -> None:
