@@ -60,7 +60,7 @@ def build(tmp: Path, checkpoint: Path) -> tuple[Path, list[str]]:
     store = IndexStore.open(idx, mode="read")
     seg = store.segments[0]
     x = vi.flat_vectors(seg.faiss).copy()
-    docs = store.docs.docs_at(seg.id, list(range(len(x))))
+    docs = store.docs.docs_at(seg.id, list(range(len(x))), seg.epoch)
     ids = [docs[r].id for r in range(len(x))]
     store.close()
     np.save(tmp / "vectors.npy", x)

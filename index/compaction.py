@@ -29,6 +29,7 @@ def compact_segments(index_dir: Path, docs: DocStore, segments: list[Segment]) -
             name, record = integrity.write_checkpoint(index_dir, seg.id, index, len(live), docs.epoch(seg.id) + 1)
             pending = {"faiss_file": name, **record}
         dropped[seg.id] = docs.compact(seg.id, pending)
+        seg.epoch = docs.epoch(seg.id)
         seg.alive, seg.codes = docs.row_state(seg.id, docs.row_count(seg.id))
         if pending is not None:
             replaced.append(seg.record.get("faiss_file"))

@@ -11,7 +11,6 @@ import contextlib
 import json
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import quote
@@ -21,24 +20,17 @@ import numpy as np
 from umr.index import vector_file
 from umr.index.document_rules import check_document
 from umr.index.documents import MODALITY_CODES, DocRecord, validate_filter
+from umr.index.docstore_reads import ReaderReads
 from umr.index.docstore_schema import ROWS, ROWS_WITH_VECTORS, SCHEMA
 from umr.index.damage import damage_as_error
+from umr.index.errors import ReaderBehind
 from umr.index.vector_rows import FileVectors, SqliteVectors
 
 ID_CHUNK = 900  # ids per "IN (...)" lookup: under SQLite's oldest limit of 999 parameters
 COMMITS = "commits"  # meta key: write transactions committed (index/commit_mark.py)
 
 
-@dataclass
-class Changes:
-    """What other connections committed since a reader last looked (DocStore.changes_since)."""
-
-    death_seq: int  # the last death seen: where the next look starts
-    deaths: list[tuple[int, int]]  # (segment, row) made dead
-    rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]  # segment -> (vectors, codes, alive) of new rows
-
-
-class DocStore:
+class DocStore(ReaderReads):
     """`vector_dtype` (float32 or float16): how a new store keeps its vectors; an existing one
     keeps what it was made with."""
 
@@ -254,7 +246,9 @@ class DocStore:
         return DocRecord(r[0], r[1], r[2], r[3], json.loads(r[4])), r[5], r[6]
 
     @damage_as_error
-    def docs_at(self, segment: int, rows: Iterable[int]) -> dict[int, DocRecord]:
+    def docs_at(self, segment: int, rows: Iterable[int], epoch: int) -> dict[int, DocRecord]:
+        """The documents at `rows` of `segment` numbered as in `epoch`, the numbering the
+        caller's segment was read in (ReaderBehind where the writer has renumbered it since)."""
         rows = [int(r) for r in rows]
         if not rows:
             return {}
@@ -264,7 +258,15 @@ class DocStore:
                 f"SELECT row, id, modality, text, image, metadata FROM docs WHERE segment=? AND row IN ({marks})",
                 (segment, *rows),
             ).fetchall()
+        self._still_numbered(segment, epoch)
         return {r[0]: DocRecord(r[1], r[2], r[3], r[4], json.loads(r[5])) for r in found}
+
+    def _still_numbered(self, segment: int, epoch: int) -> None:
+        """Refuse rows just read when the segment is no longer numbered as in `epoch`. Read
+        after them: epochs only grow, and the reader's segment was read at `epoch`, so an
+        unchanged epoch now means the rows were read in that numbering too."""
+        if self.epoch(segment) != epoch:
+            raise ReaderBehind(segment)
 
     @damage_as_error
     def has_ids(self, ids: list[str]) -> set[str]:
@@ -305,43 +307,6 @@ class DocStore:
                 codes[row] = code
         return alive, codes
 
-    def data_version(self) -> int:
-        """Changes whenever another connection commits (SQLite's PRAGMA data_version): a
-        follower's free test of whether there is anything to look at."""
-        with self.lock:
-            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
-
-    def last_death(self) -> int:
-        with self.lock:
-            try:
-                return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM deaths").fetchone()[0])
-            except sqlite3.OperationalError:  # an index no writer of this version has opened yet
-                return 0
-
-    @damage_as_error
-    def changes_since(self, death_seq: int, row_counts: dict[int, int]) -> Changes:
-        """Deaths after `death_seq` and the rows of each segment from `row_counts[segment]` on,
-        read in one snapshot, so what they show is what the writer had committed at one moment."""
-        rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        with self.lock:
-            self._db.execute("BEGIN")
-            try:
-                try:
-                    found = self._db.execute("SELECT seq, segment, row FROM deaths WHERE seq>? ORDER BY seq",
-                                             (death_seq,)).fetchall()
-                except sqlite3.OperationalError:
-                    found = []
-                for segment, start in row_counts.items():
-                    got = self._db.execute("SELECT row, modality, alive FROM rows WHERE segment=? AND row>=? "
-                                           "ORDER BY row", (segment, start)).fetchall()
-                    if got and got[0][0] == start and got[-1][0] == start + len(got) - 1:
-                        rows[segment] = (self.vectors.read_range(segment, start, start + len(got)),
-                                         np.array([g[1] for g in got], dtype=np.uint8),
-                                         np.array([bool(g[2]) for g in got]))
-            finally:
-                self._db.execute("COMMIT")
-        return Changes(found[-1][0] if found else death_seq, [(f[1], f[2]) for f in found], rows)
-
     @damage_as_error
     def iter_vectors(self, segment: int, start: int = 0, chunk: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first_row, vectors) in row order from `start`, `chunk` rows at a time."""
@@ -354,15 +319,18 @@ class DocStore:
         return self.vectors.read(segment, np.asarray(rows, dtype=np.int64))
 
     @damage_as_error
-    def rows_matching(self, segment: int, flt: dict) -> np.ndarray:
-        """Rows of `segment` whose metadata equals every (key, value) of the filter."""
+    def rows_matching(self, segment: int, flt: dict, epoch: int) -> np.ndarray:
+        """Rows of `segment` whose metadata equals every (key, value) of the filter, numbered
+        as in `epoch` (as docs_at)."""
         clauses, args = [], [segment]
         for key, value in validate_filter(flt).items():
             clauses.append("json_extract(metadata, ?) = ?")
             args += [f'$."{key}"', int(value) if isinstance(value, bool) else value]
         sql = "SELECT row FROM docs WHERE segment=?" + "".join(f" AND {c}" for c in clauses)
         with self.lock:
-            return np.array([r[0] for r in self._db.execute(sql, args)], dtype=np.int64)
+            rows = np.array([r[0] for r in self._db.execute(sql, args)], dtype=np.int64)
+        self._still_numbered(segment, epoch)
+        return rows
 
     @damage_as_error
     def raw_docs(self, segment: int, rows: Iterable[int] | None = None) -> list[tuple[bytes, bytes | None, bytes, str | None]]:

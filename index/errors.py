@@ -32,3 +32,15 @@ class NotFound(IndexError_, KeyError):
 class IndexDamaged(IndexError_):
     """A file of the index holds what umr never wrote (damage, tampering, a lost log): the
     server's fault, never the request's; the message says how to check and restore it."""
+
+
+class ReaderBehind(IndexError_):
+    """A read-only process found a segment renumbered by the index's writer (a compaction)
+    after it read the segment's rows: its row numbers no longer name the same documents, so
+    the answer is refused rather than given with the wrong ones. Reopening the index (a
+    server's follower does it at its next look) cures it."""
+
+    def __init__(self, segment: int):
+        super().__init__(f"segment {segment} of the index was compacted by its writer since this process opened it "
+                         "read-only: reopen the index to search it")
+        self.segment = segment

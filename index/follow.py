@@ -6,7 +6,7 @@ finished, a memory-mapped segment checkpointed with a long tail) is not applied 
 reader is told to reopen (server/follower.py does)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from umr.index import layout
@@ -46,7 +46,6 @@ class ReaderPosition:
     death_seq: int
     manifest_stamp: tuple | None
     data_version: int = -1
-    epochs: dict[int, int] = field(default_factory=dict)  # segment id -> epoch its rows were read at
 
     @classmethod
     def at_open(cls, path: Path, docs: DocStore) -> "ReaderPosition":
@@ -69,7 +68,7 @@ class ReaderPosition:
 
     def _apply(self, version: int, segments: list[Segment], docs: DocStore) -> Followed:
         for seg in segments:
-            if docs.epoch(seg.id) != self.epochs.get(seg.id, 0):
+            if docs.epoch(seg.id) != seg.epoch:
                 return Followed(reopen=f"segment {seg.id} was compacted")
         by_id = {seg.id: seg for seg in segments}
         changes = docs.changes_since(self.death_seq, {seg.id: len(seg.alive) for seg in segments if seg.faiss is not None})

@@ -63,7 +63,8 @@ def run_plan(plan: SearchPlan, segments: list[Segment], docs: DocStore,
     for found in _each_segment(searched, hits_of):
         for qi, candidates in found:
             per_query[qi].extend(candidates)
-    return [_top_hits(candidates, plan.k, docs) for candidates in per_query]
+    epochs = {seg.id: seg.epoch for seg in searched}
+    return [_top_hits(candidates, plan.k, docs, epochs) for candidates in per_query]
 
 
 def _each_segment(searched: list[Segment], hits_of) -> list:
@@ -101,12 +102,14 @@ def _calibrated_hits(plan: SearchPlan, seg: Segment, docs: DocStore, q: np.ndarr
     return found
 
 
-def _top_hits(candidates: list[Candidate], k: int, docs: DocStore) -> list[SearchHit]:
-    """The best k candidates with their documents (a row deleted meanwhile drops out)."""
+def _top_hits(candidates: list[Candidate], k: int, docs: DocStore, epochs: dict[int, int]) -> list[SearchHit]:
+    """The best k candidates with their documents (a row deleted meanwhile drops out), read in
+    the numbering each segment's rows were read in (`epochs`)."""
     candidates.sort(key=lambda h: -h[0])
     best = candidates[:k]
     docs_by_seg: dict[int, dict[int, DocRecord]] = {
-        seg_id: docs.docs_at(seg_id, [h[2] for h in best if h[1] == seg_id]) for seg_id in {h[1] for h in best}}
+        seg_id: docs.docs_at(seg_id, [h[2] for h in best if h[1] == seg_id], epochs[seg_id])
+        for seg_id in {h[1] for h in best}}
     out = []
     for score, seg_id, row, cosine in best:
         doc = docs_by_seg[seg_id].get(row)

@@ -29,6 +29,7 @@ class Segment:
         self.mapped = False
         self.gpu = None  # a device copy of `faiss` (index/gpu.py)
         self.modality_counts: tuple | None = None  # CalibrationCache.modality_counts' cache (index/calibration_cache.py)
+        self.epoch = 0  # the numbering of its rows: how many times the document store had compacted it when read
         if faiss_index is not None:
             self.set_index(faiss_index)
 

@@ -22,17 +22,18 @@ log = logging.getLogger("umr.index")
 
 
 def load_segment(path: Path, docs: DocStore, rec: dict, read_only: bool, repair: bool,
-                 on_repair: Callable[[str], None]) -> tuple[Segment, int]:
-    """The segment and the document-store epoch its rows were read at."""
+                 on_repair: Callable[[str], None]) -> Segment:
+    """The segment, its `epoch` the document store's numbering its rows were read in."""
+    epoch = docs.epoch(rec["id"])
     n_rows = docs.row_count(rec["id"])
     alive, codes = docs.row_state(rec["id"], n_rows)
     seg = Segment(rec, None, alive, codes)
+    seg.epoch = epoch
     on_disk = docs.vectors.missing(seg.id, n_rows)
-    epoch = docs.epoch(seg.id)
     if rec.get("index") is None:
         if on_disk is not None:
             raise IndexError_(_missing_vectors_message(path, docs, seg, on_disk, n_rows))
-        return seg, epoch  # still building: vectors are only in the docstore
+        return seg  # still building: vectors are only in the docstore
     integrity.adopt_recorded_compaction(rec, docs.pending_checkpoint(seg.id), epoch)
     faiss_file = path / rec["faiss_file"] if rec.get("faiss_file") else None
     # A reader leaves IVF-PQ lists in the file: the index that outgrew memory still serves.
@@ -57,7 +58,7 @@ def load_segment(path: Path, docs: DocStore, rec: dict, read_only: bool, repair:
         for _, vecs in docs.iter_vectors(seg.id, start=seg.indexed_rows):
             seg.append(vecs)
         seg.dirty = True
-    return seg, epoch
+    return seg
 
 
 def rebuild(seg: Segment, docs: DocStore) -> None:

@@ -30,7 +30,7 @@ def allowed_rows(seg: Segment, docs: DocStore, modalities: list[str] | None, flt
         allowed &= np.isin(seg.codes, codes)
     if flt:
         match = np.zeros_like(allowed)
-        rows = docs.rows_matching(seg.id, flt)
+        rows = docs.rows_matching(seg.id, flt, seg.epoch)
         match[rows[rows < len(match)]] = True
         allowed &= match
     return allowed

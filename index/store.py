@@ -109,9 +109,8 @@ class IndexStore:
             # Before the rows are read: a death committed meanwhile is applied again, never missed.
             store._position = ReaderPosition.at_open(path, docs)
             for rec in manifest["segments"]:
-                seg, epoch = segment_loading.load_segment(path, docs, rec, mode == "read", repair, store._repaired)
-                store._position.epochs[rec["id"]] = epoch
-                store.segments.append(seg)
+                store.segments.append(segment_loading.load_segment(path, docs, rec, mode == "read", repair,
+                                                                   store._repaired))
             if mode == "write":  # files of checkpoints a crash wrote but never recorded
                 integrity.remove_checkpoints(path, integrity.unrecorded_checkpoints(path, manifest))
             log.info("opened %s for %s: %d documents in %d segment(s)", path, "writing" if mode == "write" else "reading",

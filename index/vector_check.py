@@ -98,7 +98,7 @@ def check_segment(store, seg, rows: np.ndarray, repair: bool, report, suspect: n
             report.problems.append(f"{what}; --repair restores them from the FAISS checkpoint, which holds them exactly")
         else:
             report.problems.append(what)
-            ids = [d.id for d in store.docs.docs_at(seg.id, damaged[:5]).values()]
+            ids = [d.id for d in store.docs.docs_at(seg.id, damaged[:5], seg.epoch).values()]
             report.unrepairable.append(f"damaged stored vectors in segment {seg.id}, whose IVF-PQ checkpoint holds only "
                                        f"approximations of them: add those documents again ({', '.join(map(repr, ids))}"
                                        f"{', ...' if len(damaged) > 5 else ''})")

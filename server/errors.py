@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from umr.index.errors import IndexDamaged, IndexError_, IndexMismatch, InvalidArgument, NotFound, UmrError
+from umr.index.errors import IndexDamaged, IndexError_, IndexMismatch, InvalidArgument, NotFound, ReaderBehind, UmrError
 from umr.index.document_rules import InvalidDocument
 from umr.retrieval.encoders.base import EncoderError
 from umr.retrieval.engine import CompensationMissing
@@ -55,6 +55,7 @@ REFUSALS: list[Refusal] = [
     Refusal(SwapRefused, lambda e: 404 if e.reason == "unknown_version" else 409, lambda e: e.reason),
     Refusal(CompensationMissing, 409, "no_compensator"),
     Refusal(IndexMismatch, 409, "index_changed"),
+    Refusal(ReaderBehind, 503, "index_reopening"),  # transient: the follower reopens the index
     Refusal(IndexError_, 409, "index_state"),
 ]
 
@@ -181,4 +182,5 @@ def declared(*statuses: int) -> dict:
 DESCRIPTIONS = {400: "Bad input (unparsable body, undecodable image or base64, invalid search)", 401: "Missing or wrong API key",
                 403: "Not allowed", 404: "Not found", 409: "Conflicts with the index's state",
                 413: "Over a documented size limit", 415: "Unsupported Content-Type",
-                422: "Invalid request", 429: "Too many failed attempts", 500: "Internal error (with an id to report)"}
+                422: "Invalid request", 429: "Too many failed attempts", 500: "Internal error (with an id to report)",
+                503: "Unavailable for now (a read-only server reopening an index its writer compacted, a writer not answering): send it again"}

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from umr.server.threads import in_thread
 from fastapi.responses import Response
 
-from umr.index.errors import UmrError
+from umr.index.errors import ReaderBehind, UmrError
 from umr.retrieval.engine import Engine, Query
 from umr.server.auth import requires
 from umr.server.batching import Pending
@@ -54,11 +55,28 @@ async def run(st: ServerState, pendings: list[Pending]) -> list:
     """Every query's hits; the first that failed raises, answered by server/errors.py's table
     when umr refused it on purpose and as itself otherwise (the server's fault: 5xx)."""
     results = await st.batcher.run(pendings)
+    behind = [i for i, r in enumerate(results) if isinstance(r, ReaderBehind)]
+    if behind and st.follower is not None:
+        for i, r in zip(behind, await again_after_reopening(st, [pendings[i] for i in behind],
+                                                            [results[i] for i in behind])):
+            results[i] = r
     for i, r in enumerate(results):
         if isinstance(r, BaseException):
             with numbered(i if len(pendings) > 1 else None):
                 raise refusal(r, "search") from None
     return results
+
+
+async def again_after_reopening(st: ServerState, pendings: list[Pending], refused: list) -> list:
+    """Queries a read-only server refused because its writer compacted a segment they searched
+    since the follower last looked: run again once the follower has reopened the index, where
+    the query, prepared by the old engine's encoder, suits the new one; else `refused`."""
+    old = pendings[0].engine
+    await st.follower.catch_up()
+    new = st.engine
+    if new is old or new.encoder is not old.encoder:
+        return refused
+    return await st.batcher.run([dataclasses.replace(p, engine=new, future=None) for p in pendings])
 
 
 @contextlib.contextmanager
@@ -85,7 +103,7 @@ def response(eng: Engine, hits, t0: float) -> Response:
         encoder_version=eng.version))
 
 
-@router.post("/v1/search", response_model=SearchResponse, responses=declared(400, 401, 403, 409, 413, 415, 422, 429),
+@router.post("/v1/search", response_model=SearchResponse, responses=declared(400, 401, 403, 409, 413, 415, 422, 429, 503),
              dependencies=[Depends(require_json)])
 async def search(req: SearchRequest, st: ServerState = Depends(state)):
     """Search with text, a base64 image, or both (fused), optionally with an instruction."""
@@ -95,7 +113,7 @@ async def search(req: SearchRequest, st: ServerState = Depends(state)):
     return response(eng, (await run(st, [await pending_for(st, eng, req, modalities)]))[0], t0)
 
 
-@router.post("/v1/search/image", response_model=SearchResponse, responses=declared(400, 401, 403, 409, 413, 422, 429))
+@router.post("/v1/search/image", response_model=SearchResponse, responses=declared(400, 401, 403, 409, 413, 422, 429, 503))
 async def search_image(file: UploadFile = File(...), text: str | None = Form(None), k: int = Form(10),
                        instruction: str | None = Form(None), modality: str | None = Form(None),
                        calibrated: bool = Form(True), st: ServerState = Depends(state)):
@@ -114,7 +132,7 @@ async def search_image(file: UploadFile = File(...), text: str | None = Form(Non
     return response(eng, (await run(st, [Pending(eng, prepared, k, modalities, None, calibrated)]))[0], t0)
 
 
-@router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=declared(400, 401, 403, 409, 413, 415, 422, 429),
+@router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=declared(400, 401, 403, 409, 413, 415, 422, 429, 503),
              dependencies=[Depends(require_json)])
 async def search_batch(req: BatchSearchRequest, st: ServerState = Depends(state)):
     """Several queries in one request, encoded in one forward."""

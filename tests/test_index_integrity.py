@@ -14,7 +14,7 @@ import pytest
 from conftest import cli_in_process, run_cli, write_jsonl
 from umr.index import IndexStore
 from umr.index.documents import DocRecord
-from umr.index.errors import IndexError_
+from umr.index.errors import IndexError_, ReaderBehind
 from umr.index.locks import IndexBusy
 from umr.index.verify import verify
 from umr.index.search_plan import SearchPlan
@@ -317,6 +317,70 @@ def test_an_ivfpq_segment_compacts_and_repairs_too(tmp_path):
     assert all(int(h[0].id[1:]) % 3 for h in hits)  # no deleted document comes back
     store.close()
     assert verify(idx).ok
+
+
+def test_a_reader_behind_a_compaction_refuses_rather_than_name_another_document(tmp_path):
+    """A compaction renumbers a segment's rows; a read-only process holds the old numbering until
+    it reopens. Its searches in between named whatever document now had the row number (d4's own
+    vector answered "d7", score 1.0); now they refuse, filtered or not, and once reopened answer right."""
+    idx = tmp_path / "idx"
+    store = IndexStore.create(idx, encoder_record(), "flat")
+    vecs = unit(np.random.default_rng(0), 300)
+    store.add([DocRecord(f"d{i}", "text", text=f"doc {i}", metadata={"group": i % 2}) for i in range(300)], vecs)
+    store.finalize()
+    store.delete([f"d{i}" for i in range(0, 300, 3)])
+    reader = IndexStore.open(idx, "read")
+    assert [h[0].id for h in reader.search(SearchPlan(vecs[[4, 200]], k=1))] == ["d4", "d200"]
+    assert store.compact() == {0: 100}
+    for plan in (SearchPlan(vecs[[4, 5, 200]], k=1), SearchPlan(vecs[[4]], k=3, flt={"group": 0})):
+        with pytest.raises(ReaderBehind, match="segment 0 .* compacted .* reopen the index"):
+            reader.search(plan)
+    assert reader.follow().reopen == "segment 0 was compacted"
+    reader.close()
+    # The writer's own numbering moved with its compaction; a reopened reader's did too.
+    for searcher in (store, again := IndexStore.open(idx, "read")):
+        assert [h[0].id for h in searcher.search(SearchPlan(vecs[[4, 5, 200]], k=1))] == ["d4", "d5", "d200"]
+        assert [h.id for h in searcher.search(SearchPlan(vecs[[4]], k=3, flt={"group": 0}))[0]][0] == "d4"
+        assert all(int(h.id[1:]) % 2 == 0 for h in searcher.search(SearchPlan(vecs[[4]], k=3, flt={"group": 0}))[0])
+    again.close()
+    store.close()
+
+
+def test_a_read_only_server_reopens_an_index_compacted_under_it_before_answering(tmp_path, tiny):
+    """Over HTTP, with the follower not polling (--follow-interval 0): searches sent at once,
+    side by side, right after the writer compacted get the right documents, from one reopen."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from umr.retrieval.engine import Engine
+    from umr.server.app import create_app
+    from umr.server.settings import ServerSettings
+    from umr.demo import BackgroundServer
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"note {i} about topic {i}"} for i in range(40)])
+    assert cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    writer = Engine.open(tmp_path / "idx")
+    reader = Engine.open(tmp_path / "idx", mode="read")
+    wanted = [f"t{i}" for i in range(1, 40, 3)]
+    texts = [f"note {i[1:]} about topic {i[1:]}" for i in wanted]
+    with BackgroundServer(create_app(reader, ServerSettings(follow_every_s=0))) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        top1 = lambda text: c.post("/v1/search", json={"text": text, "k": 1})  # noqa: E731
+        before = [r.json()["results"][0]["id"] for r in map(top1, texts)]
+        assert before == wanted
+        writer.store.delete([f"t{i}" for i in range(0, 40, 3)])
+        assert writer.store.compact() == {0: 14}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(top1, texts))
+        assert [r.status_code for r in answers] == [200] * len(texts), [r.text for r in answers]
+        assert [r.json()["results"][0]["id"] for r in answers] == wanted
+        follows = c.get("/v1/index").json()["serving"]["follows"]
+        assert follows["reopens"] == 1, follows
+        batch = c.post("/v1/search/batch", json={"queries": [{"text": t, "k": 1} for t in texts[:3]]}).json()
+        assert [r[0]["id"] for r in batch["results"]] == wanted[:3]
+        reopened = srv.server.config.app.state.umr.engine
+    assert reopened is not reader
+    for engine in (reopened, reader, writer):
+        engine.close()
 
 
 def test_a_read_only_server_beside_the_writer_answers_searches_and_refuses_writes(tmp_path, tiny):

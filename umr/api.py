@@ -208,6 +208,8 @@ class Index:
             Hits, best first.
         Raises:
             InvalidArgument: no query, a bad k, modality or filter, an unreadable image.
+            ReaderBehind: opened read_only, and the index's writer has compacted it since;
+                open it again (its rows are numbered anew, so answering would name the wrong documents).
         """
         if text is None and image is None:
             raise InvalidArgument("search needs text=, image= or both")

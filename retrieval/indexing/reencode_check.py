@@ -72,7 +72,7 @@ def reencode_check(index_dir: str | Path, n: int, seed: int = 0, batch_size: int
                 report.checked.append(f"segment {seg.id}: not re-encoded; its encoder {record['spec']} (version "
                                       f"{version}) does not load here with the weights it was built with")
                 continue
-            docs = store.docs.docs_at(seg.id, rows)
+            docs = store.docs.docs_at(seg.id, rows, seg.epoch)
             stored = store.docs.vectors_at(seg.id, np.array(rows))
             wrong_rows, wrong_vectors = [], []
             for start in range(0, len(rows), batch_size):

@@ -102,9 +102,9 @@ def other_segments_items(store: IndexStore, seg: Segment, modality: str, limit: 
         found.extend((other.id, int(r)) for r in rows)
     if len(found) > limit:
         found = [found[i] for i in sorted(rng.choice(len(found), limit, replace=False))]
-    items = []
+    items, epochs = [], {other.id: other.epoch for other in store.segments}
     for seg_id in sorted({s for s, _ in found}):
-        docs = store.docs.docs_at(seg_id, [r for s, r in found if s == seg_id])
+        docs = store.docs.docs_at(seg_id, [r for s, r in found if s == seg_id], epochs[seg_id])
         items.extend(stored_item(store.path, d) for d in docs.values())
     return items
 

@@ -37,7 +37,7 @@ def document_sample(store: IndexStore, seg: Segment, encoder: Encoder, seed: int
         rows = np.flatnonzero((seg.codes == code) & seg.alive)
         if len(rows) > SAMPLE:
             rows = np.sort(rng.choice(rows, SAMPLE, replace=False))
-        docs = store.docs.docs_at(seg.id, rows.tolist())
+        docs = store.docs.docs_at(seg.id, rows.tolist(), seg.epoch)
         if len(docs) < vs.MIN_DOCUMENTS:
             continue
         kept = np.array(sorted(docs))

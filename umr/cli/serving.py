@@ -231,7 +231,8 @@ def add_serve_commands(sub) -> None:
                     help="serving processes on the one port: the index's writer and N-1 read-only replicas that "
                          "follow it and relay writes to it (each gets cores/N threads)")
     sv.add_argument("--follow-interval", type=float_or_zero, default=0.25, metavar="SECONDS",
-                    help="how often a read-only server or replica looks for the writer's commits (0: never)")
+                    help="how often a read-only server or replica looks for the writer's commits (0: never; an index "
+                         "its writer compacted is reopened before answering from it all the same)")
     sv.add_argument("--trusted-proxy", action="append", metavar="ADDRESS",
                     help="a reverse proxy's address whose X-Forwarded-For / X-Forwarded-Proto headers are believed "
                          "(repeatable; default: none, the connection's own address is the client's)")
