@@ -41,6 +41,7 @@ class ReaderBehind(IndexError_):
     server's follower does it at its next look) cures it."""
 
     def __init__(self, segment: int):
-        super().__init__(f"segment {segment} of the index was compacted by its writer since this process opened it "
-                         "read-only: reopen the index to search it")
+        super().__init__(f"segment {segment} of the index was compacted by its writer after this process opened it "
+                         "read-only, so its row numbers name other documents now: open the index again (a read-only "
+                         "server does so itself: send the request again)")
         self.segment = segment

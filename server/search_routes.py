@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
@@ -19,6 +20,7 @@ from umr.server.schemas import BatchSearchRequest, BatchSearchResponse, Hit, Sea
 from umr.server.state import ServerState, state
 
 router = APIRouter(dependencies=[requires("read")])
+log = logging.getLogger("umr.server")
 
 
 async def prepare(st: ServerState, eng: Engine, q: Query):
@@ -72,7 +74,11 @@ async def again_after_reopening(st: ServerState, pendings: list[Pending], refuse
     since the follower last looked: run again once the follower has reopened the index, where
     the query, prepared by the old engine's encoder, suits the new one; else `refused`."""
     old = pendings[0].engine
-    await st.follower.catch_up()
+    try:
+        await st.follower.catch_up()
+    except Exception:  # noqa: BLE001 - e.g. opened mid-compaction; the follower tries again, the refusal stands
+        log.exception("reopening the index after its writer compacted it failed")
+        return refused
     new = st.engine
     if new is old or new.encoder is not old.encoder:
         return refused

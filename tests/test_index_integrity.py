@@ -333,7 +333,7 @@ def test_a_reader_behind_a_compaction_refuses_rather_than_name_another_document(
     assert [h[0].id for h in reader.search(SearchPlan(vecs[[4, 200]], k=1))] == ["d4", "d200"]
     assert store.compact() == {0: 100}
     for plan in (SearchPlan(vecs[[4, 5, 200]], k=1), SearchPlan(vecs[[4]], k=3, flt={"group": 0})):
-        with pytest.raises(ReaderBehind, match="segment 0 .* compacted .* reopen the index"):
+        with pytest.raises(ReaderBehind, match="segment 0 .* compacted .* open the index again"):
             reader.search(plan)
     assert reader.follow().reopen == "segment 0 was compacted"
     reader.close()
@@ -348,7 +348,8 @@ def test_a_reader_behind_a_compaction_refuses_rather_than_name_another_document(
 
 def test_a_read_only_server_reopens_an_index_compacted_under_it_before_answering(tmp_path, tiny):
     """Over HTTP, with the follower not polling (--follow-interval 0): searches sent at once,
-    side by side, right after the writer compacted get the right documents, from one reopen."""
+    side by side, right after the writer compacted get the right documents, from one reopen;
+    while the index cannot be opened, they are refused (503), never answered from the old numbering."""
     from concurrent.futures import ThreadPoolExecutor
 
     from umr.retrieval.engine import Engine
@@ -369,6 +370,12 @@ def test_a_read_only_server_reopens_an_index_compacted_under_it_before_answering
         assert before == wanted
         writer.store.delete([f"t{i}" for i in range(0, 40, 3)])
         assert writer.store.compact() == {0: 14}
+        manifest = tmp_path / "idx" / "manifest.json"
+        manifest.rename(tmp_path / "away.json")  # what a reopen meets: no index there for now
+        refused = top1(texts[0])
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "index_reopening", refused.text
+        assert "compacted by its writer" in refused.json()["error"]["message"]
+        (tmp_path / "away.json").rename(manifest)
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(top1, texts))
         assert [r.status_code for r in answers] == [200] * len(texts), [r.text for r in answers]
