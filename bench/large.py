@@ -9,7 +9,9 @@ Stages, each timed:
   serve      a fresh process opens the index read-only (IVF lists memory-mapped from the file,
              exact vectors for the re-scoring read from the segment's vector file), answers
              Q held-out queries one at a time and in batches of 32, and reports its resident
-             memory (anonymous and file-backed, and the peak) after them
+             memory (anonymous and file-backed, and the peak) after them; --serve-repeats
+             such processes in turn (3), their medians reported: one process's rate differed
+             from the next's by up to 1.6x on this machine
   http       `umr serve --read-only` over the same index: text queries through the encoder
              (bench/loadgen.py, 4 connections), and the server's resident memory after them
   recall     recall@10 of the served results against exact search (a scan of emb.npy) for a
@@ -174,6 +176,8 @@ def main() -> None:
                     help="passed to the build (0 for the untuned defaults)")
     ap.add_argument("--recall-sample", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=60, help="time bound of each query loop")
+    ap.add_argument("--serve-repeats", type=int, default=3,
+                    help="fresh read-only processes the serve stage runs in turn (figures: their medians)")
     ap.add_argument("--http-requests", type=int, default=400)
     ap.add_argument("--port", type=int, default=8791)
     ap.add_argument("--keep", action="store_true", help="keep the vectors and the index")
@@ -218,14 +222,27 @@ def retune(args, index: Path, umr: Path) -> str:
     return f"reused (built by an earlier --keep run); re-tuned in {time.perf_counter() - t:.0f} s"
 
 
-def serve_phases(args, work: Path, index: Path, umr: Path, stages: dict, built=None, reused: str = "") -> None:
-    t = time.perf_counter()
-    served = subprocess.run([sys.executable, __file__, "--serve-child", "--work", str(work), "--seconds", str(args.seconds)],
+def serve_once(work: Path, seconds: float) -> dict:
+    """One fresh read-only process's open, searches and memory (serve_child)."""
+    served = subprocess.run([sys.executable, __file__, "--serve-child", "--work", str(work), "--seconds", str(seconds)],
                             capture_output=True, text=True)
-    stages["serve"] = time.perf_counter() - t
     if served.returncode:
         sys.exit(f"serving failed: {served.stderr[-3000:]}")
-    s = json.loads(served.stdout.strip().splitlines()[-1])
+    return json.loads(served.stdout.strip().splitlines()[-1])
+
+
+def spread(runs: list[dict], key: str, fmt: str) -> str:
+    """The runs' median of `key`, and each run's value where there are several."""
+    values = [r[key] for r in runs]
+    each = f" (runs: {', '.join(format(v, fmt) for v in values)})" if len(values) > 1 else ""
+    return f"{format(median(values), fmt)}{each}"
+
+
+def serve_phases(args, work: Path, index: Path, umr: Path, stages: dict, built=None, reused: str = "") -> None:
+    t = time.perf_counter()
+    runs = [serve_once(work, args.seconds) for _ in range(max(1, args.serve_repeats))]
+    stages["serve"] = time.perf_counter() - t
+    s = runs[0]  # its results give the recall; the rates below are the runs' medians
     t = time.perf_counter()
     http = http_phase(index, work, args.port, args.http_requests)
     stages["http"] = time.perf_counter() - t
@@ -259,10 +276,11 @@ def serve_phases(args, work: Path, index: Path, umr: Path, stages: dict, built=N
                                        f"{built[1]['RssFile']:,.0f} (sampled every 0.25 s)"),
            ("of which ingest (read, check, store)", f"{built[0]:.0f} s ({args.n / built[0]:,.0f} vectors/s)")]
           if built else [("build", reused)]),
-        ("open read-only", f"{s['open_s']:.1f} s; RSS after open {s['after_open']['VmRSS']:,.0f} MiB"),
-        ("search, one query at a time", f"{s['qps_single']:.0f} QPS, p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms "
-                                        f"({s['queries']} queries)"),
-        ("search, batches of 32", f"{s['qps_batch32']:.0f} QPS"),
+        ("open read-only", f"{spread(runs, 'open_s', '.1f')} s; RSS after open {s['after_open']['VmRSS']:,.0f} MiB"),
+        (f"search, one query at a time (medians of {len(runs)} fresh processes)",
+         f"{spread(runs, 'qps_single', '.0f')} QPS, p50 {spread(runs, 'p50_ms', '.1f')} ms, "
+         f"p99 {spread(runs, 'p99_ms', '.1f')} ms ({s['queries']} queries each)"),
+        ("search, batches of 32", f"{spread(runs, 'qps_batch32', '.0f')} QPS"),
         ("RSS serving (in process)", f"{mem['VmRSS']:,.0f} MiB = {mem['RssAnon']:,.0f} anonymous + {mem['RssFile']:,.0f} "
                                      f"file-backed; peak {mem['VmHWM']:,.0f} MiB"),
         ("RSS serving (`umr serve --read-only`, after HTTP load)",
