@@ -258,13 +258,13 @@ class DocStore(ReaderReads):
                 f"SELECT row, id, modality, text, image, metadata FROM docs WHERE segment=? AND row IN ({marks})",
                 (segment, *rows),
             ).fetchall()
-        self._still_numbered(segment, epoch)
+        self.check_numbering(segment, epoch)
         return {r[0]: DocRecord(r[1], r[2], r[3], r[4], json.loads(r[5])) for r in found}
 
-    def _still_numbered(self, segment: int, epoch: int) -> None:
-        """Refuse rows just read when the segment is no longer numbered as in `epoch`. Read
-        after them: epochs only grow, and the reader's segment was read at `epoch`, so an
-        unchanged epoch now means the rows were read in that numbering too."""
+    def check_numbering(self, segment: int, epoch: int) -> None:
+        """Refuse rows just read (here, or by `get`) when the segment is no longer numbered as in
+        `epoch`. Called after the read: epochs only grow, and the caller's segment was read at
+        `epoch`, so an unchanged epoch now means the rows were read in that numbering too."""
         if self.epoch(segment) != epoch:
             raise ReaderBehind(segment)
 
@@ -329,7 +329,7 @@ class DocStore(ReaderReads):
         sql = "SELECT row FROM docs WHERE segment=?" + "".join(f" AND {c}" for c in clauses)
         with self.lock:
             rows = np.array([r[0] for r in self._db.execute(sql, args)], dtype=np.int64)
-        self._still_numbered(segment, epoch)
+        self.check_numbering(segment, epoch)
         return rows
 
     @damage_as_error

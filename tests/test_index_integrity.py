@@ -346,6 +346,29 @@ def test_a_reader_behind_a_compaction_refuses_rather_than_name_another_document(
     store.close()
 
 
+def test_calibration_pairs_read_behind_a_compaction_are_refused_not_mismatched(tmp_path, tiny):
+    """`umr update --no-activate` beside a writer pairs each document's stored vector with its
+    new embedding, finding rows by id in the store's current numbering: behind a compaction
+    those rows named other documents' vectors in the reader's file. Same encoder here, so
+    every true pair has cosine 1."""
+    from umr.retrieval.update.calibration_pairs import corpus_pairs
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"t{i}", "text": f"note {i} about topic {i}"} for i in range(40)])
+    assert cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx").returncode == 0
+    writer = IndexStore.open(tmp_path / "idx")
+    writer.delete([f"t{i}" for i in range(0, 40, 3)])
+    reader = IndexStore.open(tmp_path / "idx", "read")
+    writer.compact()
+    with pytest.raises(ReaderBehind):
+        corpus_pairs(reader, reader.segments[0], tiny, per_modality=20)
+    reader.close()
+    again = IndexStore.open(tmp_path / "idx", "read")
+    (new, old), = corpus_pairs(again, again.segments[0], tiny, per_modality=20)[0].values()
+    assert len(new) == 20 and np.allclose(np.sum(new * old, axis=1), 1.0, atol=1e-4)
+    again.close()
+    writer.close()
+
+
 def test_a_read_only_server_reopens_an_index_compacted_under_it_before_answering(tmp_path, tiny):
     """Over HTTP, with the follower not polling (--follow-interval 0): searches sent at once,
     side by side, right after the writer compacted get the right documents, from one reopen;

@@ -59,6 +59,7 @@ def corpus_pairs(store: IndexStore, seg: Segment, new: Encoder, per_modality: in
             continue
         rows = np.array([found[d.id][2] for d in docs])
         old = store.docs.vectors_at(seg.id, rows)
+        store.docs.check_numbering(seg.id, seg.epoch)  # `get` numbers rows as the store does now
         items[modality] = [stored_item(store.path, d) for d in docs]
         out[modality] = (new.encode(items[modality], role="document"), old)
     return out, items

@@ -148,9 +148,11 @@ def _reindexed_sample(store: IndexStore, new: Encoder, new_q, old_q, relevant, n
     new_vecs = new.encode([stored_item(store.path, d) for d in sample], role="document")
     old_scores = np.full((len(new_q), len(sample)), -np.inf, dtype=np.float32)
     where = [store.docs.get(d.id) for d in sample]
+    epochs = {seg.id: seg.epoch for seg in store.segments}
     for seg_id in {w[1] for w in where}:
         cols = np.array([i for i, w in enumerate(where) if w[1] == seg_id])
         vecs = store.docs.vectors_at(seg_id, np.array([where[i][2] for i in cols]))
+        store.docs.check_numbering(seg_id, epochs[seg_id])  # `get` numbers rows as the store does now
         old_scores[:, cols] = old_q[seg_id] @ vecs.T
 
     def recall(scores_or_q, vecs=None):
