@@ -22,6 +22,7 @@ from umr.index.document_rules import check_document
 from umr.index.documents import MODALITY_CODES, DocRecord, validate_filter
 from umr.index.docstore_reads import ReaderReads
 from umr.index.docstore_schema import ROWS, ROWS_WITH_VECTORS, SCHEMA
+from umr.index.row_state import read_row_state
 from umr.index.damage import damage_as_error
 from umr.index.errors import ReaderBehind
 from umr.index.vector_rows import FileVectors, SqliteVectors
@@ -57,6 +58,7 @@ class DocStore(ReaderReads):
             self, Path(path).parent, self.get_meta(vector_file.DTYPE_KEY, vector_file.DEFAULT_DTYPE),
             writable=not read_only)
         self.checked = False  # whether SQLite's integrity check passed when it was opened
+        self.checked_file: tuple[int, int] | None = None  # which file passed it (integrity.file_identity)
         self._mark = None  # the writer's commit mark (index/commit_mark.py)
         self._commits = 0
 
@@ -297,15 +299,8 @@ class DocStore(ReaderReads):
     @damage_as_error
     def row_state(self, segment: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(alive mask, modality codes) for rows 0..n_rows-1 of a segment."""
-        alive = np.zeros(n_rows, dtype=bool)
-        codes = np.zeros(n_rows, dtype=np.uint8)
         with self.lock:
-            for row, code, is_alive in self._db.execute(
-                "SELECT row, modality, alive FROM rows WHERE segment=? AND row<?", (segment, n_rows)
-            ):
-                alive[row] = bool(is_alive)
-                codes[row] = code
-        return alive, codes
+            return read_row_state(self._db, segment, n_rows)
 
     @damage_as_error
     def iter_vectors(self, segment: int, start: int = 0, chunk: int = 8192) -> Iterator[tuple[int, np.ndarray]]:
