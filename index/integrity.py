@@ -11,7 +11,9 @@ carry the same random id, so a docs.sqlite from another index is never taken for
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,8 @@ from umr.index import vector_index as vi
 from umr.index.atomic import atomic_write, file_sha256
 from umr.index.docstore import DocStore
 from umr.index.errors import IndexDamaged, IndexError_
+
+log = logging.getLogger("umr.index")
 
 DOCSTORE_ID = "docstore_id"  # the key in the manifest and in the document store's meta table
 CHECKPOINT = "checkpoint"  # the key of a segment record's checkpoint facts
@@ -42,12 +46,23 @@ def new_docstore(path: Path, manifest: dict, vector_dtype: str) -> DocStore:
     return docs
 
 
+def file_identity(path: Path) -> tuple[int, int]:
+    """(device, inode): which file a path names now. While a process holds a file open its inode
+    cannot go to another file, so an identity it recorded stays the identity of that file."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
 def open_docstore(path: Path, manifest: dict, read_only: bool = False, check: bool = True,
-                  accept_loss: Callable[[str], None] | None = None) -> DocStore:
+                  accept_loss: Callable[[str], None] | None = None,
+                  checked_file: tuple[int, int] | None = None) -> DocStore:
     """The index's document store, refused when it is missing, foreign, damaged (SQLite's own
     integrity check, run when `check` and the file is at most OPEN_CHECK_MAX_BYTES) or missing
     writes it acknowledged (index/commit_mark.py). `accept_loss` (verify --repair) takes the
-    store as it is instead and is told what was lost."""
+    store as it is instead and is told what was lost. `checked_file`: the identity of a file
+    this process checked and still holds open (a reader reopening after its writer compacted):
+    that file is not checked again, since the reader that kept it open read it unchecked all
+    along; a store that is another file now is checked."""
     if not path.exists():
         raise IndexError_(f"{path} is missing: it holds every document and vector of this index (the FAISS files "
                           "are only checkpoints of it); restore it from a backup")
@@ -69,9 +84,14 @@ def open_docstore(path: Path, manifest: dict, read_only: bool = False, check: bo
         if not stored and not read_only:
             docs.set_meta(DOCSTORE_ID, manifest[DOCSTORE_ID])
     try:
-        if check and path.stat().st_size <= OPEN_CHECK_MAX_BYTES:
+        if check and checked_file is not None and file_identity(path) == checked_file:
+            docs.checked, docs.checked_file = True, checked_file
+        elif check and path.stat().st_size <= OPEN_CHECK_MAX_BYTES:
+            identity = file_identity(path)
+            started = time.perf_counter()
             refuse_if_damaged(docs, path)
-            docs.checked = True
+            docs.checked, docs.checked_file = True, identity
+            log.info("%s passed SQLite's integrity check in %.1f s", path, time.perf_counter() - started)
         lost = lost_commits(docs, manifest[DOCSTORE_ID], mark)
         if lost and accept_loss is None:
             raise IndexError_(lost_message(path, *lost))

@@ -87,13 +87,15 @@ class IndexStore:
         return store
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "write", repair: bool = False, check: bool = True) -> "IndexStore":
+    def open(cls, path: str | Path, mode: str = "write", repair: bool = False, check: bool = True,
+             checked_file: tuple[int, int] | None = None) -> "IndexStore":
         """`mode` "write" takes the index's write lock (one writing process at a time);
         "read" takes none and refuses every write. `repair` accepts the document store as the
         truth where FAISS checkpoints disagree with it, or where it lost writes it acknowledged
         (`umr index verify --repair`). `check` runs SQLite's integrity check on a document store
         of up to integrity.OPEN_CHECK_MAX_BYTES and refuses a damaged one (`umr index verify`
-        opens without it, to list what it finds)."""
+        opens without it, to list what it finds), except on the file `checked_file` names, which
+        this process checked already (integrity.open_docstore)."""
         if mode not in ("write", "read"):
             raise InvalidArgument(f"mode must be 'write' or 'read', got {mode!r}")
         path = Path(path)
@@ -102,7 +104,7 @@ class IndexStore:
         try:
             accepted: list[str] = []
             docs = integrity.open_docstore(path / layout.DOCSTORE, manifest, read_only=mode == "read", check=check,
-                                           accept_loss=accepted.append if repair else None)
+                                           accept_loss=accepted.append if repair else None, checked_file=checked_file)
             store = cls(path, manifest, docs, mode, writer)
             for message in accepted:
                 store._repaired(message)

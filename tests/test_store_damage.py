@@ -5,6 +5,7 @@ on disk; the CLI as a user runs it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -66,6 +67,30 @@ def test_a_damaged_document_store_is_refused_and_repair_says_it_cannot_mend_it(t
     assert r.returncode == 1 and "problem: docs.sqlite" in r.stdout and "cannot repair: docs.sqlite is damaged" in r.stdout
     r = cli_in_process("index", "verify", idx, "--repair")
     assert r.returncode == 1 and "restore docs.sqlite from a backup" in r.stdout and "--repair` rebuilds" not in r.stdout
+
+
+def test_a_reader_reopening_checks_its_document_store_again_only_where_it_is_another_file(tmp_path, caplog):
+    """A read-only server reopens after each compaction of its writer: the file it checked at
+    open and held open since is not checked again (11 s at 10M documents); a file put in its
+    place is, and a damaged one is refused."""
+    idx = tmp_path / "idx"
+    make(idx, n=1200)[0].close()
+    caplog.set_level(logging.INFO, logger="umr.index")
+    first = IndexStore.open(idx, "read")
+    assert first.docs.checked and first.docs.checked_file == integrity.file_identity(idx / "docs.sqlite")
+    assert sum("passed SQLite's integrity check" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    again = IndexStore.open(idx, "read", checked_file=first.docs.checked_file)
+    assert again.docs.checked and again.count() == 1200
+    assert not any("integrity check" in r.message for r in caplog.records)
+    again.close()
+
+    shutil.copy(idx / "docs.sqlite", idx / "docs.copy")
+    os.replace(idx / "docs.copy", idx / "docs.sqlite")  # the same bytes, another file
+    damage_an_index_page(idx)
+    with pytest.raises(IndexDamaged, match="restore it from a backup"):
+        IndexStore.open(idx, "read", checked_file=first.docs.checked_file)
+    first.close()
 
 
 def test_a_large_store_is_checked_while_serving_and_a_damaged_one_answers_503(tmp_path, tiny, monkeypatch):
