@@ -29,8 +29,8 @@ log = logging.getLogger("umr.index")
 DOCSTORE_ID = "docstore_id"  # the key in the manifest and in the document store's meta table
 CHECKPOINT = "checkpoint"  # the key of a segment record's checkpoint facts
 DOCSTORE_OLDER = "the document store is older than this FAISS checkpoint"
-# Opening checks the document store with SQLite's integrity check up to this size (about a
-# second per GB); a larger one is checked by `umr index verify` and by a server in the background.
+# Opening checks the document store with SQLite's integrity check up to this size (about 15 s
+# per GB on 2 cores); a larger one is checked by `umr index verify` and by a server in the background.
 OPEN_CHECK_MAX_BYTES = 2 << 30
 
 
@@ -111,7 +111,7 @@ def refuse_if_damaged(docs: DocStore, path: Path) -> None:
     """SQLite's integrity check: pages, and every index against its table (8 bytes flipped at
     random left a row missing from an index, which the integrity check found and the quick
     check did not; a damaged index is how 595 documents of 1,200 were served as the whole
-    store), in about a second per GB."""
+    store), in about 15 s per GB on 2 cores (14 s at 10M documents, bench/reopen.py)."""
     problems = docs.integrity_problems()
     if problems:
         raise IndexDamaged(
