@@ -111,7 +111,8 @@ def main() -> None:
               "checked against the row count and two weighted sums before it is used); a reopen skips the "
               "integrity check where the document store is still the file this process checked and held open "
               "(index/integrity.py `open_docstore`). The encoder, which `umr serve` loads once and a reopen "
-              "keeps, is not in these figures."]
+              "keeps, is not in these figures.", "",
+              f"Run: `python bench/reopen.py --n {args.n} --budget {args.budget} --repeats {args.repeats}`."]
     write_section("reopen", "## Opening and reopening a large index read-only (`bench/reopen.py`)\n\n" + "\n".join(lines))
 
 

@@ -3,7 +3,7 @@
 Opening a read-only index reads them for every row: at 10M rows a Python loop over SQLite's
 cursor took about 8 s of the 21 s an open took, and a server following its writer pays it again
 each time it reopens after a compaction. One string comes back instead, two digits a row (its
-modality code, then 1 if alive else 0): 2-3x as fast.
+modality code, then 1 if alive else 0): about twice as fast (3.9 s against 8.1 s at 10M).
 
 SQLite 3.40 does not promise that group_concat keeps its subquery's order, so nothing is taken
 on trust: the row count, the length of the string, the digits allowed, and two sums of the
