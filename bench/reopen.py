@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,7 @@ def ensure_index(work: Path, args) -> Path:
     wanted = {"n": args.n, "dim": args.dim, "budget": args.budget}
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return index
-    subprocess.run(["rm", "-rf", str(index)], check=True)
+    shutil.rmtree(index, ignore_errors=True)
     t = time.perf_counter()
     subprocess.run([str(Path(sys.executable).parent / "umr"), "index", "build", "--vectors", str(work / "emb.npy"),
                     "--ids", str(work / "ids.jsonl"), "--encoder", ENCODER.format(dim=args.dim), "--out", str(index),

@@ -57,10 +57,15 @@ class DocStore(ReaderReads):
         self.vectors = SqliteVectors(self) if self._rows_hold_vectors() else FileVectors(
             self, Path(path).parent, self.get_meta(vector_file.DTYPE_KEY, vector_file.DEFAULT_DTYPE),
             writable=not read_only)
-        self.checked = False  # whether SQLite's integrity check passed when it was opened
-        self.checked_file: tuple[int, int] | None = None  # which file passed it (integrity.file_identity)
+        # The file (integrity.file_identity) that passed SQLite's integrity check when it was opened.
+        self.checked_file: tuple[int, int] | None = None
         self._mark = None  # the writer's commit mark (index/commit_mark.py)
         self._commits = 0
+
+    @property
+    def checked(self) -> bool:
+        """Whether SQLite's integrity check passed when the store was opened (in this process)."""
+        return self.checked_file is not None
 
     def _has_table(self, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None

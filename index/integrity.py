@@ -84,13 +84,13 @@ def open_docstore(path: Path, manifest: dict, read_only: bool = False, check: bo
         if not stored and not read_only:
             docs.set_meta(DOCSTORE_ID, manifest[DOCSTORE_ID])
     try:
-        if check and checked_file is not None and file_identity(path) == checked_file:
-            docs.checked, docs.checked_file = True, checked_file
-        elif check and path.stat().st_size <= OPEN_CHECK_MAX_BYTES:
-            identity = file_identity(path)
+        identity = file_identity(path) if check else None
+        if identity is not None and identity == checked_file:
+            docs.checked_file = identity
+        elif identity is not None and path.stat().st_size <= OPEN_CHECK_MAX_BYTES:
             started = time.perf_counter()
             refuse_if_damaged(docs, path)
-            docs.checked, docs.checked_file = True, identity
+            docs.checked_file = identity
             log.info("%s passed SQLite's integrity check in %.1f s", path, time.perf_counter() - started)
         lost = lost_commits(docs, manifest[DOCSTORE_ID], mark)
         if lost and accept_loss is None:

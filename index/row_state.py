@@ -31,8 +31,10 @@ def read_row_state(db: sqlite3.Connection, segment: int, n_rows: int) -> tuple[n
 def _packed(db: sqlite3.Connection, segment: int, n_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The arrays from one packed string, or None where any check says the string is not the
     rows in order, two digits each (gaps, a code of another width, another order)."""
+    if n_rows == 0:
+        return None
     text, count, first, second = db.execute(PACKED, (WEIGHT_MODULUS, segment, n_rows)).fetchone()
-    if n_rows == 0 or count != n_rows or text is None or len(text) != 2 * n_rows:
+    if count != n_rows or text is None or len(text) != 2 * n_rows:
         return None
     digits = (np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")).reshape(n_rows, 2)
     codes, alive = digits[:, 0], digits[:, 1]

@@ -61,7 +61,7 @@ def carry_reranker(old: Engine, new: Engine) -> None:
 def reopened(old: Engine) -> Engine:
     """A fresh read-only engine over the same index, querying with the same encoder object
     unless the writer activated another version. A document store still the file the old
-    engine checked is not checked again (at 10M documents SQLite's check took about 11 s)."""
+    engine checked is not checked again (at 10M documents SQLite's check took about 14 s)."""
     from umr.index.store import IndexStore
 
     store = IndexStore.open(old.store.path, "read", checked_file=old.store.docs.checked_file)

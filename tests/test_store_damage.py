@@ -71,7 +71,7 @@ def test_a_damaged_document_store_is_refused_and_repair_says_it_cannot_mend_it(t
 
 def test_a_reader_reopening_checks_its_document_store_again_only_where_it_is_another_file(tmp_path, caplog):
     """A read-only server reopens after each compaction of its writer: the file it checked at
-    open and held open since is not checked again (11 s at 10M documents); a file put in its
+    open and held open since is not checked again (14 s at 10M documents); a file put in its
     place is, and a damaged one is refused."""
     idx = tmp_path / "idx"
     make(idx, n=1200)[0].close()
