@@ -2,7 +2,13 @@
 
 A 64 MB tensor allocated, filled and freed faults every page in afresh each time under
 glibc's defaults (the block is a new mapping each time); with freed memory kept, once the
-heap has grown to hold it (a few rounds), not at all. Each case runs in a fresh process: the setting is process-wide."""
+heap has grown to hold it (a few rounds), not at all. Each case runs in a fresh process: the setting is process-wide.
+
+After a phase that kept freed memory, the heap may still hold free blocks of the phase's size
+below a small allocation (C++ tensor headers freed into glibc's per-thread cache pin the heap's
+top), and a later block of that size reuses them: 1 run in 6 here. So what the phase promises is
+measured where that cannot hide it: the resident memory given back when it ends, and blocks
+larger than the whole heap mapped afresh."""
 from __future__ import annotations
 
 import json
@@ -45,15 +51,27 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def rounds(n):
+def resident_pages():
+    return int(open("/proc/self/statm").read().split()[1])
+
+
+def heap_bytes():  # glibc's mallinfo2().arena: what the main heap holds, used and free
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": [("arena", ctypes.c_size_t)] + [(f"f{i}", ctypes.c_size_t) for i in range(9)]})
+    return libc.mallinfo2().arena
+
+
+def rounds(n, floats=16 << 20):
     for _ in range(n):
-        block = torch.empty(16 << 20)  # 64 MB of float32, over any mmap threshold glibc would pick
+        block = torch.empty(floats)  # 64 MB of float32 by default, over any mmap threshold glibc would pick
         block.fill_(1.0)
         del block
 
 
 rounds(10)  # torch's first use, and the heap growing to hold the block
 answer = {"kept": kept}
+floats = 16 << 20
 if how.endswith("phase"):  # one phase keeps freed memory (an import's ingest), what follows may not
     from umr.retrieval.cpu_memory import keeping_freed_memory
     with keeping_freed_memory() as answer["phase"]:
@@ -61,12 +79,22 @@ if how.endswith("phase"):  # one phase keeps freed memory (an import's ingest), 
         before = faults()
         rounds(10)
         answer["inside"] = faults() - before
+        resident = resident_pages()
+    answer["given_back"] = resident - resident_pages()
+    if not kept:  # glibc's values back: a block no free one in the heap can hold is mapped, not taken from the top
+        floats = max(floats, (heap_bytes() >> 2) + (4 << 20))
+answer["pages"] = floats >> 10
 before = faults()
-rounds(10)
+rounds(3, floats)
 print(json.dumps({**answer, "faults": faults() - before}))
 """
 
 PAGES = (64 << 20) // 4096  # one 64 MB block's pages
+
+
+def mapped_afresh(answer: dict) -> bool:
+    """Whether each of the 3 blocks measured last faulted its pages in anew (glibc's defaults)."""
+    return answer["faults"] > 5 * answer["pages"] // 2
 
 
 def run(how: str, malloc: str | None = None) -> dict:
@@ -79,7 +107,7 @@ def run(how: str, malloc: str | None = None) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_reused_and_the_cli_asks_for_it_where_forwards_run():
     default = run("none")
-    assert default["faults"] > 8 * PAGES  # each block faulted in afresh: what made a forward spend half its time in the kernel
+    assert mapped_afresh(default)  # each block faulted in afresh: what made a forward spend half its time in the kernel
     called = run("call")
     assert called["kept"] is True and called["faults"] < PAGES // 4  # the same pages, reused
     for forwards in ("search /nonexistent/umr-index q", "index build /nonexistent/corpus.jsonl --out /nonexistent/i"):
@@ -88,18 +116,20 @@ def test_freed_memory_is_reused_and_the_cli_asks_for_it_where_forwards_run():
     # uneven sizes, served from the heap, raised an import's peak memory by 30%.
     for stored in ("index build --vectors /nonexistent/e.npy --ids /nonexistent/i.jsonl --out /nonexistent/i",
                    "index tune /nonexistent/umr-index --target-recall 0.9"):
-        assert run(f"cli {stored}")["faults"] > 8 * PAGES, stored
+        assert mapped_afresh(run(f"cli {stored}")), stored
     refused = run("call", malloc="system")  # UMR_MALLOC=system keeps glibc's defaults
-    assert refused["kept"] is False and refused["faults"] > 8 * PAGES
+    assert refused["kept"] is False and mapped_afresh(refused)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_a_phase_keeps_freed_memory_while_it_runs_and_gives_it_back_after():
     phase = run("phase")  # an import: its equal batches reuse their pages, FAISS training after them does not
     assert phase["phase"] is True and phase["inside"] < PAGES // 4
-    assert phase["faults"] > 8 * PAGES  # glibc's defaults again: blocks mapped afresh, freed memory returned
+    assert phase["given_back"] > PAGES * 9 // 10  # the block it kept, returned when the phase ends
+    assert mapped_afresh(phase)  # glibc's defaults again
     within = run("call phase")  # a process that keeps freed memory throughout is left as it is
     assert within["phase"] is True and within["inside"] < PAGES // 4 and within["faults"] < PAGES // 4
+    assert within["given_back"] < PAGES // 4
     refused = run("phase", malloc="system")
     assert refused["phase"] is False and refused["inside"] > 8 * PAGES
 
@@ -108,4 +138,4 @@ def test_a_phase_keeps_freed_memory_while_it_runs_and_gives_it_back_after():
 def test_an_import_keeps_freed_memory_while_it_ingests_only(tmp_path):
     done = run(f"import {tmp_path}")
     assert done["kept"] == [True]  # its batches of rows reuse their pages
-    assert done["faults"] > 8 * PAGES  # FAISS training and what follows at glibc's values
+    assert mapped_afresh(done)  # FAISS training and what follows at glibc's values
