@@ -8,6 +8,7 @@ the whole corpus can be re-read for compensator calibration or re-training a qua
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sqlite3
 import threading
@@ -19,7 +20,7 @@ import numpy as np
 
 from umr.index import vector_file
 from umr.index.document_rules import check_document
-from umr.index.documents import MODALITY_CODES, DocRecord, validate_filter
+from umr.index.documents import DocRecord, PlainDocs, modality_codes, validate_filter
 from umr.index.docstore_reads import ReaderReads
 from umr.index.docstore_schema import ROWS, ROWS_WITH_VECTORS, SCHEMA
 from umr.index.row_state import read_row_state
@@ -123,7 +124,7 @@ class DocStore(ReaderReads):
             return tuple(self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
 
     # -- writes -------------------------------------------------------------------------
-    def add(self, segment: int, first_row: int, docs: list[DocRecord], vectors: np.ndarray,
+    def add(self, segment: int, first_row: int, docs: list[DocRecord] | PlainDocs, vectors: np.ndarray,
             meta: dict[str, str] | None = None, fresh: bool = False) -> list[tuple[int, int]]:
         """Insert docs as rows first_row.. of `segment`; replaces documents with the same id.
 
@@ -132,13 +133,12 @@ class DocStore(ReaderReads):
         caller has made sure no id is stored yet (a build's accept), so none is looked up; were
         one stored after all, the id's PRIMARY KEY refuses the whole batch.
         """
-        blobs = [doc.checked_metadata if doc.checked_metadata is not None else
-                 check_document(doc.id, doc.text, doc.metadata, doc.image) for doc in docs]
+        rows = _doc_rows(segment, first_row, docs)
         replaced: list[tuple[int, int]] = []
         with self._transaction() as cur:
             # One lookup per ID_CHUNK ids and one statement per table: per-row statements were
             # most of an import's time (5,778 vectors/s at 10M).
-            ids = [] if fresh else [doc.id for doc in docs]
+            ids = [] if fresh else docs.ids if isinstance(docs, PlainDocs) else [doc.id for doc in docs]
             for start in range(0, len(ids), ID_CHUNK):
                 part = ids[start : start + ID_CHUNK]
                 for old in cur.execute(f"SELECT segment, row FROM docs WHERE id IN ({','.join('?' * len(part))})",
@@ -148,12 +148,10 @@ class DocStore(ReaderReads):
                 cur.executemany("UPDATE rows SET alive=0 WHERE segment=? AND row=?", replaced)
                 cur.executemany("INSERT INTO deaths(segment, row) VALUES(?,?)", replaced)
                 cur.executemany("DELETE FROM docs WHERE segment=? AND row=?", replaced)
-            cur.executemany(
-                "INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
-                ((doc.id, segment, first_row + i, doc.modality, doc.text, doc.image, blob)
-                 for i, (doc, blob) in enumerate(zip(docs, blobs))))
-            if docs:  # a batch whose every record was rejected commits only its cursor
-                self.vectors.insert(cur, segment, first_row, [MODALITY_CODES[doc.modality] for doc in docs], vectors)
+            cur.executemany("INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
+                            rows)
+            if len(docs):  # a batch whose every record was rejected commits only its cursor
+                self.vectors.insert(cur, segment, first_row, modality_codes(docs), vectors)
             for k, v in (meta or {}).items():
                 cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (k, v))
         return replaced
@@ -365,3 +363,15 @@ class DocStore(ReaderReads):
             found = self._db.execute(sql + " ORDER BY segment, row", args).fetchall()
         for r in found:
             yield DocRecord(r[0], r[1], r[2], r[3], json.loads(r[4]))
+
+
+def _doc_rows(segment: int, first_row: int, docs: list[DocRecord] | PlainDocs):
+    """The docs table's rows for `docs` stored from `first_row` on, each document checked
+    unless its caller checked it (checked_metadata); plain ids are zipped, not looped over."""
+    rows = range(first_row, first_row + len(docs))
+    if isinstance(docs, PlainDocs):
+        return zip(docs.ids, itertools.repeat(segment), rows, itertools.repeat(docs.modality), itertools.repeat(None),
+                   itertools.repeat(None), itertools.repeat("{}"))
+    return [(doc.id, segment, row, doc.modality, doc.text, doc.image,
+             doc.checked_metadata if doc.checked_metadata is not None else
+             check_document(doc.id, doc.text, doc.metadata, doc.image)) for doc, row in zip(docs, rows)]

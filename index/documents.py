@@ -42,8 +42,34 @@ def validate_filter(flt: dict | None) -> dict:
     return flt
 
 
-def check_batch(docs: list[DocRecord]) -> None:
+@dataclass(frozen=True)
+class PlainDocs:
+    """A batch of documents that are ids alone, all of one modality, checked already: an
+    import's common case, stored without a Python object per row (building a DocRecord for each
+    of 10M rows, then reading it back field by field, was a fifth of the import's ingest).
+    Iterating gives the DocRecords it stands for."""
+
+    ids: list[str]
+    modality: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        return (DocRecord(doc_id, self.modality, checked_metadata="{}") for doc_id in self.ids)
+
+
+def modality_codes(docs: list[DocRecord] | PlainDocs) -> list[int]:
+    """Each document's modality code (MODALITY_CODES), in order."""
+    if isinstance(docs, PlainDocs):
+        return [MODALITY_CODES[docs.modality]] * len(docs)
+    return [MODALITY_CODES[d.modality] for d in docs]
+
+
+def check_batch(docs: list[DocRecord] | PlainDocs) -> None:
     """Every modality known and no id twice: a batch is stored whole or not at all."""
+    if isinstance(docs, PlainDocs) and docs.modality in MODALITY_CODES and len(set(docs.ids)) == len(docs.ids):
+        return
     seen: set[str] = set()
     for d in docs:
         if d.modality not in MODALITY_CODES:

@@ -26,7 +26,7 @@ from umr.index import layout, store_info
 from umr.index.calibration_cache import CalibrationCache
 from umr.index.compaction import compact_segments
 from umr.index.documents import check_batch
-from umr.index.documents import DocRecord, MODALITY_CODES
+from umr.index.documents import DocRecord, PlainDocs, modality_codes
 from umr.index.docstore import DocStore
 from umr.index.errors import IndexError_, IndexMismatch, InvalidArgument, NotFound
 from umr.index.follow import Followed, ReaderPosition
@@ -176,7 +176,7 @@ class IndexStore:
         return int(sum(s.alive.sum() for s in self.segments))
 
     # -- writes ---------------------------------------------------------------------------
-    def add(self, docs: list[DocRecord], vectors: np.ndarray, meta: dict[str, str] | None = None,
+    def add(self, docs: list[DocRecord] | PlainDocs, vectors: np.ndarray, meta: dict[str, str] | None = None,
             fresh: bool = False) -> int:
         """Store docs in the active segment; durable on return. Same id replaces the old doc;
         `fresh`: the caller knows no id is stored yet (index/docstore.py DocStore.add)."""
@@ -190,11 +190,12 @@ class IndexStore:
             if len(docs) and vectors.shape[1] != seg.dim:
                 raise IndexMismatch(f"vectors have dimension {vectors.shape[1]}, the index expects {seg.dim}")
             first = len(seg.alive)
-            vectors = self.docs.vectors.as_stored(vectors)  # FAISS holds what the store reads back
-            replaced = self.docs.add(seg.id, first, docs, vectors, meta, fresh)
+            stored = self.docs.vectors.as_stored(vectors)
+            vectors = stored.astype(np.float32, copy=False)  # FAISS holds what the store reads back
+            replaced = self.docs.add(seg.id, first, docs, stored, meta, fresh)
             seg.grow(first + len(docs))
             seg.alive[first:] = True
-            seg.codes[first:] = [MODALITY_CODES[d.modality] for d in docs]
+            seg.codes[first:] = modality_codes(docs)
             for s_id, row in replaced:
                 self._segment(s_id).alive[row] = False
             if seg.faiss is not None and len(docs):

@@ -7,6 +7,8 @@ that commits the rows, so a row exists with its vector or not at all.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from umr.index import vector_file as vf
@@ -80,8 +82,8 @@ class FileVectors:
         self._files: dict[int, SegmentFile] = {}
 
     def as_stored(self, vectors: np.ndarray) -> np.ndarray:
-        """The vectors as they will read back: FAISS gets these, so it agrees with the file."""
-        return np.ascontiguousarray(np.asarray(vectors, dtype=np.float32).astype(self.dtype), dtype=np.float32)
+        """The vectors in the file's own dtype, written as they are (float16 is converted once)."""
+        return np.ascontiguousarray(vectors, dtype=self.dtype)
 
     def file(self, segment: int, epoch: int | None = None) -> SegmentFile:
         """The segment's file in the numbering this process uses (its epoch when first asked:
@@ -106,7 +108,7 @@ class FileVectors:
         if new_dim:
             cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (vf.DIM_KEY.format(segment), str(f.dim)))
         cur.executemany("INSERT INTO rows(segment, row, modality, alive) VALUES(?,?,?,1)",
-                        ((segment, first_row + i, code) for i, code in enumerate(codes)))
+                        zip(itertools.repeat(segment), range(first_row, first_row + len(codes)), codes))
         self._sum(cur, segment, f, vf.complete_blocks(first_row, first_row + len(codes)))
 
     def _sum(self, cur, segment: int, f: SegmentFile, blocks) -> None:

@@ -149,7 +149,8 @@ def test_plain_id_lines_read_as_the_json_parser_reads_them(tmp_path):
     lines = ['"a"', '"b\\u0041"', '"c" x', '"d\x01"', '""', '"e/image"', '"f"  ', '{"id": "g", "metadata": {"k": 1}}',
              '"h\\"q"', '7', '"caf\u00e9"', ' "i"']
     (tmp_path / "ids.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    got = [(r.id, isinstance(r, Rejected), getattr(r, "metadata", None)) for r in read_ids(tmp_path / "ids.jsonl", "image")]
+    got = [(r, False, {}) if isinstance(r, str) else (r.id, isinstance(r, Rejected), getattr(r, "metadata", None))
+           for r in read_ids(tmp_path / "ids.jsonl", "image")]
     assert got == [("a", False, {}), ("bA", False, {}), ("line 3", True, None), ("d\x01", True, None),
                    ("line 5", True, None), ("e/image", True, None), ("f", False, {}), ("g", False, {"k": 1}),
                    ('h"q', False, {}), ("7", False, {}), ("caf\u00e9", False, {}), ("i", False, {})]
@@ -171,6 +172,41 @@ def test_duplicates_across_batches_are_refused_without_a_set_of_every_id(tmp_pat
     docs, vectors = exported(tmp_path / "idx")
     assert [d.id for d in docs] == ["a", "b", "c", "d"]
     assert np.allclose(vectors[0], x[0] / np.linalg.norm(x[0]), atol=1e-6)  # the first "a"
+
+
+def test_plain_ids_store_what_the_same_ids_as_records_store(tmp_path):
+    """A batch of plain ids is stored whole (PlainDocs: no record per row); the same ids written
+    as objects go row by row. Both indexes hold the same documents in the same rows, with the
+    same modality and vectors; a batch with a bad vector or a repeated id goes row by row in both."""
+    from umr.retrieval.encoders import load_encoder
+
+    x = np.random.default_rng(2).standard_normal((1200, 256)).astype(np.float32)
+    x[700] = 0.0
+    ids = [f"d{i}" for i in range(1200)]
+    ids[1100] = "d3"  # a repeat of an id a first batch stored
+    np.save(tmp_path / "emb.npy", x)
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(i) + "\n" for i in ids))
+    (tmp_path / "objects.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    got = {}
+    for kind in ("plain", "objects"):
+        report = build_from_vectors(tmp_path / "emb.npy", tmp_path / f"{kind}.jsonl", load_encoder("lit-base@1"),
+                                    tmp_path / kind, modality="text", index_kind="flat", batch_size=500,
+                                    progress=False, vector_dtype="float16")
+        got[kind] = (report.indexed, sorted((r["id"], r["reason"]) for r in report.rejections), *exported(tmp_path / kind))
+    (n, rejected, docs, vectors), (n2, rejected2, docs2, vectors2) = got["plain"], got["objects"]
+    assert n == n2 == 1198 and rejected == rejected2 == [("d3", "duplicate id in the corpus"),
+                                                         ("d700", "vector is zero or not finite")]
+    assert [d.to_dict() for d in docs] == [d.to_dict() for d in docs2]
+    assert {d.modality for d in docs} == {"text"} and docs[0].metadata == {}
+    assert np.array_equal(vectors, vectors2)
+    assert np.allclose(vectors[5], x[5] / np.linalg.norm(x[5]), atol=1e-3)  # float16
+    store = IndexStore.open(tmp_path / "plain", mode="read")
+    try:
+        seg = store.segments[0]
+        assert seg.codes.tolist() == [2] * 1198 and seg.alive.all()  # text, as stored in the rows table
+        assert store.search(SearchPlan(vectors[600][None], 1))[0][0].id == docs[600].id
+    finally:
+        store.close()
 
 
 def test_a_fresh_batch_with_a_stored_id_is_refused_whole(tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from umr.index.build_journal import BuildJournal
-from umr.index.documents import DocRecord
+from umr.index.documents import DocRecord, PlainDocs
 from umr.index.errors import InvalidArgument
 from umr.index.store import IndexStore
 from umr.retrieval.images import BadImage
@@ -106,12 +106,13 @@ def accept(rows: list[tuple[int, Item | Rejected, str | None]], report: BuildRep
     return [i for i in kept if rows[i][1].id not in stored]
 
 
-def commit(store: IndexStore, items: list[Item], vectors, report: BuildReport, journal: BuildJournal | None,
+def commit(store: IndexStore, items: list[Item] | PlainDocs, vectors, report: BuildReport, journal: BuildJournal | None,
            next_ordinal: int) -> None:
     """Store one batch's documents and vectors with the corpus cursor in one transaction."""
-    docs = [it if isinstance(it, DocRecord) else  # an import's plain id, stored as it is
-            DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata,
-                      checked_metadata=getattr(it, "checked_metadata", None)) for it in items]
+    docs = items if isinstance(items, PlainDocs) else [
+        it if isinstance(it, DocRecord) else  # an import's plain id, stored as it is
+        DocRecord(it.id, it.modality, it.text, it.image_ref(), it.metadata,
+                  checked_metadata=getattr(it, "checked_metadata", None)) for it in items]
     report.indexed += len(docs)  # counted before the commit so the saved report includes this batch
     meta = journal.batch_meta(next_ordinal, report.to_dict()) if journal else None
     if docs or meta:

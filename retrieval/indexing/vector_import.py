@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from umr.index.documents import DocRecord
+from umr.index.documents import DocRecord, PlainDocs
 from umr.index.document_rules import MAX_ID_CHARS, InvalidDocument, check_document
 from umr.index.errors import IndexMismatch, InvalidArgument
 from umr.retrieval.cpu_memory import keeping_freed_memory
@@ -94,10 +94,10 @@ def open_vectors(path: str | Path, dim: int) -> VectorFile:
     return VectorFile(path, shape, dtype, offset)
 
 
-def read_ids(path: str | Path, default_modality: str, start: int = 0) -> Iterator[Item | DocRecord | Rejected]:
+def read_ids(path: str | Path, default_modality: str, start: int = 0) -> Iterator[Item | str | Rejected]:
     """One Item (or Rejected) per line of ids.jsonl from line `start` (0-based) on, blank lines
     included: line n is row n. Lines before `start` (a resumed build's) are not parsed. A plain
-    id comes as the DocRecord it is stored as, checked already."""
+    id comes as the string it is, checked already (a document of `default_modality`)."""
     path = Path(path)
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         lines = itertools.islice(f, start, None)
@@ -105,8 +105,7 @@ def read_ids(path: str | Path, default_modality: str, start: int = 0) -> Iterato
         while block := list(itertools.islice(lines, PLAIN_BLOCK_LINES)):
             plain = plain_ids(block)
             if plain is not None:  # the common case of a large import: no per-line parsing or checks
-                for doc_id in plain:
-                    yield DocRecord(doc_id, default_modality, checked_metadata="{}")
+                yield from plain
             else:
                 for i, line in enumerate(block, lineno + 1):
                     yield read_record(line, i, path.parent, default_modality)
@@ -177,19 +176,23 @@ def count_lines(path: Path) -> int:
 
 
 def unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 unit rows (umr's inner product is cosine), and which rows can be one at all."""
+    """float32 unit rows (umr's inner product is cosine), and which rows can be one at all
+    (the others are zero). Divides in place: `x` is a batch just read, used once."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # no squared copy of the batch, as np.linalg.norm makes
     ok = np.isfinite(norms) & (norms > 0)
+    if ok.all():
+        x /= norms[:, None]
+        return x, ok
     out = np.zeros_like(x)
     out[ok] = x[ok] / norms[ok, None]
     return out, ok
 
 
-def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | Rejected], report, *, start: int,
-                   batch_size: int, strict: bool, journal, progress=None) -> None:
+def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | str | Rejected], report, *, start: int,
+                   batch_size: int, strict: bool, journal, modality: str = "image", progress=None) -> None:
     """Rows from `start` on, `batch_size` at a time, each batch committed with the cursor; `ids`
-    yields the records of those rows (read_ids from the same `start`)."""
+    yields the records of those rows (read_ids from the same `start`, plain ids of `modality`)."""
     from umr.retrieval.indexing.build_steps import accept, commit
 
     seen: set[str] = set()
@@ -198,9 +201,18 @@ def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | Rejected], r
     for first in range(start, n, batch_size):
         last = min(n, first + batch_size)
         block, ok = unit_rows(vectors[first:last])
-        rows = [(first + i, rec, None) for i, rec in enumerate(itertools.islice(ids, last - first))]
-        if len(rows) != last - first:
-            raise InvalidArgument(f"the ids file ended at row {first + len(rows)} of {n}: was it changed during the build?")
+        records = list(itertools.islice(ids, last - first))
+        if len(records) != last - first:
+            raise InvalidArgument(f"the ids file ended at row {first + len(records)} of {n}: was it changed during the build?")
+        plain = plain_batch(records, ok, journal)
+        if plain is not None:
+            report.read += len(plain)
+            commit(store, PlainDocs(plain, modality), block, report, journal, last)
+            if progress is not None:
+                progress.update(last - first)
+            continue
+        rows = [(first + i, DocRecord(rec, modality, checked_metadata="{}") if type(rec) is str else rec, None)
+                for i, rec in enumerate(records)]
         for i in np.flatnonzero(~ok).tolist():
             if not isinstance(rows[i][1], Rejected):
                 rows[i] = (first + i, rows[i][1], "vector is zero or not finite")
@@ -209,6 +221,16 @@ def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | Rejected], r
         if progress is not None:
             progress.update(last - first)
     report.seconds += time.perf_counter() - t0
+
+
+def plain_batch(records: list, ok: np.ndarray, journal) -> list[str] | None:
+    """The batch's ids where every row is a plain id with a usable vector, none twice and none
+    stored yet: what accept would keep whole, stored as PlainDocs. None where a row needs
+    accept's look (a record, a bad vector, a repeated id), or without a journal (whose runs
+    remember every id they saw)."""
+    if journal is None or not ok.all() or not all(type(r) is str for r in records) or len(set(records)) != len(records):
+        return None
+    return None if journal.stored_ids(records) else records
 
 
 def build_from_vectors(vectors: str | Path, ids: str | Path, encoder: Encoder, out: str | Path, *,
@@ -232,7 +254,7 @@ def build_from_vectors(vectors: str | Path, ids: str | Path, encoder: Encoder, o
     def run(store, journal, report, start, bar):
         with keeping_freed_memory():  # equal batches of rows; FAISS training and tuning follow at glibc's defaults
             ingest_vectors(store, x, read_ids(ids, modality, start), report, start=start, batch_size=batch_size,
-                           strict=strict, journal=journal, progress=bar)
+                           strict=strict, journal=journal, modality=modality, progress=bar)
 
     return run_build(out, encoder, source, str(vectors), len(x), run, index_kind=index_kind,
                      memory_budget=memory_budget, batch_size=batch_size, progress=progress, vector_dtype=vector_dtype,
