@@ -7,9 +7,12 @@ blocks a heap reuses) and returns to glibc's defaults for FAISS training and the
 it, alternately as umr does and with UMR_MALLOC=system (glibc's defaults throughout), and
 reports each run's ingest rate, its whole time, its page faults and its peak anonymous memory,
 with the per-pair ratios beside the medians. With --baseline REV the two sides are this code
-and REV's (a git worktree), both at umr's defaults, and the table goes to section "import-speed".
+and REV's (a git worktree), both at umr's defaults, and the table goes to section
+"import-speed"; with --ingest-only too, each import ends once its ingest is done (at 10M the
+FAISS stages after it take three times as long), and the table goes to "import-speed-ingest".
 
-Run: python bench/imports.py [--n 2000000] [--dim 256] [--repeats 3] [--budget 2G] [--work DIR] [--baseline REV]
+Run: python bench/imports.py [--n 2000000] [--dim 256] [--repeats 3] [--budget 2G] [--work DIR]
+                             [--baseline REV [--ingest-only]]
 The vectors are bench/large.py's (clustered, written once under --work and reused).
 """
 from __future__ import annotations
@@ -30,6 +33,21 @@ from bench.large import ENCODER, ensure_vectors, vector_flags  # noqa: E402
 
 MODES = {"umr": "ingest keeps freed memory (umr's default)", "system": "glibc's defaults throughout (UMR_MALLOC=system)"}
 CLI = "import sys; from umr.cli import main; sys.exit(main(sys.argv[1:]))"  # the checkout it runs in comes first
+# --ingest-only: the same command, ended once its ingest is done (at 10M, FAISS training and
+# adding take three times as long and are not what the comparison is about).
+INGEST_ONLY = """
+import json, os, sys, time
+from umr.retrieval.indexing import vector_import
+from umr.cli import main
+ingest = vector_import.ingest_vectors
+def timed(*a, **k):
+    t = time.perf_counter()
+    ingest(*a, **k)
+    print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+    os._exit(0)
+vector_import.ingest_vectors = timed
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def one_import(work: Path, mode: str, args, code: Path = ROOT) -> dict:
@@ -42,7 +60,7 @@ def one_import(work: Path, mode: str, args, code: Path = ROOT) -> dict:
     faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt  # a reaped child's own, from its fork on
     t = time.perf_counter()
     done, peaks = run_sampling_memory([
-        sys.executable, "-c", CLI, "index", "build", "--vectors", str(work / "emb.npy"), "--ids",
+        sys.executable, "-c", INGEST_ONLY if args.ingest_only else CLI, "index", "build", "--vectors", str(work / "emb.npy"), "--ids",
         str(work / "ids.jsonl"), "--encoder", ENCODER.format(dim=args.dim), "--out", str(out), "--memory-budget",
         args.budget, "--vector-dtype", "float16", "--json", "--no-progress",
         *(["--target-recall", str(args.target_recall)] if args.target_recall else [])], env=env, cwd=code)
@@ -50,7 +68,7 @@ def one_import(work: Path, mode: str, args, code: Path = ROOT) -> dict:
     if done.returncode:
         sys.exit(f"import failed ({mode}, {code}): {done.stderr[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
-    report = json.loads(done.stdout)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
     return {"ingest": args.n / report["seconds"], "wall": wall, "anon": peaks["RssAnon"],
             "faults": resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults}
 
@@ -81,7 +99,8 @@ def ratios(runs: dict[str, list[dict]], a: str, b: str, key: str) -> str:
 
 def flags(args) -> str:
     return (f"`umr index build --vectors --memory-budget {args.budget} --vector-dtype float16"
-            f"{f' --target-recall {args.target_recall}' if args.target_recall else ''}`")
+            f"{f' --target-recall {args.target_recall}' if args.target_recall else ''}`"
+            f"{', ended after its ingest (--ingest-only: whole import is the ingest and the start)' if args.ingest_only else ''}")
 
 
 def against_baseline(work: Path, args) -> None:
@@ -101,8 +120,9 @@ def against_baseline(work: Path, args) -> None:
              "is stored whole (index/documents.py `PlainDocs`: its rows zipped for SQLite, not a DocRecord per row); "
              "float16 vectors are converted once rather than three times; rows are made unit length in place. "
              "What is left is mostly SQLite's own inserts into the docs and rows tables."]
-    write_section("import-speed", f"## Importing precomputed vectors: this code against {args.baseline} "
-                  "(`bench/imports.py --baseline`)\n\n" + "\n".join(lines))
+    section, scope = ("import-speed-ingest", "its ingest") if args.ingest_only else ("import-speed", "whole")
+    write_section(section, f"## Importing {args.n:,} precomputed vectors, {scope}: this code against {args.baseline} "
+                  f"(`bench/imports.py --baseline{' --ingest-only' if args.ingest_only else ''}`)\n\n" + "\n".join(lines))
 
 
 def main() -> None:
@@ -111,7 +131,10 @@ def main() -> None:
     ap.add_argument("--target-recall", type=float, default=0.95, help="passed to the build (0: no tuning)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", help="compare this code with that git revision's instead of malloc settings")
+    ap.add_argument("--ingest-only", action="store_true", help="end each import once its ingest is done")
     args = ap.parse_args()
+    if args.ingest_only and not args.baseline:
+        ap.error("--ingest-only compares code (--baseline REV); the malloc comparison needs whole imports")
     work = Path(args.work)
     ensure_vectors(work, args.n, args.dim, args.clusters)
     if args.baseline:

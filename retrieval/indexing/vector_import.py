@@ -226,8 +226,8 @@ def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | str | Reject
 def plain_batch(records: list, ok: np.ndarray, journal) -> list[str] | None:
     """The batch's ids where every row is a plain id with a usable vector, none twice and none
     stored yet: what accept would keep whole, stored as PlainDocs. None where a row needs
-    accept's look (a record, a bad vector, a repeated id), or without a journal (whose runs
-    remember every id they saw)."""
+    accept's look (a record, a bad vector, a repeated id), and without a journal, whose run
+    finds repeats in the set of ids accept keeps rather than in the store."""
     if journal is None or not ok.all() or not all(type(r) is str for r in records) or len(set(records)) != len(records):
         return None
     return None if journal.stored_ids(records) else records
