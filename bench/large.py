@@ -300,7 +300,8 @@ def serve_phases(args, work: Path, index: Path, umr: Path, stages: dict, built=N
             "budget": parse_bytes(args.budget) / 2**20, "in process": mem["VmRSS"], "umr serve": hmem["VmRSS"]}},
             ylabel="MiB", title=f"{args.n:,} x {args.dim}: resident memory against the budget", highlight="budget"), "",
         f"Run: `python bench/large.py --n {args.n} --dim {args.dim} --budget {args.budget} "
-        f"--vector-dtype {args.vector_dtype} --target-recall {args.target_recall}`.",
+        f"--vector-dtype {args.vector_dtype} --target-recall {args.target_recall}"
+        f"{f' --seconds {args.seconds:g}' if args.seconds != 60 else ''}`.",
     ])
     write_section("large", body)
     if not args.keep:
