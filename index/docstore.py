@@ -125,8 +125,10 @@ class DocStore(ReaderReads):
 
     # -- writes -------------------------------------------------------------------------
     def add(self, segment: int, first_row: int, docs: list[DocRecord] | PlainDocs, vectors: np.ndarray,
-            meta: dict[str, str] | None = None, fresh: bool = False) -> list[tuple[int, int]]:
+            meta: dict[str, str] | None = None, fresh: bool = False,
+            codes: list[int] | None = None) -> list[tuple[int, int]]:
         """Insert docs as rows first_row.. of `segment`; replaces documents with the same id.
+        `codes`: their modality codes, where the caller has them already (IndexStore.add).
 
         Returns the (segment, row) of every replaced document, whose row is now dead.
         One transaction: either every doc (and the meta cursor) lands or none does. `fresh`: the
@@ -151,7 +153,7 @@ class DocStore(ReaderReads):
             cur.executemany("INSERT INTO docs(id, segment, row, modality, text, image, metadata) VALUES(?,?,?,?,?,?,?)",
                             rows)
             if len(docs):  # a batch whose every record was rejected commits only its cursor
-                self.vectors.insert(cur, segment, first_row, modality_codes(docs), vectors)
+                self.vectors.insert(cur, segment, first_row, modality_codes(docs) if codes is None else codes, vectors)
             for k, v in (meta or {}).items():
                 cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (k, v))
         return replaced

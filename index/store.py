@@ -192,10 +192,11 @@ class IndexStore:
             first = len(seg.alive)
             stored = self.docs.vectors.as_stored(vectors)
             vectors = stored.astype(np.float32, copy=False)  # FAISS holds what the store reads back
-            replaced = self.docs.add(seg.id, first, docs, stored, meta, fresh)
+            codes = modality_codes(docs)
+            replaced = self.docs.add(seg.id, first, docs, stored, meta, fresh, codes)
             seg.grow(first + len(docs))
             seg.alive[first:] = True
-            seg.codes[first:] = modality_codes(docs)
+            seg.codes[first:] = codes
             for s_id, row in replaced:
                 self._segment(s_id).alive[row] = False
             if seg.faiss is not None and len(docs):

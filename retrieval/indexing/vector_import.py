@@ -208,16 +208,14 @@ def ingest_vectors(store, vectors: VectorFile, ids: Iterator[Item | str | Reject
         if plain is not None:
             report.read += len(plain)
             commit(store, PlainDocs(plain, modality), block, report, journal, last)
-            if progress is not None:
-                progress.update(last - first)
-            continue
-        rows = [(first + i, DocRecord(rec, modality, checked_metadata="{}") if type(rec) is str else rec, None)
-                for i, rec in enumerate(records)]
-        for i in np.flatnonzero(~ok).tolist():
-            if not isinstance(rows[i][1], Rejected):
-                rows[i] = (first + i, rows[i][1], "vector is zero or not finite")
-        kept = accept(rows, report, seen, journal, strict)
-        commit(store, [rows[i][1] for i in kept], block[kept] if kept else None, report, journal, last)
+        else:  # row by row: each record, bad vector and repeat judged by accept
+            rows = [(first + i, DocRecord(rec, modality, checked_metadata="{}") if type(rec) is str else rec, None)
+                    for i, rec in enumerate(records)]
+            for i in np.flatnonzero(~ok).tolist():
+                if not isinstance(rows[i][1], Rejected):
+                    rows[i] = (first + i, rows[i][1], "vector is zero or not finite")
+            kept = accept(rows, report, seen, journal, strict)
+            commit(store, [rows[i][1] for i in kept], block[kept] if kept else None, report, journal, last)
         if progress is not None:
             progress.update(last - first)
     report.seconds += time.perf_counter() - t0
