@@ -50,10 +50,9 @@ def open_image(source, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | Non
     img = open_unloaded(source, limits)
     w, h = img.size
     try:
-        if min_side and img.format == "JPEG" and os.environ.get("UMR_JPEG_DRAFT", "1") != "0":
-            scale = min(w, h) / min_side
-            if scale >= 2:
-                img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
+        scale = jpeg_draft_scale(w, h, min_side) if img.format == "JPEG" else 0.0
+        if scale:
+            img.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
@@ -61,6 +60,15 @@ def open_image(source, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | Non
         return to_rgb(img)
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"image is truncated or corrupt ({e.__class__.__name__})") from None
+
+
+def jpeg_draft_scale(w: int, h: int, min_side: int | None) -> float:
+    """How much `open_image` scales a w x h JPEG down while decoding it (draft mode), or 0 where
+    it decodes every pixel: draft mode pays off from half the size on."""
+    if not min_side or os.environ.get("UMR_JPEG_DRAFT", "1") == "0":
+        return 0.0
+    scale = min(w, h) / min_side
+    return scale if scale >= 2 else 0.0
 
 
 def open_unloaded(source, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:

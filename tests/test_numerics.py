@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -118,3 +119,38 @@ def test_numerics_are_recorded_resumed_only_alike_and_refused_where_unsupported(
     with pytest.raises(Exception, match="not to Ray workers"):
         build_index(corpus, lit, tmp_path / "ray", ray="auto", progress=False)
     assert not (tmp_path / "ray").exists()
+
+
+def test_jpegs_decoded_straight_to_tensors_on_the_cpu_are_pils_pixels_to_the_bit(lit, flickr, flickr_test, monkeypatch):
+    """The CPU path's libjpeg-to-tensor decoding (device_decode.decoded_here) is an optimisation
+    only: every image it takes gives the tensor PIL's path gives, and what it must not take
+    (turned, CMYK, PNG, truncated, draft-sized) goes to PIL, which keeps its verdicts."""
+    from umr.retrieval.encoders.base import Preparer
+    from umr.retrieval.encoders.towers import ImageTower, resize_crop
+
+    pil = Preparer("lit-base", ImageTower.preprocess, 224, True, True)
+    fast = lit.preparer()
+    assert fast.resize_crop is resize_crop and lit.preparer().decode_on_device is False
+    photos = [flickr / "images" / n for n in flickr_test[0][:40]]
+    big = Image.open(photos[0]).resize((900, 600))  # shorter side past twice 224: PIL decodes it in draft mode
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cut = photos[3].read_bytes()[: len(photos[3].read_bytes()) // 2]
+    grey, progressive = _jpeg(Image.open(photos[1]).convert("L")), _jpeg(Image.open(photos[2]), progressive=True)
+    sources = [str(p) for p in photos] + [p.read_bytes() for p in photos[:4]] + [grey, progressive]
+    taken = [s for s in sources if device_decode.decoded_here(s, DEFAULT_LIMITS, 224, resize_crop) is not None]
+    assert len(taken) == len(sources) - sum(min(Image.open(p).size) >= 448 for p in photos)  # all but draft-sized ones
+    for s in sources:
+        ours, theirs = fast.prepare(Item(id="x", image=s)).image, pil.prepare(Item(id="x", image=s)).image
+        assert torch.equal(ours, theirs) and ours.stride() == theirs.stride()
+    for odd in (_jpeg(Image.open(photos[3]), exif=exif.tobytes()), _jpeg(Image.open(photos[3]).convert("CMYK")),
+                _png(photos[3]), _jpeg(big), cut):
+        assert device_decode.decoded_here(odd, DEFAULT_LIMITS, 224, resize_crop) is None
+    turned = Item(id="t", image=_jpeg(Image.open(photos[3]), exif=exif.tobytes()))
+    assert fast.prepare(turned).image.shape == pil.prepare(turned).image.shape
+    assert torch.equal(fast.prepare(turned).image, pil.prepare(turned).image)
+    with pytest.raises(BadImage, match="truncated or corrupt"):
+        fast.prepare(Item(id="cut", image=cut))
+    monkeypatch.setenv("UMR_JPEG_DRAFT", "0")  # no draft mode: PIL decodes every pixel, and so may libjpeg
+    assert device_decode.decoded_here(_jpeg(big), DEFAULT_LIMITS, 224, resize_crop) is not None
+    assert torch.equal(fast.prepare(Item(id="b", image=_jpeg(big))).image, pil.prepare(Item(id="b", image=_jpeg(big))).image)

@@ -104,6 +104,9 @@ class Preparer:
     supports_images: bool
     supports_texts: bool
     decode_on_device: bool = False  # JPEGs go to the device decoder (retrieval/encoders/device_decode.py)
+    # The encoder's device_resize_crop: where set, plain JPEGs are decoded straight into a tensor
+    # on this CPU and preprocessed by it (device_decode.decoded_here), PIL's pixels without PIL.
+    resize_crop: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def prepare(self, item: Item, limits: ImageLimits = DEFAULT_LIMITS) -> Prepared:
         """A document's Prepared, as its encoder's `prepare(item, "document")` gives it."""
@@ -117,7 +120,10 @@ class Preparer:
             if isinstance(item.image, torch.Tensor):
                 image = item.image
             else:
-                image = device_decode.for_device(item.image, limits) if self.decode_on_device else None
+                if self.decode_on_device:
+                    image = device_decode.for_device(item.image, limits)
+                elif self.resize_crop is not None:
+                    image = device_decode.decoded_here(item.image, limits, self.image_size, self.resize_crop)
                 if image is None:
                     image = self.preprocess(open_image(item.image, limits, min_side=self.image_size))
         if text is not None and not self.supports_texts:
@@ -221,7 +227,7 @@ class Encoder(ABC):
         if role == "query":
             text = self.with_instruction(text, instruction)
         return Preparer(self.spec, self.preprocess_image, self.image_size, self.supports_images,
-                        self.supports_texts, self.decodes_on_device()).parts(item, text, limits)
+                        self.supports_texts, self.decodes_on_device(), self.device_resize_crop).parts(item, text, limits)
 
     def decodes_on_device(self) -> bool:
         return "image_decode" in self.numerics()
@@ -238,7 +244,7 @@ class Encoder(ABC):
         if fn is None or type(self).prepare is not Encoder.prepare:
             return None
         return Preparer(self.spec, fn, self.image_size, self.supports_images, self.supports_texts,
-                        self.decodes_on_device())
+                        self.decodes_on_device(), self.device_resize_crop)
 
     @torch.inference_mode()
     def embed(self, prepared: list[Prepared]) -> np.ndarray:

@@ -1,15 +1,19 @@
-"""JPEGs decoded and resized on the encoder's device (`--image-decode device`).
+"""JPEGs decoded by libjpeg-turbo straight into a tensor, on the encoder's device or on this CPU.
 
 On a GPU build the CPU threads that decode and resize are what the GPU waits for (issue 25's
-profile: PIL's resize took half of every batch). Here a preparation worker only reads the file and
-its header, checks every limit (retrieval/images.py), and passes the bytes on; the whole
-batch is then decoded by torchvision's `decode_jpeg` on the device (nvJPEG on CUDA) and resized
-there with the same kernel the CPU path uses (towers.resize_crop).
+profile: PIL's resize took half of every batch). With `--image-decode device` a preparation
+worker only reads the file and its header, checks every limit (retrieval/images.py), and passes
+the bytes on; the whole batch is then decoded by torchvision's `decode_jpeg` on the device
+(nvJPEG on CUDA) and resized there with the same kernel the CPU path uses (towers.resize_crop).
 
-Only what the device decoder reads exactly as the CPU path would goes this way: baseline or
-progressive JPEGs in RGB or grey, upright (no EXIF turn), within the crop aspect, complete
-(ending in an EOI marker). Everything else takes the CPU path in the worker, so odd files keep
-their CPU treatment and a truncated file is still rejected before anything is stored.
+On the CPU path the same decoder serves the JPEGs that PIL would decode whole (`decoded_here`):
+the pixels are PIL's to the bit, without PIL's Python-level marker parsing, its loading loop
+and the copy of its pixels into an array, which took a third of a worker's time per image.
+
+Only what the decoder reads exactly as PIL would goes this way: baseline or progressive JPEGs
+in RGB or grey, upright (no EXIF turn), within the crop aspect, complete (ending in an EOI
+marker). Everything else takes PIL's path, so odd files keep their treatment and a truncated
+file is still rejected before anything is stored.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 from PIL import Image
 
 from umr.index.errors import InvalidArgument
-from umr.retrieval.images import EXIF_ORIENTATION, ImageLimits, open_unloaded
+from umr.retrieval.images import EXIF_ORIENTATION, ImageLimits, jpeg_draft_scale, open_unloaded
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,29 @@ class EncodedJpeg:
 def for_device(source, limits: ImageLimits) -> EncodedJpeg | None:
     """`source` (path or bytes) as an EncodedJpeg, or None when it must take the CPU path.
     Raises BadImage where the CPU path would (missing, over a limit, not an image)."""
+    found = _plain_jpeg(source, limits)
+    return found[0] if found is not None else None
+
+
+def decoded_here(source, limits: ImageLimits, min_side: int,
+                 resize_crop: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """`source` decoded on this CPU and preprocessed by `resize_crop`, where PIL would decode
+    every pixel of it (not in draft mode, retrieval/images.py): the same tensor as the PIL path
+    to the bit (tests/test_numerics.py). None where PIL must decode it; raises BadImage as
+    `for_device` does."""
+    found = _plain_jpeg(source, limits)
+    if found is None or jpeg_draft_scale(*found[1], min_side):
+        return None
+    ImageReadMode, decode_jpeg = _decoder()
+    try:
+        pixels = decode_jpeg(torch.frombuffer(bytearray(found[0].data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:  # a stream libjpeg stops on: PIL's verdict, as for any odd file
+        return None
+    return resize_crop(pixels)
+
+
+def _plain_jpeg(source, limits: ImageLimits) -> tuple[EncodedJpeg, tuple[int, int]] | None:
+    """`source` as an EncodedJpeg with its width and height, where libjpeg decodes it as PIL does."""
     if not isinstance(source, (str, Path, bytes, bytearray)):
         return None
     img = open_unloaded(source, limits)  # every limit, from the header alone
@@ -54,7 +81,7 @@ def for_device(source, limits: ImageLimits) -> EncodedJpeg | None:
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
     if not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
         return None  # truncated (or trailing data): PIL's verdict, not the device's
-    return EncodedJpeg(data, "image bytes" if isinstance(source, (bytes, bytearray)) else str(source))
+    return EncodedJpeg(data, "image bytes" if isinstance(source, (bytes, bytearray)) else str(source)), (w, h)
 
 
 # torchvision 0.29 marks its image I/O deprecated in favour of TorchCodec, on every call; it
