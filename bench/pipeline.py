@@ -193,7 +193,9 @@ machine shared with others it varies less than the rate.
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-1 -> 2 workers in these fresh processes: **{scaling[0]:.2f}x** this code, {scaling[1]:.2f}x {rev}.
+1 -> 2 workers in these fresh processes: **{scaling[0]:.2f}x** this code, {scaling[1]:.2f}x {rev}. A fresh process forks its
+workers as `umr index build` does, from a process that has loaded the encoder and run no forward yet; the rows above fork
+them from this benchmark's own process after its forwards (about 2 GB resident), whose page tables each fork copies.
 """
 
 
@@ -276,8 +278,8 @@ def main() -> None:
     body = f"""## Indexing pipeline (`bench/pipeline.py`)
 
 lit-base over {len(images)} flickr8k-1k images, batch {BATCH}, {args.repeats} alternating runs, medians; {machine()}.
-Preparation: the build's own reading, decoding (JPEG draft mode), preprocessing in worker processes (the default where the
-platform forks) or threads, and batch assembly; one pipeline over the images 4 times (4,000 items), its workers started once as
+Preparation: the build's own reading, decoding (libjpeg straight into a tensor; PIL in draft mode for JPEGs at least twice the
+input side), preprocessing in worker processes (the default where the platform forks) or threads, and batch assembly; one pipeline over the images 4 times (4,000 items), its workers started once as
 a build starts them (earlier runs started them twice in 2,000 items: about 70 ms each time, a tenth of a 2-worker pass).
 
 | what | items/s |
