@@ -151,6 +151,11 @@ def test_jpegs_decoded_straight_to_tensors_on_the_cpu_are_pils_pixels_to_the_bit
     assert torch.equal(fast.prepare(turned).image, pil.prepare(turned).image)
     with pytest.raises(BadImage, match="truncated or corrupt"):
         fast.prepare(Item(id="cut", image=cut))
+    assert device_decode.decoders_agree()  # checked once per process on a JPEG made there
+    monkeypatch.setattr(device_decode, "decoders_agree", lambda: False)  # as where torchvision's libjpeg differs
+    assert device_decode.decoded_here(str(photos[0]), DEFAULT_LIMITS, 224, resize_crop) is None
+    assert torch.equal(fast.prepare(Item(id="p", image=str(photos[0]))).image, pil.prepare(Item(id="p", image=str(photos[0]))).image)
+    monkeypatch.undo()
     monkeypatch.setenv("UMR_JPEG_DRAFT", "0")  # no draft mode: PIL decodes every pixel, and so may libjpeg
     assert device_decode.decoded_here(_jpeg(big), DEFAULT_LIMITS, 224, resize_crop) is not None
     assert torch.equal(fast.prepare(Item(id="b", image=_jpeg(big))).image, pil.prepare(Item(id="b", image=_jpeg(big))).image)

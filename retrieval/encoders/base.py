@@ -112,6 +112,12 @@ class Preparer:
         """A document's Prepared, as its encoder's `prepare(item, "document")` gives it."""
         return self.parts(item, item.text if item.text and item.text.strip() else None, limits)
 
+    def check_decoders(self) -> None:
+        """Run in a parent before it forks its workers: they then inherit the answer of the
+        libjpeg check (device_decode.decoders_agree) instead of each paying for it."""
+        if self.resize_crop is not None and not self.decode_on_device:
+            device_decode.decoders_agree()
+
     def parts(self, item: Item, text: str | None, limits: ImageLimits) -> Prepared:
         image = None
         if item.image is not None:

@@ -17,6 +17,8 @@ file is still rejected before anything is stored.
 """
 from __future__ import annotations
 
+import functools
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,7 @@ def decoded_here(source, limits: ImageLimits, min_side: int,
     to the bit (tests/test_numerics.py). None where PIL must decode it; raises BadImage as
     `for_device` does."""
     found = _plain_jpeg(source, limits)
-    if found is None or jpeg_draft_scale(*found[1], min_side):
+    if found is None or jpeg_draft_scale(*found[1], min_side) or not decoders_agree():
         return None
     ImageReadMode, decode_jpeg = _decoder()
     try:
@@ -59,6 +61,29 @@ def decoded_here(source, limits: ImageLimits, min_side: int,
     except RuntimeError:  # a stream libjpeg stops on: PIL's verdict, as for any odd file
         return None
     return resize_crop(pixels)
+
+
+@functools.cache
+def decoders_agree() -> bool:
+    """Whether torchvision's libjpeg decodes as PIL's does in this process. Each bundles its own
+    build of the library, so this is checked, once, on a photo-like JPEG made here (chroma at
+    half resolution, as cameras and PIL write it, and grey); where they differ, every JPEG takes
+    PIL's path and the vectors stay what they were."""
+    import numpy as np
+
+    ImageReadMode, decode_jpeg = _decoder()
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:48, 0:64]
+    pixels = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1) + rng.integers(0, 40, (48, 64, 3))
+    photo = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+    for img in (photo, photo.convert("L")):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        ours = decode_jpeg(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        theirs = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        if not np.array_equal(ours.permute(1, 2, 0).numpy(), theirs):
+            return False
+    return True
 
 
 def _plain_jpeg(source, limits: ImageLimits) -> tuple[EncodedJpeg, tuple[int, int]] | None:

@@ -67,9 +67,10 @@ class _InSlab:
 def probe(preparer: Preparer) -> torch.Tensor:
     """A blank image preprocessed: its dtype and size lay out the shared rows (uint8 for the
     lit towers, float32 for open_clip's transforms). Run before the fork, it also pays the
-    resize's first-call import once rather than in every worker."""
+    resize's first-call import and the decoder check once rather than in every worker."""
     from PIL import Image
 
+    preparer.check_decoders()
     return preparer.preprocess(Image.new("RGB", (preparer.image_size, preparer.image_size)))
 
 
