@@ -52,15 +52,16 @@ def decoded_here(source, limits: ImageLimits, min_side: int,
     every pixel of it (not in draft mode, retrieval/images.py): the same tensor as the PIL path
     to the bit (tests/test_numerics.py). None where PIL must decode it; raises BadImage as
     `for_device` does."""
+    if not decoders_agree():  # before any header is read: every image then goes to PIL
+        return None
     found = _plain_jpeg(source, limits)
-    if found is None or jpeg_draft_scale(*found[1], min_side) or not decoders_agree():
+    if found is None or jpeg_draft_scale(*found[1], min_side):
         return None
-    ImageReadMode, decode_jpeg = _decoder()
-    try:
-        pixels = decode_jpeg(torch.frombuffer(bytearray(found[0].data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError:  # a stream libjpeg stops on: PIL's verdict, as for any odd file
-        return None
-    return resize_crop(pixels)
+    pixels = _one(_stream(found[0].data), CPU)  # None: a stream libjpeg stops on, PIL's verdict as for any odd file
+    return resize_crop(pixels) if pixels is not None else None
+
+
+CPU = torch.device("cpu")
 
 
 @functools.cache
@@ -73,7 +74,7 @@ def decoders_agree() -> bool:
     import numpy as np
 
     try:
-        ImageReadMode, decode_jpeg = _decoder()
+        _decoder()
     except Exception:  # noqa: BLE001 - no image support in this torchvision: PIL decodes
         return False
     rng = np.random.default_rng(0)
@@ -83,12 +84,9 @@ def decoders_agree() -> bool:
     for img in (photo, photo.convert("L")):
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
-        try:
-            ours = decode_jpeg(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError:  # built without libjpeg
-            return False
+        ours = _one(_stream(buf.getvalue()), CPU)  # None: built without libjpeg
         theirs = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-        if not np.array_equal(ours.permute(1, 2, 0).numpy(), theirs):
+        if ours is None or not np.array_equal(ours.permute(1, 2, 0).numpy(), theirs):
             return False
     return True
 
@@ -138,7 +136,7 @@ def image_batch(images: list, device: torch.device, resize_crop: Callable[[torch
     jpeg_at = [i for i, x in enumerate(images) if isinstance(x, EncodedJpeg)]
     out: list[torch.Tensor | None] = [None if isinstance(x, EncodedJpeg) else x.to(device) for x in images]
     if jpeg_at:
-        raw = [torch.frombuffer(bytearray(images[i].data), dtype=torch.uint8) for i in jpeg_at]
+        raw = [_stream(images[i].data) for i in jpeg_at]
         try:
             decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one bad stream fails the batch: find it one by one
@@ -148,7 +146,14 @@ def image_batch(images: list, device: torch.device, resize_crop: Callable[[torch
     return torch.stack(out)
 
 
+def _stream(data: bytes) -> torch.Tensor:
+    """A JPEG's bytes as the uint8 tensor decode_jpeg reads (a writable copy: torch refuses
+    to wrap read-only bytes without a warning)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def _one(raw: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One stream decoded to RGB on `device`, or None where libjpeg (or nvJPEG) refuses it."""
     ImageReadMode, decode_jpeg = _decoder()
 
     try:
