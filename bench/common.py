@@ -19,7 +19,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
+
+
+def _data() -> Path:
+    """../shared/data beside the clone; a device machine gets only the working tree, so there it
+    is carried inside it (shared/data) or named by UMR_DATA."""
+    if os.environ.get("UMR_DATA"):
+        return Path(os.environ["UMR_DATA"])
+    beside, inside = ROOT.parent / "shared" / "data", ROOT / "shared" / "data"
+    return inside if not beside.is_dir() and inside.is_dir() else beside
+
+
+DATA = _data()
 DOC = ROOT / "docs" / "benchmarks.md"
 
 

@@ -152,6 +152,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="umr-gpu-check-"))
     flickr = DATA / "flickr8k-1k"
     images = sorted((flickr / "images").glob("*.jpg"))
+    if not images:
+        raise SystemExit(f"gpu_check: no flickr8k-1k images in {flickr / 'images'}: put shared/data beside the clone, "
+                         "carry it inside the working tree (shared/data), or name it with UMR_DATA")
     corpus = tmp / "images.jsonl"
     corpus.write_text("".join(json.dumps({"id": p.name, "image": str(p)}) + "\n" for p in images))
     many = tmp / "many.jsonl"  # the same files under distinct ids: every one decoded and encoded again
