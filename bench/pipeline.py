@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -128,11 +127,42 @@ print(json.dumps({"kept": kept, "items_per_s": 4 * 64 / wall, "faults_per_batch"
 """
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """User and system CPU seconds of this process (all its threads) and of its reaped children
-    (a build's preparation workers, once the build has stopped them)."""
-    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+# A build as `umr index build` runs one: a fresh process that loads the encoder and builds, its
+# preparation workers forked from it before any forward. Or, with "forward", the same process
+# decoding the images beforehand and timing only the image forward over them, at the build's batch.
+BUILD_IN_A_PROCESS = """
+import json, os, resource, shutil, sys, tempfile, time
+from pathlib import Path
+from umr.retrieval.cpu_memory import keep_freed_memory
+keep_freed_memory()
+from umr.retrieval.encoders import load_encoder
+enc = load_encoder("lit-base")
+corpus, what, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def cpu(who):
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+if what == "forward":
+    from umr.retrieval.encoders.base import Prepared
+    from umr.retrieval.images import open_image
+    paths = [json.loads(line)["image"] for line in open(corpus)]
+    tensors = [enc.preprocess_image(open_image(p, min_side=enc.image_size)) for p in paths]
+    enc.embed([Prepared(None, t) for t in tensors[:batch]])
+    t0 = time.perf_counter()
+    for i in range(0, len(tensors), batch):
+        enc.embed([Prepared(None, t) for t in tensors[i : i + batch]])
+    print(json.dumps({"items_per_s": len(tensors) / (time.perf_counter() - t0)}))
+else:
+    from umr.retrieval.indexing.pipeline import build_index
+    out = Path(tempfile.mkdtemp(prefix="umr-bench-build-"))
+    me, kids, t0 = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+    report = build_index(corpus, enc, out / "idx", batch_size=batch, progress=False)
+    wall = time.perf_counter() - t0
+    me, kids = cpu(resource.RUSAGE_SELF) - me, cpu(resource.RUSAGE_CHILDREN) - kids  # the workers, reaped
+    shutil.rmtree(out)
+    print(json.dumps({"items_per_s": report.indexed / wall, "loop": report.items_per_s,
+                      "busy": (me + kids) / (wall * os.cpu_count()), "workers": kids / (me + kids),
+                      "forward_cpu_ms": me / report.indexed * 1e3}))
+"""
 
 
 def in_a_fresh_process(script: str, *args: str, code: Path = ROOT, **env: str):
@@ -142,6 +172,11 @@ def in_a_fresh_process(script: str, *args: str, code: Path = ROOT, **env: str):
     if done.returncode != 0:
         raise SystemExit(f"a benchmark process over {code} failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout)
+
+
+def build_in_a_process(corpus: Path, what: str, code: Path = ROOT) -> dict:
+    """A build ("build") or the image forward alone ("forward") of `corpus`, in a fresh process with the code at `code`."""
+    return in_a_fresh_process(BUILD_IN_A_PROCESS, str(corpus), what, str(BATCH), code=code)
 
 
 def forward_in_a_process(malloc: str) -> dict:
@@ -173,6 +208,18 @@ def ceiling_of(code: Path, corpus: Path, workers: list[int]) -> dict[int, tuple[
     code at `code`, in a fresh process."""
     got = in_a_fresh_process(CEILING_OF_A_REVISION, str(corpus), *map(str, workers), code=code)
     return {int(w): tuple(rate_cpu) for w, rate_cpu in got.items()}
+
+
+def baseline_builds(rev: str, runs: list[dict], fwd: list[float]) -> str:
+    """The baseline's builds beside this code's, each in a fresh process, as sentences."""
+    ours = [r["build", "this"]["items_per_s"] for r in runs]
+    theirs = [r["build", "baseline"]["items_per_s"] for r in runs]
+    faster = sum(a > b for a, b in zip(ours, theirs))
+    return f"""
+Beside {rev}'s build in the same runs (a fresh process each, alternating): {median(theirs):.1f} items/s, {median([t / f for t, f in zip(theirs, fwd)]):.3f}
+of the forward; this code's / {rev}'s: **{median([a / b for a, b in zip(ours, theirs)]):.3f}x** (median of per-run ratios
+{", ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs))}; faster in {faster} of {len(runs)} runs); the build's own process spent
+{median([r["build", "baseline"]["forward_cpu_ms"] for r in runs]):.1f} ms of CPU per image there."""
 
 
 def versus_baseline(rev: str, runs: list[tuple[dict, dict]]) -> str:
@@ -211,7 +258,6 @@ def main() -> None:
     from umr.retrieval.encoders import load_encoder
     from umr.retrieval.encoders.base import Prepared
     from umr.retrieval.images import open_image
-    from umr.retrieval.indexing.pipeline import build_index
 
     images = sorted((DATA / "flickr8k-1k" / "images").glob("*.jpg"))[: args.limit]
     enc = load_encoder("lit-base")
@@ -227,7 +273,8 @@ def main() -> None:
     worker_counts = sorted({1, 2, default_workers()})
     kinds = ("processes", "threads")
     prep: dict[tuple[str, int], list[float]] = {(k, w): [] for k in kinds for w in worker_counts}
-    raw, build, steady, build_cpu = [], [], [], []
+    raw: list[float] = []
+    fresh_build: list[dict[tuple[str, str], dict]] = []  # forward and builds in fresh processes, per run
     text: dict[str, list[float]] = {}
     side_by_side: list[tuple[dict, dict]] = []
     fresh: list[dict[int, tuple[float, float]]] = []  # this code's ceiling in a fresh process, as a build forks its workers
@@ -252,22 +299,27 @@ def main() -> None:
             for i in range(0, len(tensors), BATCH):
                 enc.embed([Prepared(None, t) for t in tensors[i : i + BATCH]])
             raw.append(len(tensors) / (time.perf_counter() - t0))
-            before, t0 = cpu_seconds(), time.perf_counter()
-            report = build_index(corpus, enc, tmp / f"idx{r}", batch_size=BATCH, progress=False)
-            wall, after = time.perf_counter() - t0, cpu_seconds()
-            build.append(report.indexed / wall)
-            steady.append(report.items_per_s)
-            build_cpu.append({"busy": (after[0] - before[0] + after[1] - before[1]) / (wall * os.cpu_count()),
-                              "workers": (after[1] - before[1]) / (after[0] - before[0] + after[1] - before[1])})
+            # The build beside the forward alone, each in a fresh process as `umr index build` runs
+            # (and the baseline's build beside them); the order turns in every run.
+            codes = [("this", ROOT)] + ([("baseline", worktree)] if worktree is not None else [])
+            jobs = [("forward", "this", ROOT)] + [("build", name, code) for name, code in codes]
+            got = {}
+            for what, name, code in (jobs[r % len(jobs):] + jobs[: r % len(jobs)]):
+                got[what, name] = build_in_a_process(corpus, what, code)
+            fresh_build.append(got)
             for what, rate in text_rates(enc, captions).items():
                 text.setdefault(what, []).append(rate)
             print(f"run {r + 1}: preparation {', '.join(f'{k} {w} {prep[k, w][-1]:.0f}/s' for k in kinds for w in worker_counts)}; "
-                  f"forward {raw[-1]:.1f}/s, build {build[-1]:.1f}/s end to end ({steady[-1]:.1f}/s in the loop); "
+                  f"forward {raw[-1]:.1f}/s here; fresh processes {({' '.join(k): round(v['items_per_s'], 1) for k, v in got.items()})}; "
                   f"texts: {', '.join(f'{w} {v[-1]:,.0f}/s' for w, v in text.items())}", file=sys.stderr)
     finally:
         if worktree is not None:
             remove_checkout(worktree)
-    ratio = median([b / r for b, r in zip(build, raw)])
+    def of(what, name, key="items_per_s"):
+        return [run[what, name][key] for run in fresh_build]
+
+    fwd, build = of("forward", "this"), of("build", "this")
+    ratios = [b / f for b, f in zip(build, fwd)]
     scaling = {k: median([b / a for a, b in zip(prep[k, 1], prep[k, 2])]) for k in kinds}
     fresh_scaling = median([f[2][0] / f[1][0] for f in fresh])
     headroom = median([c / r for c, r in zip(prep["processes", max(worker_counts)], raw)])
@@ -287,18 +339,21 @@ a build starts them (earlier runs started them twice in 2,000 items: about 70 ms
 | what | items/s |
 |---|---|
 {rows}
-| forward on pre-decoded tensors (image tower + head) | {median(raw):.1f} |
-| `umr index build`, end to end (read, decode, forward, commit, FAISS, save; default workers: {default_workers()}) | {median(build):.1f} |
-| `umr index build`, encoding loop only | {median(steady):.1f} |
+| forward on pre-decoded tensors (image tower + head), in this process | {median(raw):.1f} |
+| forward on pre-decoded tensors, in a fresh process | {median(fwd):.1f} |
+| `umr index build` in a fresh process, end to end (read, decode, forward, commit, FAISS, save; default workers: {default_workers()}) | {median(build):.1f} |
+| `umr index build` in a fresh process, encoding loop only | {median(of("build", "this", "loop")):.1f} |
 
 **Preparation ceiling / forward: {headroom:.1f}x** (target >= 4x); **1 -> 2 workers: {fresh_scaling:.2f}x** in processes forked
 as `umr index build` forks them, from a fresh process that has loaded the encoder and run no forward (per run
 {", ".join(f"{f[2][0] / f[1][0]:.2f}" for f in fresh)}; target >= 1.8x); {scaling["processes"]:.2f}x forked from this benchmark's own process after its
 forwards (about 2 GB resident; the rows above), {scaling["threads"]:.2f}x in threads;
-**build / forward: {ratio:.3f}** (median of per-run ratios {", ".join(f"{b / r:.2f}" for b, r in zip(build, raw))}; target >= 0.95).
-During the build the cores were {median([c["busy"] for c in build_cpu]):.0%} busy, and the preparation workers used
-{median([c["workers"] for c in build_cpu]):.1%} of that CPU (medians): where the forward already fills every core, as on this
-CPU, what the preparation costs comes off the forward's share. For reference, the team's notes on peer systems (../shared/GUIDE.md, beside the repository) measured
+**build / forward: {median(ratios):.3f}**, each in a fresh process (median of per-run ratios {", ".join(f"{x:.2f}" for x in ratios)};
+target >= 0.95). During the build the cores were {median(of("build", "this", "busy")):.0%} busy, and the preparation workers used
+{median(of("build", "this", "workers")):.1%} of that CPU (medians); the build's own process spent {median(of("build", "this", "forward_cpu_ms")):.1f} ms
+of CPU per image. Where the forward already fills every core, as on this CPU, what the preparation costs comes off the
+forward's share; its workers run at idle policy, so they take no core from the forward while it runs
+(retrieval/encoders/worker_priority.py).{baseline_builds(args.baseline, fresh_build, fwd) if worktree is not None else ""} For reference, the team's notes on peer systems (../shared/GUIDE.md, beside the repository) measured
 clip-retrieval at 0.69 of its raw forward in steady state and 0.50 end to end.
 
 Texts: {len(captions):,} flickr8k-1k captions repeated to 20,480, in calls of {TEXT_CALL} (the text forward on 2,048 of them),
@@ -312,8 +367,8 @@ Token ids in bulk on 2 threads: **{bulk_gain:.2f}x** the wrapper's one call at a
 padded batches (what a GPU forward takes) **{padded_gain:.2f}x**. The ids are the wrapper's, the vectors the same to the bit
 (tests/test_token_ids.py). On this CPU the text forward, not tokenisation, sets the rate; the threads are for a GPU's.
 {memory_rows(malloc_runs)}{versus_baseline(args.baseline, side_by_side) if side_by_side else ""}
-{figure("pipeline", bars, {"lit-base, items/s": {"forward (pre-decoded)": median(raw), "umr index build, end to end": median(build),
-                                                 "umr index build, encoding loop": median(steady)}},
+{figure("pipeline", bars, {"lit-base, items/s": {"forward (pre-decoded)": median(fwd), "umr index build, end to end": median(build),
+                                                 "umr index build, encoding loop": median(of("build", "this", "loop"))}},
         ylabel="items/s (median)", title="Indexing against the encoder's forward")}
 """
     write_section("pipeline", body)

@@ -2,6 +2,9 @@
 threads, a dead worker named instead of waited for, and nothing of a build left behind."""
 import os
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +18,8 @@ from umr.index.errors import InvalidArgument
 from umr.retrieval.batch_layout import already_stacked, flat_bytes, from_flat, memory_order
 from umr.retrieval.device import stack_batch
 from umr.retrieval.encoders.base import Prepared
-from umr.retrieval.encoders.prepare_processes import WorkerDied, prefetch_in_processes
+from umr.retrieval.encoders import worker_priority
+from umr.retrieval.encoders.prepare_processes import PreparationProcesses, WorkerDied, prefetch_in_processes
 from umr.retrieval.images import BadImage
 from umr.retrieval.indexing.pipeline import build_index
 from umr.retrieval.items import Item
@@ -77,17 +81,21 @@ def test_processes_give_what_threads_give(tmp_path, flickr, spec, request):
     assert "duplicate" in reasons["p3"] and dp["p3"]["image"]  # the first p3 kept
 
 
-@dataclass(frozen=True)
-class Dies:
-    """A preparer that kills its process on the item named "boom"."""
+class SmallImages:
+    """What a pool asks of a preparer before it forks, for 8 x 8 uint8 images."""
 
-    image_size: int = 8
+    image_size = 8
 
     def preprocess(self, image):
         return torch.zeros((3, 8, 8), dtype=torch.uint8)
 
     def check_decoders(self):
         pass
+
+
+@dataclass(frozen=True)
+class Dies(SmallImages):
+    """A preparer that kills its process on the item named "boom"."""
 
     def prepare(self, item):
         if item.id == "boom":
@@ -156,3 +164,71 @@ def test_processes_are_refused_where_they_cannot_run(tmp_path, tiny):
     r = cli_in_process("index", "build", corpus, "--encoder", "tiny-clip", "--out", tmp_path / "idx2",
                        "--worker-kind", "fibers")
     assert r.returncode == 2 and "invalid choice: 'fibers'" in r.stderr
+
+
+@dataclass(frozen=True)
+class Busy(SmallImages):
+    """A preparer that spends `ms` of CPU on each item, then gives the item's number as pixels."""
+
+    ms: float
+
+    def prepare(self, item):
+        end = time.process_time() + self.ms / 1e3
+        while time.process_time() < end:
+            pass
+        return Prepared(None, torch.full((3, 8, 8), int(item.text), dtype=torch.uint8))
+
+
+def prepared_in(pool, seq, items):
+    """Items submitted as chunk `seq` in two parts, collected and read back as {number: pixels}."""
+    for part in (0, 1):
+        pool.submit(seq, part, list(range(part, len(items), 2)), items[part::2])
+    answers = {}
+    for part in (0, 1):
+        answers.update(zip(range(part, len(items), 2), pool.collect(seq, part)))
+    return {int(items[r].text): p.image for r, p in pool.read(seq, answers, len(items)).items()}
+
+
+def pixels_of(numbers):
+    return {n: torch.full((3, 8, 8), n, dtype=torch.uint8) for n in numbers}
+
+
+def same(got, want):
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_workers_yield_the_cpu_and_are_started_again_at_normal_policy_when_other_work_starves_them(monkeypatch):
+    items = [Item(f"i{n}", str(n), image=f"{n}.jpg") for n in range(10)]
+    with PreparationProcesses(Busy(ms=2), 2, rows=10, slots=2) as pool:
+        assert pool.idle and all(os.sched_getscheduler(p.pid) == os.SCHED_IDLE for p in pool.procs)
+        assert same(prepared_in(pool, 0, items), pixels_of(range(10)))
+        assert pool.idle  # a quiet machine: they ran while the parent waited, nothing was restarted
+
+    # One busy loop per core at normal policy: workers at idle policy would get a fraction of a
+    # percent of a core, and these 10 items of 40 ms would take minutes.
+    # As an unprivileged user, who may not take a process back from idle policy: the starved
+    # workers then take seconds to die, and the build must not wait for them.
+    monkeypatch.setattr(worker_priority, "make_normal", lambda pid: False)
+    hogs = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 60\nwhile time.time() < end: pass"])
+            for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)
+        with PreparationProcesses(Busy(ms=40), 2, rows=10, slots=2) as pool:
+            idle_pids = [p.pid for p in pool.procs]
+            t0 = time.monotonic()
+            first = prepared_in(pool, 0, items)
+            waited = time.monotonic() - t0
+            assert same(first, pixels_of(range(10))) and waited < 5, waited  # about 1 s to notice, then the work
+            print(f"lifted and prepared in {waited:.2f} s")
+            assert not pool.idle and not set(idle_pids) & {p.pid for p in pool.procs}
+            assert all(os.sched_getscheduler(p.pid) == os.SCHED_OTHER for p in pool.procs)
+            assert not pool.unanswered
+            # the new workers fill the same rows of the mapping correctly, chunk after chunk
+            more = [Item(f"j{n}", str(n), image=f"{n}.jpg") for n in range(100, 106)]
+            assert same(prepared_in(pool, 1, more), pixels_of(range(100, 106)))
+            assert same(prepared_in(pool, 2, items[:4]), pixels_of(range(4)))
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()

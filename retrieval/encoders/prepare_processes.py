@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import time
 from multiprocessing.connection import wait
 from collections import deque
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import torch
 from umr.retrieval import cpu_memory
 from umr.retrieval.batch_layout import flat_bytes, from_flat
 from umr.retrieval.encoders.base import Prepared, Preparer
+from umr.retrieval.encoders import worker_priority
 from umr.retrieval.encoders.prefetch import apply_each
 
 T = TypeVar("T")
@@ -79,49 +81,76 @@ class PreparationProcesses:
     of the probe's dtype and at most its size are in flight at once (other images, and JPEGs left
     for the device, are sent pickled). Use as a context manager: leaving it stops the workers."""
 
-    def __init__(self, preparer: Preparer, workers: int, rows: int, slots: int):
-        ctx = mp.get_context("fork")
+    def __init__(self, preparer: Preparer, workers: int, rows: int, slots: int, idle: bool = True):
+        self.ctx = mp.get_context("fork")
         blank = probe(preparer)
+        self.preparer, self.workers = preparer, workers
         self.dtype, row_bytes = blank.dtype, blank.numel() * blank.element_size()
         self.rows, self.slots, self.row_bytes = rows, slots, row_bytes
         self.slab = mmap.mmap(-1, max(1, rows * slots * row_bytes))  # MAP_SHARED | MAP_ANONYMOUS
         self.pixels = np.frombuffer(self.slab, dtype=np.uint8)
-        self.tasks = ctx.Queue()
+        self.early: dict[tuple[int, int], list] = {}
+        self.unanswered: dict[tuple[int, int], tuple] = {}  # what a restart sends again
+        self._start(idle)
+
+    def _start(self, idle: bool) -> None:
+        """Fork the workers, at idle policy where `idle` and the platform has it (worker_priority)."""
+        self.tasks = self.ctx.Queue()
         parent = os.getpid()
         # Each worker answers on a pipe of its own, written as it answers (no feeder thread): an
         # answer sent before a worker dies is read, and its death is the pipe's end. The
         # parent's copy of each writing end is closed at once, so no later worker inherits it.
         self.procs, self.answers = [], []
-        for i in range(workers):
-            reader, writer = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_serve, name=f"umr-prepare-{i}", daemon=True,
-                            args=(preparer, self.tasks, writer, self.pixels, self.dtype, row_bytes, parent))
+        for i in range(self.workers):
+            reader, writer = self.ctx.Pipe(duplex=False)
+            p = self.ctx.Process(target=_serve, name=f"umr-prepare-{i}", daemon=True,
+                                 args=(self.preparer, self.tasks, writer, self.pixels, self.dtype, self.row_bytes, parent))
             p.start()
             writer.close()
             self.procs.append(p)
             self.answers.append(reader)
-        self.early: dict[tuple[int, int], list] = {}
+        self.idle = idle and any([worker_priority.make_idle(p.pid) for p in self.procs])  # a list: every one is asked
 
     def submit(self, seq: int, part: int, rows: list[int], items: list) -> None:
         """Prepare `items` into rows `rows` of slot seq % slots; answered as (seq, part)."""
         base = (seq % self.slots) * self.rows
-        self.tasks.put((seq, part, [(base + r) * self.row_bytes for r in rows], items))
+        task = self.unanswered[(seq, part)] = (seq, part, [(base + r) * self.row_bytes for r in rows], items)
+        self.tasks.put(task)
 
     def collect(self, seq: int, part: int) -> list:
         """The answers to (seq, part), in its items' order; images still in the mapping (read them
         with `read`)."""
         key = (seq, part)
+        watch = None  # made once the parent has waited WAIT_S: a prompt answer costs no reading of /proc
         while key not in self.early:
             ready = wait(self.answers, timeout=WAIT_S)
             if not ready:
                 self._check_alive()
+                if self.idle and watch is None:
+                    watch = worker_priority.StarvationWatch([p.pid for p in self.procs])
+                elif self.idle and watch.starved():
+                    self._restart()
+                    watch = None
             for pipe in ready:
                 try:
                     got_seq, got_part, out = pipe.recv()
                 except (EOFError, OSError):  # the worker's end closed: it died, and said all it had
                     self._died(self.procs[self.answers.index(pipe)])
                 self.early[(got_seq, got_part)] = out
+                self.unanswered.pop((got_seq, got_part), None)
         return self.early.pop(key)
+
+    def _restart(self) -> None:
+        """Workers at normal policy in place of starved idle ones, with every task not yet
+        answered sent again; what the old ones answered is kept. They are killed, and not waited
+        for: a process at idle policy beside busy work takes seconds to die (measured: 12 s to
+        reap two), but once SIGKILL is queued it runs none of its own code again, so none writes
+        to the mapping. Their queue and pipes are dropped whole (a killed reader may hold the
+        queue's lock); multiprocessing reaps them when it next starts a process."""
+        self._stop(wait_s=0)
+        self._start(idle=False)
+        for task in self.unanswered.values():
+            self.tasks.put(task)
 
     def read(self, seq: int, answers: dict[int, object], n: int) -> dict[int, object]:
         """`answers` (row -> answer) of chunk `seq` with each image in the mapping copied out.
@@ -151,22 +180,31 @@ class PreparationProcesses:
             "with --worker-kind threads to decode in this process")
 
     def close(self) -> None:
-        for _ in self.procs:
+        self._stop(wait_s=2)
+        del self.pixels
+        self.slab.close()
+
+    def _stop(self, wait_s: float) -> None:
+        """End the workers: asked to (None on the queue) and given `wait_s`, then killed without
+        waiting for them (see _restart). Idle ones are first put back at normal policy where this
+        process may do so (root), so that they end promptly beside other work."""
+        if self.idle:
+            for p in self.procs:
+                worker_priority.make_normal(p.pid)
+        deadline = time.monotonic() + wait_s
+        for _ in self.procs if wait_s > 0 else ():
             try:
                 self.tasks.put(None)
             except (OSError, ValueError):
                 break
         for p in self.procs:
-            p.join(timeout=2)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.exitcode is None:
                 p.kill()
-                p.join()
         self.tasks.cancel_join_thread()
         self.tasks.close()
         for pipe in self.answers:
             pipe.close()
-        del self.pixels
-        self.slab.close()
 
     def __enter__(self):
         return self
