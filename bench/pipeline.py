@@ -67,6 +67,23 @@ def text_rates(enc, captions: list[str], n: int = 20_480) -> dict[str, float]:
     }
 
 
+def decoded(enc, paths) -> list:
+    """The images preprocessed beforehand, as PIL's path gives them, for a forward alone."""
+    from umr.retrieval.images import open_image
+
+    return [enc.preprocess_image(open_image(p, min_side=enc.image_size)) for p in paths]
+
+
+def forward_rate(enc, tensors: list, batch: int = BATCH) -> float:
+    """Items/s of the image tower + head alone over `tensors`, at the build's batch size."""
+    from umr.retrieval.encoders.base import Prepared
+
+    t0 = time.perf_counter()
+    for i in range(0, len(tensors), batch):
+        enc.embed([Prepared(None, t) for t in tensors[i : i + batch]])
+    return len(tensors) / (time.perf_counter() - t0)
+
+
 def ceiling(enc, corpus: Path, workers: int, kind: str, passes: int = 4) -> float:
     """Items/s of the build's preparation alone (retrieval/indexing/pipeline.py's prepared_chunks
     in worker processes or threads, batches stacked as the forward pass takes them), the forward
@@ -142,15 +159,10 @@ def cpu(who):
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
 if what == "forward":
-    from umr.retrieval.encoders.base import Prepared
-    from umr.retrieval.images import open_image
-    paths = [json.loads(line)["image"] for line in open(corpus)]
-    tensors = [enc.preprocess_image(open_image(p, min_side=enc.image_size)) for p in paths]
-    enc.embed([Prepared(None, t) for t in tensors[:batch]])
-    t0 = time.perf_counter()
-    for i in range(0, len(tensors), batch):
-        enc.embed([Prepared(None, t) for t in tensors[i : i + batch]])
-    print(json.dumps({"items_per_s": len(tensors) / (time.perf_counter() - t0)}))
+    from bench.pipeline import decoded, forward_rate  # this code's only: the baselines run builds
+    tensors = decoded(enc, [json.loads(line)["image"] for line in open(corpus)])
+    forward_rate(enc, tensors[:batch])  # warm-up
+    print(json.dumps({"items_per_s": forward_rate(enc, tensors)}))
 else:
     from umr.retrieval.indexing.pipeline import build_index
     out = Path(tempfile.mkdtemp(prefix="umr-bench-build-"))
@@ -256,13 +268,11 @@ def main() -> None:
 
     keep_freed_memory()  # as the CLI's processes run
     from umr.retrieval.encoders import load_encoder
-    from umr.retrieval.encoders.base import Prepared
-    from umr.retrieval.images import open_image
 
     images = sorted((DATA / "flickr8k-1k" / "images").glob("*.jpg"))[: args.limit]
     enc = load_encoder("lit-base")
-    tensors = [enc.preprocess_image(open_image(p, min_side=enc.image_size)) for p in images]
-    enc.embed([Prepared(None, t) for t in tensors[:BATCH]])  # warm-up
+    tensors = decoded(enc, images)
+    forward_rate(enc, tensors[:BATCH])  # warm-up
     with open(DATA / "flickr8k-1k" / "captions.txt", newline="") as f:
         captions = [row["caption"] for row in csv.DictReader(f)]
     enc.embed_texts(captions[:TEXT_CALL])
@@ -295,10 +305,7 @@ def main() -> None:
             for w in worker_counts:
                 for k in kinds:
                     prep[k, w].append(ceiling(enc, corpus, w, k))
-            t0 = time.perf_counter()
-            for i in range(0, len(tensors), BATCH):
-                enc.embed([Prepared(None, t) for t in tensors[i : i + BATCH]])
-            raw.append(len(tensors) / (time.perf_counter() - t0))
+            raw.append(forward_rate(enc, tensors))
             # The build beside the forward alone, each in a fresh process as `umr index build` runs
             # (and the baseline's build beside them); the order turns in every run.
             codes = [("this", ROOT)] + ([("baseline", worktree)] if worktree is not None else [])

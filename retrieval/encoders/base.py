@@ -232,8 +232,7 @@ class Encoder(ABC):
         text = item.text if item.text and item.text.strip() else None
         if role == "query":
             text = self.with_instruction(text, instruction)
-        return Preparer(self.spec, self.preprocess_image, self.image_size, self.supports_images,
-                        self.supports_texts, self.decodes_on_device(), self.device_resize_crop).parts(item, text, limits)
+        return self._preparer_with(self.preprocess_image).parts(item, text, limits)
 
     def decodes_on_device(self) -> bool:
         return "image_decode" in self.numerics()
@@ -249,7 +248,11 @@ class Encoder(ABC):
         fn = self.image_preprocessor()
         if fn is None or type(self).prepare is not Encoder.prepare:
             return None
-        return Preparer(self.spec, fn, self.image_size, self.supports_images, self.supports_texts,
+        return self._preparer_with(fn)
+
+    def _preparer_with(self, preprocess) -> "Preparer":
+        """The one place an encoder's settings become a Preparer's, for queries here and for workers."""
+        return Preparer(self.spec, preprocess, self.image_size, self.supports_images, self.supports_texts,
                         self.decodes_on_device(), self.device_resize_crop)
 
     @torch.inference_mode()
